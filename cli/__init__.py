@@ -1,0 +1,1 @@
+"""The `w2wreg` command line: thin click commands over registry/ and ingest/."""

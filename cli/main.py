@@ -1,0 +1,49 @@
+"""`w2wreg`: a weight-space registry for customized diffusion models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.errors import ErrorHandlingGroup
+from registry.paths import DEFAULT_DIR, ENV_VAR
+
+
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--registry",
+    "registry_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=ENV_VAR,
+    default=DEFAULT_DIR,
+    show_default=True,
+    help=f"Registry folder (or set ${ENV_VAR}).",
+)
+@click.version_option(package_name="w2wreg")
+@click.pass_context
+def cli(ctx: click.Context, registry_dir: Path) -> None:
+    """Put LoRAs into one weight space, find similar models by their weights, get models back out.
+
+    \b
+    w2wreg init
+    w2wreg add loras/ --attrs-csv attributes.csv
+    w2wreg search --like alice -k 5 --where "beard AND NOT glasses"
+    w2wreg export alice --format peft -o alice-peft/
+    """
+    ctx.obj = registry_dir
+
+
+def _register() -> None:
+    from cli import maintenance, models, search, tour
+
+    for module in (models, search, maintenance, tour):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="w2wreg")

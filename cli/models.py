@@ -1,0 +1,217 @@
+"""Commands that put models in, list them and get them out: init, add, ls, show, export, push."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.errors import EXIT_ERROR, fail
+from cli.output import emit_json, json_option, table
+from ingest.attributes import parse_pairs
+from ingest.importer import import_paths
+from registry.hubs.local import LocalHub
+from registry.registry import Registry
+from w2w.formats import FORMATS
+
+
+def open_registry(ctx: click.Context) -> Registry:
+    return Registry.open(ctx.obj)
+
+
+def hub_option(f):
+    return click.option(
+        "--hub",
+        "hub_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="A local hub folder to use instead of the registry's own (e.g. a team share).",
+    )(f)
+
+
+@click.command()
+@click.pass_context
+def init(ctx: click.Context) -> None:
+    """Create a registry folder (default ./w2w-registry, or --registry / $W2WREG_HOME).
+
+    \b
+    w2wreg init --registry ~/loras/registry
+    """
+    reg = Registry.init(ctx.obj)
+    click.echo(f"registry ready at {reg.root}")
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--name", help="Model name (one LoRA only). Default: the file or folder name without extension.")
+@click.option(
+    "--attr", "attrs", multiple=True, metavar="KEY=VALUE", help="An attribute (number or true/false); repeatable."
+)
+@click.option(
+    "--attrs-csv",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="CSV with a header row: model name, then one column per attribute.",
+)
+@click.option("--base-model", help="Base model id the LoRA was trained on (when the file does not say).")
+@click.option(
+    "--allow-pickle", is_flag=True, help="Also read pickled .bin/.pt/.ckpt files (torch.load(weights_only=True))."
+)
+@click.option(
+    "--drop-text-encoder", is_flag=True, help="Import only the UNet part of LoRAs that also adapt a text encoder."
+)
+@click.option("--skip-errors", is_flag=True, help="Add the good LoRAs even when some inputs are bad.")
+@hub_option
+@json_option
+@click.pass_context
+def add(ctx, paths, name, attrs, attrs_csv, base_model, allow_pickle, drop_text_encoder, skip_errors, hub_dir, as_json):
+    """Add LoRA files, PEFT adapter folders, folders of them, or hub repos (hub:NAMESPACE/NAME[@REV]).
+
+    Nothing is added unless every input is good (or --skip-errors); a LoRA already in the
+    registry (same file or same weights) is skipped.
+
+    \b
+    w2wreg add alice.safetensors --attr beard=true --attr age=31
+    w2wreg add loras/ --attrs-csv attributes.csv --base-model runwayml/stable-diffusion-v1-5
+    w2wreg add hub:team/alice
+    """
+    reg = open_registry(ctx)
+    if hub_dir:
+        reg.hub = LocalHub(hub_dir)
+    report = import_paths(
+        reg, list(paths), name=name, attributes=parse_pairs(attrs), attrs_csv=attrs_csv, base_model=base_model,
+        allow_pickle=allow_pickle, drop_text_encoder=drop_text_encoder, skip_errors=skip_errors,
+        progress=not as_json,
+    )  # fmt: skip
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        for _, why in report.skipped:
+            click.echo(f"skipped: {why}", err=True)
+        for _, err in report.errors:
+            click.echo(f"error: {err}", err=True)
+        if report.committed:
+            click.echo(
+                f"added {len(report.added)} model(s)" + (f", skipped {len(report.skipped)}" if report.skipped else "")
+            )
+        else:
+            click.echo(f"nothing added: {len(report.errors)} bad input(s); fix them or pass --skip-errors", err=True)
+    if report.errors:
+        ctx.exit(EXIT_ERROR)
+
+
+@click.command(name="ls")
+@click.option("--where", help='SQL condition over attributes and columns, e.g. "beard AND age > 30".')
+@json_option
+@click.pass_context
+def ls_(ctx, where, as_json):
+    """List models, optionally filtered.
+
+    \b
+    w2wreg ls --where "glasses AND NOT hat"
+    """
+    reg = open_registry(ctx)
+    models = reg.ls(where)
+    if as_json:
+        emit_json([m.to_json() for m in models])
+        return
+    if not models:
+        click.echo("no models" + (" match" if where else " yet; add some with `w2wreg add`"))
+        return
+    table(
+        ["id", "name", "space", "kind", "attributes"],
+        [(m.id, m.name, m.space_id, m.kind, m.attributes) for m in models],
+    )
+
+
+@click.command()
+@click.argument("model")
+@json_option
+@click.pass_context
+def show(ctx, model, as_json):
+    """Show one model (by name or id): its space, source, attributes, lineage and hub copies.
+
+    \b
+    w2wreg show alice --json
+    """
+    reg = open_registry(ctx)
+    m = reg.get(model)
+    space = reg.space(m.space_id)
+    info = m.to_json() | {
+        "space": {"id": space.id, "base_model": space.base_model, "layout": reg.layout(space.id).describe(),
+                  "layout_fingerprint": space.layout_fingerprint, "dim": space.dim, "models": space.n_models},
+        "lineage": reg.catalog.lineage(m.id),
+        "hub": reg.catalog.hub_files(m.id),
+    }  # fmt: skip
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"{m.name}  (id {m.id}, {m.kind})")
+    click.echo(f"  space       {space.id}  {info['space']['layout']}  base model: {space.base_model or 'unknown'}")
+    click.echo(f"  source      {m.source or '-'}  ({m.source_format or '-'})")
+    click.echo(f"  sha256      file {m.source_sha256 or '-'}")
+    click.echo(f"              vector {m.vector_sha256}")
+    click.echo(f"  added       {m.created}")
+    for k, v in m.attributes.items():
+        click.echo(f"  attribute   {k} = {v}")
+    for l in info["lineage"]:
+        click.echo(f"  lineage     {l['operation']} of {l['parent'] or l['parent_id']}")
+    for h in info["hub"]:
+        click.echo(f"  hub         {h['hub']}:{h['repo']}/{h['path']} @ {str(h['revision'])[:12]}")
+
+
+@click.command()
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="diffusers", show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A .safetensors file (diffusers, kohya) or a folder (any format).",
+)
+@json_option
+@click.pass_context
+def export(ctx, model, fmt, out, as_json):
+    """Write a model as a LoRA that diffusers, PEFT or kohya tools load.
+
+    \b
+    w2wreg export alice --format diffusers -o out/alice/
+    w2wreg export alice --format peft -o out/alice-peft/
+    w2wreg export alice --format kohya -o alice_kohya.safetensors
+    """
+    reg = open_registry(ctx)
+    if fmt == "peft" and out.suffix == ".safetensors":
+        fail(f"{out}: a PEFT adapter is a folder; pass a folder path to -o")
+    files = reg.export(model, fmt, out)
+    if as_json:
+        emit_json({"model": model, "format": fmt, "files": [str(f) for f in files]})
+    else:
+        for f in files:
+            click.echo(f"wrote {f}")
+
+
+@click.command()
+@click.argument("model")
+@click.option("--repo", required=True, help="NAMESPACE/NAME of the repo to create or update.")
+@hub_option
+@json_option
+@click.pass_context
+def push(ctx, model, repo, hub_dir, as_json):
+    """Push a model to a hub as a diffusers LoRA with a model card.
+
+    The default hub is the registry's local folder hub (<registry>/hub); --hub DIR pushes to another.
+
+    \b
+    w2wreg push alice --repo team/alice
+    """
+    reg = open_registry(ctx)
+    result = reg.push(model, repo, hub=LocalHub(hub_dir) if hub_dir else None)
+    if as_json:
+        emit_json(result)
+    else:
+        where = hub_dir or reg.hub.root
+        click.echo(f"pushed {result['model']} to {where}/{repo} @ {result['revision'][:12]}")
+
+
+COMMANDS = [init, add, ls_, show, export, push]

@@ -1,0 +1,134 @@
+"""Importing existing LoRAs: files, PEFT adapter folders, folders of many, and hub repos.
+
+Files are read on a small thread pool (reading and hashing release the GIL) and handed to
+Registry.add_models in order; nothing is written until every input has been read and checked.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ingest.attributes import read_csv
+from registry.registry import AddReport, Failure, NewModel, Registry
+from w2w.errors import AttributeInputError, HubError, LoRAFileError, W2WError
+from w2w.formats import LORA_SUFFIXES, read_lora
+from w2w.formats import peft as peft_format
+
+HUB_PREFIX = "hub:"
+
+
+def discover(path: Path) -> list[Path]:
+    """The LoRAs a path stands for: itself (a file or an adapter folder), or every LoRA inside a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise LoRAFileError(path, "does not exist")
+    if path.is_file() or peft_format.is_adapter_dir(path):
+        return [path]
+    found: list[Path] = []
+    for child in sorted(path.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if peft_format.is_adapter_dir(child):
+            found.append(child)
+        elif child.is_dir():
+            found.extend(discover(child))
+        elif child.suffix.lower() in LORA_SUFFIXES:
+            found.append(child)
+    if not found:
+        raise LoRAFileError(path, "holds no LoRA files (.safetensors) or PEFT adapter folders")
+    return found
+
+
+def default_name(path: Path) -> str:
+    path = Path(path)
+    if path.is_file() and path.name in (peft_format.WEIGHTS, "pytorch_lora_weights.safetensors"):
+        return path.parent.name
+    return path.stem if path.is_file() else path.name
+
+
+def import_paths(
+    registry: Registry,
+    paths: list[Path | str],
+    name: str | None = None,
+    attributes: dict | None = None,
+    attrs_csv: Path | None = None,
+    base_model: str | None = None,
+    allow_pickle: bool = False,
+    drop_text_encoder: bool = False,
+    skip_errors: bool = False,
+    progress: bool = False,
+    workers: int = 4,
+) -> AddReport:
+    """Import LoRAs from files and folders. `hub:NS/NAME[@REV]` entries import from the local hub."""
+    hub_refs = [str(p) for p in paths if str(p).startswith(HUB_PREFIX)]
+    files: list[Path] = []
+    for p in paths:
+        if not str(p).startswith(HUB_PREFIX):
+            files.extend(discover(Path(p)))
+    sources: list[tuple[Path, str, str | None]] = [(f, default_name(f), None) for f in files]
+    for ref in hub_refs:
+        sources.append(_hub_source(registry, ref[len(HUB_PREFIX) :]))
+    if name and len(sources) != 1:
+        raise AttributeInputError(f"--name names one model, but {len(sources)} LoRAs were given")
+    table = read_csv(attrs_csv) if attrs_csv else {}
+    if table:
+        unknown = sorted(set(table) - {name or n for _, n, _ in sources})
+        if unknown:
+            raise AttributeInputError(
+                f"{attrs_csv}: names {len(unknown)} models that are not being added, e.g. {unknown[0]!r}"
+            )
+
+    def read_one(src: tuple[Path, str, str | None]) -> NewModel | Failure:
+        path, default, hub_source = src
+        try:
+            rr = read_lora(path, base_model=base_model, allow_pickle=allow_pickle, drop_text_encoder=drop_text_encoder)
+            model_name = name or default
+            attrs = {**table.get(model_name, {}), **(attributes or {})}
+            item = NewModel.from_read(rr, model_name, attrs)
+            if hub_source:
+                item.source = hub_source
+            return item
+        except W2WError as e:
+            return Failure(str(path), e)
+
+    def items() -> Iterator[NewModel | Failure]:
+        # A bounded read-ahead, in input order: the pool reads and hashes the next few files while the
+        # registry stages the current one, and memory holds a window of models, never all of them.
+        window = 4 * max(1, workers)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending: deque = deque()
+            for src in sources:
+                pending.append(pool.submit(read_one, src))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    bar = tqdm(total=len(sources), unit="lora", desc="adding", disable=not progress, leave=False, delay=0.5)
+    try:
+        return registry.add_models(items(), skip_errors=skip_errors, on_item=lambda: bar.update(1))
+    finally:
+        bar.close()
+
+
+def _hub_source(registry: Registry, spec: str) -> tuple[Path, str, str]:
+    """(weights path, default name, source label) of `NS/NAME[@REV]` on the registry's local hub."""
+    repo_id, _, revision = spec.partition("@")
+    folder, rev = registry.hub.download(repo_id, revision or None)
+    if peft_format.is_adapter_dir(folder):
+        weights = folder
+    else:
+        candidates = sorted(folder.glob("*.safetensors"))
+        preferred = [c for c in candidates if c.name == "pytorch_lora_weights.safetensors"]
+        if not (preferred or len(candidates) == 1):
+            raise HubError(
+                f"hub repo {repo_id!r} holds {len(candidates)} .safetensors files and none is "
+                "pytorch_lora_weights.safetensors"
+            )
+        weights = (preferred or candidates)[0]
+    return weights, repo_id.split("/")[1], f"hub:{registry.hub.name}/{repo_id}@{rev}"

@@ -1,0 +1,262 @@
+"""The catalog: one DuckDB file holding spaces, models, attributes, lineage and hub records.
+
+Connections are short-lived (open, do the work, close) so several processes can take turns.
+Reads open the file read-only, which also keeps user --where conditions from writing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from w2w.errors import FilterError, RegistryLockedError, UnknownModelError
+
+SCHEMA_VERSION = "1"
+RESERVED_COLUMNS = ("id", "name", "space", "kind", "base_model", "source_format", "created")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS spaces (
+    id VARCHAR PRIMARY KEY,
+    base_model VARCHAR,
+    layout_fingerprint VARCHAR NOT NULL,
+    dim BIGINT NOT NULL,
+    n_modules INTEGER NOT NULL,
+    rows_per_shard INTEGER NOT NULL,
+    layout_json VARCHAR NOT NULL,
+    created TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS models (
+    id BIGINT PRIMARY KEY,
+    name VARCHAR NOT NULL UNIQUE,
+    space_id VARCHAR NOT NULL,
+    row_idx BIGINT NOT NULL,
+    vector_sha256 VARCHAR NOT NULL,
+    sq_norm DOUBLE NOT NULL,
+    kind VARCHAR NOT NULL,
+    source VARCHAR,
+    source_format VARCHAR,
+    source_sha256 VARCHAR,
+    base_model VARCHAR,
+    created TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS attribute_keys (key VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS attributes (
+    model_id BIGINT NOT NULL, key VARCHAR NOT NULL, value DOUBLE NOT NULL, PRIMARY KEY (model_id, key)
+);
+CREATE TABLE IF NOT EXISTS lineage (
+    child_id BIGINT NOT NULL, parent_id BIGINT, operation VARCHAR NOT NULL, params VARCHAR
+);
+CREATE TABLE IF NOT EXISTS hub_files (
+    model_id BIGINT NOT NULL, hub VARCHAR NOT NULL, repo VARCHAR NOT NULL, revision VARCHAR,
+    path VARCHAR NOT NULL, sha256 VARCHAR NOT NULL, pushed TIMESTAMP DEFAULT current_timestamp
+);
+"""
+
+MODEL_COLUMNS = (
+    "id", "name", "space_id", "row_idx", "vector_sha256", "sq_norm", "kind", "source", "source_format",
+    "source_sha256", "base_model", "created",
+)  # fmt: skip
+
+
+@dataclass
+class Space:
+    id: str
+    base_model: str | None
+    layout_fingerprint: str
+    dim: int
+    n_modules: int
+    rows_per_shard: int
+    layout_json: str
+    n_models: int = 0
+
+
+@dataclass
+class ModelRow:
+    id: int
+    name: str
+    space_id: str
+    row_idx: int
+    vector_sha256: str
+    sq_norm: float
+    kind: str
+    source: str | None
+    source_format: str | None
+    source_sha256: str | None
+    base_model: str | None
+    created: object = None
+    attributes: dict[str, float | bool] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in MODEL_COLUMNS}
+        d["created"] = str(self.created) if self.created is not None else None
+        d["attributes"] = self.attributes
+        return d
+
+
+def _quote(ident: str) -> str:
+    return '"' + ident.replace('"', '""') + '"'
+
+
+class Catalog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @contextmanager
+    def connect(self, write: bool = False, timeout: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; waits while another process holds the file."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=not write)
+                break
+            except duckdb.IOException as e:
+                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    if "lock" in str(e).lower():
+                        raise RegistryLockedError(self.path.parent, timeout) from None
+                    raise
+                time.sleep(0.05)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def create(self) -> None:
+        with self.connect(write=True) as con:
+            con.execute(SCHEMA)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+
+    # --- spaces ----------------------------------------------------------------------------------
+
+    def spaces(self, con=None) -> list[Space]:
+        sql = (
+            "SELECT s.id, s.base_model, s.layout_fingerprint, s.dim, s.n_modules, s.rows_per_shard, s.layout_json, "
+            "(SELECT count(*) FROM models m WHERE m.space_id = s.id) FROM spaces s ORDER BY s.created, s.id"
+        )
+        if con is None:
+            with self.connect() as c:
+                rows = c.execute(sql).fetchall()
+        else:
+            rows = con.execute(sql).fetchall()
+        return [Space(*r) for r in rows]
+
+    def space(self, space_id: str, con=None) -> Space | None:
+        return next((s for s in self.spaces(con) if s.id == space_id), None)
+
+    # --- models ----------------------------------------------------------------------------------
+
+    def _attrs_for(self, con, ids: list[int]) -> dict[int, dict]:
+        if not ids:
+            return {}
+        out: dict[int, dict] = {i: {} for i in ids}
+        rows = con.execute(
+            "SELECT a.model_id, a.key, a.value, k.kind FROM attributes a JOIN attribute_keys k USING (key) "
+            "WHERE a.model_id IN (SELECT unnest(?)) ORDER BY a.key",
+            [ids],
+        ).fetchall()
+        for mid, key, value, kind in rows:
+            out[mid][key] = bool(value) if kind == "bool" else value
+        return out
+
+    def _models(self, con, where_sql: str = "", params: list | None = None) -> list[ModelRow]:
+        cols = ", ".join(MODEL_COLUMNS)
+        rows = con.execute(f"SELECT {cols} FROM models {where_sql} ORDER BY id", params or []).fetchall()
+        models = [ModelRow(*r) for r in rows]
+        attrs = self._attrs_for(con, [m.id for m in models])
+        for m in models:
+            m.attributes = attrs.get(m.id, {})
+        return models
+
+    def models_by_ids(self, ids: list[int]) -> list[ModelRow]:
+        with self.connect() as con:
+            by_id = {m.id: m for m in self._models(con, "WHERE id IN (SELECT unnest(?))", [list(map(int, ids))])}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def resolve(self, ref: str | int) -> ModelRow:
+        """A model by exact name, else by numeric id."""
+        with self.connect() as con:
+            found = self._models(con, "WHERE name = ?", [str(ref)])
+            if not found and str(ref).isdigit():
+                found = self._models(con, "WHERE id = ?", [int(ref)])
+            if found:
+                return found[0]
+            like = con.execute(
+                "SELECT name FROM models ORDER BY jaro_winkler_similarity(name, ?) DESC LIMIT 3", [str(ref)]
+            ).fetchall()
+        raise UnknownModelError(ref, [r[0] for r in like] or None)
+
+    def list_models(self, where: str | None = None, space_id: str | None = None) -> list[ModelRow]:
+        with self.connect() as con:
+            ids = self._filter_ids(con, where, space_id)
+            return self._models(con, "WHERE id IN (SELECT unnest(?))", [ids])
+
+    def filter_ids(self, where: str | None, space_id: str | None = None) -> list[int]:
+        with self.connect() as con:
+            return self._filter_ids(con, where, space_id)
+
+    def attribute_keys(self, con=None) -> dict[str, str]:
+        if con is None:
+            with self.connect() as c:
+                return dict(c.execute("SELECT key, kind FROM attribute_keys ORDER BY key").fetchall())
+        return dict(con.execute("SELECT key, kind FROM attribute_keys ORDER BY key").fetchall())
+
+    def _filter_ids(self, con, where: str | None, space_id: str | None) -> list[int]:
+        """Ids of models matching a SQL condition over attribute columns (and id, name, kind, ...)."""
+        keys = self.attribute_keys(con)
+        cols = []
+        for key, kind in keys.items():
+            agg = f"max(a.value) FILTER (WHERE a.key = '{key.replace(chr(39), chr(39) * 2)}')"
+            cols.append(f"{'CAST(' + agg + ' AS BOOLEAN)' if kind == 'bool' else agg} AS {_quote(key)}")
+        view = (
+            "SELECT m.id, m.name, m.space_id AS space, m.kind, m.base_model, m.source_format, m.created"
+            + "".join(", " + c for c in cols)
+            + " FROM models m LEFT JOIN attributes a ON a.model_id = m.id"
+            + " GROUP BY m.id, m.name, m.space_id, m.kind, m.base_model, m.source_format, m.created"
+        )
+        conds, params = [], []
+        if space_id:
+            conds.append("space = ?")
+            params.append(space_id)
+        if where and where.strip():
+            conds.append(f"({where})")
+        sql = f"SELECT id FROM ({view}) WHERE {' AND '.join(conds) or 'true'} ORDER BY id"
+        try:
+            return [r[0] for r in con.execute(sql, params).fetchall()]
+        except duckdb.Error as e:
+            msg = str(e).strip().splitlines()[0]
+            known = ", ".join(list(RESERVED_COLUMNS) + list(keys))
+            raise FilterError(f"--where {where!r} failed: {msg}; columns you can use: {known}") from None
+
+    def find_duplicate(self, con, source_sha256: str | None, vector_sha256: str, space_id: str) -> str | None:
+        row = con.execute(
+            "SELECT name FROM models WHERE (source_sha256 = ? AND source_sha256 IS NOT NULL) "
+            "OR (vector_sha256 = ? AND space_id = ?) LIMIT 1",
+            [source_sha256, vector_sha256, space_id],
+        ).fetchone()
+        return row[0] if row else None
+
+    def lineage(self, model_id: int) -> list[dict]:
+        with self.connect() as con:
+            rows = con.execute(
+                "SELECT l.parent_id, p.name, l.operation, l.params FROM lineage l "
+                "LEFT JOIN models p ON p.id = l.parent_id WHERE l.child_id = ?",
+                [model_id],
+            ).fetchall()
+        return [
+            {"parent_id": pid, "parent": pname, "operation": op, "params": json.loads(params) if params else None}
+            for pid, pname, op, params in rows
+        ]
+
+    def hub_files(self, model_id: int | None = None) -> list[dict]:
+        with self.connect() as con:
+            sql = "SELECT model_id, hub, repo, revision, path, sha256, pushed FROM hub_files"
+            rows = con.execute(sql + (" WHERE model_id = ?" if model_id is not None else ""),
+                               [model_id] if model_id is not None else []).fetchall()  # fmt: skip
+        keys = ("model_id", "hub", "repo", "revision", "path", "sha256", "pushed")
+        return [dict(zip(keys, (*r[:6], str(r[6])), strict=True)) for r in rows]

@@ -1,0 +1,188 @@
+"""verify: prove that catalog, vectors and hub files agree; repair: rebuild what can be rebuilt.
+
+The vector store is the source of truth for weights; the catalog records, per model, the sha256 of
+its vector row and of every file pushed to the local hub. An index (from the subspace issue on) is
+derived data and is rebuilt from the vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from registry.registry import Registry, vector_sha256
+
+
+@dataclass
+class Finding:
+    kind: str  # "error" (the parts disagree) or "orphan" (on disk, unknown to the catalog)
+    what: str
+    detail: str
+    fixable: bool = False
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "what": self.what, "detail": self.detail, "fixable": self.fixable}
+
+
+@dataclass
+class VerifyReport:
+    models: int = 0
+    spaces: int = 0
+    hub_files: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.kind == "error" for f in self.findings)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "models": self.models, "spaces": self.spaces, "hub_files": self.hub_files,
+                "findings": [f.to_json() for f in self.findings]}  # fmt: skip
+
+
+def verify(reg: Registry) -> VerifyReport:
+    report = VerifyReport()
+    spaces = reg.spaces()
+    report.spaces = len(spaces)
+    with reg.catalog.connect() as con:
+        models = con.execute(
+            "SELECT id, name, space_id, row_idx, vector_sha256 FROM models ORDER BY space_id, row_idx"
+        ).fetchall()
+    report.models = len(models)
+    by_space: dict[str, list] = {}
+    for m in models:
+        by_space.setdefault(m[2], []).append(m)
+    for space in spaces:
+        store = reg.store(space)
+        rows = by_space.get(space.id, [])
+        on_disk = store.rows_on_disk()
+        expected = [r[3] for r in rows]
+        if expected != list(range(len(rows))):
+            report.findings.append(
+                Finding("error", f"space {space.id}", "model rows are not 0..n-1 (a row used twice or skipped)")
+            )
+        if on_disk < len(rows):
+            report.findings.append(
+                Finding("error", f"space {space.id}", f"vector store has {on_disk} rows, the catalog {len(rows)}")
+            )
+            rows = [r for r in rows if r[3] < on_disk]
+        elif on_disk > len(rows):
+            report.findings.append(
+                Finding(
+                    "error",
+                    f"space {space.id}",
+                    f"{on_disk - len(rows)} uncommitted rows at the end of the vector store "
+                    "(left by an interrupted write)",
+                    fixable=True,
+                )
+            )
+        for lo in range(0, len(rows), 256):
+            chunk = rows[lo : lo + 256]
+            X = store.read([r[3] for r in chunk])
+            for (mid, name, _, row, sha), v in zip(chunk, X, strict=True):
+                if vector_sha256(v) != sha:
+                    report.findings.append(
+                        Finding(
+                            "error",
+                            f"model {name} (id {mid})",
+                            f"vector row {row} does not match its sha256",
+                            fixable=_has_hub_copy(reg, mid),
+                        )
+                    )
+    known = {s.id for s in spaces}
+    vroot = reg.root / "vectors"
+    if vroot.exists():
+        for d in sorted(vroot.iterdir()):
+            if d.name not in known:
+                report.findings.append(
+                    Finding("orphan", str(d.relative_to(reg.root)), "vector folder of no space in the catalog")
+                )
+    recorded = set()
+    for hf in _latest_hub_files(reg):
+        report.hub_files += 1
+        path = reg.hub.root / hf["repo"] / hf["path"]
+        recorded.add(path.resolve())
+        if not path.exists():
+            report.findings.append(Finding("error", f"hub {hf['repo']}/{hf['path']}", "pushed file is missing"))
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != hf["sha256"]:
+            report.findings.append(
+                Finding(
+                    "error",
+                    f"hub {hf['repo']}/{hf['path']}",
+                    "file differs from what was pushed (sha256)",
+                    fixable=True,
+                )
+            )
+    for repo in reg.hub.list_repos():
+        for f in (reg.hub.root / repo).rglob("*"):
+            if f.is_file() and not f.name.startswith(".") and f.resolve() not in recorded:
+                report.findings.append(
+                    Finding(
+                        "orphan", f"hub {repo}/{f.relative_to(reg.hub.root / repo)}", "file not pushed by this registry"
+                    )
+                )
+    for stray in reg.root.rglob(".*.tmp-*"):
+        report.findings.append(
+            Finding("orphan", str(stray.relative_to(reg.root)), "temporary file of an interrupted write", fixable=True)
+        )
+    return report
+
+
+def _latest_hub_files(reg: Registry) -> list[dict]:
+    latest: dict[tuple, dict] = {}
+    for hf in reg.catalog.hub_files():
+        if hf["hub"] == reg.hub.name:
+            latest[(hf["repo"], hf["path"])] = hf  # rows come in insertion order: the last push wins
+    return list(latest.values())
+
+
+def _has_hub_copy(reg: Registry, model_id: int) -> bool:
+    return any(hf["model_id"] == model_id and hf["path"].endswith(".safetensors") for hf in _latest_hub_files(reg))
+
+
+def repair(reg: Registry) -> list[str]:
+    """Fix what can be fixed from the data that is sound; return what was done and what was left."""
+    from w2w.flatten import flatten
+    from w2w.formats import read_lora
+
+    done: list[str] = []
+    with reg.writing():
+        report = verify(reg)
+        spaces = {s.id: s for s in reg.spaces()}
+        for space in spaces.values():
+            store = reg.store(space)
+            if store.rows_on_disk() > space.n_models:
+                store.truncate(space.n_models)
+                done.append(f"space {space.id}: dropped uncommitted rows after row {space.n_models}")
+        for f in report.findings:
+            if f.kind == "error" and f.fixable and f.what.startswith("model "):
+                mid = int(f.what.rsplit("(id ", 1)[1].rstrip(")"))
+                m = reg.catalog.models_by_ids([mid])[0]
+                hf = next(
+                    h for h in _latest_hub_files(reg) if h["model_id"] == mid and h["path"].endswith(".safetensors")
+                )
+                path = reg.hub.root / hf["repo"] / hf["path"]
+                if hashlib.sha256(path.read_bytes()).hexdigest() != hf["sha256"]:
+                    done.append(f"{f.what}: hub copy is damaged too; re-import it from its source")
+                    continue
+                space = spaces[m.space_id]
+                v = flatten(read_lora(path).lora)
+                if vector_sha256(v) != m.vector_sha256:
+                    done.append(f"{f.what}: hub copy holds other weights; re-import it from its source")
+                    continue
+                reg.store(space).write_rows(m.row_idx, v[None, :])
+                done.append(f"{f.what}: vector restored from hub {hf['repo']}")
+            elif f.kind == "error" and f.fixable and f.what.startswith("hub "):
+                hf = next(h for h in _latest_hub_files(reg) if f"{h['repo']}/{h['path']}" == f.what[4:])
+                m = reg.catalog.models_by_ids([hf["model_id"]])[0]
+                reg._push_locked(m, hf["repo"], reg.hub)
+                done.append(f"{f.what}: pushed again from the registry's vector of {m.name}")
+            elif f.kind == "orphan" and f.fixable:
+                Path(reg.root / f.what).unlink(missing_ok=True)
+                done.append(f"{f.what}: removed")
+            elif f.kind == "orphan":
+                done.append(f"{f.what}: left in place ({f.detail})")
+            elif f.kind == "error":
+                done.append(f"{f.what}: cannot be repaired automatically ({f.detail})")
+    return done

@@ -1,0 +1,59 @@
+"""Model cards: README.md with YAML front matter, as the Hugging Face Hub reads them."""
+
+from __future__ import annotations
+
+import yaml
+
+
+def render(
+    name: str,
+    base_model: str | None,
+    space_id: str,
+    layout_desc: str,
+    vector_sha256: str,
+    kind: str,
+    source: str | None,
+    attributes: dict,
+    lineage: list[dict],
+) -> str:
+    front: dict = {
+        "library_name": "diffusers",
+        "tags": ["lora", "w2w", "weights2weights", "text-to-image", "stable-diffusion", "diffusers"],
+    }
+    if base_model:
+        front["base_model"] = base_model
+        front["base_model_relation"] = "adapter"
+    front["w2w"] = {
+        "space": space_id,
+        "layout": layout_desc,
+        "vector_sha256": vector_sha256,
+        "kind": kind,
+        **({"source": source} if source else {}),
+        **({"attributes": attributes} if attributes else {}),
+        **({"lineage": lineage} if lineage else {}),
+    }
+    body = [
+        f"# {name}",
+        "",
+        f"A LoRA{' for `' + base_model + '`' if base_model else ''} from a w2wreg weight-space "
+        f"registry (space `{space_id}`: {layout_desc}).",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        f"pipe = StableDiffusionPipeline.from_pretrained({base_model or 'BASE_MODEL'!r})",
+        'pipe.load_lora_weights("THIS_REPO", weight_name="pytorch_lora_weights.safetensors")',
+        "```",
+    ]
+    if lineage:
+        body += ["", "## Lineage", ""]
+        body += [f"- {l['operation']} of `{l.get('parent') or l.get('parent_id')}`" for l in lineage]
+    if attributes:
+        body += ["", "## Attributes", ""] + [f"- {k}: {v}" for k, v in sorted(attributes.items())]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"
+
+
+def parse_front_matter(text: str) -> dict:
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    return yaml.safe_load(text[3:end]) or {} if end > 0 else {}

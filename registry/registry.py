@@ -1,0 +1,483 @@
+"""The Registry facade: the catalog, the vector stores and the hubs of one registry folder, kept in step.
+
+Everything a notebook or the CLI does to a registry goes through here. Writes hold the writer lock;
+vectors are written (and fsynced) before the one catalog transaction that makes them visible, so a
+crash at any point leaves the registry as it was before the write began.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from registry.catalog import RESERVED_COLUMNS, Catalog, ModelRow, Space
+from registry.hubs.local import LocalHub
+from registry.lock import writer_lock
+from registry.paths import RegistryPaths, default_root
+from registry.search import knn
+from registry.vectors import VectorStore, rows_per_shard_for
+from w2w.errors import (
+    AttributeInputError,
+    DuplicateModelError,
+    InvalidNameError,
+    NameTakenError,
+    RegistryNotFoundError,
+    SpaceMismatchError,
+    W2WError,
+)
+from w2w.flatten import flatten, unflatten
+from w2w.formats import ReadResult, read_lora, write_lora
+from w2w.layout import Layout
+from w2w.lora import LoRA
+
+NAME_RE = re.compile(r"^[\w][\w.+\- ]{0,199}$")
+ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+FLUSH_ROWS = 64
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name or "") or name != name.strip():
+        raise InvalidNameError(
+            f"{name!r} is not a valid model name: use letters, digits, '_', '-', '.', '+' or spaces (at most 200)"
+        )
+    return name
+
+
+def validate_attributes(attrs: dict) -> dict[str, float | bool]:
+    out = {}
+    for key, value in attrs.items():
+        if not ATTR_RE.match(key) or key in RESERVED_COLUMNS:
+            raise AttributeInputError(
+                f"attribute name {key!r} is not allowed: use a SQL identifier (letters, digits, _) that is not "
+                f"one of {', '.join(RESERVED_COLUMNS)}"
+            )
+        if isinstance(value, (bool, np.bool_)):
+            out[key] = bool(value)
+        elif isinstance(value, (int, float, np.number)) and np.isfinite(value):
+            out[key] = float(value)
+        else:
+            raise AttributeInputError(f"attribute {key}={value!r} is not a finite number or a boolean")
+    return out
+
+
+def space_id_for(base_model: str | None, layout: Layout) -> str:
+    return hashlib.sha256(f"{base_model or ''}|{layout.fingerprint}".encode()).hexdigest()[:12]
+
+
+def vector_sha256(v: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(v, dtype="<f4").tobytes()).hexdigest()
+
+
+@dataclass
+class NewModel:
+    """A model to register: its vector in a layout, and what is known about it."""
+
+    name: str
+    vector: np.ndarray
+    layout: Layout
+    base_model: str | None = None
+    kind: str = "imported"
+    source: str | None = None
+    source_format: str | None = None
+    source_sha256: str | None = None
+    attributes: dict = field(default_factory=dict)
+    lineage: list[tuple[int | None, str, dict]] = field(default_factory=list)
+
+    @classmethod
+    def from_lora(cls, name: str, lora: LoRA, **kw) -> NewModel:
+        layout = lora.layout()
+        return cls(name, flatten(lora, layout), layout, base_model=kw.pop("base_model", lora.base_model), **kw)
+
+    @classmethod
+    def from_read(cls, rr: ReadResult, name: str, attributes: dict | None = None) -> NewModel:
+        return cls.from_lora(
+            name, rr.lora, source=str(rr.path), source_format=rr.format, source_sha256=rr.sha256,
+            attributes=attributes or {},
+        )  # fmt: skip
+
+
+@dataclass
+class Failure:
+    """An input that could not become a NewModel (the importer's read error), carried to the report."""
+
+    what: str
+    error: Exception
+
+
+@dataclass
+class AddReport:
+    added: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    committed: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "added": [{"name": n, "id": i} for n, i in self.added],
+            "skipped": [{"what": w, "reason": r} for w, r in self.skipped],
+            "errors": [{"what": w, "error": e} for w, e in self.errors],
+            "committed": self.committed,
+        }
+
+
+@dataclass
+class Hit:
+    model: ModelRow
+    distance: float
+
+
+@dataclass
+class SearchResult:
+    query: str
+    space_id: str
+    metric: str
+    hits: list[Hit]
+
+    def to_json(self) -> dict:
+        return {
+            "query": self.query,
+            "space": self.space_id,
+            "metric": self.metric,
+            "results": [{"id": h.model.id, "name": h.model.name, "distance": h.distance,
+                         "attributes": h.model.attributes} for h in self.hits],
+        }  # fmt: skip
+
+
+class _AddSession:
+    """State of one add: what exists, what is staged, and the rows written but not yet committed."""
+
+    def __init__(self, reg: Registry, con):
+        self.reg = reg
+        self.spaces: dict[str, Space] = {s.id: s for s in reg.catalog.spaces(con)}
+        self.committed = {sid: s.n_models for sid, s in self.spaces.items()}
+        self.staged_rows = dict.fromkeys(self.spaces, 0)
+        self.new_spaces: dict[str, tuple[Space, Layout]] = {}
+        self.names = {r[0] for r in con.execute("SELECT name FROM models").fetchall()}
+        self.source_shas = dict(
+            con.execute("SELECT source_sha256, name FROM models WHERE source_sha256 IS NOT NULL").fetchall()
+        )
+        self.vector_shas = {
+            (s, h): n for s, h, n in con.execute("SELECT space_id, vector_sha256, name FROM models").fetchall()
+        }
+        self.attr_kinds = reg.catalog.attribute_keys(con)
+        self.new_attr_kinds: dict[str, str] = {}
+        self.next_id = (con.execute("SELECT max(id) FROM models").fetchone()[0] or 0) + 1
+        self.model_rows: list[tuple] = []
+        self.attr_rows: list[tuple] = []
+        self.lineage_rows: list[tuple] = []
+        self.buffers: dict[str, list[np.ndarray]] = {}
+        self.written: dict[str, int] = {}  # rows written to disk per space, uncommitted
+
+    def store(self, sid: str) -> VectorStore:
+        s = self.spaces[sid]
+        return VectorStore(self.reg.paths.vectors(sid), s.dim, s.rows_per_shard)
+
+    def stage(self, m: NewModel) -> int:
+        validate_name(m.name)
+        attrs = validate_attributes(m.attributes)
+        v = np.ascontiguousarray(m.vector, dtype=np.float32)
+        if v.shape != (m.layout.dim,):
+            raise W2WError(f"{m.name}: vector of shape {v.shape} does not fit its layout (D={m.layout.dim})")
+        if not np.isfinite(v).all():
+            raise W2WError(f"{m.name}: vector holds NaN or Inf values")
+        sid = space_id_for(m.base_model, m.layout)
+        if sid not in self.spaces:
+            space = Space(sid, m.base_model, m.layout.fingerprint, m.layout.dim, len(m.layout),
+                          rows_per_shard_for(m.layout.dim), m.layout.to_json())  # fmt: skip
+            self.spaces[sid], self.new_spaces[sid] = space, (space, m.layout)
+            self.committed[sid] = self.staged_rows[sid] = 0
+        vsha = vector_sha256(v)
+        if m.source_sha256 and m.source_sha256 in self.source_shas:
+            raise DuplicateModelError(m.source or m.name, self.source_shas[m.source_sha256], "same file (sha256) as")
+        if (sid, vsha) in self.vector_shas:
+            raise DuplicateModelError(m.source or m.name, self.vector_shas[(sid, vsha)], "same weights as")
+        if m.name in self.names:
+            raise NameTakenError(m.name, m.source)
+        for key, value in attrs.items():
+            kind = "bool" if isinstance(value, bool) else "number"
+            known = self.attr_kinds.get(key) or self.new_attr_kinds.get(key)
+            if known and known != kind:
+                raise AttributeInputError(f"{m.name}: attribute {key!r} holds {known} values elsewhere, got {value!r}")
+            if not known:
+                self.new_attr_kinds[key] = kind
+        model_id, row = self.next_id, self.committed[sid] + self.staged_rows[sid]
+        self.next_id += 1
+        self.staged_rows[sid] += 1
+        self.names.add(m.name)
+        if m.source_sha256:
+            self.source_shas[m.source_sha256] = m.name
+        self.vector_shas[(sid, vsha)] = m.name
+        v64 = v.astype(np.float64)
+        self.model_rows.append((model_id, m.name, sid, row, vsha, float(v64 @ v64), m.kind, m.source,
+                                m.source_format, m.source_sha256, m.base_model))  # fmt: skip
+        self.attr_rows += [(model_id, k, float(val)) for k, val in attrs.items()]
+        self.lineage_rows += [(model_id, p, op, json.dumps(params)) for p, op, params in m.lineage]
+        self.buffers.setdefault(sid, []).append(v)
+        if len(self.buffers[sid]) >= FLUSH_ROWS:
+            self.flush(sid)
+        return model_id
+
+    def flush(self, sid: str) -> None:
+        rows = self.buffers.pop(sid, [])
+        if rows:
+            start = self.committed[sid] + self.written.get(sid, 0)
+            self.store(sid).write_rows(start, np.stack(rows), fsync=False)
+            self.written[sid] = self.written.get(sid, 0) + len(rows)
+
+    def sync(self) -> None:
+        for sid in list(self.buffers):
+            self.flush(sid)
+        for sid, n in self.written.items():
+            store = self.store(sid)
+            first, last = self.committed[sid], self.committed[sid] + n - 1
+            for shard in range(first // store.rows_per_shard, last // store.rows_per_shard + 1):
+                with open(store.shard_path(shard), "rb+") as f:
+                    os.fsync(f.fileno())
+
+    def rollback(self) -> None:
+        for sid in self.written:
+            self.store(sid).truncate(self.committed[sid])
+
+    def commit(self, con) -> None:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for space, _ in self.new_spaces.values():
+                con.execute(
+                    "INSERT INTO spaces (id, base_model, layout_fingerprint, dim, n_modules, rows_per_shard, "
+                    "layout_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [space.id, space.base_model, space.layout_fingerprint, space.dim, space.n_modules,
+                     space.rows_per_shard, space.layout_json],
+                )  # fmt: skip
+            if self.new_attr_kinds:
+                con.executemany("INSERT INTO attribute_keys VALUES (?, ?)", list(self.new_attr_kinds.items()))
+            if self.model_rows:
+                con.executemany(
+                    "INSERT INTO models (id, name, space_id, row_idx, vector_sha256, sq_norm, kind, source, "
+                    "source_format, source_sha256, base_model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    self.model_rows,
+                )
+            if self.attr_rows:
+                con.executemany("INSERT INTO attributes VALUES (?, ?, ?)", self.attr_rows)
+            if self.lineage_rows:
+                con.executemany("INSERT INTO lineage VALUES (?, ?, ?, ?)", self.lineage_rows)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+class Registry:
+    """A registry folder: catalog.duckdb, vectors/, hub/ (see README, 'Where data lives')."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.paths = RegistryPaths(Path(root) if root else default_root())
+        self.catalog = Catalog(self.paths.catalog)
+        self.hub = LocalHub(self.paths.hub)
+
+    @property
+    def root(self) -> Path:
+        return self.paths.root
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, root: str | Path | None = None) -> Registry:
+        """Create (or open, if it exists) a registry folder."""
+        reg = cls(root)
+        reg.root.mkdir(parents=True, exist_ok=True)
+        with writer_lock(reg.paths.lock, reg.root):
+            reg.catalog.create()
+        reg.paths.hub.mkdir(exist_ok=True)
+        return reg
+
+    @classmethod
+    def open(cls, root: str | Path | None = None) -> Registry:
+        reg = cls(root)
+        if not reg.paths.catalog.exists():
+            raise RegistryNotFoundError(reg.root)
+        return reg
+
+    def writing(self):
+        return writer_lock(self.paths.lock, self.root)
+
+    # --- adding ----------------------------------------------------------------------------------
+
+    def add_models(
+        self,
+        items: Iterable[NewModel | Failure],
+        skip_errors: bool = False,
+        on_item: Callable[[], None] | None = None,
+    ) -> AddReport:
+        """Register models. Duplicates are skipped; any other error aborts the whole add unless skip_errors.
+
+        Either every accepted model is committed (vectors and catalog rows together) or none is.
+        """
+        report = AddReport()
+        with self.writing():
+            with self.catalog.connect() as con:
+                session = _AddSession(self, con)
+            for sid, n in session.committed.items():
+                session.store(sid).truncate(n)  # drop a tail a crashed writer left behind
+            try:
+                for item in items:
+                    if on_item:
+                        on_item()
+                    if isinstance(item, Failure):
+                        report.errors.append((item.what, str(item.error)))
+                        continue
+                    try:
+                        model_id = session.stage(item)
+                        report.added.append((item.name, model_id))
+                    except DuplicateModelError as e:
+                        report.skipped.append((item.source or item.name, str(e)))
+                    except W2WError as e:
+                        report.errors.append((item.source or item.name, str(e)))
+                session.sync()
+                if report.errors and not skip_errors:
+                    session.rollback()
+                    report.added = []
+                    return report
+                if session.model_rows:
+                    with self.catalog.connect(write=True) as con:
+                        session.commit(con)
+                report.committed = True
+            except BaseException:
+                session.rollback()
+                raise
+        return report
+
+    def add_files(self, paths: Iterable[Path], **kw) -> AddReport:
+        """Convenience for notebooks: import LoRA files (see ingest.importer for the full options)."""
+        from ingest.importer import import_paths
+
+        return import_paths(self, list(paths), **kw)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def get(self, ref: str | int | ModelRow) -> ModelRow:
+        return ref if isinstance(ref, ModelRow) else self.catalog.resolve(ref)
+
+    def space(self, space_id: str) -> Space:
+        s = self.catalog.space(space_id)
+        if s is None:
+            raise W2WError(f"no space {space_id!r} in the registry")
+        return s
+
+    def layout(self, space_id: str) -> Layout:
+        return Layout.from_json(self.space(space_id).layout_json)
+
+    def store(self, space: Space) -> VectorStore:
+        return VectorStore(self.paths.vectors(space.id), space.dim, space.rows_per_shard)
+
+    def vector(self, ref: str | int | ModelRow) -> np.ndarray:
+        m = self.get(ref)
+        return self.store(self.space(m.space_id)).read_one(m.row_idx)
+
+    def lora(self, ref: str | int | ModelRow) -> LoRA:
+        m = self.get(ref)
+        space = self.space(m.space_id)
+        return unflatten(self.store(space).read_one(m.row_idx), Layout.from_json(space.layout_json), m.base_model)
+
+    def ls(self, where: str | None = None) -> list[ModelRow]:
+        return self.catalog.list_models(where)
+
+    def spaces(self) -> list[Space]:
+        return self.catalog.spaces()
+
+    # --- search ----------------------------------------------------------------------------------
+
+    def _query_vector(self, query, base_model: str | None) -> tuple[str, np.ndarray, str, int | None]:
+        """(label, vector, space id, model id or None) of a model reference or a LoRA file."""
+        if isinstance(query, (str, Path)) and Path(query).exists() and not isinstance(query, ModelRow):
+            rr = read_lora(query, base_model=base_model)
+            layout = rr.lora.layout()
+            sid = space_id_for(rr.lora.base_model, layout)
+            spaces = self.spaces()
+            if sid not in {s.id for s in spaces}:
+                same = [s.id for s in spaces if s.layout_fingerprint == layout.fingerprint]
+                if len(same) != 1:
+                    raise SpaceMismatchError(
+                        f"{query}: no space of this registry has its layout ({layout.describe()})"
+                        + (f" and base model {rr.lora.base_model!r}" if rr.lora.base_model else "")
+                        + ("; several spaces share the layout, pass --base-model to choose" if same else
+                           "; models in other layouts cannot be compared with it")
+                    )  # fmt: skip
+                sid = same[0]
+            return str(query), flatten(rr.lora, layout), sid, None
+        m = self.get(query)
+        return m.name, self.vector(m), m.space_id, m.id
+
+    def search(
+        self,
+        query: str | int | Path | ModelRow,
+        k: int = 10,
+        where: str | None = None,
+        metric: str = "l2",
+        base_model: str | None = None,
+    ) -> SearchResult:
+        """The k models nearest to `query` (a model or a LoRA file) in its space, among those matching `where`."""
+        label, q, sid, self_id = self._query_vector(query, base_model)
+        space = self.space(sid)
+        allowed = self.catalog.filter_ids(where, sid) if where else None
+        with self.catalog.connect() as con:
+            rows = con.execute(
+                "SELECT id, row_idx, sq_norm FROM models WHERE space_id = ? ORDER BY row_idx", [sid]
+            ).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        row_idx = np.array([r[1] for r in rows], dtype=np.int64)
+        sq = np.array([r[2] for r in rows], dtype=np.float64)
+        mask = ids != (self_id if self_id is not None else -1)
+        if allowed is not None:
+            mask &= np.isin(ids, np.asarray(allowed, dtype=np.int64))
+        ids, row_idx, sq = ids[mask], row_idx[mask], sq[mask]
+        layout = Layout.from_json(space.layout_json)
+        found_rows, dists = knn(self.store(space), q, k, metric, layout, row_idx, sq)
+        by_row = dict(zip(row_idx.tolist(), ids.tolist(), strict=True))
+        models = {m.id: m for m in self.catalog.models_by_ids([by_row[r] for r in found_rows.tolist()])}
+        hits = [Hit(models[by_row[r]], float(d)) for r, d in zip(found_rows.tolist(), dists.tolist(), strict=True)]
+        return SearchResult(label, sid, metric, hits)
+
+    # --- getting models out ----------------------------------------------------------------------
+
+    def export(self, ref: str | int | ModelRow, fmt: str, out: str | Path) -> list[Path]:
+        """Write a model as a LoRA file (diffusers, kohya) or adapter folder (peft)."""
+        return write_lora(self.lora(ref), out, fmt)
+
+    def model_card(self, ref: str | int | ModelRow) -> str:
+        from registry import model_card
+
+        m = self.get(ref)
+        return model_card.render(
+            m.name, m.base_model, m.space_id, self.layout(m.space_id).describe(), m.vector_sha256, m.kind,
+            m.source, m.attributes, self.catalog.lineage(m.id),
+        )  # fmt: skip
+
+    def push(self, ref: str | int | ModelRow, repo_id: str, hub=None) -> dict:
+        """Upload a model to a hub (default: the registry's local hub) in diffusers format with its card."""
+        m = self.get(ref)
+        with self.writing():
+            return self._push_locked(m, repo_id, hub or self.hub)
+
+    def _push_locked(self, m: ModelRow, repo_id: str, hub) -> dict:
+        from w2w.formats import diffusers as dfmt
+
+        tensors, metadata = dfmt.to_tensors(self.lora(m))
+        from safetensors.numpy import save
+
+        weights = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=metadata)
+        card = self.model_card(m).encode()
+        files = {dfmt.WEIGHT_NAME: weights, "README.md": card}
+        revision = hub.upload(repo_id, files, f"w2wreg push of {m.name}")
+        with self.catalog.connect(write=True) as con:
+            con.executemany(
+                "INSERT INTO hub_files (model_id, hub, repo, revision, path, sha256) VALUES (?, ?, ?, ?, ?, ?)",
+                [(m.id, hub.name, repo_id, revision, p, hashlib.sha256(d).hexdigest()) for p, d in files.items()],
+            )
+        return {"model": m.name, "hub": hub.name, "repo": repo_id, "revision": revision, "files": sorted(files)}

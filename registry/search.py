@@ -1,0 +1,105 @@
+"""Exact nearest neighbours over a space's full vectors, scanned by FAISS straight from the vector store.
+
+The flat "index" of a space is its vector store: FAISS's exact kernels (`knn_L2sqr` with an
+`IDSelectorBatch` for filters, `fvec_inner_products_by_idx` for cosine) run on the memory-mapped
+shards, so the N x D matrix is never copied into memory. A filter is the set of allowed rows, given
+to FAISS as an ID selector before any distance is computed: the answer is always the k best among the
+models that match (never fewer, unless fewer match).
+
+Distances: `l2` (Euclidean), `cosine` (1 - cos), `delta` (sum over layers of ||dW1 - dW2||_F, see
+w2w.distance). The best candidates are re-ranked with distances computed directly in float64, so
+near-ties order exactly as a brute-force scan would.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+from faiss import swig_ptr
+
+from registry.vectors import VectorStore
+from w2w.distance import delta_distances
+from w2w.layout import Layout
+
+METRICS = ("l2", "cosine", "delta")
+DELTA_BLOCK_ROWS = 256
+
+
+def _direct(X: np.ndarray, q: np.ndarray, metric: str, layout: Layout) -> np.ndarray:
+    if metric == "delta":
+        return delta_distances(q, X, layout)
+    X64, q64 = X.astype(np.float64), q.astype(np.float64)
+    if metric == "l2":
+        return np.sqrt(((X64 - q64) ** 2).sum(axis=1))
+    nx, nq = np.linalg.norm(X64, axis=1), np.linalg.norm(q64)
+    return 1.0 - (X64 @ q64) / np.maximum(nx * nq, 1e-30)
+
+
+def _shard_candidates(
+    mm: np.ndarray, local: np.ndarray, whole: bool, q: np.ndarray, kk: int, metric: str, layout: Layout, sq: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(local rows, approximate distances) of up to kk candidates in one memory-mapped shard (n, D)."""
+    n, d = mm.shape
+    if metric == "l2":
+        dist, idx = np.empty(kk, np.float32), np.empty(kk, np.int64)
+        sel = None if whole else faiss.IDSelectorBatch(len(local), swig_ptr(local))
+        faiss.knn_L2sqr(swig_ptr(q), swig_ptr(mm), d, 1, n, kk, swig_ptr(dist), swig_ptr(idx), None, sel)
+        ok = idx >= 0
+        return idx[ok], dist[ok].astype(np.float64)
+    if metric == "cosine":
+        ip = np.empty(len(local), np.float32)
+        faiss.fvec_inner_products_by_idx(swig_ptr(ip), swig_ptr(q), swig_ptr(mm), swig_ptr(local), d, 1, len(local))
+        qq = float(q.astype(np.float64) @ q.astype(np.float64))
+        dist = 1.0 - ip.astype(np.float64) / np.maximum(np.sqrt(sq * qq), 1e-30)
+    else:
+        dist = np.concatenate(
+            [
+                delta_distances(q, mm[local[lo : lo + DELTA_BLOCK_ROWS]], layout)
+                for lo in range(0, len(local), DELTA_BLOCK_ROWS)
+            ]
+        )
+    if len(dist) > kk:
+        top = np.argpartition(dist, kk - 1)[:kk]
+        return local[top], dist[top]
+    return local, dist
+
+
+def knn(
+    store: VectorStore,
+    q: np.ndarray,
+    k: int,
+    metric: str,
+    layout: Layout,
+    rows: np.ndarray,
+    sq_norms: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows among `rows` (sorted) closest to q -> (rows (k',), distances (k',)), nearest first.
+
+    `sq_norms[i]` is the squared norm of row `rows[i]`.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    rows = np.asarray(rows, dtype=np.int64)
+    k = min(k, len(rows))
+    if k == 0:
+        return np.empty(0, np.int64), np.empty(0)
+    kk = k if metric == "delta" else min(len(rows), 2 * k + 8)  # candidates for the exact re-rank
+    cand_r, cand_d = [], []
+    shards = rows // store.rows_per_shard
+    bounds = np.flatnonzero(np.diff(shards)) + 1
+    for part, sq in zip(np.split(rows, bounds), np.split(sq_norms, bounds), strict=True):
+        shard = int(part[0] // store.rows_per_shard)
+        local = np.ascontiguousarray(part - shard * store.rows_per_shard)
+        n = int(local[-1]) + 1
+        whole = len(local) == n  # every row of the mapped range is allowed: no selector needed
+        found, dist = _shard_candidates(store.map(shard, n), local, whole, q, min(kk, len(local)), metric, layout, sq)
+        cand_r.append(found + shard * store.rows_per_shard)
+        cand_d.append(dist)
+    best_r, best_d = np.concatenate(cand_r), np.concatenate(cand_d)
+    if metric != "delta":
+        keep = np.argpartition(best_d, min(kk, len(best_d)) - 1)[:kk]
+        best_r = np.sort(best_r[keep])
+        best_d = _direct(store.read(best_r), q, metric, layout)
+    order = np.lexsort((best_r, best_d))[:k]
+    return best_r[order], best_d[order]

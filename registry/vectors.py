@@ -1,0 +1,102 @@
+"""The append-only vector store of one space: float32 rows in fixed-size shard files, memory-mapped.
+
+`vectors/<space>/shard-00000.f32` holds rows 0..S-1 as raw little-endian float32, and so on. The
+number of rows that exist is the catalog's, not the files': rows are written (and fsynced) before the
+catalog commits them, so a crash leaves at most an uncommitted tail, which `truncate` drops.
+Reads never load more than the rows asked for (or one block at a time).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+SHARD_TARGET_BYTES = 512 * 1024 * 1024
+MAX_ROWS_PER_SHARD = 4096
+
+
+def rows_per_shard_for(dim: int) -> int:
+    return max(1, min(MAX_ROWS_PER_SHARD, SHARD_TARGET_BYTES // (4 * dim)))
+
+
+class VectorStore:
+    def __init__(self, folder: Path, dim: int, rows_per_shard: int):
+        self.folder, self.dim, self.rows_per_shard = Path(folder), int(dim), int(rows_per_shard)
+        self.row_bytes = 4 * self.dim
+
+    def shard_path(self, i: int) -> Path:
+        return self.folder / f"shard-{i:05d}.f32"
+
+    def shards_on_disk(self) -> list[Path]:
+        return sorted(self.folder.glob("shard-*.f32")) if self.folder.exists() else []
+
+    def rows_on_disk(self) -> int:
+        shards = self.shards_on_disk()
+        if not shards:
+            return 0
+        return (len(shards) - 1) * self.rows_per_shard + shards[-1].stat().st_size // self.row_bytes
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def truncate(self, n_rows: int) -> None:
+        """Drop every row at or after `n_rows` (an uncommitted tail left by a crash or an aborted add)."""
+        for p in self.shards_on_disk():
+            i = int(p.stem.split("-")[1])
+            keep = max(0, min(self.rows_per_shard, n_rows - i * self.rows_per_shard))
+            if keep == 0:
+                p.unlink()
+            elif p.stat().st_size != keep * self.row_bytes:
+                os.truncate(p, keep * self.row_bytes)
+
+    def write_rows(self, start: int, rows: np.ndarray, fsync: bool = True) -> None:
+        """Write rows (n, D) starting at row `start`, which must be the current end of the store."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        assert rows.ndim == 2 and rows.shape[1] == self.dim, f"rows {rows.shape} for D={self.dim}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        pos, done = start, 0
+        while done < len(rows):
+            shard, offset = divmod(pos, self.rows_per_shard)
+            n = min(len(rows) - done, self.rows_per_shard - offset)
+            path = self.shard_path(shard)
+            with open(path, "r+b" if path.exists() else "wb") as f:
+                f.seek(offset * self.row_bytes)
+                f.write(rows[done : done + n].tobytes())
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            pos, done = pos + n, done + n
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def map(self, shard: int, n_rows: int) -> np.ndarray:
+        """Rows [0, n_rows) of one shard as a read-only (n_rows, D) memory map."""
+        return np.memmap(self.shard_path(shard), dtype=np.float32, mode="r", shape=(n_rows, self.dim))
+
+    def blocks(self, n_rows: int, block_rows: int = 1024, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (b, D) memory-mapped block) over rows [start, n_rows); blocks never cross shards."""
+        pos = start
+        while pos < n_rows:
+            shard, offset = divmod(pos, self.rows_per_shard)
+            n_in_shard = min(self.rows_per_shard, n_rows - shard * self.rows_per_shard)
+            mm = self.map(shard, n_in_shard)
+            b = min(block_rows, n_in_shard - offset)
+            yield pos, mm[offset : offset + b]
+            pos += b
+
+    def read(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        """The given rows, (len(rows), D), copied into memory in the order asked."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        shards = rows // self.rows_per_shard
+        for shard in np.unique(shards):
+            sel = np.nonzero(shards == shard)[0]
+            local = rows[sel] - shard * self.rows_per_shard
+            mm = self.map(int(shard), int(local.max()) + 1)
+            out[sel] = mm[local]
+        return out
+
+    def read_one(self, row: int) -> np.ndarray:
+        return self.read([row])[0]

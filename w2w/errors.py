@@ -1,0 +1,134 @@
+"""One hierarchy of errors for the whole tool.
+
+Library code raises these; only the CLI turns them into a one-line message and an exit code. Each
+class also subclasses the built-in it is a kind of, so callers can catch `ValueError` and friends.
+Messages name the bad value and, where there is one, the next step.
+"""
+
+from __future__ import annotations
+
+
+class W2WError(Exception):
+    """Base class of every error w2wreg raises on purpose."""
+
+    exit_code = 1
+
+
+# --- LoRA files --------------------------------------------------------------------------------------
+
+
+class LoRAFileError(W2WError, ValueError):
+    """A LoRA file (or folder) that cannot be read as a LoRA."""
+
+    def __init__(self, path: object, problem: str, hint: str = ""):
+        self.path, self.problem, self.hint = str(path), problem, hint
+        super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+class PickleRefusedError(LoRAFileError):
+    """A pickled checkpoint, refused unless the user opts in."""
+
+    def __init__(self, path: object):
+        super().__init__(
+            path,
+            "is a pickled checkpoint, which can run code when loaded",
+            "convert it to .safetensors, or pass --allow-pickle if you trust it "
+            "(it is then read with torch.load(weights_only=True))",
+        )
+
+
+class CorruptFileError(LoRAFileError):
+    """Truncated, malformed or oversized safetensors data."""
+
+
+class UnknownFormatError(LoRAFileError):
+    """No known LoRA key convention matches the file's tensors."""
+
+
+class ShapeError(LoRAFileError):
+    """Factors whose shapes are wrong or disagree with each other."""
+
+
+class NonFiniteError(LoRAFileError):
+    """NaN or Inf values in the weights."""
+
+
+class TextEncoderLoRAError(LoRAFileError):
+    """The file also adapts a text encoder, which w2wreg does not index."""
+
+    def __init__(self, path: object, n: int):
+        super().__init__(
+            path,
+            f"holds {n} text-encoder LoRA tensors; w2wreg indexes UNet LoRAs only (a text-encoder LoRA "
+            "would be a different weight space)",
+            "pass --drop-text-encoder to import the UNet part alone",
+        )
+
+
+# --- layouts and vectors -----------------------------------------------------------------------------
+
+
+class LayoutMismatchError(W2WError, ValueError):
+    """A vector or LoRA whose layout is not the one expected."""
+
+
+# --- registry ----------------------------------------------------------------------------------------
+
+
+class RegistryNotFoundError(W2WError, FileNotFoundError):
+    def __init__(self, root: object):
+        self.root = str(root)
+        super().__init__(
+            f"no registry at {root}; run `w2wreg init --registry {root}` first, or point "
+            "--registry / W2WREG_HOME at an existing one"
+        )
+
+
+class RegistryLockedError(W2WError, TimeoutError):
+    def __init__(self, root: object, timeout: float):
+        super().__init__(
+            f"registry {root} is locked by another writer (waited {timeout:.0f}s); try again when it is done"
+        )
+
+
+class UnknownModelError(W2WError, LookupError):
+    def __init__(self, ref: object, suggestions: list[str] | None = None):
+        self.ref = ref
+        hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else "; `w2wreg ls` lists models"
+        super().__init__(f"no model named or numbered {ref!r} in the registry{hint}")
+
+
+class DuplicateModelError(W2WError, ValueError):
+    def __init__(self, what: str, existing: str, reason: str):
+        self.existing = existing
+        super().__init__(f"{what}: {reason} {existing!r} already in the registry")
+
+
+class NameTakenError(W2WError, ValueError):
+    def __init__(self, name: str, path: object = None):
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}the name {name!r} is taken by another model; pass --name to choose another")
+
+
+class InvalidNameError(W2WError, ValueError):
+    pass
+
+
+class FilterError(W2WError, ValueError):
+    """A --where condition that DuckDB cannot run."""
+
+
+class AttributeInputError(W2WError, ValueError):
+    """Bad --attr / --attrs-csv input."""
+
+
+class SpaceMismatchError(W2WError, ValueError):
+    """Two models that live in different weight spaces were compared."""
+
+
+class HubError(W2WError, OSError):
+    """A hub repo that cannot be read or written."""
+
+
+class IntegrityError(W2WError, RuntimeError):
+    """verify found the registry's parts disagreeing."""

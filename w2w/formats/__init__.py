@@ -1,0 +1,108 @@
+"""LoRA file formats: detect, read into the canonical LoRA, write back out.
+
+| format    | reads                                                    | writes                              |
+|-----------|----------------------------------------------------------|-------------------------------------|
+| diffusers | one .safetensors, `unet.` keys, lora_A/B or lora.down/up | pytorch_lora_weights.safetensors    |
+| peft      | adapter folder (adapter_model.safetensors + config)      | the same folder layout              |
+| kohya     | one .safetensors, `lora_unet_...` keys + `.alpha`        | one .safetensors                    |
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from w2w.errors import LoRAFileError, UnknownFormatError
+from w2w.formats import diffusers, kohya, peft
+from w2w.formats.tensorfile import PICKLE_SUFFIXES, TensorFile, atomic_write_bytes, read_tensor_file, write_safetensors
+from w2w.lora import LoRA, check_lora
+
+FORMATS = ("diffusers", "peft", "kohya")
+LORA_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
+
+
+@dataclass
+class ReadResult:
+    lora: LoRA
+    format: str
+    sha256: str  # of the weights file as it is on disk
+    path: Path
+
+
+def detect_format(tf: TensorFile) -> str:
+    keys = list(tf.tensors)
+    if kohya.looks_like(keys):
+        return "kohya"
+    if keys and all(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    if diffusers.looks_like(keys):
+        return "diffusers"
+    first = keys[0] if keys else "(no tensors)"
+    raise UnknownFormatError(
+        tf.path, f"matches no known LoRA format (first key {first!r})", f"known formats: {', '.join(FORMATS)}"
+    )
+
+
+def read_lora(
+    path: str | Path,
+    base_model: str | None = None,
+    allow_pickle: bool = False,
+    drop_text_encoder: bool = False,
+) -> ReadResult:
+    """Read a LoRA file or PEFT adapter folder, whatever its format, and check it is a usable LoRA."""
+    path = Path(path)
+    if not path.exists():
+        raise LoRAFileError(path, "does not exist")
+    if path.is_dir():
+        if not peft.is_adapter_dir(path):
+            raise UnknownFormatError(path, f"is a folder without {peft.CONFIG}", "pass the LoRA files inside it")
+        lora, tf = peft.read(path, base_model, allow_pickle, drop_text_encoder)
+        fmt = "peft"
+    else:
+        tf = read_tensor_file(path, allow_pickle=allow_pickle)
+        fmt = detect_format(tf)
+        base_model = base_model or tf.metadata.get("base_model")  # written by our own writers
+        if fmt == "kohya":
+            lora = kohya.parse(tf, base_model, drop_text_encoder)
+        elif fmt == "peft":
+            cfg = peft.read_config(path.parent) if (path.parent / peft.CONFIG).exists() else {}
+            lora = peft.parse(tf, cfg, base_model or cfg.get("base_model_name_or_path"), drop_text_encoder)
+        else:
+            lora = diffusers.parse(tf, base_model, drop_text_encoder)
+    check_lora(lora, path)
+    return ReadResult(lora, fmt, tf.sha256, path)
+
+
+def _write_diffusers(lora: LoRA, out: Path) -> list[Path]:
+    target = out if out.suffix == ".safetensors" else out / diffusers.WEIGHT_NAME
+    write_safetensors(target, *diffusers.to_tensors(lora))
+    return [target]
+
+
+def _write_kohya(lora: LoRA, out: Path) -> list[Path]:
+    target = out if out.suffix == ".safetensors" else out / "lora.safetensors"
+    write_safetensors(target, *kohya.to_tensors(lora))
+    return [target]
+
+
+def _write_peft(lora: LoRA, out: Path) -> list[Path]:
+    tensors, metadata, config = peft.to_files(lora)
+    write_safetensors(out / peft.WEIGHTS, tensors, metadata)
+    atomic_write_bytes(out / peft.CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return [out / peft.WEIGHTS, out / peft.CONFIG]
+
+
+WRITERS: dict[str, Callable[[LoRA, Path], list[Path]]] = {
+    "diffusers": _write_diffusers,
+    "peft": _write_peft,
+    "kohya": _write_kohya,
+}
+
+
+def write_lora(lora: LoRA, out: str | Path, fmt: str = "diffusers") -> list[Path]:
+    """Write `lora` in `fmt`. `out` is a .safetensors file (diffusers, kohya) or a folder. Returns files written."""
+    if fmt not in WRITERS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; known: {', '.join(FORMATS)}")
+    return WRITERS[fmt](lora, Path(out))

@@ -1,0 +1,90 @@
+"""PEFT adapter folders: adapter_model.safetensors + adapter_config.json, `base_model.model.` keys.
+
+rank_pattern / alpha_pattern are honoured with PEFT's own matching rule. DoRA and rsLoRA adapters
+are refused: their update is not (alpha / r) * B @ A.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from w2w.errors import CorruptFileError, UnknownFormatError
+from w2w.formats import diffusers as dfmt
+from w2w.formats.common import LayerParts, as_int_if_whole, assemble, pattern_lookup
+from w2w.formats.tensorfile import TensorFile, read_tensor_file
+from w2w.lora import LoRA
+
+NAME = "peft"
+WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"
+CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / CONFIG).read_text())
+        assert isinstance(cfg, dict)
+    except (OSError, ValueError, AssertionError):
+        raise CorruptFileError(folder / CONFIG, "is not a readable JSON object") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UnknownFormatError(folder, f"is a PEFT {cfg.get('peft_type')} adapter, not a LoRA")
+    for flag in ("use_dora", "use_rslora"):
+        if cfg.get(flag):
+            raise UnknownFormatError(
+                folder, f"uses {flag}, whose update is not alpha/r * B A", "export it as plain LoRA"
+            )
+    return cfg
+
+
+def read(folder: Path, base_model: str | None = None, allow_pickle: bool = False, drop_text_encoder: bool = False):
+    """Read an adapter folder -> (LoRA, TensorFile of its weights)."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    weights = folder / WEIGHTS
+    if not weights.exists() and (folder / PICKLED_WEIGHTS).exists():
+        weights = folder / PICKLED_WEIGHTS
+    if not weights.exists():
+        raise CorruptFileError(folder, f"has {CONFIG} but no {WEIGHTS}")
+    tf = read_tensor_file(weights, allow_pickle=allow_pickle)
+    return parse(tf, cfg, base_model or cfg.get("base_model_name_or_path"), drop_text_encoder), tf
+
+
+def parse(tf: TensorFile, cfg: dict, base_model: str | None = None, drop_text_encoder: bool = False) -> LoRA:
+    parts: dict[str, LayerParts] = {}
+    for key, t in tf.tensors.items():
+        sk = dfmt.split_key(key)
+        if sk is None or sk[1] == "alpha":
+            raise UnknownFormatError(tf.path, f"key {key!r} is no PEFT LoRA factor")
+        module, kind = sk
+        setattr(parts.setdefault(module, LayerParts()), kind, t)
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    default_alpha = cfg.get("lora_alpha", cfg.get("r"))
+    alpha_for = {m: a for m in parts if (a := pattern_lookup(alpha_pattern, m)) is not None}
+    return assemble(parts, tf.path, default_alpha, alpha_for, base_model)
+
+
+def to_files(lora: LoRA) -> tuple[dict, dict[str, str], dict]:
+    """(tensors, safetensors metadata, adapter_config) of the adapter folder."""
+    tensors = {}
+    for m, l in lora.layers.items():
+        tensors[f"base_model.model.{m}.lora_A.weight"] = l.A
+        tensors[f"base_model.model.{m}.lora_B.weight"] = l.B
+    meta = dfmt.adapter_metadata(lora)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": lora.base_model,
+        "inference_mode": True,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        **meta,
+        "lora_alpha": as_int_if_whole(meta["lora_alpha"]),
+    }
+    return tensors, {"format": "pt"} | ({"base_model": lora.base_model} if lora.base_model else {}), config

@@ -1,0 +1,146 @@
+"""Reading tensor files safely: safetensors with header checks, pickles only on request."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from w2w.errors import CorruptFileError, PickleRefusedError
+
+# safetensors' own reader refuses headers over 100 MB; we refuse earlier, with a clearer message.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+}  # fmt: skip
+
+
+@dataclass
+class TensorFile:
+    """Tensors of one file as float32 numpy arrays, its header metadata and raw bytes' sha256."""
+
+    path: Path
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str]
+    sha256: str
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def parse_safetensors(data: bytes | memoryview, path: object) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse safetensors bytes into float32 arrays, checking every offset against the data."""
+    n = len(data)
+    if n < 8:
+        raise CorruptFileError(path, f"is {n} bytes long, too short for a safetensors file", "re-download it")
+    (hlen,) = struct.unpack("<Q", bytes(data[:8]))
+    if hlen > MAX_HEADER_BYTES:
+        raise CorruptFileError(
+            path, f"declares a {hlen:,}-byte header (limit {MAX_HEADER_BYTES:,})", "the file is corrupt or hostile"
+        )
+    if 8 + hlen > n:
+        raise CorruptFileError(path, f"is truncated: header needs {8 + hlen:,} bytes, file has {n:,}", "re-download it")
+    try:
+        header = json.loads(bytes(data[8 : 8 + hlen]))
+        assert isinstance(header, dict)
+    except (ValueError, AssertionError):
+        raise CorruptFileError(path, "has a header that is not a JSON object", "is it a safetensors file?") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptFileError(path, "has a __metadata__ entry that is not a JSON object")
+    base, body = 8 + hlen, n - 8 - hlen
+    mv = memoryview(data)
+    tensors: dict[str, np.ndarray] = {}
+    for key, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+            # JSON may hold strings, floats or negatives here; only non-negative integers are offsets/sizes
+            if not (all(type(x) is int for x in (start, end)) and all(s >= 0 for s in shape)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFileError(path, f"tensor {key!r} has a malformed header entry") from None
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CorruptFileError(path, f"tensor {key!r} has dtype {dtype}, not a LoRA weight type")
+        itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
+        count = math.prod(shape)  # exact: np.prod could overflow on a hostile shape
+        if not (0 <= start <= end <= body) or end - start != count * itemsize:
+            raise CorruptFileError(
+                path, f"tensor {key!r} lies outside the file or has the wrong size (truncated?)", "re-download it"
+            )
+        raw = mv[base + start : base + end]
+        if dtype == "BF16":
+            arr = _bf16_to_f32(np.frombuffer(raw, dtype=np.uint16))
+        else:
+            arr = np.frombuffer(raw, dtype=_DTYPES[dtype]).astype(np.float32, copy=False)
+        tensors[key] = arr.reshape(shape)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_tensor_file(path: Path, allow_pickle: bool = False) -> TensorFile:
+    """Read a .safetensors file (or, with allow_pickle, a torch pickle with weights_only=True)."""
+    import hashlib
+
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise PickleRefusedError(path)
+        return _read_pickle(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CorruptFileError(path, f"cannot be read ({e.strerror})") from None
+    tensors, metadata = parse_safetensors(data, path)
+    return TensorFile(path, tensors, metadata, hashlib.sha256(data).hexdigest())
+
+
+def _read_pickle(path: Path) -> TensorFile:
+    import hashlib
+
+    import torch
+
+    data = path.read_bytes()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for bad pickles
+        raise CorruptFileError(path, f"could not be loaded with weights_only=True ({type(e).__name__})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CorruptFileError(path, "is a pickle but not a flat dict of tensors")
+    tensors = {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}
+    return TensorFile(path, tensors, {}, hashlib.sha256(data).hexdigest())
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Write tensors atomically (temp file, fsync, rename). Returns the file's sha256."""
+    import hashlib
+
+    from safetensors.numpy import save
+
+    data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write to a temp name in the same folder, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
