@@ -55,9 +55,13 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def _strip(module: str) -> str:
-    for p in _PREFIXES:
-        if module.startswith(p):
-            return module[len(p) :]
+    # repeatedly: a file saved from a PEFT-wrapped UNet has `unet.base_model.model.` keys
+    stripped = True
+    while stripped:
+        stripped = False
+        for p in _PREFIXES:
+            if module.startswith(p):
+                module, stripped = module[len(p) :], True
     return module
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from w2w.errors import CorruptFileError, UnknownFormatError
+from w2w.errors import CorruptFileError, TextEncoderLoRAError, UnknownFormatError
 from w2w.formats import diffusers as dfmt
 from w2w.formats.common import LayerParts, as_int_if_whole, assemble, pattern_lookup
 from w2w.formats.tensorfile import TensorFile, read_tensor_file
@@ -56,6 +56,12 @@ def read(folder: Path, base_model: str | None = None, allow_pickle: bool = False
 
 def parse(tf: TensorFile, cfg: dict, base_model: str | None = None, drop_text_encoder: bool = False) -> LoRA:
     parts: dict[str, LayerParts] = {}
+    te = [k for k in tf.tensors if ".text_model." in k or k.startswith("base_model.model.text_model.")]
+    if te:
+        # an adapter for a CLIP text encoder, not a UNet: there is no UNet part to keep
+        raise TextEncoderLoRAError(tf.path, len(te)) if not drop_text_encoder else UnknownFormatError(
+            tf.path, "is a text-encoder adapter; it has no UNet part to import"
+        )
     for key, t in tf.tensors.items():
         sk = dfmt.split_key(key)
         if sk is None or sk[1] == "alpha":
