@@ -751,8 +751,8 @@ def test_peft_text_encoder_adapter_is_refused(tmp_path):
     folder = tmp_path / "te"
     folder.mkdir()
     key = "base_model.model.text_model.encoder.layers.0.self_attn.q_proj"
-    save_file({f"{key}.lora_A.weight": np.ones((1, 4), np.float32), f"{key}.lora_B.weight": np.ones((4, 1), np.float32)},
-              str(folder / "adapter_model.safetensors"))  # fmt: skip
+    factors = {f"{key}.lora_A.weight": np.ones((1, 4), np.float32), f"{key}.lora_B.weight": np.ones((4, 1), np.float32)}
+    save_file(factors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1, "lora_alpha": 1}')
     with pytest.raises(TextEncoderLoRAError):
         read_lora(folder)
