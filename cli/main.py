@@ -35,9 +35,9 @@ def cli(ctx: click.Context, registry_dir: Path) -> None:
 
 
 def _register() -> None:
-    from cli import maintenance, models, search, tour
+    from cli import edits, maintenance, models, search, space, tour
 
-    for module in (models, search, maintenance, tour):
+    for module in (models, search, space, edits, maintenance, tour):
         for command in module.COMMANDS:
             cli.add_command(command)
 

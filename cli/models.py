@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from cli.errors import EXIT_ERROR, fail
 from cli.output import emit_json, json_option, table
 from ingest.attributes import parse_pairs
 from ingest.importer import import_paths
+from registry import wspace
 from registry.hubs.local import LocalHub
 from registry.registry import Registry
 from w2w.formats import FORMATS
@@ -78,10 +80,17 @@ def add(ctx, paths, name, attrs, attrs_csv, base_model, allow_pickle, drop_text_
     if hub_dir:
         reg.hub = LocalHub(hub_dir)
     report = import_paths(
-        reg, list(paths), name=name, attributes=parse_pairs(attrs), attrs_csv=attrs_csv, base_model=base_model,
-        allow_pickle=allow_pickle, drop_text_encoder=drop_text_encoder, skip_errors=skip_errors,
+        reg,
+        list(paths),
+        name=name,
+        attributes=parse_pairs(attrs),
+        attrs_csv=attrs_csv,
+        base_model=base_model,
+        allow_pickle=allow_pickle,
+        drop_text_encoder=drop_text_encoder,
+        skip_errors=skip_errors,
         progress=not as_json,
-    )  # fmt: skip
+    )
     if as_json:
         emit_json(report.to_json())
     else:
@@ -121,6 +130,13 @@ def ls_(ctx, where, as_json):
         ["id", "name", "space", "kind", "attributes"],
         [(m.id, m.name, m.space_id, m.kind, m.attributes) for m in models],
     )
+    for space_id in sorted({m.space_id for m in models}):
+        st = wspace.staleness(reg, space_id)
+        if st and st["refit_advised"]:
+            click.echo(
+                f"note: {st['poorly_explained']} of {st['projected']} models of space {space_id} are poorly "
+                f"explained by subspace {st['subspace']} (fitted on {st['fitted_on']}); time to `w2wreg fit`"
+            )
 
 
 @click.command()
@@ -137,11 +153,18 @@ def show(ctx, model, as_json):
     m = reg.get(model)
     space = reg.space(m.space_id)
     info = m.to_json() | {
-        "space": {"id": space.id, "base_model": space.base_model, "layout": reg.layout(space.id).describe(),
-                  "layout_fingerprint": space.layout_fingerprint, "dim": space.dim, "models": space.n_models},
+        "space": {
+            "id": space.id,
+            "base_model": space.base_model,
+            "layout": reg.layout(space.id).describe(),
+            "layout_fingerprint": space.layout_fingerprint,
+            "dim": space.dim,
+            "models": space.n_models,
+        },
         "lineage": reg.catalog.lineage(m.id),
         "hub": reg.catalog.hub_files(m.id),
-    }  # fmt: skip
+        "projection": wspace.projection_info(reg, m.id),
+    }
     if as_json:
         emit_json(info)
         return
@@ -154,7 +177,14 @@ def show(ctx, model, as_json):
     for k, v in m.attributes.items():
         click.echo(f"  attribute   {k} = {v}")
     for l in info["lineage"]:
-        click.echo(f"  lineage     {l['operation']} of {l['parent'] or l['parent_id']}")
+        parent = f" of {l['parent'] or l['parent_id']}" if l["parent_id"] is not None else ""
+        click.echo(f"  lineage     {l['operation']}{parent}  {json.dumps(l['params'], separators=(',', ':'))}")
+    if p := info["projection"]:
+        verdict = "well explained" if p["well_explained"] else "POORLY explained by the space: consider `w2wreg fit`"
+        click.echo(
+            f"  w2w space   {p['subspace']}: reconstruction error {p['relative_error']:.4f} "
+            f"(fitted models' p95 {p['fitted_p95']:.4f}; {verdict})"
+        )
     for h in info["hub"]:
         click.echo(f"  hub         {h['hub']}:{h['repo']}/{h['path']} @ {str(h['revision'])[:12]}")
 

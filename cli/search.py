@@ -41,9 +41,10 @@ def search(ctx, like, k, where, metric, base_model, as_json):
     if not result.hits:
         click.echo("  no models match")
         return
-    table(["rank", "id", "name", "distance", "attributes"],
-          [(i + 1, h.model.id, h.model.name, h.distance, h.model.attributes)
-           for i, h in enumerate(result.hits)])  # fmt: skip
+    table(
+        ["rank", "id", "name", "distance", "attributes"],
+        [(i + 1, h.model.id, h.model.name, h.distance, h.model.attributes) for i, h in enumerate(result.hits)],
+    )
 
 
 COMMANDS = [search]

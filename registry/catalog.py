@@ -53,6 +53,33 @@ CREATE TABLE IF NOT EXISTS attributes (
 CREATE TABLE IF NOT EXISTS lineage (
     child_id BIGINT NOT NULL, parent_id BIGINT, operation VARCHAR NOT NULL, params VARCHAR
 );
+CREATE TABLE IF NOT EXISTS subspaces (
+    id VARCHAR PRIMARY KEY,
+    space_id VARCHAR NOT NULL,
+    k INTEGER NOT NULL,
+    n_models BIGINT NOT NULL,
+    where_filter VARCHAR,
+    explained DOUBLE NOT NULL,
+    error_p95 DOUBLE NOT NULL,
+    config VARCHAR,
+    created TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS projections (
+    subspace_id VARCHAR NOT NULL, model_id BIGINT NOT NULL, coeff_row BIGINT NOT NULL, rel_error DOUBLE NOT NULL,
+    PRIMARY KEY (subspace_id, model_id)
+);
+CREATE TABLE IF NOT EXISTS directions (
+    subspace_id VARCHAR NOT NULL,
+    attribute VARCHAR NOT NULL,
+    method VARCHAR NOT NULL,
+    debiased_against VARCHAR,
+    vector DOUBLE[] NOT NULL,
+    score_mean DOUBLE NOT NULL,
+    score_std DOUBLE NOT NULL,
+    n_models BIGINT NOT NULL,
+    created TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (subspace_id, attribute)
+);
 CREATE TABLE IF NOT EXISTS hub_files (
     model_id BIGINT NOT NULL, hub VARCHAR NOT NULL, repo VARCHAR NOT NULL, revision VARCHAR,
     path VARCHAR NOT NULL, sha256 VARCHAR NOT NULL, pushed TIMESTAMP DEFAULT current_timestamp
@@ -60,9 +87,19 @@ CREATE TABLE IF NOT EXISTS hub_files (
 """
 
 MODEL_COLUMNS = (
-    "id", "name", "space_id", "row_idx", "vector_sha256", "sq_norm", "kind", "source", "source_format",
-    "source_sha256", "base_model", "created",
-)  # fmt: skip
+    "id",
+    "name",
+    "space_id",
+    "row_idx",
+    "vector_sha256",
+    "sq_norm",
+    "kind",
+    "source",
+    "source_format",
+    "source_sha256",
+    "base_model",
+    "created",
+)
 
 
 @dataclass
@@ -123,6 +160,8 @@ class Catalog:
                     raise
                 time.sleep(0.05)
         try:
+            if write:
+                con.execute(SCHEMA)  # all IF NOT EXISTS: older registries gain new tables on first write
             yield con
         finally:
             con.close()
@@ -256,7 +295,9 @@ class Catalog:
     def hub_files(self, model_id: int | None = None) -> list[dict]:
         with self.connect() as con:
             sql = "SELECT model_id, hub, repo, revision, path, sha256, pushed FROM hub_files"
-            rows = con.execute(sql + (" WHERE model_id = ?" if model_id is not None else ""),
-                               [model_id] if model_id is not None else []).fetchall()  # fmt: skip
+            rows = con.execute(
+                sql + (" WHERE model_id = ?" if model_id is not None else ""),
+                [model_id] if model_id is not None else [],
+            ).fetchall()
         keys = ("model_id", "hub", "repo", "revision", "path", "sha256", "pushed")
         return [dict(zip(keys, (*r[:6], str(r[6])), strict=True)) for r in rows]

@@ -37,8 +37,13 @@ class VerifyReport:
         return not any(f.kind == "error" for f in self.findings)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "models": self.models, "spaces": self.spaces, "hub_files": self.hub_files,
-                "findings": [f.to_json() for f in self.findings]}  # fmt: skip
+        return {
+            "ok": self.ok,
+            "models": self.models,
+            "spaces": self.spaces,
+            "hub_files": self.hub_files,
+            "findings": [f.to_json() for f in self.findings],
+        }
 
 
 def verify(reg: Registry) -> VerifyReport:
@@ -90,6 +95,8 @@ def verify(reg: Registry) -> VerifyReport:
                             fixable=_has_hub_copy(reg, mid),
                         )
                     )
+    for space in spaces:
+        report.findings += _check_subspace(reg, space, by_space.get(space.id, []))
     known = {s.id for s in spaces}
     vroot = reg.root / "vectors"
     if vroot.exists():
@@ -127,6 +134,35 @@ def verify(reg: Registry) -> VerifyReport:
             Finding("orphan", str(stray.relative_to(reg.root)), "temporary file of an interrupted write", fixable=True)
         )
     return report
+
+
+def _check_subspace(reg: Registry, space, models: list) -> list[Finding]:
+    """The current subspace's coefficient index holds exactly the space's models."""
+    from registry import index as coeff_index
+    from registry import wspace
+
+    sm = wspace.current(reg, space.id)
+    if sm is None:
+        return []
+    what = f"subspace {sm.id}"
+    expected = sorted(m[0] for m in models)
+    with reg.catalog.connect() as con:
+        projected = sorted(
+            r[0] for r in con.execute("SELECT model_id FROM projections WHERE subspace_id = ?", [sm.id]).fetchall()
+        )
+    if projected != expected:
+        return [Finding("error", what, f"{len(set(expected) - set(projected))} models are not projected", fixable=True)]
+    if sm.coeff_store().rows_on_disk() < len(expected):
+        return [Finding("error", what, "coefficient store is shorter than the catalog", fixable=True)]
+    if not sm.index_path.exists():
+        return [Finding("error", what, "coefficient index is missing", fixable=True)]
+    try:
+        ids = sorted(coeff_index.ids_of(coeff_index.load(sm.index_path)).tolist())
+    except RuntimeError as e:
+        return [Finding("error", what, f"coefficient index cannot be read ({str(e).splitlines()[0]})", fixable=True)]
+    if ids != expected:
+        return [Finding("error", what, "coefficient index and catalog disagree on the models", fixable=True)]
+    return []
 
 
 def _latest_hub_files(reg: Registry) -> list[dict]:
@@ -178,6 +214,15 @@ def repair(reg: Registry) -> list[str]:
                 m = reg.catalog.models_by_ids([hf["model_id"]])[0]
                 reg._push_locked(m, hf["repo"], reg.hub)
                 done.append(f"{f.what}: pushed again from the registry's vector of {m.name}")
+            elif f.kind == "error" and f.fixable and f.what.startswith("subspace "):
+                from registry import wspace
+
+                sub_id = f.what.split()[1]
+                current = (wspace.current(reg, sid) for sid in spaces)
+                sm = next((c for c in current if c is not None and c.id == sub_id), None)
+                if sm is not None:
+                    wspace._index_all(reg, sm, lambda _: None)
+                    done.append(f"{f.what}: coefficients and index rebuilt from the vectors")
             elif f.kind == "orphan" and f.fixable:
                 Path(reg.root / f.what).unlink(missing_ok=True)
                 done.append(f"{f.what}: removed")

@@ -37,6 +37,7 @@ from w2w.formats import ReadResult, read_lora, write_lora
 from w2w.layout import Layout
 from w2w.lora import LoRA
 
+CANDIDATE_MIN, CANDIDATE_FACTOR = 200, 20  # coefficient-index candidates re-ranked exactly after a fit
 NAME_RE = re.compile(r"^[\w][\w.+\- ]{0,199}$")
 ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 FLUSH_ROWS = 64
@@ -98,9 +99,13 @@ class NewModel:
     @classmethod
     def from_read(cls, rr: ReadResult, name: str, attributes: dict | None = None) -> NewModel:
         return cls.from_lora(
-            name, rr.lora, source=str(rr.path), source_format=rr.format, source_sha256=rr.sha256,
+            name,
+            rr.lora,
+            source=str(rr.path),
+            source_format=rr.format,
+            source_sha256=rr.sha256,
             attributes=attributes or {},
-        )  # fmt: skip
+        )
 
 
 @dataclass
@@ -145,9 +150,11 @@ class SearchResult:
             "query": self.query,
             "space": self.space_id,
             "metric": self.metric,
-            "results": [{"id": h.model.id, "name": h.model.name, "distance": h.distance,
-                         "attributes": h.model.attributes} for h in self.hits],
-        }  # fmt: skip
+            "results": [
+                {"id": h.model.id, "name": h.model.name, "distance": h.distance, "attributes": h.model.attributes}
+                for h in self.hits
+            ],
+        }
 
 
 class _AddSession:
@@ -189,8 +196,15 @@ class _AddSession:
             raise W2WError(f"{m.name}: vector holds NaN or Inf values")
         sid = space_id_for(m.base_model, m.layout)
         if sid not in self.spaces:
-            space = Space(sid, m.base_model, m.layout.fingerprint, m.layout.dim, len(m.layout),
-                          rows_per_shard_for(m.layout.dim), m.layout.to_json())  # fmt: skip
+            space = Space(
+                sid,
+                m.base_model,
+                m.layout.fingerprint,
+                m.layout.dim,
+                len(m.layout),
+                rows_per_shard_for(m.layout.dim),
+                m.layout.to_json(),
+            )
             self.spaces[sid], self.new_spaces[sid] = space, (space, m.layout)
             self.committed[sid] = self.staged_rows[sid] = 0
         vsha = vector_sha256(v)
@@ -215,8 +229,21 @@ class _AddSession:
             self.source_shas[m.source_sha256] = m.name
         self.vector_shas[(sid, vsha)] = m.name
         v64 = v.astype(np.float64)
-        self.model_rows.append((model_id, m.name, sid, row, vsha, float(v64 @ v64), m.kind, m.source,
-                                m.source_format, m.source_sha256, m.base_model))  # fmt: skip
+        self.model_rows.append(
+            (
+                model_id,
+                m.name,
+                sid,
+                row,
+                vsha,
+                float(v64 @ v64),
+                m.kind,
+                m.source,
+                m.source_format,
+                m.source_sha256,
+                m.base_model,
+            )
+        )
         self.attr_rows += [(model_id, k, float(val)) for k, val in attrs.items()]
         self.lineage_rows += [(model_id, p, op, json.dumps(params)) for p, op, params in m.lineage]
         self.buffers.setdefault(sid, []).append(v)
@@ -252,9 +279,16 @@ class _AddSession:
                 con.execute(
                     "INSERT INTO spaces (id, base_model, layout_fingerprint, dim, n_modules, rows_per_shard, "
                     "layout_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [space.id, space.base_model, space.layout_fingerprint, space.dim, space.n_modules,
-                     space.rows_per_shard, space.layout_json],
-                )  # fmt: skip
+                    [
+                        space.id,
+                        space.base_model,
+                        space.layout_fingerprint,
+                        space.dim,
+                        space.n_modules,
+                        space.rows_per_shard,
+                        space.layout_json,
+                    ],
+                )
             if self.new_attr_kinds:
                 con.executemany("INSERT INTO attribute_keys VALUES (?, ?)", list(self.new_attr_kinds.items()))
             if self.model_rows:
@@ -348,6 +382,10 @@ class Registry:
                     with self.catalog.connect(write=True) as con:
                         session.commit(con)
                 report.committed = True
+                from registry.wspace import project_new
+
+                # derived data: if this fails the models are still in; `repair` rebuilds the index
+                project_new(self, [i for _, i in report.added])
             except BaseException:
                 session.rollback()
                 raise
@@ -406,9 +444,12 @@ class Registry:
                     raise SpaceMismatchError(
                         f"{query}: no space of this registry has its layout ({layout.describe()})"
                         + (f" and base model {rr.lora.base_model!r}" if rr.lora.base_model else "")
-                        + ("; several spaces share the layout, pass --base-model to choose" if same else
-                           "; models in other layouts cannot be compared with it")
-                    )  # fmt: skip
+                        + (
+                            "; several spaces share the layout, pass --base-model to choose"
+                            if same
+                            else "; models in other layouts cannot be compared with it"
+                        )
+                    )
                 sid = same[0]
             return str(query), flatten(rr.lora, layout), sid, None
         m = self.get(query)
@@ -421,8 +462,13 @@ class Registry:
         where: str | None = None,
         metric: str = "l2",
         base_model: str | None = None,
+        exact: bool = False,
     ) -> SearchResult:
-        """The k models nearest to `query` (a model or a LoRA file) in its space, among those matching `where`."""
+        """The k models nearest to `query` (a model or a LoRA file) in its space, among those matching `where`.
+
+        Before a subspace is fitted (or with exact=True) every matching model is compared. After, a FAISS
+        index over subspace coefficients proposes candidates, which are re-ranked on the full vectors.
+        """
         label, q, sid, self_id = self._query_vector(query, base_model)
         space = self.space(sid)
         allowed = self.catalog.filter_ids(where, sid) if where else None
@@ -438,6 +484,20 @@ class Registry:
             mask &= np.isin(ids, np.asarray(allowed, dtype=np.int64))
         ids, row_idx, sq = ids[mask], row_idx[mask], sq[mask]
         layout = Layout.from_json(space.layout_json)
+        if not exact and len(ids) > max(CANDIDATE_MIN, CANDIDATE_FACTOR * k):
+            from registry import index as coeff_index
+            from registry.wspace import current
+
+            sm = current(self, sid)
+            if sm is not None and sm.index_path.exists():
+                cands = coeff_index.search(
+                    coeff_index.load(sm.index_path),
+                    sm.sub.project(q),
+                    max(CANDIDATE_MIN, CANDIDATE_FACTOR * k),
+                    ids if allowed is not None else None,
+                )
+                keep = np.isin(ids, cands)
+                ids, row_idx, sq = ids[keep], row_idx[keep], sq[keep]
         found_rows, dists = knn(self.store(space), q, k, metric, layout, row_idx, sq)
         by_row = dict(zip(row_idx.tolist(), ids.tolist(), strict=True))
         models = {m.id: m for m in self.catalog.models_by_ids([by_row[r] for r in found_rows.tolist()])}
@@ -455,9 +515,16 @@ class Registry:
 
         m = self.get(ref)
         return model_card.render(
-            m.name, m.base_model, m.space_id, self.layout(m.space_id).describe(), m.vector_sha256, m.kind,
-            m.source, m.attributes, self.catalog.lineage(m.id),
-        )  # fmt: skip
+            m.name,
+            m.base_model,
+            m.space_id,
+            self.layout(m.space_id).describe(),
+            m.vector_sha256,
+            m.kind,
+            m.source,
+            m.attributes,
+            self.catalog.lineage(m.id),
+        )
 
     def push(self, ref: str | int | ModelRow, repo_id: str, hub=None) -> dict:
         """Upload a model to a hub (default: the registry's local hub) in diffusers format with its card."""

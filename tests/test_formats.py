@@ -544,9 +544,17 @@ def test_header_offsets_out_of_range(tmp_path):
         {"unet.a.lora_A.weight": "F32"},
         [1, 2],
     ],
-    ids=["metadata-list", "str-offsets", "float-offsets", "neg-shape", "dtype-list", "huge-shape", "str-entry",
-         "list-header"],
-)  # fmt: skip
+    ids=[
+        "metadata-list",
+        "str-offsets",
+        "float-offsets",
+        "neg-shape",
+        "dtype-list",
+        "huge-shape",
+        "str-entry",
+        "list-header",
+    ],
+)
 def test_malformed_header(tmp_path, header):
     raw = json.dumps(header).encode()
     path = tmp_path / "m.safetensors"
@@ -656,8 +664,15 @@ def test_canonical_order():
     )
     q = [e.module for e in sd15_layout("qkvo").entries][:8]
     assert [n.split("attn")[1] for n in q] == [
-        "1.to_q", "1.to_k", "1.to_v", "1.to_out.0", "2.to_q", "2.to_k", "2.to_v", "2.to_out.0",
-    ]  # fmt: skip
+        "1.to_q",
+        "1.to_k",
+        "1.to_v",
+        "1.to_out.0",
+        "2.to_q",
+        "2.to_k",
+        "2.to_v",
+        "2.to_out.0",
+    ]
     shuffled = list(reversed(names))
     assert canonical_sort(shuffled) == names
     assert canonical_sort(["x.10.a", "x.9.a", "x.1.a"]) == ["x.1.a", "x.9.a", "x.10.a"]

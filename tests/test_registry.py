@@ -187,8 +187,10 @@ def test_nan_and_shape_errors(filled, tmp_path):
     assert "NaN" in run(filled, "add", str(tmp_path / "nan.safetensors"), code=1).stderr
     from safetensors.numpy import save_file
 
-    bad_rank = {"unet.a.to_q.lora_A.weight": np.ones((2, 4), np.float32),
-                "unet.a.to_q.lora_B.weight": np.ones((4, 3), np.float32)}  # fmt: skip
+    bad_rank = {
+        "unet.a.to_q.lora_A.weight": np.ones((2, 4), np.float32),
+        "unet.a.to_q.lora_B.weight": np.ones((4, 3), np.float32),
+    }
     save_file(bad_rank, str(tmp_path / "rank.safetensors"))
     assert "rank" in run(filled, "add", str(tmp_path / "rank.safetensors"), code=1).stderr
     assert as_json(filled, "verify")["ok"]
@@ -318,7 +320,7 @@ def test_two_writers_take_turns(filled, tmp_path):
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     for p in procs:

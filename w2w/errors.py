@@ -72,6 +72,23 @@ class LayoutMismatchError(W2WError, ValueError):
     """A vector or LoRA whose layout is not the one expected."""
 
 
+class ExpressionError(W2WError, ValueError):
+    """A model-arithmetic expression (`w2wreg mix`) that does not parse, type-check or evaluate.
+
+    `column` is 0-based (None when unknown); the message counts columns from 1, as editors do, and
+    draws a caret under that column when the expression text is known.
+    """
+
+    def __init__(self, problem: str, expression: str = "", column: int | None = None):
+        self.problem, self.expression, self.column = problem, expression, column
+        msg = f"bad expression{'' if column is None else f' at column {column + 1}'}: {problem}"
+        if expression and column is not None:
+            # Tabs and newlines would throw the caret off; show every whitespace as one space.
+            shown = "".join(" " if c.isspace() else c for c in expression)
+            msg += f"\n  {shown}\n  {' ' * column}^"
+        super().__init__(msg)
+
+
 # --- registry ----------------------------------------------------------------------------------------
 
 
@@ -132,3 +149,10 @@ class HubError(W2WError, OSError):
 
 class IntegrityError(W2WError, RuntimeError):
     """verify found the registry's parts disagreeing."""
+
+
+# --- attribute directions ----------------------------------------------------------------------------
+
+
+class DirectionError(W2WError, ValueError):
+    """Labels or coefficients from which no attribute direction can be fitted, or an unusable direction."""

@@ -17,10 +17,21 @@ from functools import cached_property
 
 # Names whose registration order in diffusers differs from alphabetical order.
 _PRIORITY = {
-    "conv_in": 0, "time_proj": 1, "time_embedding": 2, "class_embedding": 3, "add_embedding": 4,
-    "down_blocks": 10, "mid_block": 11, "up_blocks": 12, "conv_norm_out": 13, "conv_out": 14,
-    "to_q": 0, "to_k": 1, "to_v": 2, "to_out": 3,
-}  # fmt: skip
+    "conv_in": 0,
+    "time_proj": 1,
+    "time_embedding": 2,
+    "class_embedding": 3,
+    "add_embedding": 4,
+    "down_blocks": 10,
+    "mid_block": 11,
+    "up_blocks": 12,
+    "conv_norm_out": 13,
+    "conv_out": 14,
+    "to_q": 0,
+    "to_k": 1,
+    "to_v": 2,
+    "to_out": 3,
+}
 _DIGITS = re.compile(r"^\d+$")
 
 

@@ -46,12 +46,22 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("w2w", ("attn1.to_q", "attn1.to_v", "attn2.to_q", "attn2.to_v"), 1, 27.0,
-               "the weights2weights space: rank 1, alpha 27, to_q/to_v of attn1 and attn2"),
-        Preset("qkvo", tuple(f"{a}.{m}" for a in ("attn1", "attn2") for m in ("to_q", "to_k", "to_v", "to_out.0")),
-               1, 1.0, "rank 1 on to_q/to_k/to_v/to_out.0 of attn1 and attn2"),
+        Preset(
+            "w2w",
+            ("attn1.to_q", "attn1.to_v", "attn2.to_q", "attn2.to_v"),
+            1,
+            27.0,
+            "the weights2weights space: rank 1, alpha 27, to_q/to_v of attn1 and attn2",
+        ),
+        Preset(
+            "qkvo",
+            tuple(f"{a}.{m}" for a in ("attn1", "attn2") for m in ("to_q", "to_k", "to_v", "to_out.0")),
+            1,
+            1.0,
+            "rank 1 on to_q/to_k/to_v/to_out.0 of attn1 and attn2",
+        ),
     )
-}  # fmt: skip
+}
 
 
 def get_preset(name: str) -> Preset:

@@ -21,13 +21,36 @@ _TE = ("lora_te_", "lora_te1_", "lora_te2_")
 # Multi-word names in diffusers UNets, longest first so that greedy matching takes the whole name.
 _COMPOUNDS = sorted(
     [
-        "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-        "proj_in", "proj_out", "conv_in", "conv_out", "conv_shortcut", "conv_norm_out", "time_emb_proj",
-        "time_embedding", "linear_1", "linear_2", "add_embedding", "class_embedding", "norm_out",
-        "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out", "single_transformer_blocks", "pos_embed",
+        "down_blocks",
+        "up_blocks",
+        "mid_block",
+        "transformer_blocks",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "proj_in",
+        "proj_out",
+        "conv_in",
+        "conv_out",
+        "conv_shortcut",
+        "conv_norm_out",
+        "time_emb_proj",
+        "time_embedding",
+        "linear_1",
+        "linear_2",
+        "add_embedding",
+        "class_embedding",
+        "norm_out",
+        "add_k_proj",
+        "add_v_proj",
+        "add_q_proj",
+        "to_add_out",
+        "single_transformer_blocks",
+        "pos_embed",
     ],
     key=lambda s: -s.count("_"),
-)  # fmt: skip
+)
 
 
 def demangle(name: str) -> str:

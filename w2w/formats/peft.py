@@ -59,8 +59,10 @@ def parse(tf: TensorFile, cfg: dict, base_model: str | None = None, drop_text_en
     te = [k for k in tf.tensors if ".text_model." in k or k.startswith("base_model.model.text_model.")]
     if te:
         # an adapter for a CLIP text encoder, not a UNet: there is no UNet part to keep
-        raise TextEncoderLoRAError(tf.path, len(te)) if not drop_text_encoder else UnknownFormatError(
-            tf.path, "is a text-encoder adapter; it has no UNet part to import"
+        raise (
+            TextEncoderLoRAError(tf.path, len(te))
+            if not drop_text_encoder
+            else UnknownFormatError(tf.path, "is a text-encoder adapter; it has no UNet part to import")
         )
     for key, t in tf.tensors.items():
         sk = dfmt.split_key(key)

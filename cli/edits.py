@@ -1,0 +1,155 @@
+"""Commands that make new models from old: direction fit/ls, edit, mix."""
+
+from __future__ import annotations
+
+import click
+
+from cli.models import open_registry
+from cli.output import emit_json, json_option, table
+from registry import edits
+from w2w.directions import DEFAULT_METHOD, METHODS
+from w2w.errors import DirectionError
+
+
+@click.group()
+def direction() -> None:
+    """Attribute directions in the w2w space.
+
+    \b
+    w2wreg direction fit beard --debias male,young
+    w2wreg direction ls
+    """
+
+
+@direction.command(name="fit")
+@click.argument("attribute")
+@click.option(
+    "--method",
+    type=click.Choice(sorted(METHODS)),
+    default=DEFAULT_METHOD,
+    show_default=True,
+    help="How the direction is found (the README's table compares them).",
+)
+@click.option("--debias", default="", metavar="A,B,...", help="Make the direction orthogonal to these attributes'.")
+@click.option("--space", "space_id")
+@json_option
+@click.pass_context
+def direction_fit(ctx, attribute, method, debias, space_id, as_json):
+    """Fit an attribute's direction from the models' labels in the current subspace.
+
+    \b
+    w2wreg direction fit glasses
+    w2wreg direction fit beard --debias smile,hat --method ridge
+    """
+    reg = open_registry(ctx)
+    info = edits.fit_direction(
+        reg, attribute, method, tuple(a.strip() for a in debias.split(",") if a.strip()), space_id
+    )
+    if as_json:
+        emit_json(info)
+    else:
+        extra = f", debiased against {', '.join(info['debiased_against'])}" if info["debiased_against"] else ""
+        click.echo(
+            f"direction {attribute} ({info['method']}, {info['n_models']} models{extra}) in {info['subspace']}; "
+            f"score std {info['score_std']:.4g}"
+        )
+
+
+@direction.command(name="ls")
+@json_option
+@click.pass_context
+def direction_ls(ctx, as_json):
+    """List the directions of each space's current subspace.
+
+    \b
+    w2wreg direction ls --json
+    """
+    reg = open_registry(ctx)
+    rows = edits.list_directions(reg)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no directions yet; fit one with `w2wreg direction fit ATTRIBUTE`")
+        return
+    table(
+        ["attribute", "method", "subspace", "models", "debiased against"],
+        [(r["attribute"], r["method"], r["subspace"], r["n_models"], ",".join(r["debiased_against"])) for r in rows],
+    )
+
+
+def _strengths(pairs: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for p in pairs:
+        attr, sep, value = p.partition("=")
+        try:
+            out[attr.strip()] = float(value) if sep else 1.0
+        except ValueError:
+            raise DirectionError(f"--direction {p!r}: expected ATTRIBUTE=STRENGTH, e.g. beard=1.5") from None
+    return out
+
+
+@click.command()
+@click.argument("model")
+@click.option(
+    "--direction",
+    "directions",
+    multiple=True,
+    required=True,
+    metavar="ATTRIBUTE=STRENGTH",
+    help="Strength in standard deviations of the attribute's score over the registry; repeatable.",
+)
+@click.option("--name", help="Name of the new model (default MODEL.ATTRIBUTE+STRENGTH).")
+@json_option
+@click.pass_context
+def edit(ctx, model, directions, name, as_json):
+    """Edit a model along attribute directions; the result is a new registered model.
+
+    \b
+    w2wreg edit alice --direction beard=1 --direction smile=-0.5
+    """
+    reg = open_registry(ctx)
+    out = edits.edit(reg, model, _strengths(directions), name)
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"added {out['name']} (id {out['id']}), edited from {out['parent']}")
+    table(
+        ["attribute", "score before (sd)", "after (sd)"],
+        [(a, s["before"], s["after"]) for a, s in out["scores"].items()],
+    )
+
+
+@click.command()
+@click.argument("expression")
+@click.option("--name", help="Name of the new model.")
+@click.option(
+    "--in",
+    "mode",
+    type=click.Choice(edits.MODES),
+    default="auto",
+    show_default=True,
+    help="auto: coefficient space when a subspace exists, else raw vectors.",
+)
+@json_option
+@click.pass_context
+def mix(ctx, expression, name, mode, as_json):
+    """Make a model from arithmetic on models and directions.
+
+    Names are models or directions (a direction counts one standard deviation of its score); quote names
+    that are not plain identifiers: 'my model'. Functions: lerp(a, b, t), slerp(a, b, t).
+
+    \b
+    w2wreg mix "alice + 0.8*beard"
+    w2wreg mix "lerp(alice, bob, 0.3)" --name alice-bob-30
+    w2wreg mix "alice - bob + carol" --in raw
+    """
+    reg = open_registry(ctx)
+    out = edits.mix(reg, expression, name, mode)
+    if as_json:
+        emit_json(out)
+    else:
+        click.echo(f"added {out['name']} (id {out['id']}) in {out['mode']} space from {', '.join(out['parents'])}")
+
+
+COMMANDS = [direction, edit, mix]

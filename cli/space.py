@@ -1,0 +1,109 @@
+"""Commands of the w2w space: fit, project, sample (directions, edit and mix live in cli/edits.py)."""
+
+from __future__ import annotations
+
+import click
+
+from cli.models import open_registry
+from cli.output import emit_json, json_option, table
+from registry import wspace
+
+
+@click.command(name="fit")
+@click.option("--space", "space_id", help="Space id (needed only when the registry has several).")
+@click.option(
+    "--components",
+    "-k",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Principal components to keep (capped at the number of models - 1).",
+)
+@click.option("--where", help="Fit on the models matching this condition only (all models are projected).")
+@click.option("--scheduler", metavar="ADDRESS", help="Run the passes on a Dask cluster (e.g. tcp://host:8786).")
+@json_option
+@click.pass_context
+def fit_cmd(ctx, space_id, components, where, scheduler, as_json):
+    """Fit a new, versioned w2w subspace (z-scored PCA) over a space's models, streaming the vectors.
+
+    \b
+    w2wreg fit --components 1000
+    w2wreg fit --where "kind = 'imported'" --scheduler tcp://127.0.0.1:8786
+    """
+    reg = open_registry(ctx)
+    info = wspace.fit_space(
+        reg, space_id, components, where, scheduler, say=None if as_json else lambda m: click.echo(f"  {m}", err=True)
+    )
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(
+        f"fitted {info['subspace']} on {info['n_models']} models of space {info['space']}: "
+        f"k = {info['k']}, {100 * info['explained_variance_ratio']:.1f}% of the variance, "
+        f"{info['passes']} passes in {info['fit_seconds']:.1f}s"
+    )
+
+
+@click.command()
+@click.argument("model")
+@click.option("-n", "n_coeffs", type=int, default=8, show_default=True, help="Coefficients to print (text output).")
+@json_option
+@click.pass_context
+def project(ctx, model, n_coeffs, as_json):
+    """A model's coordinates in the w2w space, its reconstruction error and its nearest models.
+
+    \b
+    w2wreg project alice --json
+    """
+    reg = open_registry(ctx)
+    m = reg.get(model)
+    sm = wspace.require(reg, m.space_id)
+    c = wspace.coefficients(reg, sm, [m.id])[0]
+    info = wspace.projection_info(reg, m.id) or {}
+    near = reg.search(m, k=5).hits
+    out = {
+        "model": m.name,
+        "subspace": sm.id,
+        "k": sm.sub.k,
+        "coefficients": c.tolist(),
+        "relative_error": info.get("relative_error"),
+        "well_explained": info.get("well_explained"),
+        "fitted_p95": info.get("fitted_p95"),
+        "nearest": [{"name": h.model.name, "distance": h.distance} for h in near],
+    }
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"{m.name} in {sm.id} (k = {sm.sub.k})")
+    click.echo(
+        "  coefficients  " + " ".join(f"{x:+.3f}" for x in c[:n_coeffs]) + (" ..." if sm.sub.k > n_coeffs else "")
+    )
+    verdict = "well explained" if out["well_explained"] else "POORLY explained: consider `w2wreg fit`"
+    click.echo(f"  rel. error    {out['relative_error']:.4f}  (fitted models' p95 {out['fitted_p95']:.4f}; {verdict})")
+    table(["nearest", "distance"], [(h["name"], h["distance"]) for h in out["nearest"]])
+
+
+@click.command()
+@click.option("-n", "n", type=click.IntRange(1, 10_000), default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Scales every coefficient's spread.")
+@click.option("--name", "prefix", default="sample", show_default=True, help="Name prefix of the new models.")
+@click.option("--space", "space_id")
+@json_option
+@click.pass_context
+def sample_cmd(ctx, n, seed, temperature, prefix, space_id, as_json):
+    """Sample new models from the w2w space (an independent Gaussian per coefficient, as the paper).
+
+    \b
+    w2wreg sample -n 5 --seed 0 --temperature 0.8
+    """
+    reg = open_registry(ctx)
+    made = wspace.sample(reg, n, seed, temperature, prefix, space_id)
+    if as_json:
+        emit_json(made)
+        return
+    for m in made:
+        click.echo(f"added {m['name']} (id {m['id']})")
+
+
+COMMANDS = [fit_cmd, project, sample_cmd]

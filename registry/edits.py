@@ -1,0 +1,220 @@
+"""Attribute directions, edits and model arithmetic on a registry's current subspace.
+
+Directions live in the catalog with the subspace they belong to. Edits move a model by `strength`
+standard deviations of an attribute's score and keep the part of the model the subspace does not explain
+(w' = w + (dc @ V^T) * std), so editing a real model changes only what the edit asks for. Arithmetic
+(`mix`) evaluates a safe expression (w2w.expr) in coefficient space when a subspace exists, or on the raw
+vectors (`--in raw`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from registry import wspace
+from w2w import directions as dirs
+from w2w import expr
+from w2w.errors import DirectionError, SpaceMismatchError, UnknownModelError, W2WError
+
+MODES = ("auto", "subspace", "raw")
+
+
+def _labelled(reg, sm: wspace.SpaceModel, attribute: str) -> tuple[list[int], np.ndarray]:
+    with reg.catalog.connect() as con:
+        known = con.execute("SELECT 1 FROM attribute_keys WHERE key = ?", [attribute]).fetchone()
+        rows = con.execute(
+            "SELECT a.model_id, a.value FROM attributes a JOIN projections p ON p.model_id = a.model_id "
+            "WHERE a.key = ? AND p.subspace_id = ? ORDER BY a.model_id",
+            [attribute, sm.id],
+        ).fetchall()
+    if not known:
+        raise DirectionError(f"no attribute {attribute!r} in the registry; `w2wreg ls --json` shows the attributes")
+    return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.float64)
+
+
+def fit_direction(
+    reg, attribute: str, method: str | None = None, debias: tuple[str, ...] = (), space_id: str | None = None
+) -> dict:
+    """Fit and store the direction of `attribute` in the current subspace (optionally debiased)."""
+    space_id = wspace.pick_space(reg, space_id)
+    sm = wspace.require(reg, space_id)
+    ids, y = _labelled(reg, sm, attribute)
+    C = wspace.coefficients(reg, sm, ids)
+    d = dirs.fit_direction(C, y, method or dirs.DEFAULT_METHOD, attribute)
+    if debias:
+        others = []
+        for other in debias:
+            if other == attribute:
+                raise DirectionError(f"cannot debias {attribute!r} against itself")
+            oid, oy = _labelled(reg, sm, other)
+            others.append(dirs.fit_direction(wspace.coefficients(reg, sm, oid), oy, d.method, other))
+        d = dirs.debias(d, others, C)
+    with reg.writing(), reg.catalog.connect(write=True) as con:
+        con.execute(
+            "INSERT OR REPLACE INTO directions (subspace_id, attribute, method, debiased_against, vector, "
+            "score_mean, score_std, n_models) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                sm.id,
+                attribute,
+                d.method,
+                ",".join(d.debiased_against),
+                d.vector.tolist(),
+                d.score_mean,
+                d.score_std,
+                d.n_models,
+            ],
+        )
+    return direction_info(d, sm.id)
+
+
+def direction_info(d: dirs.Direction, subspace_id: str) -> dict:
+    return {
+        "attribute": d.attribute,
+        "method": d.method,
+        "subspace": subspace_id,
+        "n_models": d.n_models,
+        "debiased_against": list(d.debiased_against),
+        "score_mean": d.score_mean,
+        "score_std": d.score_std,
+    }
+
+
+def load_direction(reg, sm: wspace.SpaceModel, attribute: str) -> dirs.Direction | None:
+    with reg.catalog.connect() as con:
+        row = con.execute(
+            "SELECT method, vector, score_mean, score_std, n_models, debiased_against FROM directions "
+            "WHERE subspace_id = ? AND attribute = ?",
+            [sm.id, attribute],
+        ).fetchone()
+    if row is None:
+        return None
+    method, vec, mean, std, n, against = row
+    return dirs.Direction(
+        attribute, method, np.array(vec), mean, std, n, tuple(a for a in (against or "").split(",") if a)
+    )
+
+
+def list_directions(reg, space_id: str | None = None) -> list[dict]:
+    out = []
+    for space in reg.spaces():
+        if space_id and space.id != space_id:
+            continue
+        sm = wspace.current(reg, space.id)
+        if sm is None:
+            continue
+        with reg.catalog.connect() as con:
+            names = [
+                r[0]
+                for r in con.execute(
+                    "SELECT attribute FROM directions WHERE subspace_id = ? ORDER BY attribute", [sm.id]
+                ).fetchall()
+            ]
+        out += [direction_info(load_direction(reg, sm, a), sm.id) for a in names]
+    return out
+
+
+def _require_direction(reg, sm: wspace.SpaceModel, attribute: str) -> dirs.Direction:
+    d = load_direction(reg, sm, attribute)
+    if d is None:
+        raise DirectionError(
+            f"no direction {attribute!r} in subspace {sm.id}; fit it with `w2wreg direction fit {attribute}`"
+        )
+    return d
+
+
+def _score_report(ds: dict[str, dirs.Direction], c_before: np.ndarray, c_after: np.ndarray) -> dict:
+    """Each direction's score before and after, in standard deviations from the registry's mean."""
+    return {
+        a: {
+            "before": float((d.scores(c_before) - d.score_mean) / d.score_std),
+            "after": float((d.scores(c_after) - d.score_mean) / d.score_std),
+        }
+        for a, d in ds.items()
+    }
+
+
+def edit(reg, model: str, strengths: dict[str, float], name: str | None = None) -> dict:
+    """A new model: `model` moved by strength standard deviations along each named direction."""
+    if not strengths:
+        raise DirectionError("give at least one --direction ATTRIBUTE=STRENGTH")
+    m = reg.get(model)
+    sm = wspace.require(reg, m.space_id)
+    ds = {a: _require_direction(reg, sm, a) for a in strengths}
+    c = wspace.coefficients(reg, sm, [m.id])[0].astype(np.float64)  # (k,)
+    dc = sum(d.step(strengths[a]) for a, d in ds.items())  # (k,)
+    w = reg.vector(m).astype(np.float64)
+    V = sm.sub.components.astype(np.float64)
+    w_new = w + (V @ dc) * sm.sub.std  # keeps what the subspace does not explain
+    label = ",".join(f"{a}{s:+g}" for a, s in strengths.items())
+    new_name = name or f"{m.name}.{label.replace(',', '.')}"
+    params = {"subspace": sm.id, "directions": strengths, "methods": {a: d.method for a, d in ds.items()}}
+    (new_id,) = wspace.register_derived(
+        reg, m.space_id, [(new_name, w_new.astype(np.float32), "edit", [(m.id, "edit", params)])]
+    )
+    return {"id": new_id, "name": new_name, "parent": m.name, "subspace": sm.id, "scores": _score_report(ds, c, c + dc)}
+
+
+_SAFE_NAME = re.compile(r"[^\w.+-]+")
+
+
+def mix(reg, text: str, name: str | None = None, mode: str = "auto") -> dict:
+    """A new model from an expression over models and directions, e.g. "alice + 0.8*beard"."""
+    if mode not in MODES:
+        raise W2WError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    node = expr.parse(text)
+    used = expr.names(node)
+    models, direction_names = {}, []
+    for n in used:
+        try:
+            models[n] = reg.get(n)
+        except UnknownModelError:
+            direction_names.append(n)
+    if not models:
+        raise W2WError(f"{text!r} names no model of the registry (names: {', '.join(used)})")
+    spaces = {m.space_id for m in models.values()}
+    if len(spaces) > 1:
+        raise SpaceMismatchError(f"{text!r} mixes models of different spaces ({', '.join(sorted(spaces))})")
+    space_id = spaces.pop()
+    sm = wspace.current(reg, space_id)
+    in_subspace = mode == "subspace" or (mode == "auto" and sm is not None)
+    if sm is None and (in_subspace or direction_names):
+        raise wspace.NoSubspaceError(space_id)
+    ds = {}
+    for n in direction_names:
+        d = load_direction(reg, sm, n)
+        if d is None:
+            raise UnknownModelError(n, None)
+        ds[n] = d
+    if in_subspace:
+        C = wspace.coefficients(reg, sm, [m.id for m in models.values()]).astype(np.float64)
+        values = {n: C[i] for i, n in enumerate(models)} | {n: d.step(1.0) for n, d in ds.items()}
+        c_new = expr.evaluate(node, values.__getitem__)
+        w_new = sm.sub.reconstruct(np.asarray(c_new, dtype=np.float32))
+    else:
+        values = {n: reg.vector(m).astype(np.float64) for n, m in models.items()}
+        if ds:
+            V = sm.sub.components.astype(np.float64)
+            values |= {n: (V @ d.step(1.0)) * sm.sub.std for n, d in ds.items()}
+        w_new = expr.evaluate(node, values.__getitem__)
+    terms = expr.linear_terms(node)
+    params = {
+        "expression": text,
+        "mode": "subspace" if in_subspace else "raw",
+        "subspace": sm.id if sm else None,
+        "coefficients": terms,
+    }
+    lineage = [(m.id, "mix", params | {"weight": (terms or {}).get(n)}) for n, m in models.items()]
+    new_name = name or "mix-" + _SAFE_NAME.sub("_", text.replace(" ", ""))[:80]
+    (new_id,) = wspace.register_derived(
+        reg, space_id, [(new_name, np.asarray(w_new, dtype=np.float32), "mix", lineage)]
+    )
+    return {
+        "id": new_id,
+        "name": new_name,
+        "mode": params["mode"],
+        "parents": list(models),
+        "directions": list(ds),
+        "coefficients": terms,
+    }

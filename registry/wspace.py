@@ -1,0 +1,375 @@
+"""The w2w space of a registry: fitted subspaces, coefficients, the coefficient index, and derived models.
+
+Files of a subspace `ss-<hex>` of space S:
+  subspaces/<id>/subspace.safetensors, meta.json   mean, std, components, singular values (w2w.subspace)
+  subspaces/<id>/gaussian.safetensors              per-coefficient mean and std over the fitted models
+  subspaces/<id>/coeffs/shard-*.f32                coefficients of every model of S, in projection order
+  index/<S>/<id>.faiss                             FAISS index over those coefficients (registry.index)
+The catalog's `projections` table maps model -> coefficient row and holds each model's relative
+reconstruction error; the newest subspace of a space is its current one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from registry import index as coeff_index
+from registry.catalog import ModelRow
+from registry.vectors import VectorStore
+from w2w.errors import W2WError
+from w2w.subspace import FitConfig, Subspace, SubspaceError, fit, map_in_process, project_source
+
+REFIT_FACTOR = 1.5  # a model is poorly explained when its error exceeds 1.5x the fitted models' p95
+
+
+class NoSubspaceError(W2WError, LookupError):
+    def __init__(self, space_id: str):
+        super().__init__(f"space {space_id} has no fitted subspace yet; run `w2wreg fit` first")
+
+
+class StoreSource:
+    """Rows of a vector store (a subset, in the given order) as a BlockSource for the subspace passes."""
+
+    def __init__(self, store: VectorStore, rows: np.ndarray, block_rows: int | None = None):
+        self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
+        self.n, self.dim = len(self.rows), store.dim
+        # ~64 MB blocks: large enough for BLAS to run at full speed, small enough to prefetch the next
+        self.block_rows = block_rows or max(16, (64 << 20) // (4 * store.dim))
+
+    def specs(self) -> list[tuple[int, int]]:
+        return [(lo, min(lo + self.block_rows, self.n)) for lo in range(0, self.n, self.block_rows)]
+
+    def load(self, spec: tuple[int, int]) -> np.ndarray:
+        return self.store.read(self.rows[spec[0] : spec[1]])
+
+
+@dataclass
+class SpaceModel:
+    """The current subspace of a space, with what is needed to use it."""
+
+    id: str
+    space_id: str
+    sub: Subspace
+    coeff_mean: np.ndarray  # (k,) over the fitted models
+    coeff_std: np.ndarray  # (k,)
+    error_p95: float
+    folder: Path
+    index_path: Path
+
+    def coeff_store(self) -> VectorStore:
+        return VectorStore(self.folder / "coeffs", self.sub.k, 65536)
+
+
+def subspace_folder(reg, subspace_id: str) -> Path:
+    return reg.root / "subspaces" / subspace_id
+
+
+def current(reg, space_id: str) -> SpaceModel | None:
+    with reg.catalog.connect() as con:
+        row = con.execute(
+            "SELECT id, error_p95 FROM subspaces WHERE space_id = ? ORDER BY created DESC, id LIMIT 1", [space_id]
+        ).fetchone()
+    if row is None:
+        return None
+    return load_model(reg, row[0], space_id, row[1])
+
+
+def load_model(reg, subspace_id: str, space_id: str, error_p95: float) -> SpaceModel:
+    from safetensors.numpy import load_file
+
+    folder = subspace_folder(reg, subspace_id)
+    g = load_file(str(folder / "gaussian.safetensors"))
+    return SpaceModel(
+        subspace_id,
+        space_id,
+        Subspace.load(folder),
+        g["mean"],
+        g["std"],
+        error_p95,
+        folder,
+        reg.paths.index(space_id) / f"{subspace_id}.faiss",
+    )
+
+
+def require(reg, space_id: str) -> SpaceModel:
+    sm = current(reg, space_id)
+    if sm is None:
+        raise NoSubspaceError(space_id)
+    return sm
+
+
+def pick_space(reg, space_id: str | None) -> str:
+    spaces = reg.spaces()
+    if space_id:
+        if space_id not in {s.id for s in spaces}:
+            raise W2WError(f"no space {space_id!r}; spaces: {', '.join(s.id for s in spaces) or 'none'}")
+        return space_id
+    populated = [s for s in spaces if s.n_models]
+    if len(populated) == 1:
+        return populated[0].id
+    if not populated:
+        raise W2WError("the registry holds no models yet; add some with `w2wreg add`")
+    listing = ", ".join(f"{s.id} ({s.n_models} models)" for s in populated)
+    raise W2WError(f"the registry has several spaces: {listing}; pass --space")
+
+
+def _mapper(scheduler: str | None):
+    if not scheduler:
+        return map_in_process
+    from registry.distributed import dask_mapper
+
+    return dask_mapper(scheduler)
+
+
+def fit_space(
+    reg,
+    space_id: str | None = None,
+    components: int = 1000,
+    where: str | None = None,
+    scheduler: str | None = None,
+    config: FitConfig | None = None,
+    say=None,
+) -> dict:
+    """Fit a new, versioned subspace over the models of a space (those matching `where`) and index them."""
+    say = say or (lambda _: None)
+    space_id = pick_space(reg, space_id)
+    space = reg.space(space_id)
+    ids = reg.catalog.filter_ids(where, space_id)
+    if len(ids) < 3:
+        raise SubspaceError(f"a fit needs at least 3 models, {len(ids)} match in space {space_id}")
+    cfg = config or FitConfig(components=components)
+    with reg.catalog.connect() as con:
+        rows = dict(con.execute("SELECT id, row_idx FROM models WHERE id IN (SELECT unnest(?))", [ids]).fetchall())
+    fit_rows = np.array([rows[i] for i in ids], dtype=np.int64)
+    store = reg.store(space)
+    t0 = time.perf_counter()
+    mapper = _mapper(scheduler)
+    try:
+        sub = fit(StoreSource(store, fit_rows), cfg, model_ids=ids, map_blocks=mapper, progress=say)
+        fit_s = time.perf_counter() - t0
+        C = project_source(sub, StoreSource(store, fit_rows), map_blocks=mapper)  # (n, k)
+    finally:
+        client = getattr(mapper, "client", None)
+        if client is not None:
+            client.close()
+    errors = _relative_errors(sub, StoreSource(store, fit_rows), C)
+    p95 = float(np.percentile(errors, 95))
+    subspace_id = "ss-" + hashlib.sha256(f"{space_id}|{time.time_ns()}|{len(ids)}".encode()).hexdigest()[:10]
+    folder = subspace_folder(reg, subspace_id)
+    with reg.writing():
+        sub.save(folder, {"id": subspace_id, "space": space_id, "where": where, "fit_seconds": fit_s})
+        from safetensors.numpy import save
+
+        from w2w.formats.tensorfile import atomic_write_bytes
+
+        atomic_write_bytes(
+            folder / "gaussian.safetensors",
+            save({"mean": C.mean(axis=0).astype(np.float32), "std": C.std(axis=0).astype(np.float32)}),
+        )
+        with reg.catalog.connect(write=True) as con:
+            con.execute(
+                "INSERT INTO subspaces (id, space_id, k, n_models, where_filter, explained, error_p95, config) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    subspace_id,
+                    space_id,
+                    sub.k,
+                    len(ids),
+                    where,
+                    float(sub.explained_variance_ratio.sum()),
+                    p95,
+                    json.dumps(sub.config),
+                ],
+            )
+        sm = load_model(reg, subspace_id, space_id, p95)
+        _index_all(reg, sm, say)
+    return {
+        "subspace": subspace_id,
+        "space": space_id,
+        "k": sub.k,
+        "n_models": len(ids),
+        "explained_variance_ratio": float(sub.explained_variance_ratio.sum()),
+        "error_p95": p95,
+        "fit_seconds": round(fit_s, 3),
+        "passes": 1 + int(sub.config.get("depth", 1)),
+    }
+
+
+def _relative_errors(sub: Subspace, source: StoreSource, C: np.ndarray) -> np.ndarray:
+    out = np.empty(source.n)
+    for lo, hi in source.specs():
+        out[lo:hi] = sub.relative_error(source.load((lo, hi)))
+    return out
+
+
+def _index_all(reg, sm: SpaceModel, say) -> None:
+    """Project every model of the space into `sm` and (re)build its coefficient index. Holds the writer lock."""
+    space = reg.space(sm.space_id)
+    with reg.catalog.connect() as con:
+        rows = con.execute(
+            "SELECT id, row_idx FROM models WHERE space_id = ? ORDER BY row_idx", [sm.space_id]
+        ).fetchall()
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    source = StoreSource(reg.store(space), np.array([r[1] for r in rows], dtype=np.int64))
+    say(f"projecting {len(ids)} models and building the coefficient index")
+    C = project_source(sm.sub, source)
+    errors = _relative_errors(sm.sub, source, C)
+    cs = sm.coeff_store()
+    cs.truncate(0)
+    cs.write_rows(0, C)
+    coeff_index.save(coeff_index.build(C, ids), sm.index_path)
+    with reg.catalog.connect(write=True) as con:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM projections WHERE subspace_id = ?", [sm.id])
+        con.executemany(
+            "INSERT INTO projections VALUES (?, ?, ?, ?)",
+            [(sm.id, int(i), r, float(e)) for r, (i, e) in enumerate(zip(ids, errors, strict=True))],
+        )
+        con.execute("COMMIT")
+
+
+def project_new(reg, model_ids: list[int]) -> None:
+    """Project newly added models into the current subspace of their space (called under the writer lock)."""
+    if not model_ids:
+        return
+    by_space: dict[str, list[ModelRow]] = {}
+    for m in reg.catalog.models_by_ids(model_ids):
+        by_space.setdefault(m.space_id, []).append(m)
+    for space_id, models in by_space.items():
+        sm = current(reg, space_id)
+        if sm is None:
+            continue
+        with reg.catalog.connect() as con:
+            n = con.execute("SELECT count(*) FROM projections WHERE subspace_id = ?", [sm.id]).fetchone()[0]
+        W = reg.store(reg.space(space_id)).read([m.row_idx for m in models])
+        C = sm.sub.project(W)  # (n_new, k)
+        errors = sm.sub.relative_error(W)
+        cs = sm.coeff_store()
+        cs.truncate(n)
+        cs.write_rows(n, C)
+        index = coeff_index.load(sm.index_path)
+        index.add_with_ids(np.ascontiguousarray(C, dtype=np.float32), np.array([m.id for m in models], dtype=np.int64))
+        coeff_index.save(index, sm.index_path)
+        with reg.catalog.connect(write=True) as con:
+            con.executemany(
+                "INSERT INTO projections VALUES (?, ?, ?, ?)",
+                [(sm.id, m.id, n + i, float(e)) for i, (m, e) in enumerate(zip(models, errors, strict=True))],
+            )
+
+
+def coefficients(reg, sm: SpaceModel, model_ids: list[int]) -> np.ndarray:
+    """Stored coefficients of models, (n, k), in the order asked."""
+    with reg.catalog.connect() as con:
+        rows = dict(
+            con.execute(
+                "SELECT model_id, coeff_row FROM projections WHERE subspace_id = ? AND model_id IN (SELECT unnest(?))",
+                [sm.id, list(map(int, model_ids))],
+            ).fetchall()
+        )
+    missing = [i for i in model_ids if i not in rows]
+    if missing:
+        raise W2WError(f"models {missing[:5]} have no coefficients in subspace {sm.id}; run `w2wreg repair`")
+    return sm.coeff_store().read([rows[i] for i in model_ids])
+
+
+def projection_info(reg, model_id: int) -> dict | None:
+    """Subspace, relative error and whether the space explains this model well, for show/ls."""
+    with reg.catalog.connect() as con:
+        row = con.execute(
+            "SELECT p.subspace_id, p.rel_error, s.error_p95, s.created FROM projections p "
+            "JOIN subspaces s ON s.id = p.subspace_id JOIN models m ON m.id = p.model_id "
+            "WHERE p.model_id = ? AND s.space_id = m.space_id ORDER BY s.created DESC LIMIT 1",
+            [model_id],
+        ).fetchone()
+    if row is None:
+        return None
+    sub_id, err, p95, _ = row
+    return {
+        "subspace": sub_id,
+        "relative_error": err,
+        "fitted_p95": p95,
+        "well_explained": bool(err <= REFIT_FACTOR * p95 + 1e-6),
+    }
+
+
+def staleness(reg, space_id: str) -> dict | None:
+    """How many models the current subspace explains poorly, and how many arrived after the fit."""
+    sm = current(reg, space_id)
+    if sm is None:
+        return None
+    with reg.catalog.connect() as con:
+        n_total, n_poor = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE rel_error > ?) FROM projections WHERE subspace_id = ?",
+            [REFIT_FACTOR * sm.error_p95 + 1e-6, sm.id],
+        ).fetchone()
+    return {
+        "subspace": sm.id,
+        "fitted_on": sm.sub.n_models,
+        "projected": n_total,
+        "poorly_explained": n_poor,
+        "refit_advised": n_poor > max(1, 0.05 * n_total),
+    }
+
+
+# --- derived models ---------------------------------------------------------------------------------
+
+
+def register_derived(reg, space_id: str, items: list[tuple[str, np.ndarray, str, list[tuple]]]) -> list[int]:
+    """Register vectors made in a space (name, vector, kind, lineage) as models. Returns their ids."""
+    from registry.registry import NewModel
+
+    space = reg.space(space_id)
+    layout = reg.layout(space_id)
+    new = [
+        NewModel(
+            name,
+            vec.astype(np.float32),
+            layout,
+            base_model=space.base_model,
+            kind=kind,
+            source=f"w2wreg {kind}",
+            lineage=lineage,
+        )
+        for name, vec, kind, lineage in items
+    ]
+    report = reg.add_models(new)
+    problems = [e for _, e in report.errors] + [r for _, r in report.skipped]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        if report.committed:
+            more += f"; the other {len(report.added)} were added"
+        raise W2WError(problems[0] + more)
+    return [i for _, i in report.added]
+
+
+def sample(
+    reg,
+    n: int = 5,
+    seed: int = 0,
+    temperature: float = 1.0,
+    prefix: str = "sample",
+    space_id: str | None = None,
+    components: int | None = None,
+) -> list[dict]:
+    """New models: each coefficient drawn from its own Gaussian fitted over the registry's models (as the paper)."""
+    if temperature < 0:
+        raise W2WError(f"--temperature must be >= 0, got {temperature}")
+    space_id = pick_space(reg, space_id)
+    sm = require(reg, space_id)
+    k = min(components or sm.sub.k, sm.sub.k)
+    rng = np.random.default_rng(seed)
+    C = sm.coeff_mean[:k] + temperature * sm.coeff_std[:k] * rng.standard_normal((n, k))  # (n, k)
+    W = sm.sub.reconstruct(C.astype(np.float32))  # (n, D)
+    items = []
+    for i in range(n):
+        name = f"{prefix}-s{seed}-{i}"
+        params = {"subspace": sm.id, "seed": seed, "index": i, "temperature": temperature, "components": k}
+        items.append((name, W[i], "sample", [(None, "sample", params)]))
+    ids = register_derived(reg, space_id, items)
+    return [{"id": i, "name": it[0]} for i, it in zip(ids, items, strict=True)]

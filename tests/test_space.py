@@ -1,0 +1,254 @@
+"""The w2w space on planted data: fit, project, sample, directions, edits, arithmetic, search after a fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from ingest.synthetic import ATTRIBUTES, Population
+from registry import edits, wspace
+from registry.integrity import verify
+from registry.registry import NewModel, Registry
+from w2w.errors import DirectionError, ExpressionError, UnknownModelError, W2WError
+from w2w.layout import Layout, LayoutEntry
+from w2w.subspace import ArraySource, FitConfig, SubspaceError, fit
+
+# 12 rank-1 modules, D = 12 * (48 + 48) = 1,152: far more dimensions than the 8 planted ones
+LAYOUT = Layout(
+    tuple(
+        LayoutEntry(
+            f"down_blocks.{i // 4}.attentions.{(i // 2) % 2}.transformer_blocks.0.attn{1 + i % 2}.to_q",
+            (1, 48),
+            (48, 1),
+            27.0,
+        )
+        for i in range(12)
+    )
+)
+N = 400
+BASE = "planted/base"
+
+
+def run(reg, *args, code=0):
+    result = CliRunner().invoke(cli, ["--registry", str(reg), *args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    pop = Population(LAYOUT, latent=8, seed=3, noise=0.002)
+    reg = Registry.init(tmp_path_factory.mktemp("space"))
+    reg.add_models(NewModel(f"m{i:04d}", pop.vector(i), LAYOUT, BASE, attributes=pop.attributes(i)) for i in range(N))
+    info = wspace.fit_space(reg, components=40)
+    for a in ATTRIBUTES:
+        edits.fit_direction(reg, a)
+    return reg, pop, info
+
+
+def planted_basis(pop: Population, sm: wspace.SpaceModel) -> np.ndarray:
+    """The planted subspace in standardized coordinates, orthonormal (D, latent)."""
+    Q, _ = np.linalg.qr(pop.basis / sm.sub.std[:, None])
+    return Q
+
+
+def test_fit_matches_dense_svd_on_small_data():
+    rng = np.random.default_rng(0)
+    X = (
+        rng.standard_normal((120, 6)) @ rng.standard_normal((6, 500)) * np.logspace(-3, 0, 500)
+        + 0.01 * rng.standard_normal((120, 500))
+    ).astype(np.float32)
+    sub = fit(ArraySource(X, 32), FitConfig(components=30))
+    Z = (X - X.mean(0)) / X.std(0, ddof=1)
+    _, s, Vt = np.linalg.svd(Z, full_matrices=False)
+    assert np.allclose(sub.singular_values, s[:30], rtol=1e-4)
+    cosines = np.linalg.svd(sub.components[:, :6].T @ Vt[:6].T, compute_uv=False)
+    assert cosines.min() > 0.9999
+    assert np.allclose(sub.explained_variance_ratio, s[:30] ** 2 / (s**2).sum(), rtol=1e-4)
+
+
+def test_fit_recovers_the_planted_subspace(planted):
+    reg, pop, info = planted
+    sm = wspace.require(reg, info["space"])
+    cosines = np.linalg.svd(planted_basis(pop, sm).T @ sm.sub.components[:, :8], compute_uv=False)
+    assert cosines.min() > 0.99, cosines  # principal angles near 0
+    assert info["n_models"] == N and info["k"] == 40
+
+
+def test_model_inside_space_reconstructs_up_to_noise(planted):
+    reg, pop, info = planted
+    sm = wspace.require(reg, info["space"])
+    w = pop.vector(5)
+    err = float(sm.sub.relative_error(w)[0])
+    noise_share = np.linalg.norm(pop.noise * np.ones(LAYOUT.dim) / sm.sub.std) / np.linalg.norm(
+        (w - sm.sub.mean) / sm.sub.std
+    )
+    assert err < 3 * noise_share
+    exact = sm.sub.reconstruct(sm.sub.project(w))
+    assert float(sm.sub.relative_error(exact)[0]) < 1e-4
+
+
+def test_edit_moves_along_the_planted_attribute(planted):
+    reg, pop, _ = planted
+    for j, attr in enumerate(ATTRIBUTES):
+        out = edits.edit(reg, "m0007", {attr: 2.0}, name=f"m0007-{attr}-up")
+        dw = reg.vector(out["name"]).astype(np.float64) - pop.vector(7)
+        dz, *_ = np.linalg.lstsq(pop.basis.astype(np.float64), dw, rcond=None)  # the change in planted latent space
+        cos = dz @ pop.attr_weights[j] / (np.linalg.norm(dz) * np.linalg.norm(pop.attr_weights[j]))
+        assert cos > 0.9, (attr, cos)
+
+
+def test_edit_strength_is_one_standard_deviation(planted):
+    reg, _, info = planted
+    out = edits.edit(reg, "m0011", {"beard": 1.0}, name="m0011-beard1")
+    assert out["scores"]["beard"]["after"] - out["scores"]["beard"]["before"] == pytest.approx(1.0, abs=1e-6)
+    # measured independently: the new model, projected when added, scores one sd higher
+    sm = wspace.require(reg, info["space"])
+    d = edits.load_direction(reg, sm, "beard")
+    c0, c1 = wspace.coefficients(reg, sm, [reg.get("m0011").id, out["id"]])
+    assert (d.scores(c1) - d.scores(c0)) / d.score_std == pytest.approx(1.0, abs=1e-3)
+    show = json.loads(run(reg.root, "show", "m0011-beard1", "--json").stdout)
+    assert show["lineage"][0]["parent"] == "m0011" and show["lineage"][0]["params"]["directions"] == {"beard": 1.0}
+    assert show["kind"] == "edit" and show["projection"]["well_explained"]
+
+
+def test_debiased_direction_is_orthogonal(planted):
+    reg, _, info = planted
+    edits.fit_direction(reg, "smile", debias=("glasses", "hat"))
+    sm = wspace.require(reg, info["space"])
+    smile = edits.load_direction(reg, sm, "smile")
+    assert smile.debiased_against == ("glasses", "hat")
+    for other in ("glasses", "hat"):
+        from w2w.directions import fit_direction
+
+        ids, y = edits._labelled(reg, sm, other)
+        o = fit_direction(wspace.coefficients(reg, sm, ids), y, smile.method, other)
+        assert abs(float(smile.vector @ o.vector)) < 1e-8
+    edits.fit_direction(reg, "smile")  # restore the plain one for other tests
+
+
+def test_samples_follow_the_fitted_gaussians(planted):
+    reg, _, info = planted
+    made = wspace.sample(reg, n=300, seed=4, prefix="draw")
+    sm = wspace.require(reg, info["space"])
+    C = wspace.coefficients(reg, sm, [m["id"] for m in made])  # projected when added
+    se = sm.coeff_std / np.sqrt(300)
+    assert np.all(np.abs(C.mean(0) - sm.coeff_mean) < 5 * se + 1e-3)
+    assert np.allclose(C.std(0), sm.coeff_std, rtol=0.25, atol=1e-3)
+    again = wspace.sample(reg, n=2, seed=4, prefix="again")
+    assert np.allclose(reg.vector(again[0]["id"]), reg.vector(made[0]["id"]), atol=1e-6)  # seeded
+    assert float(sm.sub.relative_error(reg.vector(made[0]["id"]))[0]) < 1e-4  # samples lie in the space
+    cold = wspace.sample(reg, n=1, seed=5, temperature=0.0, prefix="cold")
+    assert np.allclose(wspace.coefficients(reg, sm, [cold[0]["id"]])[0], sm.coeff_mean, atol=1e-3)
+
+
+def test_mix_expressions(planted):
+    reg, _, info = planted
+    sm = wspace.require(reg, info["space"])
+    ids = [reg.get(n).id for n in ("m0001", "m0002", "m0003")]
+    c1, c2, c3 = wspace.coefficients(reg, sm, ids).astype(np.float64)
+    out = edits.mix(reg, "m0001 + 0.8*glasses", name="mixed-1")
+    glasses = edits.load_direction(reg, sm, "glasses")
+    expected = sm.sub.reconstruct((c1 + 0.8 * glasses.step(1.0)).astype(np.float32))
+    assert np.allclose(reg.vector("mixed-1"), expected, atol=1e-5)
+    assert out["coefficients"] == {"m0001": 1.0, "glasses": 0.8}
+    edits.mix(reg, "lerp(m0001, m0002, 0.3)", name="mixed-2", mode="raw")
+    assert np.allclose(reg.vector("mixed-2"), 0.7 * reg.vector("m0001") + 0.3 * reg.vector("m0002"), atol=1e-6)
+    edits.mix(reg, "m0001 - m0002 + m0003", name="mixed-3")
+    assert np.allclose(wspace.coefficients(reg, sm, [reg.get("mixed-3").id])[0], c1 - c2 + c3, atol=1e-3)
+    lineage = reg.catalog.lineage(reg.get("mixed-3").id)
+    assert {l["parent"]: l["params"]["weight"] for l in lineage} == {"m0001": 1.0, "m0002": -1.0, "m0003": 1.0}
+    with pytest.raises(ExpressionError) as e:
+        edits.mix(reg, "m0001 + * m0002")
+    assert e.value.column == 8
+    with pytest.raises(UnknownModelError):
+        edits.mix(reg, "m0001 + nobody")
+    result = run(reg.root, "mix", "m0001 * m0002", code=1)
+    assert "^" in result.stderr and "cannot multiply" in result.stderr
+
+
+def test_search_after_fit_uses_the_index_and_stays_exact(planted):
+    reg, _, _ = planted
+    for query in ("m0000", "m0123", "m0399"):
+        for where in (None, "glasses AND NOT hat"):
+            fast = [h.model.name for h in reg.search(query, k=10, where=where).hits]
+            exact = [h.model.name for h in reg.search(query, k=10, where=where, exact=True).hits]
+            assert fast == exact
+
+
+def test_new_models_are_projected_and_outliers_flagged(planted):
+    reg, pop, info = planted
+    reg.add_models([NewModel("late", pop.vector(N + 1), LAYOUT, BASE)])
+    assert wspace.projection_info(reg, reg.get("late").id)["well_explained"]
+    rng = np.random.default_rng(9)
+    odd = pop.mean + rng.standard_normal(LAYOUT.dim).astype(np.float32) * 0.05
+    reg.add_models([NewModel("outlier", odd, LAYOUT, BASE)])
+    info_odd = wspace.projection_info(reg, reg.get("outlier").id)
+    assert not info_odd["well_explained"]
+    assert "POORLY" in run(reg.root, "project", "outlier").stdout
+    assert verify(reg).ok
+
+
+def test_clear_errors(planted, tmp_path):
+    reg, _, info = planted
+    with pytest.raises(DirectionError, match="no attribute"):
+        edits.fit_direction(reg, "tattoo")
+    reg.add_models(
+        [
+            NewModel(f"const{i}", np.full(LAYOUT.dim, i + 1, np.float32), LAYOUT, BASE, attributes={"always": True})
+            for i in range(5)
+        ]
+    )
+    with pytest.raises(DirectionError):
+        edits.fit_direction(reg, "always")
+    with pytest.raises(DirectionError, match="w2wreg direction fit"):
+        edits.edit(reg, "m0001", {"age_unknown": 1.0})
+    small = Registry.init(tmp_path / "small")
+    small.add_models([NewModel(f"x{i}", np.ones(LAYOUT.dim, np.float32) * i, LAYOUT, BASE) for i in range(2)])
+    with pytest.raises(SubspaceError, match="at least 3"):
+        wspace.fit_space(small)
+    with pytest.raises(W2WError, match="w2wreg fit"):
+        wspace.sample(small)
+    assert "w2wreg fit" in run(small.root, "sample", code=1).stderr
+
+
+def test_derived_model_loads_in_diffusers_and_equals_its_vector(tmp_path, sd_pipe, tiny_layout):
+    import torch
+    from helpers import random_lora
+
+    from w2w.flatten import flatten
+
+    reg = Registry.init(tmp_path / "tiny")
+    reg.add_models([NewModel(f"t{i}", flatten(random_lora(tiny_layout, seed=i)), tiny_layout, BASE) for i in range(12)])
+    wspace.fit_space(reg, components=8)
+    (made,) = wspace.sample(reg, n=1, seed=1)
+    files = reg.export(made["name"], "diffusers", tmp_path / "out")
+    sd_pipe.load_lora_weights(str(files[0].parent), weight_name=files[0].name, adapter_name="derived")
+    lora = reg.lora(made["name"])
+    for module, layer in lora.layers.items():
+        peft_layer = sd_pipe.unet.get_submodule(module)
+        A = peft_layer.lora_A["derived"].weight.detach().numpy()
+        B = peft_layer.lora_B["derived"].weight.detach().numpy()
+        assert np.array_equal(A, layer.A) and np.array_equal(B, layer.B)
+        assert peft_layer.scaling["derived"] == pytest.approx(layer.alpha / layer.rank)
+    assert np.array_equal(flatten(lora), reg.vector(made["name"]))
+    with torch.no_grad():
+        sd_pipe.unload_lora_weights()
+
+
+def test_fit_on_a_dask_cluster_gives_the_same_subspace(planted, tmp_path):
+    from distributed import LocalCluster
+
+    reg, _, info = planted
+    local = wspace.require(reg, info["space"])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dist = wspace.fit_space(reg, components=40, where=f"id <= {N}", scheduler=cluster.scheduler_address)
+    sm = wspace.require(reg, dist["space"])
+    assert sm.id == dist["subspace"] != local.id
+    assert np.allclose(sm.sub.singular_values, local.sub.singular_values, rtol=1e-4)
+    cos = np.abs(np.sum(sm.sub.components[:, :8] * local.sub.components[:, :8], axis=0))
+    assert cos.min() > 0.999
