@@ -5,7 +5,7 @@
 Measures, on files already in the page cache:
   * floor     - safetensors.numpy.load_file and safetensors.torch.load_file of every file (the faster is
                 the floor); measured before, between and after the imports so drift shows;
-  * import    - ingest.importer.import_paths(Registry.init(fresh_dir), [folder], attrs_csv=csv),
+  * import    - ingest.importer.import_paths(registry, [folder], attrs_csv=csv) on a fresh registry,
                 in-process, into a fresh registry each repeat;
   * CLI       - `w2wreg --registry DIR add FOLDER --attrs-csv CSV` once, via subprocess (includes the
                 interpreter start-up and imports; `w2wreg --version` is timed too, as the start-up cost).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import shutil
 import subprocess
@@ -55,10 +56,15 @@ def time_import(folder: Path, csv_path: Path, out: Path, n: int, profile: bool =
     root = scratch_dir(out, "import")
     try:
         prof = cProfile.Profile() if profile else None
+        registry = Registry.init(root)  # `w2wreg init` is its own command: not part of `add`
+        # Start from clean page cache state: the previous run's 800 MB of dirty pages would otherwise be
+        # written back during this one, and the kernel throttles writers while it does (the import writes
+        # its vectors; the floor only reads), which made the figure swing 2x between runs.
+        os.sync()
         t0 = time.perf_counter()
         if prof:
             prof.enable()
-        report = import_paths(Registry.init(root), [folder], attrs_csv=csv_path)
+        report = import_paths(registry, [folder], attrs_csv=csv_path)
         if prof:
             prof.disable()
         dt = time.perf_counter() - t0

@@ -16,8 +16,9 @@ from tqdm import tqdm
 from ingest.attributes import read_csv
 from registry.registry import AddReport, Failure, NewModel, Registry
 from w2w.errors import AttributeInputError, HubError, LoRAFileError, W2WError
-from w2w.formats import LORA_SUFFIXES, read_lora
+from w2w.formats import LORA_SUFFIXES
 from w2w.formats import peft as peft_format
+from w2w.formats.fastread import read_vector
 
 HUB_PREFIX = "hub:"
 
@@ -86,13 +87,16 @@ def import_paths(
     def read_one(src: tuple[Path, str, str | None]) -> NewModel | Failure:
         path, default, hub_source = src
         try:
-            rr = read_lora(path, base_model=base_model, allow_pickle=allow_pickle, drop_text_encoder=drop_text_encoder)
+            vr = read_vector(
+                path, base_model=base_model, allow_pickle=allow_pickle, drop_text_encoder=drop_text_encoder
+            )
             model_name = name or default
-            attrs = {**table.get(model_name, {}), **(attributes or {})}
-            item = NewModel.from_read(rr, model_name, attrs)
-            if hub_source:
-                item.source = hub_source
-            return item
+            item = NewModel(
+                model_name, vr.vector, vr.layout, vr.base_model, source=hub_source or str(path),
+                source_format=vr.format, source_sha256=vr.sha256,
+                attributes={**table.get(model_name, {}), **(attributes or {})},
+            )  # fmt: skip
+            return item.digest()
         except W2WError as e:
             return Failure(str(path), e)
 

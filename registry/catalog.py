@@ -7,6 +7,7 @@ Reads open the file read-only, which also keeps user --where conditions from wri
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,17 +138,104 @@ class ModelRow:
         return d
 
 
+def _int_list(ids) -> str:
+    """Ids inlined as SQL literals: int() makes them safe, and DuckDB plans them faster than a list parameter."""
+    return ",".join(str(int(i)) for i in ids)
+
+
 def _quote(ident: str) -> str:
     return '"' + ident.replace('"', '""') + '"'
 
 
+class _SharedReader:
+    """The process's read-only connection to one catalog file, closed after READ_IDLE_S without use.
+
+    One per file and process: DuckDB refuses a second connection to a file with another configuration
+    (read-write vs read-only) in the same process, so every Catalog object of a path shares this.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # DuckDB connections are not for concurrent use: one user at a time
+        self.memo: dict = {}  # results of repeated reads, keyed by the catalog's version
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.timer: threading.Timer | None = None
+
+    def close(self) -> None:
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.con is not None:
+                self.con.close()
+                self.con = None
+
+    def close_if_idle(self) -> None:
+        if self.lock.acquire(blocking=False):  # in use right now: its release schedules another timer
+            try:
+                if self.con is not None:
+                    self.con.close()
+                    self.con = None
+            finally:
+                self.lock.release()
+
+
+_readers: dict[str, _SharedReader] = {}
+_readers_lock = threading.Lock()
+
+
 class Catalog:
+    """The catalog file. Reads share one read-only connection per process, closed when idle.
+
+    Opening a DuckDB file costs 10-30 ms, more than a search over thousands of models, so consecutive
+    reads (a notebook, a server, the benchmarks) reuse the connection. It is closed after READ_IDLE_S
+    without use because a process holding the file, even read-only, keeps other processes from writing
+    (they wait and retry meanwhile).
+    """
+
+    READ_IDLE_S = 1.0
+
     def __init__(self, path: Path):
         self.path = Path(path)
+        key = str(self.path.resolve())
+        with _readers_lock:
+            self._shared = _readers.setdefault(key, _SharedReader())
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Group reads under one hold of the shared connection."""
+        with self._shared.lock:
+            yield
+
+    def close(self) -> None:
+        self._shared.close()
 
     @contextmanager
     def connect(self, write: bool = False, timeout: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; waits while another process holds the file."""
+        """The shared read-only connection, or a short-lived read-write one; waits while another process writes."""
+        sh = self._shared
+        with sh.lock:
+            if write:
+                sh.close()  # one process cannot hold the file read-only and read-write at once
+                con = self._open(True, timeout)
+                try:
+                    con.execute(SCHEMA)  # all IF NOT EXISTS: older registries gain new tables on first write
+                    yield con
+                finally:
+                    con.close()
+                return
+            if sh.timer is not None:
+                sh.timer.cancel()
+                sh.timer = None
+            if sh.con is None:
+                sh.con = self._open(False, timeout)
+            try:
+                yield sh.con
+            finally:
+                sh.timer = threading.Timer(self.READ_IDLE_S, sh.close_if_idle)
+                sh.timer.daemon = True
+                sh.timer.start()
+
+    def _open(self, write: bool, timeout: float) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -159,12 +247,7 @@ class Catalog:
                         raise RegistryLockedError(self.path.parent, timeout) from None
                     raise
                 time.sleep(0.05)
-        try:
-            if write:
-                con.execute(SCHEMA)  # all IF NOT EXISTS: older registries gain new tables on first write
-            yield con
-        finally:
-            con.close()
+        return con
 
     def create(self) -> None:
         with self.connect(write=True) as con:
@@ -190,31 +273,24 @@ class Catalog:
 
     # --- models ----------------------------------------------------------------------------------
 
-    def _attrs_for(self, con, ids: list[int]) -> dict[int, dict]:
-        if not ids:
-            return {}
-        out: dict[int, dict] = {i: {} for i in ids}
-        rows = con.execute(
-            "SELECT a.model_id, a.key, a.value, k.kind FROM attributes a JOIN attribute_keys k USING (key) "
-            "WHERE a.model_id IN (SELECT unnest(?)) ORDER BY a.key",
-            [ids],
-        ).fetchall()
-        for mid, key, value, kind in rows:
-            out[mid][key] = bool(value) if kind == "bool" else value
-        return out
-
     def _models(self, con, where_sql: str = "", params: list | None = None) -> list[ModelRow]:
+        """Model rows with their attributes: two plain queries (GROUP BY or list parameters cost ~5x more)."""
         cols = ", ".join(MODEL_COLUMNS)
         rows = con.execute(f"SELECT {cols} FROM models {where_sql} ORDER BY id", params or []).fetchall()
         models = [ModelRow(*r) for r in rows]
-        attrs = self._attrs_for(con, [m.id for m in models])
-        for m in models:
-            m.attributes = attrs.get(m.id, {})
+        if models:
+            by_id = {m.id: m for m in models}
+            kinds = self.attribute_keys(con)
+            attrs = con.execute(
+                f"SELECT model_id, key, value FROM attributes WHERE model_id IN ({_int_list(by_id)}) ORDER BY key"
+            ).fetchall()
+            for mid, key, value in attrs:
+                by_id[mid].attributes[key] = bool(value) if kinds.get(key) == "bool" else value
         return models
 
     def models_by_ids(self, ids: list[int]) -> list[ModelRow]:
         with self.connect() as con:
-            by_id = {m.id: m for m in self._models(con, "WHERE id IN (SELECT unnest(?))", [list(map(int, ids))])}
+            by_id = {m.id: m for m in self._models(con, f"WHERE id IN ({_int_list(ids)})")} if ids else {}
         return [by_id[i] for i in ids if i in by_id]
 
     def resolve(self, ref: str | int) -> ModelRow:
@@ -230,10 +306,69 @@ class Catalog:
             ).fetchall()
         raise UnknownModelError(ref, [r[0] for r in like] or None)
 
+    def version(self) -> tuple:
+        """Changes whenever any process commits to the catalog (a commit appends to the WAL or checkpoints)."""
+        out = []
+        for p in (self.path, self.path.with_name(self.path.name + ".wal")):
+            try:
+                st = p.stat()
+                out += [st.st_mtime_ns, st.st_size]
+            except FileNotFoundError:
+                out += [0, 0]
+        return tuple(out)
+
+    def _memo(self, key: tuple, compute):
+        """Reads repeated between commits (a server, a notebook running many searches) are answered once."""
+        key = (self.version(), *key)
+        memo = self._shared.memo
+        if key not in memo:
+            if len(memo) > 256:
+                memo.clear()
+            memo[key] = compute()
+        return memo[key]
+
+    def locate(self, ref: str | int) -> tuple[int, str, str, int]:
+        """(id, name, space, vector row) of a model by exact name, else by numeric id; one light query."""
+        return self._memo(("locate", str(ref)), lambda: self._locate(ref))
+
+    def _locate(self, ref: str | int) -> tuple[int, str, str, int]:
+        with self.connect() as con:
+            sql = "SELECT id, name, space_id, row_idx FROM models WHERE name = ?"
+            if str(ref).isdigit():
+                sql += " OR (id = ? AND NOT EXISTS (SELECT 1 FROM models WHERE name = ?)) ORDER BY name = ? DESC"
+                row = con.execute(sql + " LIMIT 1", [str(ref), int(ref), str(ref), str(ref)]).fetchone()
+            else:
+                row = con.execute(sql, [str(ref)]).fetchone()
+        if row is None:
+            self.resolve(ref)  # raises UnknownModelError with suggestions
+        return row
+
+    def rows(self, space_id: str, where: str | None = None) -> tuple:
+        """(ids, vector rows, squared norms) of the space's models matching `where`, in row order."""
+        return self._memo(("rows", space_id, where), lambda: self._rows(space_id, where))
+
+    def _rows(self, space_id: str, where: str | None) -> tuple:
+        import numpy as np
+
+        with self.connect() as con:
+            if where and where.strip():
+                sql, params = self._filter_sql(con, where, space_id)
+                query = f"SELECT id, row_idx, sq_norm FROM models WHERE space_id = ? AND id IN ({sql}) ORDER BY row_idx"
+                rows = self._run_filter(con, query, [space_id, *params], where)
+            else:
+                rows = con.execute(
+                    "SELECT id, row_idx, sq_norm FROM models WHERE space_id = ? ORDER BY row_idx", [space_id]
+                ).fetchall()
+        return (
+            np.array([r[0] for r in rows], dtype=np.int64),
+            np.array([r[1] for r in rows], dtype=np.int64),
+            np.array([r[2] for r in rows], dtype=np.float64),
+        )
+
     def list_models(self, where: str | None = None, space_id: str | None = None) -> list[ModelRow]:
         with self.connect() as con:
             ids = self._filter_ids(con, where, space_id)
-            return self._models(con, "WHERE id IN (SELECT unnest(?))", [ids])
+            return self._models(con, f"WHERE id IN ({_int_list(ids)})") if ids else []
 
     def filter_ids(self, where: str | None, space_id: str | None = None) -> list[int]:
         with self.connect() as con:
@@ -247,6 +382,19 @@ class Catalog:
 
     def _filter_ids(self, con, where: str | None, space_id: str | None) -> list[int]:
         """Ids of models matching a SQL condition over attribute columns (and id, name, kind, ...)."""
+        sql, params = self._filter_sql(con, where, space_id)
+        return [r[0] for r in self._run_filter(con, sql + " ORDER BY id", params, where)]
+
+    def _run_filter(self, con, sql: str, params: list, where: str | None) -> list[tuple]:
+        try:
+            return con.execute(sql, params).fetchall()
+        except duckdb.Error as e:
+            msg = str(e).strip().splitlines()[0]
+            known = ", ".join(list(RESERVED_COLUMNS) + list(self.attribute_keys(con)))
+            raise FilterError(f"--where {where!r} failed: {msg}; columns you can use: {known}") from None
+
+    def _filter_sql(self, con, where: str | None, space_id: str | None) -> tuple[str, list]:
+        """SQL selecting the ids of models matching `where`, and its parameters."""
         keys = self.attribute_keys(con)
         cols = []
         for key, kind in keys.items():
@@ -264,13 +412,7 @@ class Catalog:
             params.append(space_id)
         if where and where.strip():
             conds.append(f"({where})")
-        sql = f"SELECT id FROM ({view}) WHERE {' AND '.join(conds) or 'true'} ORDER BY id"
-        try:
-            return [r[0] for r in con.execute(sql, params).fetchall()]
-        except duckdb.Error as e:
-            msg = str(e).strip().splitlines()[0]
-            known = ", ".join(list(RESERVED_COLUMNS) + list(keys))
-            raise FilterError(f"--where {where!r} failed: {msg}; columns you can use: {known}") from None
+        return f"SELECT id FROM ({view}) WHERE {' AND '.join(conds) or 'true'}", params
 
     def find_duplicate(self, con, source_sha256: str | None, vector_sha256: str, space_id: str) -> str | None:
         row = con.execute(

@@ -7,11 +7,14 @@ crash at any point leaves the registry as it was before the write began.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +43,7 @@ from w2w.lora import LoRA
 CANDIDATE_MIN, CANDIDATE_FACTOR = 200, 20  # coefficient-index candidates re-ranked exactly after a fit
 NAME_RE = re.compile(r"^[\w][\w.+\- ]{0,199}$")
 ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-FLUSH_ROWS = 64
+FLUSH_ROWS = 256
 
 
 def validate_name(name: str) -> str:
@@ -90,6 +93,16 @@ class NewModel:
     source_sha256: str | None = None
     attributes: dict = field(default_factory=dict)
     lineage: list[tuple[int | None, str, dict]] = field(default_factory=list)
+    vector_sha256: str | None = None  # computed on the importer's threads when it can; else when staged
+    sq_norm: float | None = None
+
+    def digest(self) -> NewModel:
+        """Compute the vector's sha256 and squared norm now (hashing releases the GIL: call it on a thread)."""
+        v = np.ascontiguousarray(self.vector, dtype=np.float32)
+        self.vector, self.vector_sha256 = v, vector_sha256(v)
+        # squares in float32, summed in float64: 35 us; v64 @ v64 goes through threaded BLAS (ms per call here)
+        self.sq_norm = float(np.add.reduce(v * v, dtype=np.float64))
+        return self
 
     @classmethod
     def from_lora(cls, name: str, lora: LoRA, **kw) -> NewModel:
@@ -180,7 +193,9 @@ class _AddSession:
         self.attr_rows: list[tuple] = []
         self.lineage_rows: list[tuple] = []
         self.buffers: dict[str, list[np.ndarray]] = {}
-        self.written: dict[str, int] = {}  # rows written to disk per space, uncommitted
+        self.written: dict[str, int] = {}  # rows handed to the writer per space, uncommitted
+        self.writer: ThreadPoolExecutor | None = None
+        self.pending: list = []
 
     def store(self, sid: str) -> VectorStore:
         s = self.spaces[sid]
@@ -192,8 +207,10 @@ class _AddSession:
         v = np.ascontiguousarray(m.vector, dtype=np.float32)
         if v.shape != (m.layout.dim,):
             raise W2WError(f"{m.name}: vector of shape {v.shape} does not fit its layout (D={m.layout.dim})")
-        if not np.isfinite(v).all():
-            raise W2WError(f"{m.name}: vector holds NaN or Inf values")
+        if m.vector_sha256 is None or m.sq_norm is None:
+            m.digest()
+        if not math.isfinite(m.sq_norm):  # a NaN or Inf anywhere makes the sum of squares non-finite
+            raise W2WError(f"{m.name}: vector holds NaN or Inf values (or values too large for float32 math)")
         sid = space_id_for(m.base_model, m.layout)
         if sid not in self.spaces:
             space = Space(
@@ -207,7 +224,7 @@ class _AddSession:
             )
             self.spaces[sid], self.new_spaces[sid] = space, (space, m.layout)
             self.committed[sid] = self.staged_rows[sid] = 0
-        vsha = vector_sha256(v)
+        vsha = m.vector_sha256
         if m.source_sha256 and m.source_sha256 in self.source_shas:
             raise DuplicateModelError(m.source or m.name, self.source_shas[m.source_sha256], "same file (sha256) as")
         if (sid, vsha) in self.vector_shas:
@@ -228,7 +245,6 @@ class _AddSession:
         if m.source_sha256:
             self.source_shas[m.source_sha256] = m.name
         self.vector_shas[(sid, vsha)] = m.name
-        v64 = v.astype(np.float64)
         self.model_rows.append(
             (
                 model_id,
@@ -236,7 +252,7 @@ class _AddSession:
                 sid,
                 row,
                 vsha,
-                float(v64 @ v64),
+                m.sq_norm,
                 m.kind,
                 m.source,
                 m.source_format,
@@ -252,15 +268,30 @@ class _AddSession:
         return model_id
 
     def flush(self, sid: str) -> None:
+        """Hand the buffered rows to the writer thread (writes release the GIL: staging goes on meanwhile)."""
         rows = self.buffers.pop(sid, [])
         if rows:
             start = self.committed[sid] + self.written.get(sid, 0)
-            self.store(sid).write_rows(start, np.stack(rows), fsync=False)
+            if self.writer is None:
+                self.writer = ThreadPoolExecutor(max_workers=1)  # one thread: writes stay in row order
+            # fsync per batch on the writer thread: the disk flushes while staging goes on, not all at the end
+            self.pending.append(self.writer.submit(self.store(sid).write_rows, start, rows, True))
             self.written[sid] = self.written.get(sid, 0) + len(rows)
+
+    def drain(self) -> None:
+        """Wait for every write handed to the writer thread; re-raise the first failure."""
+        pending, self.pending = self.pending, []
+        errors = [f.exception() for f in pending]
+        if self.writer is not None:
+            self.writer.shutdown()
+            self.writer = None
+        if any(errors):
+            raise next(e for e in errors if e)
 
     def sync(self) -> None:
         for sid in list(self.buffers):
             self.flush(sid)
+        self.drain()
         for sid, n in self.written.items():
             store = self.store(sid)
             first, last = self.committed[sid], self.committed[sid] + n - 1
@@ -269,6 +300,8 @@ class _AddSession:
                     os.fsync(f.fileno())
 
     def rollback(self) -> None:
+        with contextlib.suppress(Exception):  # the rows are dropped below whatever the writes did
+            self.drain()
         for sid in self.written:
             self.store(sid).truncate(self.committed[sid])
 
@@ -291,20 +324,32 @@ class _AddSession:
                 )
             if self.new_attr_kinds:
                 con.executemany("INSERT INTO attribute_keys VALUES (?, ?)", list(self.new_attr_kinds.items()))
-            if self.model_rows:
-                con.executemany(
-                    "INSERT INTO models (id, name, space_id, row_idx, vector_sha256, sq_norm, kind, source, "
-                    "source_format, source_sha256, base_model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    self.model_rows,
-                )
-            if self.attr_rows:
-                con.executemany("INSERT INTO attributes VALUES (?, ?, ?)", self.attr_rows)
-            if self.lineage_rows:
-                con.executemany("INSERT INTO lineage VALUES (?, ?, ?, ?)", self.lineage_rows)
+            _bulk_insert(
+                con,
+                "models (id, name, space_id, row_idx, vector_sha256, sq_norm, kind, source, source_format, "
+                "source_sha256, base_model)",
+                self.model_rows,
+                ["BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "VARCHAR", "DOUBLE", "VARCHAR", "VARCHAR", "VARCHAR",
+                 "VARCHAR", "VARCHAR"],
+            )  # fmt: skip
+            _bulk_insert(con, "attributes", self.attr_rows, ["BIGINT", "VARCHAR", "DOUBLE"])
+            _bulk_insert(con, "lineage", self.lineage_rows, ["BIGINT", "BIGINT", "VARCHAR", "VARCHAR"])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
+
+
+def _bulk_insert(con, table: str, rows: list[tuple], types: list[str]) -> None:
+    """Insert many rows in one statement: one list parameter per column, unnested side by side.
+
+    DuckDB's executemany runs one statement per row (~2 ms each here); this runs one in all.
+    """
+    if not rows:
+        return
+    columns = list(zip(*rows, strict=True))
+    select = ", ".join(f"unnest(?::{t}[])" for t in types)
+    con.execute(f"INSERT INTO {table} SELECT {select}", [list(c) for c in columns])
 
 
 class Registry:
@@ -314,6 +359,7 @@ class Registry:
         self.paths = RegistryPaths(Path(root) if root else default_root())
         self.catalog = Catalog(self.paths.catalog)
         self.hub = LocalHub(self.paths.hub)
+        self._cache: dict = {}  # immutable things worth keeping between calls: layouts, subspaces, indexes
 
     @property
     def root(self) -> Path:
@@ -452,8 +498,20 @@ class Registry:
                     )
                 sid = same[0]
             return str(query), flatten(rr.lora, layout), sid, None
-        m = self.get(query)
-        return m.name, self.vector(m), m.space_id, m.id
+        if isinstance(query, ModelRow):
+            model_id, name, sid, row = query.id, query.name, query.space_id, query.row_idx
+        else:
+            model_id, name, sid, row = self.catalog.locate(query)
+        space, _ = self._space_and_layout(sid)
+        return name, self.store(space).read_one(row), sid, model_id
+
+    def _space_and_layout(self, space_id: str) -> tuple[Space, Layout]:
+        """A space and its parsed layout, cached: both never change once created."""
+        hit = self._cache.get(("space", space_id))
+        if hit is None:
+            space = self.space(space_id)
+            hit = self._cache[("space", space_id)] = (space, Layout.from_json(space.layout_json))
+        return hit
 
     def search(
         self,
@@ -469,32 +527,22 @@ class Registry:
         Before a subspace is fitted (or with exact=True) every matching model is compared. After, a FAISS
         index over subspace coefficients proposes candidates, which are re-ranked on the full vectors.
         """
-        label, q, sid, self_id = self._query_vector(query, base_model)
-        space = self.space(sid)
-        allowed = self.catalog.filter_ids(where, sid) if where else None
-        with self.catalog.connect() as con:
-            rows = con.execute(
-                "SELECT id, row_idx, sq_norm FROM models WHERE space_id = ? ORDER BY row_idx", [sid]
-            ).fetchall()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        row_idx = np.array([r[1] for r in rows], dtype=np.int64)
-        sq = np.array([r[2] for r in rows], dtype=np.float64)
-        mask = ids != (self_id if self_id is not None else -1)
-        if allowed is not None:
-            mask &= np.isin(ids, np.asarray(allowed, dtype=np.int64))
-        ids, row_idx, sq = ids[mask], row_idx[mask], sq[mask]
-        layout = Layout.from_json(space.layout_json)
-        if not exact and len(ids) > max(CANDIDATE_MIN, CANDIDATE_FACTOR * k):
-            from registry import index as coeff_index
-            from registry.wspace import current
+        with self.catalog.session():
+            return self._search(query, k, where, metric, base_model, exact)
 
-            sm = current(self, sid)
+    def _search(self, query, k, where, metric, base_model, exact) -> SearchResult:
+        label, q, sid, self_id = self._query_vector(query, base_model)
+        space, layout = self._space_and_layout(sid)
+        ids, row_idx, sq = self.catalog.rows(sid, where)
+        mask = ids != (self_id if self_id is not None else -1)
+        ids, row_idx, sq = ids[mask], row_idx[mask], sq[mask]
+        if not exact and len(ids) > max(CANDIDATE_MIN, CANDIDATE_FACTOR * k):
+            from registry import wspace
+
+            sm = wspace.current(self, sid, self._cache)
             if sm is not None and sm.index_path.exists():
-                cands = coeff_index.search(
-                    coeff_index.load(sm.index_path),
-                    sm.sub.project(q),
-                    max(CANDIDATE_MIN, CANDIDATE_FACTOR * k),
-                    ids if allowed is not None else None,
+                cands = wspace.index_search(
+                    sm, sm.sub.project(q), max(CANDIDATE_MIN, CANDIDATE_FACTOR * k), ids if where else None, self._cache
                 )
                 keep = np.isin(ids, cands)
                 ids, row_idx, sq = ids[keep], row_idx[keep], sq[keep]

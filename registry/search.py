@@ -23,6 +23,7 @@ from w2w.layout import Layout
 
 METRICS = ("l2", "cosine", "delta")
 DELTA_BLOCK_ROWS = 256
+RERANK_RTOL = 1e-4  # float32 kernel distances are within this of the truth (their error is ~1e-6)
 
 
 def _direct(X: np.ndarray, q: np.ndarray, metric: str, layout: Layout) -> np.ndarray:
@@ -49,7 +50,7 @@ def _shard_candidates(
     if metric == "cosine":
         ip = np.empty(len(local), np.float32)
         faiss.fvec_inner_products_by_idx(swig_ptr(ip), swig_ptr(q), swig_ptr(mm), swig_ptr(local), d, 1, len(local))
-        qq = float(q.astype(np.float64) @ q.astype(np.float64))
+        qq = float(np.add.reduce(q * q, dtype=np.float64))
         dist = 1.0 - ip.astype(np.float64) / np.maximum(np.sqrt(sq * qq), 1e-30)
     else:
         dist = np.concatenate(
@@ -84,7 +85,7 @@ def knn(
     k = min(k, len(rows))
     if k == 0:
         return np.empty(0, np.int64), np.empty(0)
-    kk = k if metric == "delta" else min(len(rows), 2 * k + 8)  # candidates for the exact re-rank
+    kk = k if metric == "delta" else min(len(rows), 2 * k + 8)  # candidates kept from each shard
     cand_r, cand_d = [], []
     shards = rows // store.rows_per_shard
     bounds = np.flatnonzero(np.diff(shards)) + 1
@@ -97,9 +98,19 @@ def knn(
         cand_r.append(found + shard * store.rows_per_shard)
         cand_d.append(dist)
     best_r, best_d = np.concatenate(cand_r), np.concatenate(cand_d)
-    if metric != "delta":
-        keep = np.argpartition(best_d, min(kk, len(best_d)) - 1)[:kk]
-        best_r = np.sort(best_r[keep])
-        best_d = _direct(store.read(best_r), q, metric, layout)
+    if metric == "delta":  # computed in float64 from the start
+        order = np.lexsort((best_r, best_d))[:k]
+        return best_r[order], best_d[order]
+    if metric == "l2":
+        best_d = np.sqrt(np.maximum(best_d, 0.0))  # the kernel gives squared distances
+    order = np.lexsort((best_r, best_d))
+    best_r, best_d = best_r[order], best_d[order]
+    # The float32 kernels may misorder candidates closer than their rounding error. Recompute in float64
+    # the k returned and every candidate that close to the k-th (it decides who is in), then re-sort.
+    tol = RERANK_RTOL * max(float(best_d[min(k, len(best_d)) - 1]), 1e-30)
+    exact = np.arange(len(best_d)) < k
+    exact |= best_d <= best_d[min(k, len(best_d)) - 1] + tol
+    idx = np.flatnonzero(exact)
+    best_r, best_d = best_r[idx], _direct(store.read(best_r[idx]), q, metric, layout)
     order = np.lexsort((best_r, best_d))[:k]
     return best_r[order], best_d[order]

@@ -51,10 +51,11 @@ class VectorStore:
             elif p.stat().st_size != keep * self.row_bytes:
                 os.truncate(p, keep * self.row_bytes)
 
-    def write_rows(self, start: int, rows: np.ndarray, fsync: bool = True) -> None:
-        """Write rows (n, D) starting at row `start`, which must be the current end of the store."""
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        assert rows.ndim == 2 and rows.shape[1] == self.dim, f"rows {rows.shape} for D={self.dim}"
+    def write_rows(self, start: int, rows: np.ndarray | list[np.ndarray], fsync: bool = True) -> None:
+        """Write rows ((n, D) array, or a list of (D,) vectors) from row `start`, the current end of the store."""
+        if isinstance(rows, np.ndarray):
+            assert rows.ndim == 2 and rows.shape[1] == self.dim, f"rows {rows.shape} for D={self.dim}"
+            rows = list(rows)
         self.folder.mkdir(parents=True, exist_ok=True)
         pos, done = start, 0
         while done < len(rows):
@@ -63,7 +64,10 @@ class VectorStore:
             path = self.shard_path(shard)
             with open(path, "r+b" if path.exists() else "wb") as f:
                 f.seek(offset * self.row_bytes)
-                f.write(rows[done : done + n].tobytes())
+                for v in rows[done : done + n]:
+                    v = np.ascontiguousarray(v, dtype="<f4")
+                    assert v.shape == (self.dim,), f"row of shape {v.shape} for D={self.dim}"
+                    f.write(memoryview(v).cast("B"))  # no intermediate copy of the block
                 if fsync:
                     f.flush()
                     os.fsync(f.fileno())

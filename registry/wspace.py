@@ -70,14 +70,30 @@ def subspace_folder(reg, subspace_id: str) -> Path:
     return reg.root / "subspaces" / subspace_id
 
 
-def current(reg, space_id: str) -> SpaceModel | None:
+def current(reg, space_id: str, cache: dict | None = None) -> SpaceModel | None:
+    """The newest subspace of a space (loaded once per `cache`: a fitted subspace never changes)."""
     with reg.catalog.connect() as con:
         row = con.execute(
             "SELECT id, error_p95 FROM subspaces WHERE space_id = ? ORDER BY created DESC, id LIMIT 1", [space_id]
         ).fetchone()
     if row is None:
         return None
-    return load_model(reg, row[0], space_id, row[1])
+    if cache is None:
+        return load_model(reg, row[0], space_id, row[1])
+    key = ("subspace", row[0])
+    if key not in cache:
+        cache[key] = load_model(reg, row[0], space_id, row[1])
+    return cache[key]
+
+
+def index_search(sm: SpaceModel, c: np.ndarray, n: int, allowed: np.ndarray | None, cache: dict) -> np.ndarray:
+    """Candidate model ids from the subspace's coefficient index (reloaded only when the file changes)."""
+    stamp = sm.index_path.stat().st_mtime_ns
+    key = ("index", str(sm.index_path))
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, coeff_index.load(sm.index_path))
+    return coeff_index.search(hit[1], c, n, allowed)
 
 
 def load_model(reg, subspace_id: str, space_id: str, error_p95: float) -> SpaceModel:

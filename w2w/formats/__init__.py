@@ -63,16 +63,21 @@ def read_lora(
     else:
         tf = read_tensor_file(path, allow_pickle=allow_pickle)
         fmt = detect_format(tf)
-        base_model = base_model or tf.metadata.get("base_model")  # written by our own writers
-        if fmt == "kohya":
-            lora = kohya.parse(tf, base_model, drop_text_encoder)
-        elif fmt == "peft":
-            cfg = peft.read_config(path.parent) if (path.parent / peft.CONFIG).exists() else {}
-            lora = peft.parse(tf, cfg, base_model or cfg.get("base_model_name_or_path"), drop_text_encoder)
-        else:
-            lora = diffusers.parse(tf, base_model, drop_text_encoder)
+        lora = parse_file(tf, fmt, base_model, drop_text_encoder)
     check_lora(lora, path)
     return ReadResult(lora, fmt, tf.sha256, path)
+
+
+def parse_file(tf: TensorFile, fmt: str, base_model: str | None, drop_text_encoder: bool) -> LoRA:
+    """The LoRA in one tensor file of a known format (no checks of the values)."""
+    base_model = base_model or tf.metadata.get("base_model")  # written by our own writers
+    if fmt == "kohya":
+        return kohya.parse(tf, base_model, drop_text_encoder)
+    if fmt == "peft":
+        folder = tf.path.parent
+        cfg = peft.read_config(folder) if (folder / peft.CONFIG).exists() else {}
+        return peft.parse(tf, cfg, base_model or cfg.get("base_model_name_or_path"), drop_text_encoder)
+    return diffusers.parse(tf, base_model, drop_text_encoder)
 
 
 def _write_diffusers(lora: LoRA, out: Path) -> list[Path]:

@@ -108,6 +108,14 @@ def read_tensor_file(path: Path, allow_pickle: bool = False) -> TensorFile:
     return TensorFile(path, tensors, metadata, hashlib.sha256(data).hexdigest())
 
 
+def header_bytes(data: bytes | memoryview) -> bytes | None:
+    """The raw JSON header of safetensors bytes, or None when the length prefix is implausible."""
+    if len(data) < 8:
+        return None
+    (hlen,) = struct.unpack("<Q", bytes(data[:8]))
+    return bytes(data[8 : 8 + hlen]) if 8 + hlen <= len(data) and hlen <= MAX_HEADER_BYTES else None
+
+
 def _read_pickle(path: Path) -> TensorFile:
     import hashlib
 
