@@ -22,7 +22,8 @@ import click
 )
 @click.option("--preset", type=click.Choice(["w2w", "qkvo"]), default="w2w", show_default=True)
 def tour(n: int, out: Path | None, preset: str) -> None:
-    """Generate n SD 1.5 LoRAs in the w2w layout (D = 99,648) and run the main commands on them.
+    """Generate n SD 1.5 LoRAs in the w2w layout (D = 99,648) and run the main commands on them:
+    import, filter, search, export, push, then the w2w space: fit, project, directions, edit, mix, sample.
 
     \b
     w2wreg tour -n 200 --out /tmp/w2w-tour
@@ -63,6 +64,15 @@ def tour(n: int, out: Path | None, preset: str) -> None:
     run("export", "identity_00001", "--format", "peft", "-o", str(out / "export" / "identity_00001-peft"))
     run("push", "identity_00001", "--repo", "tour/identity_00001")
     run("add", "hub:tour/identity_00001")  # the same weights: skipped
+    run("fit", "--components", "50")
+    run("project", "identity_00001")
+    run("direction", "fit", "glasses")
+    run("direction", "fit", "beard", "--debias", "glasses")
+    run("edit", "identity_00001", "--direction", "glasses=1.5", "--direction", "beard=-1")
+    run("mix", "0.5*identity_00001 + 0.5*identity_00002 + 0.8*glasses", "--name", "blend")
+    run("sample", "-n", "3", "--seed", "0")
+    run("search", "--like", "blend", "-k", "3")
+    run("show", "blend")
     run("verify")
     click.secho(f"\nDone. Registry: {registry}  (try `w2wreg --registry {registry} ls`)", bold=True)
 

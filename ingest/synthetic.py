@@ -26,7 +26,7 @@ class Population:
     layout: Layout
     latent: int = 8
     seed: int = 0
-    noise: float = 0.01
+    noise: float = 0.002
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed)
