@@ -137,7 +137,9 @@ def mix(ctx, expression, name, mode, as_json):
     """Make a model from arithmetic on models and directions.
 
     Names are models or directions (a direction counts one standard deviation of its score); quote names
-    that are not plain identifiers: 'my model'. Functions: lerp(a, b, t), slerp(a, b, t).
+    that are not plain identifiers: 'my model'. Functions: lerp(a, b, t), slerp(a, b, t). In the subspace,
+    a linear expression keeps each model's part the subspace does not explain (weighted as the model),
+    so "alice + 1*beard" equals `w2wreg edit alice --direction beard=1`; a slerp lies in the subspace.
 
     \b
     w2wreg mix "alice + 0.8*beard"

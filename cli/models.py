@@ -14,7 +14,7 @@ from ingest.importer import import_paths
 from registry import wspace
 from registry.hubs.local import LocalHub
 from registry.registry import Registry
-from w2w.formats import FORMATS
+from w2w.formats import FORMATS, target_files
 
 
 def open_registry(ctx: click.Context) -> Registry:
@@ -94,6 +94,8 @@ def add(ctx, paths, name, attrs, attrs_csv, base_model, allow_pickle, drop_text_
     if as_json:
         emit_json(report.to_json())
     else:
+        for w in report.warnings:
+            click.echo(f"warning: {w}", err=True)
         for _, why in report.skipped:
             click.echo(f"skipped: {why}", err=True)
         for _, err in report.errors:
@@ -200,9 +202,10 @@ def show(ctx, model, as_json):
     type=click.Path(path_type=Path),
     help="A .safetensors file (diffusers, kohya) or a folder (any format).",
 )
+@click.option("--force", is_flag=True, help="Overwrite files that already exist.")
 @json_option
 @click.pass_context
-def export(ctx, model, fmt, out, as_json):
+def export(ctx, model, fmt, out, force, as_json):
     """Write a model as a LoRA that diffusers, PEFT or kohya tools load.
 
     \b
@@ -213,6 +216,9 @@ def export(ctx, model, fmt, out, as_json):
     reg = open_registry(ctx)
     if fmt == "peft" and out.suffix == ".safetensors":
         fail(f"{out}: a PEFT adapter is a folder; pass a folder path to -o")
+    existing = [p for p in target_files(fmt, out) if p.exists()]
+    if existing and not force:
+        fail(f"{existing[0]} already exists; pass --force to overwrite it, or choose another -o")
     files = reg.export(model, fmt, out)
     if as_json:
         emit_json({"model": model, "format": fmt, "files": [str(f) for f in files]})

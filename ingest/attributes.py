@@ -37,11 +37,13 @@ def parse_pairs(pairs: tuple[str, ...] | list[str]) -> dict[str, float | bool]:
     return out
 
 
-def read_csv(path: Path) -> dict[str, dict[str, float | bool]]:
+def read_csv(path: Path, known_kinds: dict[str, str] | None = None) -> dict[str, dict[str, float | bool]]:
     """{model name: {attribute: value}}. Empty cells mean 'unknown' and are left out.
 
-    A column whose values are all 0/1 is read as booleans, so `--where "beard"` works on it.
+    A column whose values are all 0/1 is read as booleans, so `--where "beard"` works on it, unless the
+    registry already holds that attribute as numbers (`known_kinds`): a column keeps its registry kind.
     """
+    known_kinds = known_kinds or {}
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -53,6 +55,10 @@ def read_csv(path: Path) -> dict[str, dict[str, float | bool]]:
     if not rows or len(rows[0]) < 2:
         raise AttributeInputError(f"{path}: needs a header row: model name, then one column per attribute")
     header = [h.strip() for h in rows[0]]
+    dupes = sorted({h for h in header[1:] if header[1:].count(h) > 1})
+    if dupes or not all(header[1:]):
+        what = f"repeats the column {dupes[0]!r}" if dupes else "has an empty column name"
+        raise AttributeInputError(f"{path}: the header {what}; every attribute needs one column of its own")
     table: dict[str, dict] = {}
     for lineno, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
@@ -69,8 +75,13 @@ def read_csv(path: Path) -> dict[str, dict[str, float | bool]]:
         }
     for key in header[1:]:
         values = [attrs[key] for attrs in table.values() if key in attrs]
-        if values and all(isinstance(v, bool) or v in (0.0, 1.0) for v in values):
+        kind = known_kinds.get(key)
+        if values and all(isinstance(v, bool) or v in (0.0, 1.0) for v in values) and kind != "number":
             for attrs in table.values():
                 if key in attrs:
                     attrs[key] = bool(attrs[key])
+        elif kind == "number":
+            for attrs in table.values():
+                if key in attrs:
+                    attrs[key] = float(attrs[key])
     return table

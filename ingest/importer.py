@@ -76,7 +76,7 @@ def import_paths(
         sources.append(_hub_source(registry, ref[len(HUB_PREFIX) :]))
     if name and len(sources) != 1:
         raise AttributeInputError(f"--name names one model, but {len(sources)} LoRAs were given")
-    table = read_csv(attrs_csv) if attrs_csv else {}
+    table = read_csv(attrs_csv, registry.catalog.attribute_keys()) if attrs_csv else {}
     if table:
         unknown = sorted(set(table) - {name or n for _, n, _ in sources})
         if unknown:

@@ -6,7 +6,9 @@ Reads open the file read-only, which also keeps user --where conditions from wri
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -209,10 +211,37 @@ class Catalog:
     def close(self) -> None:
         self._shared.close()
 
+    def _writer_active(self) -> bool:
+        """Whether a writer holds the registry's lock (then readers must not keep the file open)."""
+        lock = self.path.parent / ".lock"
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     @contextmanager
     def connect(self, write: bool = False, timeout: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
         """The shared read-only connection, or a short-lived read-write one; waits while another process writes."""
         sh = self._shared
+        if not write and self._writer_active():
+            # a writer (maybe this process) is at work: read through a connection of our own, closed at
+            # once, so the writer finds the file free between our reads
+            with sh.lock:
+                sh.close()
+                con = self._open(False, timeout)
+                try:
+                    yield con
+                finally:
+                    con.close()
+            return
         with sh.lock:
             if write:
                 sh.close()  # one process cannot hold the file read-only and read-write at once

@@ -191,7 +191,15 @@ def mix(reg, text: str, name: str | None = None, mode: str = "auto") -> dict:
         C = wspace.coefficients(reg, sm, [m.id for m in models.values()]).astype(np.float64)
         values = {n: C[i] for i, n in enumerate(models)} | {n: d.step(1.0) for n, d in ds.items()}
         c_new = expr.evaluate(node, values.__getitem__)
-        w_new = sm.sub.reconstruct(np.asarray(c_new, dtype=np.float32))
+        w_new = sm.sub.reconstruct(np.asarray(c_new, dtype=np.float32)).astype(np.float64)
+        terms = expr.linear_terms(node)
+        if terms is not None:
+            # as `edit` does, keep what the subspace does not explain: each model's residual, with its
+            # weight, so "alice + 1*beard" equals `edit alice --direction beard=1`
+            for i, (n, m) in enumerate(models.items()):
+                if terms.get(n):
+                    w = reg.vector(m).astype(np.float64)
+                    w_new += terms[n] * (w - sm.sub.reconstruct(C[i].astype(np.float32)))
     else:
         values = {n: reg.vector(m).astype(np.float64) for n, m in models.items()}
         if ds:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry.registry import Registry, vector_sha256
+from w2w.errors import W2WError
 
 
 @dataclass
@@ -67,12 +68,19 @@ def verify(reg: Registry) -> VerifyReport:
             report.findings.append(
                 Finding("error", f"space {space.id}", "model rows are not 0..n-1 (a row used twice or skipped)")
             )
-        if on_disk < len(rows):
+        # a row exists when its shard holds its bytes (a middle shard may be short or missing, not just the end)
+        present = [r for r in rows if store.rows_available(r[3] // store.rows_per_shard) > r[3] % store.rows_per_shard]
+        missing = [r for r in rows if r not in present]
+        for mid, name, _, row, _ in missing:
             report.findings.append(
-                Finding("error", f"space {space.id}", f"vector store has {on_disk} rows, the catalog {len(rows)}")
+                Finding(
+                    "error",
+                    f"model {name} (id {mid})",
+                    f"vector row {row} is missing from its shard",
+                    fixable=_has_hub_copy(reg, mid),
+                )  # fmt: skip
             )
-            rows = [r for r in rows if r[3] < on_disk]
-        elif on_disk > len(rows):
+        if not missing and on_disk > len(rows):
             report.findings.append(
                 Finding(
                     "error",
@@ -82,8 +90,8 @@ def verify(reg: Registry) -> VerifyReport:
                     fixable=True,
                 )
             )
-        for lo in range(0, len(rows), 256):
-            chunk = rows[lo : lo + 256]
+        for lo in range(0, len(present), 256):
+            chunk = present[lo : lo + 256]
             X = store.read([r[3] for r in chunk])
             for (mid, name, _, row, sha), v in zip(chunk, X, strict=True):
                 if vector_sha256(v) != sha:
@@ -97,6 +105,19 @@ def verify(reg: Registry) -> VerifyReport:
                     )
     for space in spaces:
         report.findings += _check_subspace(reg, space, by_space.get(space.id, []))
+    with reg.catalog.connect() as con:
+        fitted = {r[0] for r in con.execute("SELECT id FROM subspaces").fetchall()}
+    sroot = reg.root / "subspaces"
+    if sroot.exists():
+        for d in sorted(sroot.iterdir()):
+            if d.name not in fitted:
+                report.findings.append(
+                    Finding(
+                        "orphan",
+                        str(d.relative_to(reg.root)),
+                        "subspace files of no fit in the catalog (an interrupted `w2wreg fit`?)",
+                    )  # fmt: skip
+                )
     known = {s.id for s in spaces}
     vroot = reg.root / "vectors"
     if vroot.exists():
@@ -221,8 +242,11 @@ def repair(reg: Registry) -> list[str]:
                 current = (wspace.current(reg, sid) for sid in spaces)
                 sm = next((c for c in current if c is not None and c.id == sub_id), None)
                 if sm is not None:
-                    wspace._index_all(reg, sm, lambda _: None)
-                    done.append(f"{f.what}: coefficients and index rebuilt from the vectors")
+                    try:
+                        wspace._index_all(reg, sm, lambda _: None)
+                        done.append(f"{f.what}: coefficients and index rebuilt from the vectors")
+                    except W2WError as e:
+                        done.append(f"{f.what}: cannot rebuild the index while vectors are missing ({e})")
             elif f.kind == "orphan" and f.fixable:
                 Path(reg.root / f.what).unlink(missing_ok=True)
                 done.append(f"{f.what}: removed")

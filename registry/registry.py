@@ -135,6 +135,7 @@ class AddReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     committed: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -142,6 +143,7 @@ class AddReport:
             "skipped": [{"what": w, "reason": r} for w, r in self.skipped],
             "errors": [{"what": w, "error": e} for w, e in self.errors],
             "committed": self.committed,
+            "warnings": self.warnings,
         }
 
 
@@ -195,6 +197,7 @@ class _AddSession:
         self.buffers: dict[str, list[np.ndarray]] = {}
         self.written: dict[str, int] = {}  # rows handed to the writer per space, uncommitted
         self.writer: ThreadPoolExecutor | None = None
+        self.done = False  # set the moment the catalog commits: from then on nothing may be rolled back
         self.pending: list = []
 
     def store(self, sid: str) -> VectorStore:
@@ -300,6 +303,8 @@ class _AddSession:
                     os.fsync(f.fileno())
 
     def rollback(self) -> None:
+        if self.done:
+            return
         with contextlib.suppress(Exception):  # the rows are dropped below whatever the writes did
             self.drain()
         for sid in self.written:
@@ -335,8 +340,10 @@ class _AddSession:
             _bulk_insert(con, "attributes", self.attr_rows, ["BIGINT", "VARCHAR", "DOUBLE"])
             _bulk_insert(con, "lineage", self.lineage_rows, ["BIGINT", "BIGINT", "VARCHAR", "VARCHAR"])
             con.execute("COMMIT")
+            self.done = True
         except BaseException:
-            con.execute("ROLLBACK")
+            if not self.done:
+                con.execute("ROLLBACK")
             raise
 
 
@@ -358,7 +365,7 @@ class Registry:
     def __init__(self, root: str | Path | None = None):
         self.paths = RegistryPaths(Path(root) if root else default_root())
         self.catalog = Catalog(self.paths.catalog)
-        self.hub = LocalHub(self.paths.hub)
+        self.hub = LocalHub(self.paths.hub, name="local")
         self._cache: dict = {}  # immutable things worth keeping between calls: layouts, subspaces, indexes
 
     @property
@@ -428,13 +435,18 @@ class Registry:
                     with self.catalog.connect(write=True) as con:
                         session.commit(con)
                 report.committed = True
-                from registry.wspace import project_new
-
-                # derived data: if this fails the models are still in; `repair` rebuilds the index
-                project_new(self, [i for _, i in report.added])
             except BaseException:
-                session.rollback()
+                session.rollback()  # a no-op once the catalog has committed: those rows are the truth
                 raise
+            from registry.wspace import project_new
+
+            try:  # derived data: the models are in whatever happens here, and `repair` rebuilds it
+                project_new(self, [i for _, i in report.added])
+            except Exception as e:
+                report.warnings.append(
+                    f"the models were added, but projecting them into the fitted subspace failed "
+                    f"({type(e).__name__}: {e}); run `w2wreg repair`"
+                )
         return report
 
     def add_files(self, paths: Iterable[Path], **kw) -> AddReport:

@@ -60,9 +60,20 @@ def _shard_candidates(
             ]
         )
     if len(dist) > kk:
-        top = np.argpartition(dist, kk - 1)[:kk]
+        # keep the kk best and everything within the kernel's error of the kk-th (near-duplicates)
+        cut = np.partition(dist, kk - 1)[kk - 1] + abs_tol(metric, d)
+        top = np.flatnonzero(dist <= cut)
         return local[top], dist[top]
     return local, dist
+
+
+def abs_tol(metric: str, dim: int) -> float:
+    """How far a float32 kernel's distance may be from the truth, in absolute terms (0 when exact).
+
+    A float32 dot product of D terms errs by about eps32 * sqrt(D) of |x||q|: for 1 - cos that is an
+    absolute error, which matters between near-duplicates whose distances are ~1e-6 apart.
+    """
+    return 8 * float(np.finfo(np.float32).eps) * np.sqrt(dim) if metric == "cosine" else 0.0
 
 
 def knn(
@@ -107,7 +118,7 @@ def knn(
     best_r, best_d = best_r[order], best_d[order]
     # The float32 kernels may misorder candidates closer than their rounding error. Recompute in float64
     # the k returned and every candidate that close to the k-th (it decides who is in), then re-sort.
-    tol = RERANK_RTOL * max(float(best_d[min(k, len(best_d)) - 1]), 1e-30)
+    tol = RERANK_RTOL * max(float(best_d[min(k, len(best_d)) - 1]), 1e-30) + abs_tol(metric, store.dim)
     exact = np.arange(len(best_d)) < k
     exact |= best_d <= best_d[min(k, len(best_d)) - 1] + tol
     idx = np.flatnonzero(exact)

@@ -77,7 +77,20 @@ class VectorStore:
 
     def map(self, shard: int, n_rows: int) -> np.ndarray:
         """Rows [0, n_rows) of one shard as a read-only (n_rows, D) memory map."""
-        return np.memmap(self.shard_path(shard), dtype=np.float32, mode="r", shape=(n_rows, self.dim))
+        path = self.shard_path(shard)
+        try:
+            return np.memmap(path, dtype=np.float32, mode="r", shape=(n_rows, self.dim))
+        except (OSError, ValueError):
+            from w2w.errors import IntegrityError
+
+            raise IntegrityError(
+                f"{path} is missing or shorter than the catalog says ({n_rows} rows); run `w2wreg verify`"
+            ) from None
+
+    def rows_available(self, shard: int) -> int:
+        """Whole rows present in one shard file (0 when it is missing)."""
+        p = self.shard_path(shard)
+        return p.stat().st_size // self.row_bytes if p.exists() else 0
 
     def blocks(self, n_rows: int, block_rows: int = 1024, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, (b, D) memory-mapped block) over rows [start, n_rows); blocks never cross shards."""

@@ -39,8 +39,8 @@ class StoreSource:
     def __init__(self, store: VectorStore, rows: np.ndarray, block_rows: int | None = None):
         self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
         self.n, self.dim = len(self.rows), store.dim
-        # ~64 MB blocks: large enough for BLAS to run at full speed, small enough to prefetch the next
-        self.block_rows = block_rows or max(16, (64 << 20) // (4 * store.dim))
+        # ~128 MB blocks: large enough for BLAS to run at full speed, small enough to prefetch the next
+        self.block_rows = block_rows or max(16, (128 << 20) // (4 * store.dim))
 
     def specs(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.block_rows, self.n)) for lo in range(0, self.n, self.block_rows)]
@@ -188,23 +188,12 @@ def fit_space(
             folder / "gaussian.safetensors",
             save({"mean": C.mean(axis=0).astype(np.float32), "std": C.std(axis=0).astype(np.float32)}),
         )
-        with reg.catalog.connect(write=True) as con:
-            con.execute(
-                "INSERT INTO subspaces (id, space_id, k, n_models, where_filter, explained, error_p95, config) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    subspace_id,
-                    space_id,
-                    sub.k,
-                    len(ids),
-                    where,
-                    float(sub.explained_variance_ratio.sum()),
-                    p95,
-                    json.dumps(sub.config),
-                ],
-            )
         sm = load_model(reg, subspace_id, space_id, p95)
-        _index_all(reg, sm, say)
+        row = [subspace_id, space_id, sub.k, len(ids), where, float(sub.explained_variance_ratio.sum()), p95,
+               json.dumps(sub.config)]  # fmt: skip
+        # the subspace row commits together with its projections, after every file is in place: an
+        # interrupted fit leaves only a folder that no catalog row names (verify reports it as an orphan)
+        _index_all(reg, sm, say, subspace_row=row)
     return {
         "subspace": subspace_id,
         "space": space_id,
@@ -224,8 +213,11 @@ def _relative_errors(sub: Subspace, source: StoreSource, C: np.ndarray) -> np.nd
     return out
 
 
-def _index_all(reg, sm: SpaceModel, say) -> None:
-    """Project every model of the space into `sm` and (re)build its coefficient index. Holds the writer lock."""
+def _index_all(reg, sm: SpaceModel, say, subspace_row: list | None = None) -> None:
+    """Project every model of the space into `sm` and (re)build its coefficient index. Holds the writer lock.
+
+    With `subspace_row`, the subspace's catalog row is inserted in the same transaction as its projections.
+    """
     space = reg.space(sm.space_id)
     with reg.catalog.connect() as con:
         rows = con.execute(
@@ -242,6 +234,12 @@ def _index_all(reg, sm: SpaceModel, say) -> None:
     coeff_index.save(coeff_index.build(C, ids), sm.index_path)
     with reg.catalog.connect(write=True) as con:
         con.execute("BEGIN TRANSACTION")
+        if subspace_row is not None:
+            con.execute(
+                "INSERT INTO subspaces (id, space_id, k, n_models, where_filter, explained, error_p95, config) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                subspace_row,
+            )
         con.execute("DELETE FROM projections WHERE subspace_id = ?", [sm.id])
         con.executemany(
             "INSERT INTO projections VALUES (?, ?, ?, ?)",
@@ -263,6 +261,9 @@ def project_new(reg, model_ids: list[int]) -> None:
             continue
         with reg.catalog.connect() as con:
             n = con.execute("SELECT count(*) FROM projections WHERE subspace_id = ?", [sm.id]).fetchone()[0]
+        if not sm.index_path.exists() or sm.coeff_store().rows_on_disk() < n:
+            _index_all(reg, sm, lambda _: None)  # an interrupted fit or a lost file: rebuild it all
+            continue
         W = reg.store(reg.space(space_id)).read([m.row_idx for m in models])
         C = sm.sub.project(W)  # (n_new, k)
         errors = sm.sub.relative_error(W)

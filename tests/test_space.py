@@ -153,8 +153,11 @@ def test_mix_expressions(planted):
     c1, c2, c3 = wspace.coefficients(reg, sm, ids).astype(np.float64)
     out = edits.mix(reg, "m0001 + 0.8*glasses", name="mixed-1")
     glasses = edits.load_direction(reg, sm, "glasses")
-    expected = sm.sub.reconstruct((c1 + 0.8 * glasses.step(1.0)).astype(np.float32))
+    residual = reg.vector("m0001") - sm.sub.reconstruct(c1.astype(np.float32))
+    expected = sm.sub.reconstruct((c1 + 0.8 * glasses.step(1.0)).astype(np.float32)) + residual
     assert np.allclose(reg.vector("mixed-1"), expected, atol=1e-5)
+    edits.edit(reg, "m0001", {"glasses": 0.8}, name="edited-1")
+    assert np.allclose(reg.vector("edited-1"), reg.vector("mixed-1"), atol=1e-5)  # mix and edit agree
     assert out["coefficients"] == {"m0001": 1.0, "glasses": 0.8}
     edits.mix(reg, "lerp(m0001, m0002, 0.3)", name="mixed-2", mode="raw")
     assert np.allclose(reg.vector("mixed-2"), 0.7 * reg.vector("m0001") + 0.3 * reg.vector("m0002"), atol=1e-6)
@@ -252,3 +255,18 @@ def test_fit_on_a_dask_cluster_gives_the_same_subspace(planted, tmp_path):
     assert np.allclose(sm.sub.singular_values, local.sub.singular_values, rtol=1e-4)
     cos = np.abs(np.sum(sm.sub.components[:, :8] * local.sub.components[:, :8], axis=0))
     assert cos.min() > 0.999
+
+
+def test_add_after_an_interrupted_fit_keeps_the_models(planted):
+    reg, pop, info = planted
+    sm = wspace.require(reg, info["space"])
+    sm.index_path.unlink()  # as if `fit` died after writing the subspace but before the index
+    report = reg.add_models([NewModel("after-crash", pop.vector(N + 7), LAYOUT, BASE)])
+    assert report.committed and not report.warnings
+    assert np.array_equal(reg.vector("after-crash"), pop.vector(N + 7))
+    assert verify(reg).ok  # the index was rebuilt, with the new model in it
+    orphan = reg.root / "subspaces" / "ss-deadbeef00"
+    orphan.mkdir()
+    found = [f for f in verify(reg).findings if f.kind == "orphan"]
+    assert [f.what for f in found] == ["subspaces/ss-deadbeef00"]
+    orphan.rmdir()

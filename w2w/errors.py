@@ -104,7 +104,8 @@ class RegistryNotFoundError(W2WError, FileNotFoundError):
 class RegistryLockedError(W2WError, TimeoutError):
     def __init__(self, root: object, timeout: float):
         super().__init__(
-            f"registry {root} is locked by another writer (waited {timeout:.0f}s); try again when it is done"
+            f"registry {root} is held by another process (a writer, or a reader keeping it open) for over "
+            f"{timeout:.0f}s; try again when it is done"
         )
 
 

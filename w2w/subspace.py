@@ -97,10 +97,13 @@ def sketch_rows(seed: int, spec: Any, l: int) -> np.ndarray:
 
 def block_stats(seed: int, l: int, spec: Any, W: np.ndarray):
     """(count, mean, M2, W_b^T Omega_b, colsum of Omega_b) of one block: the stats pass also sketches."""
-    X = W.astype(np.float64)  # (b, D)
-    mean = X.mean(axis=0)
+    b = W.shape[0]
+    mean = W.sum(axis=0, dtype=np.float64) / b  # float32 data, float64 sums: no (b, D) float64 copy
+    dev = W - mean.astype(np.float32)  # (b, D)
+    dev *= dev
+    m2 = np.add.reduce(dev, axis=0, dtype=np.float64)
     omega = sketch_rows(seed, spec, l)  # (b, l)
-    return X.shape[0], mean, ((X - mean) ** 2).sum(axis=0), W.T @ omega, omega.sum(axis=0)
+    return b, mean, m2, W.T @ omega, omega.sum(axis=0)
 
 
 def merge_stats(parts: Iterable[tuple]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -123,7 +126,9 @@ def merge_stats(parts: Iterable[tuple]) -> tuple[int, np.ndarray, np.ndarray, np
 
 
 def standardize(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return (X - mean) / std  # (b, D), float32
+    Z = X - mean  # (b, D), float32: one new array, then in place
+    Z /= std
+    return Z
 
 
 def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
@@ -142,9 +147,9 @@ def block_project(mean: np.ndarray, std: np.ndarray, V: np.ndarray, spec: Any, W
 @dataclass
 class FitConfig:
     components: int = 1000
-    block: int | None = None  # Krylov block size l; default k + oversample
-    depth: int = 3  # Krylov blocks = Gram passes (see bench/bench_fit.py for the trade-off)
-    oversample: int = 32
+    block: int | None = None  # Krylov block size l; default ceil(k / 3) + oversample
+    depth: int = 5  # Krylov blocks = Gram passes (bench/bench_fit.py measures the trade-off)
+    oversample: int = 16
     seed: int = 0
 
 
@@ -272,11 +277,13 @@ def fit(
     say = progress or (lambda _: None)
 
     depth = max(1, cfg.depth)
-    if n <= k + cfg.oversample:
+    if n <= k + 32:
         # small data: one block as large as the data's rank spans the whole row space, so the fit is exact
         depth, l = 1, n
     else:
-        l = cfg.block or k + cfg.oversample  # a block of at least k keeps the result gap-independent
+        # Five blocks of k/3: a Krylov space of ~5k/3 dimensions for 22 l = ~7.3 k flops per row and column,
+        # against 12 q (q ~ k) for torch.svd_lowrank(niter=2), at better accuracy (bench/bench_fit.py)
+        l = cfg.block or -(-k // 3) + cfg.oversample
     l = max(1, min(l, D, n))
 
     say("pass 1: column mean and std, and a sketch of the row space")
@@ -289,31 +296,49 @@ def fit(
     # Z^T Omega = S^-1 (W^T Omega - mean 1^T Omega): a start block inside Z's row space, for free
     start = (sketch - np.outer(mean64, omega_sum)) / std64[:, None]
     G = _orth(start.astype(np.float32))  # (D, l)
-    basis, products = [], []
+    # K holds the Krylov blocks side by side, preallocated: no copies of the D x m basis. Only the upper
+    # block triangle of M = K^T Z^T Z K is computed (M is symmetric), so each product P_i is dropped as soon
+    # as the next block is made from it: memory is K plus one D x l product, whatever the depth.
+    K = np.empty((D, depth * l), dtype=np.float32)
+    M = np.zeros((depth * l, depth * l), dtype=np.float64)
+    used = 0
     for i in range(depth):
         say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})")
-        P = sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G)))  # (D, l)
-        basis.append(G)
-        products.append(P)
+        P = sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G)))  # (D, b) = Z^T Z G
+        b = G.shape[1]
+        K[:, used : used + b] = G
+        used += b
+        M[:used, used - b : used] = _tdot(K[:, :used], P)  # K^T Z^T Z G_i
         if i + 1 == depth:
             break
-        K = np.concatenate(basis, axis=1)
-        R = P - K @ (K.T @ P)
-        R -= K @ (K.T @ R)  # twice is enough (Kahan/Parlett) to keep K orthonormal in float32
+        Ku = K[:, :used]
+        R = P - Ku @ (Ku.T @ P)
+        R -= Ku @ (Ku.T @ R)  # twice is enough (Kahan/Parlett) to keep K orthonormal in float32
         scale = np.linalg.norm(P, axis=0).max(initial=0.0)
+        del P
         R[:, np.linalg.norm(R, axis=0) <= 1e-5 * max(scale, 1e-30)] = 0.0  # what K already spans
         G = np.ascontiguousarray(_orth(R))
+        del R
         if G.shape[1] == 0:
             break  # the Krylov space is invariant: it already holds the whole row space
-    K = np.concatenate(basis, axis=1)  # (D, m) orthonormal
-    M = K.T.astype(np.float64) @ np.concatenate(products, axis=1).astype(np.float64)  # (m, m) = K^T Z^T Z K
-    evals, evecs = np.linalg.eigh((M + M.T) / 2)
+    M = M[:used, :used]
+    M = np.triu(M) + np.triu(M, 1).T  # the lower triangle by symmetry
+    evals, evecs = np.linalg.eigh(M)
     order = np.argsort(evals)[::-1][:k]
-    V = (K @ evecs[:, order].astype(np.float32)).astype(np.float32)  # (D, k)
+    V = K[:, :used] @ evecs[:, order].astype(np.float32)  # (D, k)
+    del K
     V = _orth_stable_signs(V)
     s = np.sqrt(np.maximum(evals[order], 0.0))
     config = asdict(cfg) | {"block": l, "k": int(V.shape[1])}
     return Subspace(mean, std, V, s, total_variance, n, list(model_ids or []), config)
+
+
+def _tdot(A: np.ndarray, B: np.ndarray, rows: int = 16384) -> np.ndarray:
+    """A^T B in float64 accumulated over row chunks of float32 products (D is long: float32 sums drift)."""
+    out = np.zeros((A.shape[1], B.shape[1]), dtype=np.float64)
+    for lo in range(0, A.shape[0], rows):
+        out += A[lo : lo + rows].T @ B[lo : lo + rows]
+    return out
 
 
 def sum_blocks(parts: Iterable[np.ndarray]) -> np.ndarray:

@@ -25,10 +25,12 @@ def _safe_relpath(path: str) -> str:
 
 
 class LocalHub:
-    name = "local"
+    """A folder hub. The registry's own is named "local"; any other folder is named by its path, so the
+    catalog's records of pushes (and `verify`) never mistake one folder hub for another."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, name: str | None = None):
         self.root = Path(root)
+        self.name = name or f"folder:{self.root.resolve()}"
 
     def repo_dir(self, repo_id: str) -> Path:
         return self.root / validate_repo_id(repo_id)

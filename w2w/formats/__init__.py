@@ -106,6 +106,16 @@ WRITERS: dict[str, Callable[[LoRA, Path], list[Path]]] = {
 }
 
 
+def target_files(fmt: str, out: str | Path) -> list[Path]:
+    """The files write_lora(..., out, fmt) would write."""
+    out = Path(out)
+    if fmt == "peft":
+        return [out / peft.WEIGHTS, out / peft.CONFIG]
+    if out.suffix == ".safetensors":
+        return [out]
+    return [out / (diffusers.WEIGHT_NAME if fmt == "diffusers" else "lora.safetensors")]
+
+
 def write_lora(lora: LoRA, out: str | Path, fmt: str = "diffusers") -> list[Path]:
     """Write `lora` in `fmt`. `out` is a .safetensors file (diffusers, kohya) or a folder. Returns files written."""
     if fmt not in WRITERS:
