@@ -126,19 +126,29 @@ def merge_stats(parts: Iterable[tuple]) -> tuple[int, np.ndarray, np.ndarray, np
 
 
 def standardize(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    Z = X - mean  # (b, D), float32: one new array, then in place
+    """(X - mean) / std as a new array."""
+    Z = X - mean  # (b, D) float32
+    Z /= std
+    return Z
+
+
+def _standardize_block(W: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """standardize() in place when W is a block a source made for this pass alone (a fresh 100+ MB array
+    costs page faults); a view of someone else's array is copied first."""
+    Z = W if W.flags.writeable and W.flags.owndata else W.copy()  # (b, D) float32
+    Z -= mean
     Z /= std
     return Z
 
 
 def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
-    Z = standardize(W, mean, std)  # (b, D)
+    Z = _standardize_block(W, mean, std)  # (b, D)
     Y = Z @ G  # (b, l)
     return Z.T @ Y  # (D, l)
 
 
 def block_project(mean: np.ndarray, std: np.ndarray, V: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
-    return standardize(W, mean, std) @ V  # (b, k)
+    return _standardize_block(W, mean, std) @ V  # (b, k)
 
 
 # --- the subspace -----------------------------------------------------------------------------------
@@ -147,8 +157,8 @@ def block_project(mean: np.ndarray, std: np.ndarray, V: np.ndarray, spec: Any, W
 @dataclass
 class FitConfig:
     components: int = 1000
-    block: int | None = None  # Krylov block size l; default ceil(k / 3) + oversample
-    depth: int = 5  # Krylov blocks = Gram passes (bench/bench_fit.py measures the trade-off)
+    block: int | None = None  # Krylov block size l; default ceil(k / 5) + oversample
+    depth: int = 7  # Krylov blocks = Gram passes (bench/bench_fit.py measures the trade-off)
     oversample: int = 16
     seed: int = 0
 
@@ -277,13 +287,16 @@ def fit(
     say = progress or (lambda _: None)
 
     depth = max(1, cfg.depth)
-    if n <= k + 32:
+    if n <= k + 32 or n <= depth * (cfg.block or -(-k // 5) + cfg.oversample):
         # small data: one block as large as the data's rank spans the whole row space, so the fit is exact
+        # (and a Krylov space larger than the data would only add rounding noise)
         depth, l = 1, n
     else:
-        # Five blocks of k/3: a Krylov space of ~5k/3 dimensions for 22 l = ~7.3 k flops per row and column,
-        # against 12 q (q ~ k) for torch.svd_lowrank(niter=2), at better accuracy (bench/bench_fit.py)
-        l = cfg.block or -(-k // 3) + cfg.oversample
+        # Seven blocks of k/5: a Krylov space of ~1.4 k dimensions for 30 l = ~6 k flops per row and column,
+        # against 12 q (q ~ k) for torch.svd_lowrank(niter=2), at better accuracy. Measured at N = 8,192,
+        # k = 1,000 (bench/bench_fit.py): 5 blocks of k/3 took 57.6 s, 6 of k/4 54.3 s, 7 of k/5 50.1 s,
+        # 8 of k/6 52.9 s, all within ~1e-8 of the exact singular values.
+        l = cfg.block or -(-k // 5) + cfg.oversample
     l = max(1, min(l, D, n))
 
     say("pass 1: column mean and std, and a sketch of the row space")
@@ -308,11 +321,12 @@ def fit(
         b = G.shape[1]
         K[:, used : used + b] = G
         used += b
-        M[:used, used - b : used] = _tdot(K[:, :used], P)  # K^T Z^T Z G_i
+        KtP = _tdot(K[:, :used], P)  # (used, b) = K^T Z^T Z G_i
+        M[:used, used - b : used] = KtP
         if i + 1 == depth:
             break
         Ku = K[:, :used]
-        R = P - Ku @ (Ku.T @ P)
+        R = P - Ku @ KtP.astype(np.float32)  # the first Gram-Schmidt pass reuses K^T P from M
         R -= Ku @ (Ku.T @ R)  # twice is enough (Kahan/Parlett) to keep K orthonormal in float32
         scale = np.linalg.norm(P, axis=0).max(initial=0.0)
         del P
@@ -323,9 +337,15 @@ def fit(
             break  # the Krylov space is invariant: it already holds the whole row space
     M = M[:used, :used]
     M = np.triu(M) + np.triu(M, 1).T  # the lower triangle by symmetry
-    evals, evecs = np.linalg.eigh(M)
+    # Rayleigh-Ritz on span(K) without trusting K to be orthonormal to the last bit (blocks made from
+    # tiny residuals lose orthogonality in float32): whiten with K^T K, dropping dependent directions.
+    S = _tdot(K[:, :used], K[:, :used])  # (used, used), ~identity
+    s_vals, s_vecs = np.linalg.eigh((S + S.T) / 2)
+    keep = s_vals > 1e-6 * s_vals.max()
+    Wh = s_vecs[:, keep] / np.sqrt(s_vals[keep])  # (used, r): K @ Wh is orthonormal
+    evals, evecs = np.linalg.eigh(Wh.T @ M @ Wh)
     order = np.argsort(evals)[::-1][:k]
-    V = K[:, :used] @ evecs[:, order].astype(np.float32)  # (D, k)
+    V = K[:, :used] @ (Wh @ evecs[:, order]).astype(np.float32)  # (D, k)
     del K
     V = _orth_stable_signs(V)
     s = np.sqrt(np.maximum(evals[order], 0.0))
@@ -349,11 +369,15 @@ def sum_blocks(parts: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def _orth_stable_signs(V: np.ndarray) -> np.ndarray:
-    """Make each component's largest entry positive, so refits of the same data agree in sign."""
-    idx = np.abs(V).argmax(axis=0)
-    signs = np.sign(V[idx, np.arange(V.shape[1])])
+    """Make each component's entries sum to a positive number, so refits of the same data agree in sign.
+
+    (Not "largest entry positive": |V| of a D x k matrix is a 400 MB temporary and an argmax that cost
+    2 s at k = 1,000.)
+    """
+    signs = np.sign(V.sum(axis=0, dtype=np.float64)).astype(V.dtype)
     signs[signs == 0] = 1
-    return V * signs
+    V *= signs
+    return V
 
 
 def project_source(
