@@ -443,14 +443,6 @@ class Catalog:
             conds.append(f"({where})")
         return f"SELECT id FROM ({view}) WHERE {' AND '.join(conds) or 'true'}", params
 
-    def find_duplicate(self, con, source_sha256: str | None, vector_sha256: str, space_id: str) -> str | None:
-        row = con.execute(
-            "SELECT name FROM models WHERE (source_sha256 = ? AND source_sha256 IS NOT NULL) "
-            "OR (vector_sha256 = ? AND space_id = ?) LIMIT 1",
-            [source_sha256, vector_sha256, space_id],
-        ).fetchone()
-        return row[0] if row else None
-
     def lineage(self, model_id: int) -> list[dict]:
         with self.connect() as con:
             rows = con.execute(

@@ -36,7 +36,7 @@ from w2w.errors import (
     W2WError,
 )
 from w2w.flatten import flatten, unflatten
-from w2w.formats import ReadResult, read_lora, write_lora
+from w2w.formats import read_lora, write_lora
 from w2w.layout import Layout
 from w2w.lora import LoRA
 
@@ -108,17 +108,6 @@ class NewModel:
     def from_lora(cls, name: str, lora: LoRA, **kw) -> NewModel:
         layout = lora.layout()
         return cls(name, flatten(lora, layout), layout, base_model=kw.pop("base_model", lora.base_model), **kw)
-
-    @classmethod
-    def from_read(cls, rr: ReadResult, name: str, attributes: dict | None = None) -> NewModel:
-        return cls.from_lora(
-            name,
-            rr.lora,
-            source=str(rr.path),
-            source_format=rr.format,
-            source_sha256=rr.sha256,
-            attributes=attributes or {},
-        )
 
 
 @dataclass

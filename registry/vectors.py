@@ -9,7 +9,6 @@ Reads never load more than the rows asked for (or one block at a time).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +90,6 @@ class VectorStore:
         """Whole rows present in one shard file (0 when it is missing)."""
         p = self.shard_path(shard)
         return p.stat().st_size // self.row_bytes if p.exists() else 0
-
-    def blocks(self, n_rows: int, block_rows: int = 1024, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, (b, D) memory-mapped block) over rows [start, n_rows); blocks never cross shards."""
-        pos = start
-        while pos < n_rows:
-            shard, offset = divmod(pos, self.rows_per_shard)
-            n_in_shard = min(self.rows_per_shard, n_rows - shard * self.rows_per_shard)
-            mm = self.map(shard, n_in_shard)
-            b = min(block_rows, n_in_shard - offset)
-            yield pos, mm[offset : offset + b]
-            pos += b
 
     def read(self, rows: np.ndarray | list[int]) -> np.ndarray:
         """The given rows, (len(rows), D), copied into memory in the order asked."""
