@@ -270,3 +270,25 @@ def test_add_after_an_interrupted_fit_keeps_the_models(planted):
     found = [f for f in verify(reg).findings if f.kind == "orphan"]
     assert [f.what for f in found] == ["subspaces/ss-deadbeef00"]
     orphan.rmdir()
+
+
+def test_search_through_an_hnsw_index_with_a_filter(tmp_path, monkeypatch):
+    from registry import index as coeff_index
+
+    monkeypatch.setattr(coeff_index, "HNSW_MIN", 0)  # HNSW from the first model, as a large registry would
+    pop = Population(LAYOUT, latent=8, seed=7, noise=0.002)
+    reg = Registry.init(tmp_path / "hnsw")
+    reg.add_models(
+        NewModel(f"h{i:04d}", pop.vector(i), LAYOUT, BASE, attributes=pop.attributes(i)) for i in range(1200)
+    )
+    wspace.fit_space(reg, components=20)
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    assert coeff_index.kind_of(coeff_index.load(sm.index_path)) == "hnsw"
+    assert len(reg.ls("smile AND NOT hat")) > 200  # large enough to go through the index, with a selector
+    for query in ("h0000", "h0300", "h1199"):
+        for where in (None, "smile AND NOT hat"):
+            fast = [h.model.name for h in reg.search(query, k=10, where=where).hits]
+            exact = [h.model.name for h in reg.search(query, k=10, where=where, exact=True).hits]
+            assert fast == exact, (query, where)
+    reg.add_models([NewModel("late", pop.vector(1000), LAYOUT, BASE)])  # added to the HNSW index
+    assert verify(reg).ok
