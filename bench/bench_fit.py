@@ -75,13 +75,30 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int) -> dict:
 
     t = time.perf_counter()
     cfg = FitConfig(components=k, depth=depth) if depth else FitConfig(components=k)
-    sub = fit(FileSource(path, n, dim), cfg)
+    marks: list[tuple[str, float]] = []
+    sub = fit(FileSource(path, n, dim), cfg, progress=lambda msg: marks.append((msg, time.perf_counter())))
     dt = time.perf_counter() - t
+    # time per pass against the matmul floor of that pass: its flops at the rate a gemm of the same
+    # shape reaches here (measured now, on one block)
+    l = sub.config["block"]
+    W = np.random.default_rng(0).standard_normal((384, dim), dtype=np.float32)
+    G = np.random.default_rng(1).standard_normal((dim, l), dtype=np.float32)
+    W @ G
+    t0 = time.perf_counter()
+    W.T @ (W @ G)
+    rate = 4 * 384 * dim * l / (time.perf_counter() - t0)  # flop/s of one block's two gemms
+    ends = [m[1] for m in marks[1:]] + [t + dt]
+    passes = []
+    for (msg, start), end in zip(marks, ends, strict=True):
+        flops = (2 if msg.startswith("pass 1") else 4) * n * dim * l
+        passes.append({"pass": msg.split(":")[0], "seconds": round(end - start, 2),
+                       "floor_seconds": round(flops / rate, 2)})  # fmt: skip
     return {
         "seconds": dt,
         "s": sub.singular_values.tolist(),
         "total": sub.total_variance * (n - 1),
         "config": sub.config,
+        "passes": passes,
     }
 
 
@@ -178,6 +195,8 @@ def main() -> None:
         cap = float((s**2).sum() / total) if total else float("nan")
         r["sv_rel_err"], r["captured"] = err, cap
         print(f"{name:<10} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} {err:>12.2e} {cap:>9.4f}")
+    for p in results.get("ours", {}).get("passes", []):
+        print(f"  ours {p['pass']}: {p['seconds']:.1f} s (matmul floor {p['floor_seconds']:.1f} s)")
     if "ours" in results and "torch" in results:
         speed = results["torch"]["seconds"] / results["ours"]["seconds"]
         mem = results["ours"]["peak_rss_mb"] / results["torch"]["peak_rss_mb"]
