@@ -23,7 +23,7 @@ from registry import index as coeff_index
 from registry.catalog import ModelRow
 from registry.vectors import VectorStore
 from w2w.errors import W2WError
-from w2w.subspace import FitConfig, Subspace, SubspaceError, fit, map_in_process, project_source
+from w2w.subspace import FitConfig, Subspace, SubspaceError, fit, map_in_process
 
 REFIT_FACTOR = 1.5  # a model is poorly explained when its error exceeds 1.5x the fitted models' p95
 
@@ -169,16 +169,17 @@ def fit_space(
     try:
         sub = fit(StoreSource(store, fit_rows), cfg, model_ids=ids, map_blocks=mapper, progress=say)
         fit_s = time.perf_counter() - t0
-        C = project_source(sub, StoreSource(store, fit_rows), map_blocks=mapper)  # (n, k)
     finally:
         client = getattr(mapper, "client", None)
         if client is not None:
             client.close()
-    errors = _relative_errors(sub, StoreSource(store, fit_rows), C)
-    p95 = float(np.percentile(errors, 95))
     subspace_id = "ss-" + hashlib.sha256(f"{space_id}|{time.time_ns()}|{len(ids)}".encode()).hexdigest()[:10]
     folder = subspace_folder(reg, subspace_id)
     with reg.writing():
+        # one pass projects every model of the space; the fitted ones' rows give the Gaussians and the p95
+        all_ids, C_all, err_all = _project_space(reg, space_id, sub, say)
+        fitted = np.isin(all_ids, np.asarray(ids, dtype=np.int64))
+        C, p95 = C_all[fitted], float(np.percentile(err_all[fitted], 95))  # (n, k)
         sub.save(folder, {"id": subspace_id, "space": space_id, "where": where, "fit_seconds": fit_s})
         from safetensors.numpy import save
 
@@ -193,7 +194,7 @@ def fit_space(
                json.dumps(sub.config)]  # fmt: skip
         # the subspace row commits together with its projections, after every file is in place: an
         # interrupted fit leaves only a folder that no catalog row names (verify reports it as an orphan)
-        _index_all(reg, sm, say, subspace_row=row)
+        _store_projections(reg, sm, all_ids, C_all, err_all, subspace_row=row)
     return {
         "subspace": subspace_id,
         "space": space_id,
@@ -206,28 +207,32 @@ def fit_space(
     }
 
 
-def _relative_errors(sub: Subspace, source: StoreSource, C: np.ndarray) -> np.ndarray:
-    out = np.empty(source.n)
-    for lo, hi in source.specs():
-        out[lo:hi] = sub.relative_error(source.load((lo, hi)))
-    return out
-
-
-def _index_all(reg, sm: SpaceModel, say, subspace_row: list | None = None) -> None:
-    """Project every model of the space into `sm` and (re)build its coefficient index. Holds the writer lock.
-
-    With `subspace_row`, the subspace's catalog row is inserted in the same transaction as its projections.
-    """
-    space = reg.space(sm.space_id)
+def _project_space(reg, space_id: str, sub: Subspace, say) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, coefficients (n, k), relative errors (n,)) of every model of a space, in one read of the vectors."""
     with reg.catalog.connect() as con:
-        rows = con.execute(
-            "SELECT id, row_idx FROM models WHERE space_id = ? ORDER BY row_idx", [sm.space_id]
-        ).fetchall()
+        rows = con.execute("SELECT id, row_idx FROM models WHERE space_id = ? ORDER BY row_idx", [space_id]).fetchall()
     ids = np.array([r[0] for r in rows], dtype=np.int64)
-    source = StoreSource(reg.store(space), np.array([r[1] for r in rows], dtype=np.int64))
+    source = StoreSource(reg.store(reg.space(space_id)), np.array([r[1] for r in rows], dtype=np.int64))
     say(f"projecting {len(ids)} models and building the coefficient index")
-    C = project_source(sm.sub, source)
-    errors = _relative_errors(sm.sub, source, C)
+    C = np.empty((len(ids), sub.k), dtype=np.float32)
+    errors = np.empty(len(ids))
+    for lo, hi in source.specs():
+        W = source.load((lo, hi))  # (b, D)
+        C[lo:hi] = sub.project(W)
+        errors[lo:hi] = sub.relative_error(W)
+    return ids, C, errors
+
+
+def _index_all(reg, sm: SpaceModel, say) -> None:
+    """Project every model of the space into `sm` and (re)build its coefficient index. Holds the writer lock."""
+    _store_projections(reg, sm, *_project_space(reg, sm.space_id, sm.sub, say))
+
+
+def _store_projections(
+    reg, sm: SpaceModel, ids: np.ndarray, C: np.ndarray, errors: np.ndarray, subspace_row: list | None = None
+) -> None:
+    """Write coefficients, index and projection rows; with `subspace_row`, the subspace's catalog row is
+    inserted in the same transaction."""
     cs = sm.coeff_store()
     cs.truncate(0)
     cs.write_rows(0, C)

@@ -147,10 +147,6 @@ def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: n
     return Z.T @ Y  # (D, l)
 
 
-def block_project(mean: np.ndarray, std: np.ndarray, V: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
-    return _standardize_block(W, mean, std) @ V  # (b, k)
-
-
 # --- the subspace -----------------------------------------------------------------------------------
 
 
@@ -378,12 +374,3 @@ def _orth_stable_signs(V: np.ndarray) -> np.ndarray:
     signs[signs == 0] = 1
     V *= signs
     return V
-
-
-def project_source(
-    sub: Subspace, source: BlockSource, map_blocks: MapBlocks | None = None, k: int | None = None
-) -> np.ndarray:
-    """Coefficients of every row of `source`, (N, k), one pass."""
-    V = np.ascontiguousarray(sub.components[:, : k or sub.k])
-    parts = list((map_blocks or map_in_process)(block_project, source, source.specs(), (sub.mean, sub.std, V)))
-    return np.concatenate(parts) if parts else np.empty((0, V.shape[1]), np.float32)
