@@ -35,9 +35,9 @@ def cli(ctx: click.Context, registry_dir: Path) -> None:
 
 
 def _register() -> None:
-    from cli import edits, maintenance, models, search, space, tour
+    from cli import demo, edits, ingest, invert, maintenance, models, search, space, tour, toyfaces
 
-    for module in (models, search, space, edits, maintenance, tour):
+    for module in (models, ingest, invert, search, space, edits, maintenance, demo, tour, toyfaces):
         for command in module.COMMANDS:
             cli.add_command(command)
 

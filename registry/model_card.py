@@ -46,7 +46,9 @@ def render(
     ]
     if lineage:
         body += ["", "## Lineage", ""]
-        body += [f"- {l['operation']} of `{l.get('parent') or l.get('parent_id')}`" for l in lineage]
+        for l in lineage:
+            parent = l.get("parent") or l.get("parent_id")
+            body.append(f"- {l['operation']}" + (f" of `{parent}`" if parent is not None else ""))
     if attributes:
         body += ["", "## Attributes", ""] + [f"- {k}: {v}" for k, v in sorted(attributes.items())]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"

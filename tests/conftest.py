@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 # Never reach for the hub: everything is built in code.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,3 +61,23 @@ def sd_pipe(_session_pipe, base_unet):
     base = base_unet.state_dict()
     now = _session_pipe.unet.state_dict()
     assert now.keys() == base.keys() and all(torch.equal(now[k], base[k]) for k in base)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionPipeline saved as a diffusers folder: a --base-model for ingest and invert."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    pipe = build_pipeline(UNet2DConditionModel(**TINY_UNET_CONFIG).eval())
+    out = tmp_path_factory.mktemp("tiny-base")
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def faces(tmp_path_factory) -> Path:
+    """A toy-faces dataset of 5 identities, 3 images each."""
+    from ingest import toyfaces
+
+    return toyfaces.make_dataset(tmp_path_factory.mktemp("faces") / "ds", identities=5, images=3, seed=0)

@@ -157,3 +157,41 @@ class IntegrityError(W2WError, RuntimeError):
 
 class DirectionError(W2WError, ValueError):
     """Labels or coefficients from which no attribute direction can be fitted, or an unusable direction."""
+
+
+# --- training datasets -------------------------------------------------------------------------------
+
+
+class DatasetError(W2WError, ValueError):
+    """A training dataset (identity folders of images plus attributes.csv) that cannot be used as it is."""
+
+    def __init__(self, path: object, problem: str, hint: str = ""):
+        self.path, self.problem, self.hint = str(path), problem, hint
+        super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+# --- the weights2weights release (`w2wreg ingest --from-w2w-release`) ----------------------------------
+
+
+class ReleaseError(W2WError):
+    """The weights2weights release files cannot be imported as they are."""
+
+    def __init__(self, path: object, problem: str, hint: str = ""):
+        self.path, self.problem, self.hint = str(path), problem, hint
+        super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+class ReleaseFileMissingError(ReleaseError, FileNotFoundError):
+    """A file of the release is not in the folder given."""
+
+
+class ReleaseFormatError(ReleaseError, ValueError):
+    """A release file whose content is not what the release's structure says (keys, shapes, config)."""
+
+
+class ReleasePickleError(ReleaseError, ValueError):
+    """A release file that only a full unpickle could read, refused without --trust-pickle."""
+
+
+class ReleaseDependencyError(ReleaseError, ImportError):
+    """Reading a release file needs a package that is not installed (pandas, for identity_df.pt)."""

@@ -1,0 +1,384 @@
+"""Importing the weights2weights release (`w2wreg ingest --from-w2w-release`), on small files of its structure.
+
+The test writes what a user downloads, the way the authors made it: all_weights.pt is one (N, D) float32 tensor
+whose rows concatenate `.flatten()` of every adapter tensor in the order `load_peft_weights` returns them (sorted
+PEFT keys); weight_dimensions.pt maps each key to (torch.Size([numel]), shape) in that order; adapter_config.json
+is the PEFT config (r = 1, lora_alpha = 27, to_q/to_v). The real SD 1.5 keys and shapes, D = 99,648; N = 7.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ingest.w2w_release as w2r
+from ingest.w2w_release import BASE_MODEL, ReleaseWarning, import_release, read_release, table_to_attributes
+from registry.registry import Registry
+from w2w.errors import (
+    ReleaseDependencyError,
+    ReleaseError,
+    ReleaseFileMissingError,
+    ReleaseFormatError,
+)
+from w2w.flatten import flatten
+from w2w.formats import read_lora
+from w2w.lora import LoRA, LoRALayer
+from w2w.presets import sd15_layout
+
+N = 7
+HAS_PANDAS = importlib.util.find_spec("pandas") is not None
+CONFIG = {
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "r": 1,
+    "lora_alpha": 27,
+    "lora_dropout": 0.0,
+    "target_modules": ["to_v", "to_q"],
+    "bias": "none",
+    "init_lora_weights": True,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+}
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return sd15_layout("w2w")
+
+
+@pytest.fixture(scope="module")
+def official_dims(layout) -> dict:
+    """weight_dimensions as the authors saved it: sorted PEFT keys -> (torch.Size([numel]), torch.Size(shape))."""
+    shapes = {}
+    for e in layout.entries:
+        shapes[f"base_model.model.{e.module}.lora_A.weight"] = e.a_shape
+        shapes[f"base_model.model.{e.module}.lora_B.weight"] = e.b_shape
+    return {k: (torch.Size([math.prod(shapes[k])]), torch.Size(shapes[k])) for k in sorted(shapes)}
+
+
+def write_release(folder: Path, dims: dict, n: int = N, seed: int = 0, config: dict | None = None) -> np.ndarray:
+    """The release's files in `folder`; returns the (n, D) rows written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    d = sum(int(v[0][0]) for v in dims.values())
+    rows = (np.random.default_rng(seed).standard_normal((n, d)) * 0.01).astype(np.float32)
+    torch.save(torch.from_numpy(rows), folder / "all_weights.pt")
+    torch.save(dims, folder / "weight_dimensions.pt")
+    (folder / "adapter_config.json").write_text(json.dumps(config or CONFIG))
+    return rows
+
+
+def release_lora(row: np.ndarray, dims: dict, alpha: float = 27.0) -> LoRA:
+    """The LoRA a release row stands for, unflattened the authors' way: walk the keys with a running offset."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    offset = 0
+    for key, (numel, shape) in dims.items():
+        module, factor = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        parts.setdefault(module, {})[factor[0]] = row[offset : offset + numel[0]].reshape(tuple(shape))
+        offset += numel[0]
+    assert offset == row.shape[0]
+    return LoRA({m: LoRALayer(p["A"], p["B"], alpha) for m, p in parts.items()})
+
+
+@pytest.fixture
+def reg(tmp_path) -> Registry:
+    return Registry.init(tmp_path / "reg")
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[tuple[str, dict]]:
+    """Every torch.load call: (file name, keyword arguments)."""
+    calls: list[tuple[str, dict]] = []
+    real = torch.load
+
+    def spy(f, *args, **kw):
+        calls.append((Path(f).name, kw))
+        return real(f, *args, **kw)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+def test_import_puts_every_row_in_our_layout(tmp_path, reg, layout, official_dims, loads):
+    rows = write_release(tmp_path / "release", official_dims)
+    report = import_release(reg, tmp_path / "release", progress=False)
+    assert report.committed and len(report.added) == N and not report.errors
+    assert any("identity_df.pt" in w for w in report.warnings), report.warnings
+
+    [space] = reg.spaces()
+    assert reg.layout(space.id) == layout, "the release must land in the paper's SD 1.5 w2w space"
+    assert space.base_model == BASE_MODEL and space.dim == 99_648
+    for i in range(N):
+        m = reg.get(f"w2w-{i:05d}")
+        assert np.array_equal(reg.vector(m), flatten(release_lora(rows[i], official_dims))), f"row {i}"
+        assert m.attributes == {} and m.source_format == "w2w-release" and m.source.endswith(f"#row={i}")
+
+    # the authors' order (sorted PEFT keys) is our canonical order: a row is copied as it is
+    assert len(read_release(tmp_path / "release").segments) == 1
+    # pickles: tensors only through the safe loader, the weights memory-mapped, nothing fully unpickled
+    by_file = {name: kw for name, kw in loads}
+    assert by_file["all_weights.pt"].get("weights_only") is True and by_file["all_weights.pt"].get("mmap") is True
+    assert by_file["weight_dimensions.pt"].get("weights_only") is True
+    assert all(kw.get("weights_only") is True for _, kw in loads)
+
+
+def test_any_key_order_is_mapped_key_by_key(tmp_path, reg, official_dims):
+    keys = list(official_dims)
+    order = np.random.default_rng(3).permutation(len(keys))
+    dims = {keys[j]: official_dims[keys[j]] for j in order}
+    rows = write_release(tmp_path / "release", dims, seed=1)
+    assert len(read_release(tmp_path / "release").segments) > 1
+    import_release(reg, tmp_path / "release", progress=False)
+    for i in range(N):
+        assert np.array_equal(reg.vector(f"w2w-{i:05d}"), flatten(release_lora(rows[i], dims)))
+
+
+def test_exported_diffusers_file_reads_back_as_the_release_lora(tmp_path, reg, official_dims):
+    rows = write_release(tmp_path / "release", official_dims)
+    import_release(reg, tmp_path / "release", progress=False)
+    [path] = reg.export("w2w-00003", "diffusers", tmp_path / "out" / "w2w-00003.safetensors")
+    got = read_lora(path).lora
+    want = release_lora(rows[3], official_dims)
+    assert list(got.layers) == list(want.layers)
+    for module, layer in want.layers.items():
+        g = got.layers[module]
+        assert np.array_equal(g.A, layer.A) and np.array_equal(g.B, layer.B) and g.alpha == 27.0, module
+
+
+class Recording:
+    """Stands in for the memory-mapped tensor: lets only row slices through, and records them."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._t, self.slices = tensor, []
+
+    shape = property(lambda self: self._t.shape)
+    dtype = property(lambda self: self._t.dtype)
+
+    def __getitem__(self, key):
+        assert isinstance(key, slice) and key.step is None, f"only row slices may be read, got {key!r}"
+        self.slices.append((key.start, key.stop))
+        return self._t[key]
+
+
+def test_rows_are_read_a_slice_at_a_time(tmp_path, reg, official_dims, monkeypatch):
+    write_release(tmp_path / "release", official_dims)
+    seen: list[Recording] = []
+    real = w2r._load_weights
+
+    def load(path):
+        seen.append(Recording(real(path)))
+        return seen[-1]
+
+    monkeypatch.setattr(w2r, "_load_weights", load)
+    report = import_release(reg, tmp_path / "release", progress=False, chunk_rows=3)
+    assert len(report.added) == N
+    assert seen[0].slices == [(0, 3), (3, 6), (6, 7)], "rows must be streamed in chunks, never all at once"
+
+
+def test_limit_imports_the_first_rows(tmp_path, reg, official_dims):
+    write_release(tmp_path / "release", official_dims)
+    report = import_release(reg, tmp_path / "release", progress=False, limit=2)
+    assert [n for n, _ in report.added] == ["w2w-00000", "w2w-00001"]
+
+
+def test_second_import_adds_nothing(tmp_path, reg, official_dims):
+    write_release(tmp_path / "release", official_dims)
+    import_release(reg, tmp_path / "release", progress=False)
+    again = import_release(reg, tmp_path / "release", progress=False, name_prefix="other-")
+    assert again.committed and again.added == [] and not again.errors
+    assert len(again.skipped) == N and all("same weights" in why for _, why in again.skipped)
+    assert len(reg.ls()) == N
+
+
+@pytest.mark.parametrize("missing", ["all_weights.pt", "weight_dimensions.pt", "adapter_config.json"])
+def test_a_missing_file_is_named(tmp_path, reg, official_dims, missing):
+    write_release(tmp_path / "release", official_dims)
+    (tmp_path / "release" / missing).unlink()
+    with pytest.raises(ReleaseFileMissingError, match=missing) as e:
+        import_release(reg, tmp_path / "release", progress=False)
+    assert "\n" not in str(e.value) and "download" in str(e.value)
+    assert reg.ls() == []
+
+
+def test_the_authors_repo_layout_is_found(tmp_path, reg, official_dims):
+    write_release(tmp_path / "repo" / "files", official_dims)
+    (tmp_path / "repo" / "weights_datasets" / "identities").mkdir(parents=True)
+    (tmp_path / "repo" / "files" / "all_weights.pt").rename(
+        tmp_path / "repo" / "weights_datasets" / "identities" / "all_weights.pt"
+    )
+    assert len(import_release(reg, tmp_path / "repo", progress=False).added) == N
+
+
+def test_shape_mismatches_are_refused(tmp_path, reg, official_dims):
+    keys = list(official_dims)
+    # numel and shape of one entry disagree
+    bad = dict(official_dims)
+    bad[keys[0]] = (torch.Size([321]), official_dims[keys[0]][1])
+    write_release(tmp_path / "a", bad)
+    with pytest.raises(ReleaseFormatError, match="numel"):
+        import_release(reg, tmp_path / "a", progress=False)
+    # a factor whose shape is no LoRA of that SD 1.5 layer
+    bad = dict(official_dims)
+    bad[keys[0]] = (torch.Size([321]), torch.Size([1, 321]))
+    write_release(tmp_path / "b", bad)
+    with pytest.raises(ReleaseFormatError, match="do not fit"):
+        import_release(reg, tmp_path / "b", progress=False)
+    # rows of another length than weight_dimensions adds up to
+    write_release(tmp_path / "c", official_dims)
+    torch.save(torch.zeros(N, 99_647), tmp_path / "c" / "all_weights.pt")
+    with pytest.raises(ReleaseFormatError, match="99,647"):
+        import_release(reg, tmp_path / "c", progress=False)
+    assert reg.ls() == []
+
+
+def test_unknown_keys_are_refused(tmp_path, reg, official_dims):
+    keys = list(official_dims)
+    for name, new_key, message in (
+        ("a", keys[0].replace("attn1.to_q", "attn1.to_x"), "no Linear layer of the SD 1.5 UNet"),
+        ("b", "text_model.encoder.layers.0.mlp.fc1.weight", "no LoRA factor"),
+    ):
+        bad = {(new_key if k == keys[0] else k): v for k, v in official_dims.items()}
+        write_release(tmp_path / name, bad)
+        with pytest.raises(ReleaseFormatError, match=message):
+            import_release(reg, tmp_path / name, progress=False)
+    assert reg.ls() == []
+
+
+def test_config_must_agree_with_the_weights(tmp_path, reg, official_dims):
+    write_release(tmp_path / "a", official_dims, config={**CONFIG, "r": 4})
+    with pytest.raises(ReleaseFormatError, match="rank-4"):
+        import_release(reg, tmp_path / "a", progress=False)
+    write_release(tmp_path / "b", official_dims, config={**CONFIG, "target_modules": ["to_q"]})
+    with pytest.raises(ReleaseFormatError, match="target_modules"):
+        import_release(reg, tmp_path / "b", progress=False)
+    # another alpha is another space: imported, with a warning that it is not the paper's
+    write_release(tmp_path / "c", official_dims, config={**CONFIG, "lora_alpha": 8})
+    report = import_release(reg, tmp_path / "c", progress=False)
+    assert len(report.added) == N and any("not the paper's w2w space" in w for w in report.warnings)
+
+
+def test_identity_df_is_not_unpickled_without_trust(tmp_path, reg, official_dims, loads):
+    write_release(tmp_path / "release", official_dims)
+    torch.save({"not": "read"}, tmp_path / "release" / "identity_df.pt")
+    report = import_release(reg, tmp_path / "release", progress=False)
+    assert len(report.added) == N
+    assert any("identity_df.pt" in w and "--trust-pickle" in w for w in report.warnings), report.warnings
+    assert all(m.attributes == {} for m in reg.ls())
+    assert "identity_df.pt" not in {name for name, _ in loads}
+
+
+def test_trust_pickle_needs_identity_df(tmp_path, reg, official_dims):
+    write_release(tmp_path / "release", official_dims)
+    with pytest.raises(ReleaseFileMissingError, match="identity_df.pt"):
+        import_release(reg, tmp_path / "release", trust_pickle=True, progress=False)
+
+
+@pytest.mark.skipif(HAS_PANDAS, reason="checks the error given when pandas is not installed")
+def test_trust_pickle_without_pandas_says_how_to_get_it(tmp_path, reg, official_dims):
+    write_release(tmp_path / "release", official_dims)
+    torch.save({"not": "read"}, tmp_path / "release" / "identity_df.pt")
+    with pytest.warns(ReleaseWarning, match="runs whatever code"), pytest.raises(ReleaseDependencyError) as e:
+        import_release(reg, tmp_path / "release", trust_pickle=True, progress=False)
+    assert "pip install pandas" in str(e.value) and "\n" not in str(e.value)
+
+
+# identity_df's columns as pandas hands them over: `file` names the training folders (the table is not in row order)
+FILES = [10, 2, 33, 1, 100, 5, 7]  # folders "1", "10", "100", "2", "33", "5", "7" in alphanumeric order
+TABLE = {
+    "file": FILES,
+    "Male": [1, -1, 1, -1, -1, 1, 1],
+    "Eyeglasses": [0, 0, 1, 0, 1, 0, 0],
+    "5_o_Clock_Shadow": [-1, -1, -1, 1, -1, -1, -1],
+    "Young": [True, False, True, True, False, True, False],
+    "score": [0.5, 1.5, float("nan"), 2.0, 3.0, -1.0, 0.0],
+    "name": [3, 1, 4, 1, 5, 9, 2],
+    "note": ["a", "b", "c", "d", "e", "f", "g"],
+}
+
+
+def expected_rows() -> list[tuple[str, dict]]:
+    """(name, attributes) per release row: the table sorted by folder name."""
+    out = []
+    for j in sorted(range(N), key=lambda j: str(FILES[j])):
+        attrs = {
+            "male": TABLE["Male"][j] == 1,
+            "eyeglasses": TABLE["Eyeglasses"][j] == 1,
+            "_5_o_clock_shadow": TABLE["5_o_Clock_Shadow"][j] == 1,
+            "young": TABLE["Young"][j],
+            "name_attr": float(TABLE["name"][j]),
+        }
+        if not math.isnan(TABLE["score"][j]):
+            attrs["score"] = TABLE["score"][j]
+        out.append((f"w2w-{FILES[j]}", attrs))
+    return out
+
+
+def test_trusted_table_names_models_and_labels_them(tmp_path, reg, official_dims, monkeypatch):
+    # pandas' part (unpickling the DataFrame) is swapped for the columns it would give; the rest runs for real
+    rows = write_release(tmp_path / "release", official_dims)
+    torch.save({"stand-in": True}, tmp_path / "release" / "identity_df.pt")
+    monkeypatch.setattr(w2r, "_load_table", lambda path, notes: dict(TABLE))
+    report = import_release(reg, tmp_path / "release", trust_pickle=True, progress=False)
+    assert any("note" in w for w in report.warnings), "a text column is left out, with a warning"
+    for i, (name, attrs) in enumerate(expected_rows()):
+        m = reg.get(name)
+        assert m.attributes == attrs, name
+        assert np.array_equal(reg.vector(m), flatten(release_lora(rows[i], official_dims))), name
+    got = {m.name for m in reg.ls("male AND NOT eyeglasses")}
+    assert got == {n for n, a in expected_rows() if a["male"] and not a["eyeglasses"]} and got
+
+
+@pytest.mark.skipif(not HAS_PANDAS, reason="pandas is not installed: identity_df.pt is a pickled pandas DataFrame")
+def test_identity_df_with_pandas(tmp_path, reg, official_dims):
+    import pandas as pd
+
+    write_release(tmp_path / "release", official_dims)
+    torch.save(pd.DataFrame(TABLE), tmp_path / "release" / "identity_df.pt")
+    with pytest.warns(ReleaseWarning, match="runs whatever code"):
+        report = import_release(reg, tmp_path / "release", trust_pickle=True, progress=False)
+    assert len(report.added) == N
+    for name, attrs in expected_rows():
+        assert reg.get(name).attributes == attrs, name
+
+
+def test_table_rows_must_match_the_weights():
+    with pytest.raises(ReleaseFormatError, match="6 rows"):
+        table_to_attributes({k: v[:6] for k, v in TABLE.items()}, N, "identity_df.pt", [])
+    with pytest.raises(ReleaseFormatError, match="same folder"):
+        table_to_attributes({**TABLE, "file": [1, 2, 3, 4, 5, 6, 1]}, N, "identity_df.pt", [])
+    with pytest.raises(ReleaseFormatError, match="`file`"):
+        table_to_attributes({"Male": TABLE["Male"]}, N, "identity_df.pt", [])
+    folders, attrs = table_to_attributes({"file": [2.0, 1.0, 3.0, 4.0, 5.0, 6.0, 7.0]}, N, "x", [])
+    assert folders == ["1", "2", "3", "4", "5", "6", "7"] and attrs.keys == []
+
+
+def test_bad_name_prefix_is_refused(tmp_path, reg, official_dims):
+    write_release(tmp_path / "release", official_dims)
+    with pytest.raises(ReleaseError, match="prefix"):
+        import_release(reg, tmp_path / "release", name_prefix="bad/", progress=False)
+
+
+def test_cli_ingest_from_w2w_release(tmp_path, official_dims):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    write_release(tmp_path / "rel", official_dims, n=3)
+    (tmp_path / "rel" / "identity_df.pt").write_bytes(b"not read without --trust-pickle")
+    res = CliRunner().invoke(
+        cli, ["--registry", str(tmp_path / "r"), "ingest", "--from-w2w-release", str(tmp_path / "rel"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [a["name"] for a in data["added"]] == ["w2w-00000", "w2w-00001", "w2w-00002"]
+    assert any("--trust-pickle" in w for w in data["warnings"])
+    res = CliRunner().invoke(cli, ["--registry", str(tmp_path / "r"), "ingest", "--from-w2w-release", str(tmp_path)])
+    assert res.exit_code != 0 and "all_weights.pt" in res.output
