@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--sd15", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--resolution", type=int, default=512, help="--sd15 only: image size (64 for a CPU smoke run)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -124,11 +125,12 @@ def main() -> None:
     cls = None
     if args.sd15:
         base = sd15_base(args.device, args.dtype)
-        recipe = replace(get_recipe("w2w"), steps=args.steps, class_images=4)
+        res = args.resolution
+        recipe = replace(get_recipe("w2w"), steps=args.steps, class_images=4, resolution=res)
         g = torch.Generator().manual_seed(0)
-        ids = [Identity(f"id{i}", torch.rand(4, 3, 512, 512, generator=g) * 2 - 1) for i in range(args.identities)]
+        ids = [Identity(f"id{i}", torch.rand(4, 3, res, res, generator=g) * 2 - 1) for i in range(args.identities)]
         with torch.no_grad():
-            cls = base.encode_images(torch.rand(4, 3, 512, 512, generator=g) * 2 - 1)
+            cls = base.encode_images(torch.rand(4, 3, res, res, generator=g) * 2 - 1)
     else:
         from ingest.basemodel import load_base
 

@@ -25,8 +25,9 @@ STRENGTH = 2.5  # standard deviations of the attribute's score: a clear change o
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the toy identities.")
 def demo(identities: int, images: int, steps: int | None, batch_identities: int, out: Path | None, seed: int) -> None:
-    """Make a toy-faces dataset, train one LoRA per identity, fit the w2w space, search, sample and edit,
-    and draw it all on a contact sheet (OUT/demo.png) with measured figures (OUT/summary.json).
+    """Make a toy-faces dataset, train one LoRA per identity, fit the w2w space, search, sample, edit and
+    invert held-out faces, and draw it all on a contact sheet (OUT/demo.png) with measured figures
+    (OUT/summary.json).
 
     \b
     w2wreg demo --out /tmp/w2w-demo
@@ -39,6 +40,10 @@ def demo(identities: int, images: int, steps: int | None, batch_identities: int,
     out = Path(out or tempfile.mkdtemp(prefix="w2wreg-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     faces_dir, registry = out / "faces", out / "registry"
+    if registry.exists():
+        from cli.errors import fail
+
+        fail(f"{out} already holds a demo (its registry/); pass a new --out or delete it")
 
     def run(*args: str) -> None:
         click.secho("\n$ w2wreg " + " ".join(shlex.quote(str(a)) for a in args), bold=True)
@@ -57,9 +62,15 @@ def demo(identities: int, images: int, steps: int | None, batch_identities: int,
     run("fit", "--components", min(1000, identities - 1))
     first = toyfaces.identity_name(0)
     run("search", "--like", first, "-k", "3")
+    fitted = []
     for a in EDITS:
-        run("direction", "fit", a)
-    run("edit", first, "--direction", f"glasses={STRENGTH}")
+        try:
+            run("direction", "fit", a)
+            fitted.append(a)
+        except SystemExit:  # too few identities with (or without) it: the demo goes on without that edit
+            click.secho(f"  (no {a} direction with this few identities: its edits are left out)", dim=True)
+    if fitted:
+        run("edit", first, *[x for a in fitted[:2] for x in ("--direction", f"{a}=1")])
     run("sample", "-n", "6", "--seed", "0")
     run("verify")
 
@@ -87,7 +98,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: 
     names = sorted(data)
     truth = {n: {a: bool(data[n].attributes[a]) for a in toyfaces.ATTRIBUTES} for n in names}
     shown = names[:6]
-    seed = 7  # the same noise for every model: differences between pictures are differences between models
+    seed = 2  # the same noise for every model: differences between pictures are differences between models
 
     def look(lora) -> np.ndarray:
         return generate(base, lora, n=1, seed=seed)[0]
@@ -101,7 +112,8 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: 
 
     # edits: every identity that lacks the attribute gets it (+STRENGTH std); others must stay
     edit_rows, success, kept = {}, {}, {}
-    for a in EDITS:
+    fitted = {d["attribute"] for d in edits.list_directions(reg)}  # the current subspace's
+    for a in [a for a in EDITS if a in fitted]:
         targets = [n for n in names if not truth[n][a]][: max(6, n_ids // 2)]
         ok, same, total_other = 0, 0, 0
         for n in tqdm(targets, desc=f"+{a}", unit="model"):
@@ -125,6 +137,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: 
         hit = reg.search(n, k=1).hits[0]
         neighbours.append(look(reg.lora(hit.model)))
     base_imgs = [generate(base, None, prompt="a person", n=1, seed=s)[0] for s in range(6)]
+    held_imgs, inverted_imgs, inv_agree = _invert_held_out(reg, base, n_ids, look)
     train_imgs = [load_images(data[n].images[:1], 32)[0] for n in shown]
 
     rows = [
@@ -136,6 +149,8 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: 
     ]
     for a in EDITS:
         rows.append((f"+{a} (other identities)", [img for _, img in edit_rows.get(a, [])[:6]]))
+    rows.append(("held-out faces (never trained on)", held_imgs))
+    rows.append(("... inverted into the space", inverted_imgs))
     toyfaces.contact_sheet(rows, out / "demo.png", scale=3)
     per_identity = reg.catalog.lineage(reg.get(names[0]).id)[0]["params"].get("seconds")
     return {
@@ -146,10 +161,44 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: 
         "edit_strength_std": STRENGTH,
         "edit_success_rate": success,
         "edit_other_attributes_kept": kept,
+        "inversion_attribute_agreement": inv_agree,
         "samples_attributes": {a: float(v.mean()) for a, v in detector.detect_bool(np.stack(sample_imgs)).items()}
         if sample_imgs
         else {},
     }
+
+
+HELD_OUT = 3
+INVERT_STEPS = 100
+
+
+def _invert_held_out(reg, base, n_ids: int, look) -> tuple[list, list, float]:
+    """Render faces the registry never saw, invert each into the space, and look at the result."""
+    from ingest import detector, toyfaces
+    from ingest.invert import InvertConfig, invert, nearest_start
+    from ingest.trainer import to_tensor
+    from registry import wspace
+    from w2w.flatten import unflatten
+
+    sm = wspace.require(reg, wspace.pick_space(reg, None))
+    layout = reg.layout(sm.space_id)
+    cfg = InvertConfig(components=sm.sub.k, steps=INVERT_STEPS, batch_timesteps=4, init="nearest", first_pass_steps=20)
+    V = sm.sub.components
+    held, inverted, agree = [], [], []
+    from tqdm.auto import tqdm
+
+    faces = toyfaces.random_faces(n_ids + HELD_OUT, seed=0)[n_ids:]
+    for i, face in enumerate(tqdm(faces, desc="inverting held-out faces", unit="face")):
+        img = toyfaces.render(face, 32, np.random.default_rng(1000 + i))
+        x = to_tensor(img[None], base.resolution)
+        c0, _ = nearest_start(reg, sm, base, layout, x, cfg)
+        c, _ = invert(base, layout, sm.sub.mean, sm.sub.std, V, x, cfg, None, c0)
+        gen = look(unflatten((sm.sub.mean + sm.sub.std * (V @ c)).astype(np.float32), layout))
+        found = detector.detect_bool(gen[None])
+        agree.append(np.mean([bool(found[a][0]) == face.attributes[a] for a in toyfaces.ATTRIBUTES]))
+        held.append(img)
+        inverted.append(gen)
+    return held, inverted, round(float(np.mean(agree)), 3)
 
 
 def _print_summary(s: dict) -> None:
@@ -167,6 +216,10 @@ def _print_summary(s: dict) -> None:
         click.echo(
             f"  +{a:8s} {100 * s['edit_success_rate'][a]:5.0f}% / {100 * s['edit_other_attributes_kept'][a]:5.0f}%"
         )
+    click.echo(
+        f"held-out faces inverted into the space ({INVERT_STEPS} steps): the detector agrees with their "
+        f"attributes on {100 * s['inversion_attribute_agreement']:.0f}% of them"
+    )
     click.echo(f"total {s['total_seconds']}s")
 
 

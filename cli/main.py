@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
-from cli.errors import ErrorHandlingGroup
+# transformers warns about optional image backends (torchvision) on every pipeline import: noise for a
+# CLI that loads no image processor. Set TRANSFORMERS_VERBOSITY to see them.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from cli.errors import ErrorHandlingGroup  # noqa: E402
 from registry.paths import DEFAULT_DIR, ENV_VAR
 
 

@@ -1,6 +1,10 @@
 """Train the embedded toy-faces base model from scratch, reproducibly, on CPU.
 
-    python -m ingest.train_base [--out ingest/assets/toy-base] [--unet-steps 3000] [--threads 2]
+    python -m ingest.train_base --vae-steps 600 --unet-steps 2500 --threads 1 --out /tmp/stage1
+    python -m ingest.train_base --unet-steps 1500 --lr 3e-4 --seed 1 --threads 1 --init-from /tmp/stage1
+
+(the two stages that made the shipped model, recorded in its w2wreg-base.json; --out defaults to
+ingest/assets/toy-base).
 
 Three stages, each seeded: (1) the VAE learns to reconstruct rendered toy faces (32 px -> 16 x 16 x 4
 latents); (2) the latents' spread sets the VAE's scaling factor, as SD's 0.18215 was set; (3) the UNet and
@@ -9,7 +13,8 @@ with 10% of captions dropped so classifier-free guidance works. The result is an
 StableDiffusionPipeline folder (safetensors). At the end it generates faces for a few captions and
 reports how often the attribute detector finds the attributes the captions ask for.
 
-Same seed, same torch version and thread count: the same weights.
+Same seeds, same torch version and thread count: the same weights. About 37 + 18 minutes of one core
+here (the machine was shared; uncontended it is roughly half).
 """
 
 from __future__ import annotations
@@ -63,13 +68,15 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, log)
     vae.eval()
 
 
-def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int, log) -> None:
+def train_denoiser(
+    pipe, latents: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int, log, peak_lr: float = 1e-3
+) -> None:
     unet, te, tok, sched = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
     empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     g = torch.Generator().manual_seed(seed)
     params = [*unet.parameters(), *te.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=1e-2)
     unet.train()
     te.train()
     it = _batches(len(latents), batch, g)
@@ -77,7 +84,7 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], steps: int,
     running = None
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, 1e-3)
+            group["lr"] = _lr(step, steps, peak_lr)
         b = next(it)
         x0 = latents[b]
         text = ids.input_ids[b].clone()
@@ -114,6 +121,13 @@ def check(pipe, seed: int = 0, per_caption: int = 6) -> dict:
     return report
 
 
+def _previous_stages(folder: Path | None) -> list:
+    if folder is None or not (folder / "w2wreg-base.json").exists():
+        return []
+    meta = json.loads((folder / "w2wreg-base.json").read_text())
+    return meta.get("stages", [meta.get("args")])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=TOY_BASE_DIR)
@@ -124,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the denoiser")
+    ap.add_argument(
+        "--init-from", type=Path, help="continue from this model folder (its VAE kept): a second, gentler stage"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -140,14 +158,26 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.from_numpy(rendered).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     log(f"{len(images)} images of {len(faces)} faces rendered ({time.perf_counter() - t0:.0f}s)")
 
-    pipe = build_toy_pipeline(seed=args.seed)
-    train_vae(pipe.vae, images, args.vae_steps, 64, args.seed, log)
-    with torch.no_grad():
-        lat = torch.cat([pipe.vae.encode(x).latent_dist.mean for x in images.split(256)])
-    scale = float(1.0 / lat.std())
-    pipe.vae.register_to_config(scaling_factor=scale)
-    log(f"latent scaling factor {scale:.4f}")
-    train_denoiser(pipe, lat * scale, captions, args.unet_steps, args.batch, args.seed + 1, log)
+    if args.init_from:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            args.init_from, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.unet.train()
+        pipe.text_encoder.train()
+        scale = float(pipe.vae.config.scaling_factor)
+        with torch.no_grad():
+            lat = torch.cat([pipe.vae.encode(x).latent_dist.mean for x in images.split(256)])
+    else:
+        pipe = build_toy_pipeline(seed=args.seed)
+        train_vae(pipe.vae, images, args.vae_steps, 64, args.seed, log)
+        with torch.no_grad():
+            lat = torch.cat([pipe.vae.encode(x).latent_dist.mean for x in images.split(256)])
+        scale = float(1.0 / lat.std())
+        pipe.vae.register_to_config(scaling_factor=scale)
+        log(f"latent scaling factor {scale:.4f}")
+    train_denoiser(pipe, lat * scale, captions, args.unet_steps, args.batch, args.seed + 1, log, args.lr)
 
     from diffusers import DDIMScheduler
 
@@ -159,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "made_by": "python -m ingest.train_base",
         "args": {k: str(v) for k, v in vars(args).items() if k != "out"},
+        "stages": [*_previous_stages(args.init_from), {k: str(v) for k, v in vars(args).items() if k != "out"}],
         "torch": torch.__version__,
         "seconds": round(time.perf_counter() - t0, 1),
         "detector_on_generated": report,

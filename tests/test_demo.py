@@ -22,7 +22,8 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["identities"] == 6
-    assert set(summary["edit_success_rate"]) == {"glasses", "beard", "smile", "hat"}
+    assert set(summary["edit_success_rate"]) <= {"glasses", "beard", "smile", "hat"}  # those with a direction
+    assert 0.0 <= summary["inversion_attribute_agreement"] <= 1.0
     assert all(0.0 <= v <= 1.0 for v in summary["lora_attribute_fidelity"].values())
     with Image.open(tmp_path / "demo.png") as im:
         assert im.width > 6 * 32 and im.height > 8 * 32
