@@ -153,7 +153,7 @@ def main() -> None:
     for b in batches:
         per = best[b] / len(ids)
         diff = max_diff(results[b], results[ref]) if b != ref else 0.0
-        rows.append((b, per, per * scale, 3600 / per / scale, best[ref] / best[b], diff))
+        rows.append((b, per, per * scale, 3600 / per / scale, best[ref] / best[b], f"{diff:.1e}"))
         data[b] = {
             "s_per_identity": per,
             "identities_per_hour": 3600 / per / scale,
