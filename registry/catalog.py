@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import duckdb
 from w2w.errors import FilterError, RegistryLockedError, UnknownModelError
 
 SCHEMA_VERSION = "1"
+CACHE_KEYS = 64  # values kept by Catalog.cached (per process and catalog file)
 RESERVED_COLUMNS = ("id", "name", "space", "kind", "base_model", "source_format", "created")
 
 SCHEMA = """
@@ -140,6 +142,31 @@ class ModelRow:
         return d
 
 
+class ModelTable:
+    """Every model of the catalog, in memory: lookups by name or id without a query (Catalog.model_table).
+
+    A search after a fit answers in well under a millisecond; one DuckDB query costs about that much.
+    """
+
+    def __init__(self, rows: list[tuple], attrs: list[tuple], kinds: dict[str, str]):
+        self.rows = {r[0]: r for r in rows}  # id -> MODEL_COLUMNS values
+        self.by_name = {r[1]: r[0] for r in rows}
+        self.attrs: dict[int, dict] = {}
+        for mid, key, value in attrs:  # ordered by key, as Catalog._models orders them
+            self.attrs.setdefault(mid, {})[key] = bool(value) if kinds.get(key) == "bool" else value
+
+    def find(self, ref: str | int) -> int | None:
+        """A model's id by exact name, else by numeric id (Catalog.locate's rule); None when neither."""
+        mid = self.by_name.get(str(ref))
+        if mid is None and str(ref).isdigit() and int(ref) in self.rows:
+            mid = int(ref)
+        return mid
+
+    def model(self, model_id: int) -> ModelRow:
+        """A fresh ModelRow (callers may change it without touching the table)."""
+        return ModelRow(*self.rows[model_id], attributes=dict(self.attrs.get(model_id, {})))
+
+
 def _int_list(ids) -> str:
     """Ids inlined as SQL literals: int() makes them safe, and DuckDB plans them faster than a list parameter."""
     return ",".join(str(int(i)) for i in ids)
@@ -159,6 +186,8 @@ class _SharedReader:
     def __init__(self) -> None:
         self.lock = threading.RLock()  # DuckDB connections are not for concurrent use: one user at a time
         self.memo: dict = {}  # results of repeated reads, keyed by the catalog's version
+        self.slots: OrderedDict = OrderedDict()  # key -> (version, value): one value per key (Catalog.cached)
+        self.pinned: tuple | None = None  # the version `cached` uses inside Catalog.pinned()
         self.con: duckdb.DuckDBPyConnection | None = None
         self.timer: threading.Timer | None = None
 
@@ -355,6 +384,55 @@ class Catalog:
                 memo.clear()
             memo[key] = compute()
         return memo[key]
+
+    def cached(self, key: tuple, compute):
+        """A value derived from the catalog, kept until the next commit: one value per key, at most CACHE_KEYS
+        keys (least recently used dropped), never cleared wholesale as `_memo` is. For what a search after a
+        fit needs on every query (the model table, a filter's ids, a subspace's row table)."""
+        with self._shared.lock:
+            version = self._shared.pinned or self.version()
+            slots = self._shared.slots
+            hit = slots.get(key)
+            if hit is not None and hit[0] == version:
+                slots.move_to_end(key)
+                return hit[1]
+            value = compute()  # a commit meanwhile changes the version again: the next call recomputes
+            slots[key] = (version, value)
+            slots.move_to_end(key)
+            while len(slots) > CACHE_KEYS:
+                slots.popitem(last=False)
+            return value
+
+    @contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Read the catalog's version once for every `cached` call inside (one search: a few stat calls fewer).
+
+        Holds the shared connection's lock, so no read of this process interleaves."""
+        sh = self._shared
+        with sh.lock:
+            outer, sh.pinned = sh.pinned, sh.pinned or self.version()
+            try:
+                yield
+            finally:
+                sh.pinned = outer
+
+    def model_table(self) -> ModelTable:
+        """Every model row and its attributes in memory, until the next commit (built in one read)."""
+        return self.cached(("model-table",), self._model_table)
+
+    def _model_table(self) -> ModelTable:
+        with self.connect() as con:
+            rows = con.execute(f"SELECT {', '.join(MODEL_COLUMNS)} FROM models").fetchall()
+            attrs = con.execute("SELECT model_id, key, value FROM attributes ORDER BY key").fetchall()
+            return ModelTable(rows, attrs, self.attribute_keys(con))
+
+    def filter_ids_cached(self, where: str, space_id: str):
+        """filter_ids(where, space_id) as a sorted int64 array, kept until the next commit."""
+        import numpy as np
+
+        return self.cached(
+            ("filter", where, space_id), lambda: np.asarray(self.filter_ids(where, space_id), dtype=np.int64)
+        )
 
     def locate(self, ref: str | int) -> tuple[int, str, str, int]:
         """(id, name, space, vector row) of a model by exact name, else by numeric id; one light query."""

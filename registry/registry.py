@@ -40,7 +40,12 @@ from w2w.formats import read_lora, write_lora
 from w2w.layout import Layout
 from w2w.lora import LoRA
 
-CANDIDATE_MIN, CANDIDATE_FACTOR = 200, 20  # coefficient-index candidates re-ranked exactly after a fit
+CANDIDATE_MIN, CANDIDATE_FACTOR = 200, 20  # coefficient-index candidates re-ranked exactly after a fit (cosine,
+# delta); below this many matching models every one is compared
+# l2 after a fit: the exact re-rank of the 20 best in the index (k = 10) found all 10 true neighbours for
+# all 200 queries at N = 65,000 when the 20 came from an exact scan of the index (199 of 200 from HNSW);
+# of the best 15, for 198 (bench/bench_search_fitted.py). Each costs a read of its full vector (400 KB).
+L2_CANDIDATES_MIN, L2_CANDIDATES_FACTOR = 20, 2
 NAME_RE = re.compile(r"^[\w][\w.+\- ]{0,199}$")
 ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 FLUSH_ROWS = 256
@@ -532,25 +537,77 @@ class Registry:
             return self._search(query, k, where, metric, base_model, exact)
 
     def _search(self, query, k, where, metric, base_model, exact) -> SearchResult:
+        if not exact:
+            from registry.index import single_thread
+
+            with single_thread(), self.catalog.pinned():
+                fitted = self._search_fitted(query, k, where, metric, base_model)
+            if fitted is not None:
+                return fitted
         label, q, sid, self_id = self._query_vector(query, base_model)
         space, layout = self._space_and_layout(sid)
         ids, row_idx, sq = self.catalog.rows(sid, where)
         mask = ids != (self_id if self_id is not None else -1)
         ids, row_idx, sq = ids[mask], row_idx[mask], sq[mask]
-        if not exact and len(ids) > max(CANDIDATE_MIN, CANDIDATE_FACTOR * k):
-            from registry import wspace
-
-            sm = wspace.current(self, sid, self._cache)
-            if sm is not None and sm.index_path.exists():
-                cands = wspace.index_search(
-                    sm, sm.sub.project(q), max(CANDIDATE_MIN, CANDIDATE_FACTOR * k), ids if where else None, self._cache
-                )
-                keep = np.isin(ids, cands)
-                ids, row_idx, sq = ids[keep], row_idx[keep], sq[keep]
         found_rows, dists = knn(self.store(space), q, k, metric, layout, row_idx, sq)
         by_row = dict(zip(row_idx.tolist(), ids.tolist(), strict=True))
         models = {m.id: m for m in self.catalog.models_by_ids([by_row[r] for r in found_rows.tolist()])}
         hits = [Hit(models[by_row[r]], float(d)) for r, d in zip(found_rows.tolist(), dists.tolist(), strict=True)]
+        return SearchResult(label, sid, metric, hits)
+
+    def _search_fitted(self, query, k, where, metric, base_model) -> SearchResult | None:
+        """Search after a fit: candidates from the coefficient index, re-ranked exactly on the full vectors.
+
+        None when the space has no fitted subspace (or index), or when so few models match that comparing
+        every one costs no more: the caller then compares every model. Per query, for a model of the
+        registry: its coordinates from the index itself (no read or projection of its vector), the index's
+        nearest (l2: L2_CANDIDATES_*), their full vectors through kept memory maps (search.rerank); catalog
+        reads are cached until the next commit (Catalog.cached), so no query runs SQL.
+        """
+        from registry import index as coeff_index
+        from registry import wspace
+        from registry.search import MappedStore, rerank
+
+        where = where if where and where.strip() else None
+        if isinstance(query, (str, Path)) and Path(query).exists():
+            model_id, (label, q, sid, _) = None, self._query_vector(query, base_model)
+        else:
+            table = self.catalog.model_table()
+            if isinstance(query, ModelRow):
+                model_id = query.id if query.id in table.rows else None
+            else:
+                model_id = table.find(query)
+            if model_id is None:
+                return None  # the exact path says which models are near that name
+            _, label, sid, row = table.rows[model_id][:4]
+            q = None
+        sm = wspace.current(self, sid, self._cache)
+        index = wspace.load_index(sm, self._cache) if sm is not None else None
+        if index is None:
+            return None
+        state = wspace.search_state(self, sid)
+        n_match = len(self.catalog.filter_ids_cached(where, sid)) if where else len(state.ids)
+        if n_match <= max(CANDIDATE_MIN, CANDIDATE_FACTOR * k) + 1:
+            return None
+        space, layout = self._space_and_layout(sid)
+        key = ("mapped", sid)
+        vectors = self._cache.get(key) or self._cache.setdefault(key, MappedStore(self.store(space)))
+        if q is None:
+            q = vectors.row(row)  # (D,) a view: nothing is copied
+        y = coeff_index.reconstruct(index, model_id) if model_id is not None else None
+        if y is None:
+            y = sm.index_coords(sm.sub.project(q))  # a file, or a model the index lacks
+        l2 = metric == "l2"
+        n = max(L2_CANDIDATES_MIN, L2_CANDIDATES_FACTOR * k) if l2 else max(CANDIDATE_MIN, CANDIDATE_FACTOR * k)
+        pos = state.positions(wspace.candidates(self, sm, index, y, n, where, model_id))
+        if l2:
+            found_rows, dists = rerank(vectors, q, k, state.rows[pos])
+        else:
+            pos = np.sort(pos)  # knn wants rows in store order
+            found_rows, dists = knn(self.store(space), q, k, metric, layout, state.rows[pos], state.sq_norms[pos])
+        by_row = dict(zip(state.rows[pos].tolist(), state.ids[pos].tolist(), strict=True))
+        table = self.catalog.model_table()
+        hits = [Hit(table.model(by_row[r]), float(d)) for r, d in zip(found_rows.tolist(), dists.tolist(), strict=True)]
         return SearchResult(label, sid, metric, hits)
 
     # --- getting models out ----------------------------------------------------------------------

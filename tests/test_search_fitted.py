@@ -1,0 +1,179 @@
+"""Search after a fit: the fast path (index coordinates, few candidates, exact re-rank) answers as exact=True."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ingest.synthetic import Population
+from registry import index as coeff_index
+from registry import wspace
+from registry.catalog import Catalog
+from registry.registry import CANDIDATE_MIN, NewModel, Registry
+from registry.search import MappedStore, knn, rerank
+from registry.vectors import VectorStore
+from w2w.flatten import unflatten
+from w2w.formats import write_lora
+from w2w.layout import Layout, LayoutEntry
+
+LAYOUT = Layout(
+    tuple(
+        LayoutEntry(
+            f"down_blocks.{i // 4}.attentions.{(i // 2) % 2}.transformer_blocks.0.attn{1 + i % 2}.to_q",
+            (1, 48),
+            (48, 1),
+            27.0,
+        )
+        for i in range(12)
+    )
+)
+BASE = "planted/base"
+N = 900
+WHERE = "smile AND NOT hat"  # ~1/4 of the models: over the exact-scan threshold, so through the index
+
+
+def names(result) -> list[str]:
+    return [h.model.name for h in result.hits]
+
+
+@pytest.fixture(scope="module", params=["flat", "hnsw"])
+def fitted(request, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    if request.param == "hnsw":
+        mp.setattr(coeff_index, "HNSW_MIN", 0)  # HNSW from the first model, as a large registry would
+    pop = Population(LAYOUT, latent=12, seed=11, noise=0.002)
+    reg = Registry.init(tmp_path_factory.mktemp(f"fitted-{request.param}"))
+    reg.add_models(NewModel(f"f{i:04d}", pop.vector(i), LAYOUT, BASE, attributes=pop.attributes(i)) for i in range(N))
+    wspace.fit_space(reg, components=30)
+    yield reg, pop, request.param
+    mp.undo()
+
+
+def test_fast_path_is_taken_and_equals_exact(fitted, monkeypatch):
+    reg, _, kind = fitted
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    assert coeff_index.kind_of(coeff_index.load(sm.index_path)) == kind
+    assert len(reg.ls(WHERE)) > CANDIDATE_MIN + 20  # over the exact-scan threshold
+    answered = []  # what the fast path returned: None would mean it handed over to the exact path
+    real = reg._search_fitted
+    monkeypatch.setattr(reg, "_search_fitted", lambda *a: answered.append(real(*a)) or answered[-1])
+    for i in range(0, N, 37):
+        for where in (None, WHERE):
+            fast = reg.search(f"f{i:04d}", k=10, where=where)
+            exact = reg.search(f"f{i:04d}", k=10, where=where, exact=True)
+            assert names(fast) == names(exact), (i, where)
+            assert f"f{i:04d}" not in names(fast)
+            assert np.allclose([h.distance for h in fast.hits], [h.distance for h in exact.hits], rtol=1e-5)
+    assert len(answered) == 2 * len(range(0, N, 37)) and all(r is not None for r in answered)
+
+
+def test_warm_search_runs_no_sql_and_a_write_invalidates(fitted, monkeypatch):
+    reg, pop, _ = fitted
+    reg.search("f0001", k=10)
+    reg.search("f0001", k=10, where=WHERE)
+    opened = []
+    real = Catalog.connect
+    monkeypatch.setattr(Catalog, "connect", lambda self, *a, **kw: opened.append(1) or real(self, *a, **kw))
+    for i in (1, 2, 300, 899):
+        reg.search(f"f{i:04d}", k=10)
+        reg.search(f"f{i:04d}", k=10, where=WHERE)
+    assert not opened  # model table, row table, filter ids and subspace: all cached
+    monkeypatch.setattr(Catalog, "connect", real)
+    # a model added after the fit: projected, indexed, and found by the next search (the caches follow)
+    near = pop.vector(5) + 1e-4 * np.random.default_rng(1).standard_normal(LAYOUT.dim).astype(np.float32)
+    attrs = pop.attributes(5)
+    reg.add_models([NewModel("late-twin", near, LAYOUT, BASE, attributes=attrs)])
+    fast = reg.search("f0005", k=10)
+    assert names(fast)[0] == "late-twin"
+    assert names(fast) == names(reg.search("f0005", k=10, exact=True))
+    late = reg.search("late-twin", k=10)  # and as the query
+    assert names(late)[0] == "f0005" and names(late) == names(reg.search("late-twin", k=10, exact=True))
+    if attrs["smile"] and not attrs["hat"]:
+        assert "late-twin" in names(reg.search("f0005", k=10, where=WHERE))
+
+
+def test_a_model_added_after_the_fit_is_searched_like_the_others(fitted):
+    reg, pop, _ = fitted
+    new = [NewModel(f"after{i}", pop.vector(N + i), LAYOUT, BASE, attributes=pop.attributes(N + i)) for i in range(30)]
+    reg.add_models(new)
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    assert coeff_index.reconstruct(coeff_index.load(sm.index_path), reg.get("after3").id) is not None
+    for query in ("after0", "after3", "f0100"):
+        for where in (None, WHERE):
+            assert names(reg.search(query, k=10, where=where)) == names(
+                reg.search(query, k=10, where=where, exact=True)
+            ), (query, where)
+
+
+def test_a_file_as_query_and_other_metrics(fitted, tmp_path):
+    reg, pop, _ = fitted
+    path = tmp_path / "probe.safetensors"
+    write_lora(unflatten(pop.vector(N + 100), LAYOUT, BASE), path, "diffusers")
+    for where in (None, WHERE):
+        assert names(reg.search(path, k=10, where=where)) == names(reg.search(path, k=10, where=where, exact=True))
+    for metric in ("cosine", "delta"):
+        fast = reg.search("f0042", k=5, metric=metric)
+        assert names(fast) == names(reg.search("f0042", k=5, metric=metric, exact=True))
+
+
+def test_index_transform_gives_weight_space_distances(fitted):
+    reg, _, _ = fitted
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    assert sm.index_transform is not None
+    rng = np.random.default_rng(0)
+    c1, c2 = rng.standard_normal((2, sm.sub.k)).astype(np.float32)
+    want = np.linalg.norm(sm.sub.std * (sm.sub.components @ (c1 - c2)))  # ||S V (c1 - c2)||
+    got = np.linalg.norm(sm.index_coords(c1) - sm.index_coords(c2))
+    assert got == pytest.approx(want, rel=1e-4)
+    # the index holds exactly the stored coefficients, transformed
+    index = coeff_index.load(sm.index_path)
+    m = reg.get("f0007")
+    assert np.allclose(coeff_index.reconstruct(index, m.id), sm.index_coords(wspace.coefficients(reg, sm, [m.id])[0]))
+
+
+def test_reindex_rebuilds_the_index_from_the_coefficients(fitted):
+    reg, _, kind = fitted
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    before = names(reg.search("f0300", k=10))
+    sm.index_path.unlink()
+    wspace.reindex(reg, sm)
+    assert coeff_index.kind_of(coeff_index.load(sm.index_path)) == kind
+    assert names(reg.search("f0300", k=10)) == before
+
+
+def test_rerank_orders_near_ties_exactly(tmp_path):
+    rng = np.random.default_rng(3)
+    D = 300
+    X = rng.standard_normal((40, D)).astype(np.float32)
+    q = rng.standard_normal(D).astype(np.float32)
+    X[7] = X[3]
+    X[7, 0] = np.nextafter(X[3, 0], np.float32(np.inf))  # a near-duplicate: distances ~1e-8 apart
+    X[9] = q + 1e-3  # the nearest, far from the others
+    store = VectorStore(tmp_path / "v", D, 16)
+    store.write_rows(0, X)
+    sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    rows = np.arange(40)
+    want_rows, want_d = knn(store, q, 12, "l2", None, rows, sq)
+    for prefetch in ("auto", True, False):
+        got_rows, got_d = rerank(MappedStore(store), q, 12, rng.permutation(rows), prefetch=prefetch)
+        assert got_rows.tolist() == want_rows.tolist()
+        assert np.allclose(got_d, want_d, rtol=1e-6)
+        assert got_rows[0] == 9
+    assert rerank(MappedStore(store), q, 3, rows[:0])[0].size == 0
+
+
+def test_rerank_auto_prefetches_once_a_row_is_slow(tmp_path, monkeypatch):
+    from registry import search
+
+    D = 64
+    store = VectorStore(tmp_path / "v", D, 8)
+    store.write_rows(0, np.random.default_rng(0).standard_normal((20, D)).astype(np.float32))
+    asked = []
+    mapped = MappedStore(store)
+    real = mapped.prefetch
+    monkeypatch.setattr(mapped, "prefetch", lambda rows: asked.append(list(rows)) or real(rows))
+    rerank(mapped, np.zeros(D, np.float32), 5, np.arange(20))
+    assert asked == []  # every row was in memory: nothing to prefetch
+    monkeypatch.setattr(search, "PREFETCH_AFTER_S", -1.0)  # as if the first row came from disk
+    rerank(mapped, np.zeros(D, np.float32), 5, np.arange(20))
+    assert asked == [list(range(1, 20))]  # the rest, at once, and only once
