@@ -43,6 +43,7 @@ from w2w.errors import (
     ReleasePickleError,
 )
 from w2w.formats.common import pattern_lookup
+from w2w.formats.diffusers import strip_prefixes
 from w2w.layout import Layout, LayoutEntry, canonical_sort
 from w2w.presets import SD15_UNET_CONFIG, get_preset
 
@@ -60,7 +61,6 @@ _FACTOR = re.compile(
     r"^(?P<module>.+?)\.(?P<factor>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(?:\.(?P<adapter>[\w\-]+))?\.weight$"
 )
 _A_FACTORS = ("lora_A", "lora_down", "lora.down")
-_MODULE_PREFIXES = ("base_model.model.", "unet.")
 _KOHYA_PREFIX = "lora_unet_"
 
 
@@ -338,13 +338,7 @@ def _module_of(key: str, linears: dict[str, tuple[int, int]], path: Path) -> tup
         raise ReleaseFormatError(
             path, f"key {key!r} is no LoRA factor", "expected keys like base_model.model.<module>.lora_A.weight"
         )
-    module = m["module"]
-    stripped = True
-    while stripped:
-        stripped = False
-        for p in _MODULE_PREFIXES:
-            if module.startswith(p):
-                module, stripped = module[len(p) :], True
+    module = strip_prefixes(m["module"])
     if module.startswith(_KOHYA_PREFIX):
         module = _kohya_names(tuple(linears)).get(module[len(_KOHYA_PREFIX) :], module)
     if module not in linears:

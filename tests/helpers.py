@@ -133,3 +133,17 @@ def build_pipeline(unet: torch.nn.Module):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+# 12 rank-1 modules, D = 12 * (48 + 48) = 1,152: far more dimensions than the planted latent ones
+PLANTED_LAYOUT = Layout(
+    tuple(
+        LayoutEntry(
+            f"down_blocks.{i // 4}.attentions.{(i // 2) % 2}.transformer_blocks.0.attn{1 + i % 2}.to_q",
+            (1, 48),
+            (48, 1),
+            27.0,
+        )
+        for i in range(12)
+    )
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import PLANTED_LAYOUT
 
 from ingest.synthetic import Population
 from registry import index as coeff_index
@@ -14,19 +15,8 @@ from registry.search import MappedStore, knn, rerank
 from registry.vectors import VectorStore
 from w2w.flatten import unflatten
 from w2w.formats import write_lora
-from w2w.layout import Layout, LayoutEntry
 
-LAYOUT = Layout(
-    tuple(
-        LayoutEntry(
-            f"down_blocks.{i // 4}.attentions.{(i // 2) % 2}.transformer_blocks.0.attn{1 + i % 2}.to_q",
-            (1, 48),
-            (48, 1),
-            27.0,
-        )
-        for i in range(12)
-    )
-)
+LAYOUT = PLANTED_LAYOUT  # D = 1,152
 BASE = "planted/base"
 N = 900
 WHERE = "smile AND NOT hat"  # ~1/4 of the models: over the exact-scan threshold, so through the index

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import PLANTED_LAYOUT
 
 from cli.main import cli
 from ingest.synthetic import ATTRIBUTES, Population
@@ -14,21 +15,9 @@ from registry import edits, wspace
 from registry.integrity import verify
 from registry.registry import NewModel, Registry
 from w2w.errors import DirectionError, ExpressionError, UnknownModelError, W2WError
-from w2w.layout import Layout, LayoutEntry
 from w2w.subspace import ArraySource, FitConfig, SubspaceError, fit
 
-# 12 rank-1 modules, D = 12 * (48 + 48) = 1,152: far more dimensions than the 8 planted ones
-LAYOUT = Layout(
-    tuple(
-        LayoutEntry(
-            f"down_blocks.{i // 4}.attentions.{(i // 2) % 2}.transformer_blocks.0.attn{1 + i % 2}.to_q",
-            (1, 48),
-            (48, 1),
-            27.0,
-        )
-        for i in range(12)
-    )
-)
+LAYOUT = PLANTED_LAYOUT  # D = 1,152
 N = 400
 BASE = "planted/base"
 

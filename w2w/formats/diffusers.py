@@ -46,15 +46,16 @@ def split_key(key: str) -> tuple[str, str] | None:
     m = _PROCESSOR.match(key)
     if m:
         module = f"{m[1]}.{m[2]}" + (".0" if m[2] == "to_out" else "")
-        return _strip(module), "A" if m[3] == "down" else "B"
+        return strip_prefixes(module), "A" if m[3] == "down" else "B"
     for rx, kind in _SUFFIXES:
         m = rx.match(key)
         if m:
-            return _strip(m[1]), kind
+            return strip_prefixes(m[1]), kind
     return None
 
 
-def _strip(module: str) -> str:
+def strip_prefixes(module: str) -> str:
+    """A module path without its `unet.` / `base_model.model.` prefixes (however many are stacked)."""
     # repeatedly: a file saved from a PEFT-wrapped UNet has `unet.base_model.model.` keys
     stripped = True
     while stripped:
