@@ -9,6 +9,7 @@ import click
 from cli.errors import EXIT_ERROR, fail
 from cli.models import hub_option
 from cli.output import emit_json, json_option
+from registry.hubs import open_hub
 
 
 @click.command()
@@ -72,7 +73,7 @@ def ingest(
     push_to,
     release,
     trust_pickle,
-    hub_dir,
+    hub_spec,
     as_json,
 ):
     """Train one LoRA per identity folder of DATASET and register it (with its attributes).
@@ -92,10 +93,7 @@ def ingest(
     from registry.registry import Registry
 
     reg = Registry.init(ctx.obj)  # ingest is the first thing a new user runs: it makes the registry if needed
-    if hub_dir:
-        from registry.hubs.local import LocalHub
-
-        reg.hub = LocalHub(hub_dir)
+    reg.hub = open_hub(hub_spec, reg.hub)
     if release is not None:
         if dataset is not None:
             fail("pass either DATASET or --from-w2w-release DIR, not both")

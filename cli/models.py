@@ -12,7 +12,7 @@ from cli.output import emit_json, json_option, table
 from ingest.attributes import parse_pairs
 from ingest.importer import import_paths
 from registry import wspace
-from registry.hubs.local import LocalHub
+from registry.hubs import open_hub
 from registry.registry import Registry
 from w2w.formats import FORMATS, target_files
 
@@ -24,10 +24,13 @@ def open_registry(ctx: click.Context) -> Registry:
 def hub_option(f):
     return click.option(
         "--hub",
-        "hub_dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        "hub_spec",
+        metavar="URL|DIR",
+        envvar="W2WREG_HUB",
         default=None,
-        help="A local hub folder to use instead of the registry's own (e.g. a team share).",
+        help="A Hugging Face-protocol hub (https://huggingface.co, http://host:8000 for a `w2wreg serve`; token "
+        "from HF_TOKEN or `hf auth login`) or a hub folder, instead of the registry's own folder hub. "
+        "[env: W2WREG_HUB]",
     )(f)
 
 
@@ -65,7 +68,9 @@ def init(ctx: click.Context) -> None:
 @hub_option
 @json_option
 @click.pass_context
-def add(ctx, paths, name, attrs, attrs_csv, base_model, allow_pickle, drop_text_encoder, skip_errors, hub_dir, as_json):
+def add(
+    ctx, paths, name, attrs, attrs_csv, base_model, allow_pickle, drop_text_encoder, skip_errors, hub_spec, as_json
+):
     """Add LoRA files, PEFT adapter folders, folders of them, or hub repos (hub:NAMESPACE/NAME[@REV]).
 
     Nothing is added unless every input is good (or --skip-errors); a LoRA already in the
@@ -77,8 +82,7 @@ def add(ctx, paths, name, attrs, attrs_csv, base_model, allow_pickle, drop_text_
     w2wreg add hub:team/alice
     """
     reg = open_registry(ctx)
-    if hub_dir:
-        reg.hub = LocalHub(hub_dir)
+    reg.hub = open_hub(hub_spec, reg.hub)
     report = import_paths(
         reg,
         list(paths),
@@ -230,23 +234,34 @@ def export(ctx, model, fmt, out, force, as_json):
 @click.command()
 @click.argument("model")
 @click.option("--repo", required=True, help="NAMESPACE/NAME of the repo to create or update.")
+@click.option(
+    "--preview",
+    "previews",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An image made with the model, shown on its card (repeatable).",
+)
 @hub_option
 @json_option
 @click.pass_context
-def push(ctx, model, repo, hub_dir, as_json):
+def push(ctx, model, repo, previews, hub_spec, as_json):
     """Push a model to a hub as a diffusers LoRA with a model card.
 
-    The default hub is the registry's local folder hub (<registry>/hub); --hub DIR pushes to another.
+    The card records the base model, the lineage (parents with the hub repos and revisions they were
+    pushed to), the subspace and the attributes. The default hub is the registry's own folder hub
+    (<registry>/hub); --hub pushes to a Hugging Face-protocol hub or another folder.
 
     \b
     w2wreg push alice --repo team/alice
+    w2wreg push alice --repo team/alice --hub http://hub.lab:8000 --preview alice.png
     """
     reg = open_registry(ctx)
-    result = reg.push(model, repo, hub=LocalHub(hub_dir) if hub_dir else None)
+    hub = open_hub(hub_spec, reg.hub)
+    result = reg.push(model, repo, hub=hub, previews=list(previews))
     if as_json:
         emit_json(result)
     else:
-        where = hub_dir or reg.hub.root
+        where = getattr(hub, "endpoint", None) or getattr(hub, "root", hub.name)
         click.echo(f"pushed {result['model']} to {where}/{repo} @ {result['revision'][:12]}")
 
 

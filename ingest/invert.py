@@ -140,13 +140,15 @@ def invert(
     eval_draws: tuple | None = None,
     eval_every: int = 10,
     trace: list | None = None,
+    inv: Inverter | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """Coefficients (K,) fitted to the image, and the training loss per step.
 
     With `eval_draws` (see `eval_draws()`), the loss on those fixed timesteps and noises is appended to
-    `trace` as (steps done, loss) every `eval_every` steps: the figure to compare runs by.
+    `trace` as (steps done, loss) every `eval_every` steps: the figure to compare runs by. `inv`, when given,
+    is an Inverter already built for (base, layout, mean, std, V): one per inversion, not one per pass.
     """
-    inv = Inverter(base, layout, mean, std, V)
+    inv = inv or Inverter(base, layout, mean, std, V)
     K = V.shape[1]
     c = torch.zeros(K) if c0 is None else torch.as_tensor(c0, dtype=torch.float32).clone()
     c = c.to(base.device)
@@ -188,10 +190,10 @@ def eval_draws(base: BaseModel, n: int = 32, seed: int = 12345) -> tuple[torch.T
 
 @torch.no_grad()
 def shortlist_by_loss(
-    base: BaseModel, layout: Layout, mean, std, V, image, config: InvertConfig, candidates: np.ndarray
+    base: BaseModel, layout: Layout, mean, std, V, image, config: InvertConfig, candidates: np.ndarray, inv=None
 ) -> int:
     """Index of the candidate coefficient row (n, K) whose model best denoises the image on fixed draws."""
-    inv = Inverter(base, layout, mean, std, V)
+    inv = inv or Inverter(base, layout, mean, std, V)
     latents = base.encode_images(image)
     enc = base.encode_prompt([config.prompt])
     t, noise = eval_draws(base, 8, seed=config.seed)
@@ -245,9 +247,10 @@ def invert_into_registry(
     layout = reg.layout(space_id)
     V = sm.sub.components[:, :K]
     t0 = time.perf_counter()
+    inv = Inverter(base, layout, sm.sub.mean, sm.sub.std, V)
     c0, start = None, "mean"
     if config.init == "nearest":
-        c0, start = nearest_start(reg, sm, base, layout, image, config, mask)
+        c0, start = nearest_start(reg, sm, base, layout, image, config, mask, inv)
     bar = tqdm(total=config.steps, desc="inverting", unit="step", disable=not progress)
 
     def tick(step: int, loss: float) -> None:
@@ -256,7 +259,7 @@ def invert_into_registry(
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     try:
-        c, losses = invert(base, layout, sm.sub.mean, sm.sub.std, V, image, config, mask, c0, tick)
+        c, losses = invert(base, layout, sm.sub.mean, sm.sub.std, V, image, config, mask, c0, tick, inv=inv)
     finally:
         bar.close()
     w = sm.sub.mean + sm.sub.std * (V @ c)
@@ -285,28 +288,36 @@ def invert_into_registry(
     }
 
 
-def nearest_start(reg, sm, base: BaseModel, layout: Layout, image, config: InvertConfig, mask=None):
+def nearest_start(reg, sm, base: BaseModel, layout: Layout, image, config: InvertConfig, mask=None, inv=None):
     """(coefficients, model name) to start from: a short first pass from the mean gives an estimate; of
-    the registered models nearest to it in coefficient space, the one that best denoises the image."""
+    the registered models nearest to it (the coefficient index's query), the one that best denoises the image."""
     from registry import wspace
 
     K = config.components
     V = sm.sub.components[:, :K]
+    inv = inv or Inverter(base, layout, sm.sub.mean, sm.sub.std, V)
     first = InvertConfig(**{**config.describe(), "steps": config.first_pass_steps, "init": "mean"})
-    est, _ = invert(base, layout, sm.sub.mean, sm.sub.std, V, image, first, mask)
+    est, _ = invert(base, layout, sm.sub.mean, sm.sub.std, V, image, first, mask, inv=inv)
     cands = _nearest_models(reg, sm, est, config.shortlist)
     C = wspace.coefficients(reg, sm, cands)[:, :K].astype(np.float32)
-    best = shortlist_by_loss(base, layout, sm.sub.mean, sm.sub.std, V, image, config, C)
+    best = shortlist_by_loss(base, layout, sm.sub.mean, sm.sub.std, V, image, config, C, inv=inv)
     return C[best], reg.get(int(cands[best])).name
 
 
 def _nearest_models(reg, sm, c_est: np.ndarray, n: int) -> np.ndarray:
-    """Model ids whose coefficients (first K) are nearest to the estimate."""
+    """Ids of the n registered models nearest (in weight space, the subspace part) to the model whose first
+    K coefficients are the estimate and the rest the mean's: a query of the coefficient index, as search
+    does; a registry without an index (an interrupted fit) compares every model's coefficients."""
     from registry import wspace
 
+    c = np.zeros(sm.sub.k, dtype=np.float32)
+    c[: len(c_est)] = c_est
+    index = wspace.load_index(sm, reg._cache)
+    if index is not None:
+        return wspace.candidates(reg, sm, index, sm.index_coords(c), n, None, None)
     ids = np.array([m.id for m in reg.ls() if m.space_id == sm.space_id], dtype=np.int64)
-    C = wspace.coefficients(reg, sm, ids)[:, : len(c_est)]
-    d = ((C - c_est[None]) ** 2).sum(1)
+    Y = sm.index_coords(wspace.coefficients(reg, sm, ids))
+    d = ((Y - sm.index_coords(c)[None]) ** 2).sum(1)
     return ids[np.argsort(d)[:n]]
 
 

@@ -15,6 +15,7 @@ def render(
     source: str | None,
     attributes: dict,
     lineage: list[dict],
+    previews: list[str] | tuple = (),
 ) -> str:
     front: dict = {
         "library_name": "diffusers",
@@ -30,8 +31,10 @@ def render(
         "kind": kind,
         **({"source": source} if source else {}),
         **({"attributes": attributes} if attributes else {}),
-        **({"lineage": lineage} if lineage else {}),
+        **({"lineage": [_lineage_entry(entry) for entry in lineage]} if lineage else {}),
     }
+    if previews:  # the Hub shows these in the card's widget
+        front["widget"] = [{"output": {"url": p}} for p in previews]
     body = [
         f"# {name}",
         "",
@@ -46,12 +49,27 @@ def render(
     ]
     if lineage:
         body += ["", "## Lineage", ""]
-        for l in lineage:
-            parent = l.get("parent") or l.get("parent_id")
-            body.append(f"- {l['operation']}" + (f" of `{parent}`" if parent is not None else ""))
+        for entry in lineage:
+            parent = entry.get("parent") or entry.get("parent_id")
+            line = f"- {entry['operation']}" + (f" of `{parent}`" if parent is not None else "")
+            if entry.get("parent_repo"):
+                line += f" (`{entry['parent_repo']}` @ `{str(entry['parent_revision'])[:12]}`)"
+            body.append(line)
+    if previews:
+        body += ["", "## Previews", ""] + [f"![preview]({p})" for p in previews]
     if attributes:
         body += ["", "## Attributes", ""] + [f"- {k}: {v}" for k, v in sorted(attributes.items())]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"
+
+
+def _lineage_entry(entry: dict) -> dict:
+    out = {"operation": entry["operation"], "parent": entry.get("parent"), "parent_id": entry.get("parent_id")}
+    if entry.get("parent_repo"):
+        out |= {"parent_repo": entry["parent_repo"], "parent_revision": entry["parent_revision"],
+                "parent_hub": entry.get("parent_hub")}  # fmt: skip
+    if entry.get("params"):
+        out["params"] = entry["params"]
+    return out
 
 
 def parse_front_matter(text: str) -> dict:

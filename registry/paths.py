@@ -30,6 +30,11 @@ class RegistryPaths:
     def hub(self) -> Path:
         return self.root / "hub"
 
+    @property
+    def repos(self) -> Path:
+        """The versioned repos of `w2wreg serve` (registry.hubs.store)."""
+        return self.root / "repos"
+
     def vectors(self, space_id: str) -> Path:
         return self.root / "vectors" / space_id
 

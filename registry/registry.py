@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -616,7 +616,7 @@ class Registry:
         """Write a model as a LoRA file (diffusers, kohya) or adapter folder (peft)."""
         return write_lora(self.lora(ref), out, fmt)
 
-    def model_card(self, ref: str | int | ModelRow) -> str:
+    def model_card(self, ref: str | int | ModelRow, previews: Sequence[str] = ()) -> str:
         from registry import model_card
 
         m = self.get(ref)
@@ -629,24 +629,41 @@ class Registry:
             m.kind,
             m.source,
             m.attributes,
-            self.catalog.lineage(m.id),
+            self._lineage_with_repos(m.id),
+            previews=previews,
         )
 
-    def push(self, ref: str | int | ModelRow, repo_id: str, hub=None) -> dict:
-        """Upload a model to a hub (default: the registry's local hub) in diffusers format with its card."""
+    def _lineage_with_repos(self, model_id: int) -> list[dict]:
+        """Lineage rows, each parent with the hub repo and revision it was last pushed to (if it was)."""
+        pushed: dict[int, dict] = {}
+        for hf in self.catalog.hub_files():
+            if hf["path"].endswith(".safetensors"):
+                pushed[hf["model_id"]] = hf  # insertion order: the last push wins
+        out = []
+        for row in self.catalog.lineage(model_id):
+            hf = pushed.get(row["parent_id"])
+            if hf:
+                row = row | {"parent_repo": hf["repo"], "parent_revision": hf["revision"], "parent_hub": hf["hub"]}
+            out.append(row)
+        return out
+
+    def push(self, ref: str | int | ModelRow, repo_id: str, hub=None, previews: Sequence[Path] = ()) -> dict:
+        """Upload a model to a hub (default: the registry's local hub) in diffusers format with its card,
+        and preview images (under previews/) when given."""
         m = self.get(ref)
         with self.writing():
-            return self._push_locked(m, repo_id, hub or self.hub)
+            return self._push_locked(m, repo_id, hub or self.hub, previews)
 
-    def _push_locked(self, m: ModelRow, repo_id: str, hub) -> dict:
+    def _push_locked(self, m: ModelRow, repo_id: str, hub, previews: Sequence[Path] = ()) -> dict:
         from w2w.formats import diffusers as dfmt
 
         tensors, metadata = dfmt.to_tensors(self.lora(m))
         from safetensors.numpy import save
 
         weights = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=metadata)
-        card = self.model_card(m).encode()
-        files = {dfmt.WEIGHT_NAME: weights, "README.md": card}
+        images = {f"previews/{Path(p).name}": Path(p).read_bytes() for p in previews}
+        card = self.model_card(m, previews=sorted(images)).encode()
+        files = {dfmt.WEIGHT_NAME: weights, "README.md": card, **images}
         revision = hub.upload(repo_id, files, f"w2wreg push of {m.name}")
         with self.catalog.connect(write=True) as con:
             con.executemany(

@@ -1,7 +1,8 @@
 """Hubs: places LoRA repos are pushed to and pulled from, behind one small interface.
 
-The default is a local folder hub inside the registry (`hub/<namespace>/<name>/`, Hugging Face layout).
-Hugging Face-protocol endpoints come with the hub issue; they implement the same `Hub` protocol.
+The default is a local folder hub inside the registry (`hub/<namespace>/<name>/`, Hugging Face layout);
+any Hugging Face-protocol endpoint (huggingface.co, a `w2wreg serve`) is an `HfHub` (registry.hubs.hf).
+`open_hub` turns what a user typed after `--hub` into one.
 """
 
 from __future__ import annotations
@@ -33,3 +34,19 @@ class Hub(Protocol):
         ...
 
     def list_files(self, repo_id: str) -> list[str]: ...
+
+
+def open_hub(spec: str | Path | None, default: Hub | None = None, token: str | None = None) -> Hub:
+    """`--hub` as typed: None -> `default` (the registry's own), http(s)://... -> HfHub, else a folder hub."""
+    if spec is None or str(spec) == "":
+        if default is None:
+            raise HubError("no hub given")
+        return default
+    text = str(spec)
+    if text.startswith(("http://", "https://")):
+        from registry.hubs.hf import HfHub
+
+        return HfHub(text, token=token)
+    from registry.hubs.local import LocalHub
+
+    return LocalHub(Path(text))

@@ -1,0 +1,73 @@
+"""`w2wreg serve`: the registry as a team hub (Hugging Face protocol, the w2w API, a web page)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.errors import fail
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--token", "tokens", multiple=True, envvar="W2WREG_TOKEN", help="A bearer token that may write (repeatable)."
+)
+@click.option(
+    "--tokens-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file of tokens that may write: 'NAME TOKEN' or 'TOKEN' per line.",
+)
+@click.option("--private", is_flag=True, help="Reads need a token too (by default they are open).")
+@click.option("--max-upload-mb", type=click.IntRange(1), default=1024, show_default=True, help="Largest request body.")
+@click.option(
+    "--registry",
+    "registry_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The registry to serve (same as `w2wreg --registry DIR serve`); made if missing.",
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+@click.pass_context
+def serve(ctx, host, port, tokens, tokens_file, private, max_upload_mb, registry_dir, log_level):
+    """Serve the registry as a Hugging Face-protocol hub that indexes every LoRA pushed to it.
+
+    \b
+    w2wreg serve --port 8000 --tokens-file tokens.txt
+    HF_ENDPOINT=http://127.0.0.1:8000 HF_TOKEN=... hf upload team/alice alice/   # a push is an ingest
+    w2wreg push alice --repo team/alice --hub http://127.0.0.1:8000
+    open http://127.0.0.1:8000/  (search, models, lineage, the map); API: /api/w2w/docs
+
+    Without --token or --tokens-file a token is made and printed: writes always need one.
+    """
+    import logging
+
+    import uvicorn
+
+    from registry.registry import Registry
+    from server.app import create_app
+    from server.state import new_token, read_tokens_file
+
+    known: dict[str, str] = {t: "w2wreg" for t in tokens}
+    if tokens_file:
+        known |= read_tokens_file(tokens_file)
+    for t in tokens:
+        if len(t) < 8:
+            fail("a --token must have at least 8 characters")
+    if not known:
+        t = new_token()
+        known[t] = "w2wreg"
+        click.echo(f"write token (pass --token or --tokens-file to choose your own): {t}", err=True)
+    reg = Registry.init(registry_dir or ctx.obj)  # serving an empty registry is how a team hub starts
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(reg, known, private=private, max_upload=max_upload_mb << 20)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
+    server = uvicorn.Server(config)
+    click.echo(f"w2wreg hub for {reg.root} on http://{host}:{port}/  (API docs: /api/w2w/docs)", err=True)
+    server.run()
+
+
+COMMANDS = [serve]

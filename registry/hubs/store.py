@@ -1,0 +1,273 @@
+"""A versioned repo store, git's design in miniature: the storage behind `w2wreg serve`.
+
+    <root>/objects/ab/ab12...        file contents, named by their sha256 (shared by every repo)
+    <root>/repos/NS/NAME/repo.json   {"private": ..., "created": ...}
+    <root>/repos/NS/NAME/commits/OID.json   one commit: parent, message, time, {path: file entry}
+    <root>/repos/NS/NAME/refs/main   the branch head: a commit oid
+
+A commit writes its new objects, then the commit file, then moves the ref, each by an atomic rename,
+under the repo's lock: a commit interrupted anywhere leaves the ref on the previous revision, and what
+it had written is unreferenced garbage, never a half-visible revision. Commit oids are 40 hex digits
+(sha1 of the commit record), file oids are git blob ids, as the Hugging Face Hub reports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from filelock import FileLock
+
+from registry.hubs import validate_repo_id
+from w2w.errors import HubError
+
+BRANCH = "main"
+MAX_PATH = 1000
+_OID = re.compile(r"^[0-9a-f]{7,40}$")
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\:*?\"<>|]")
+
+
+class RepoNotFound(HubError, LookupError):
+    pass
+
+
+class RevisionNotFound(HubError, LookupError):
+    pass
+
+
+class ParentMismatch(HubError):
+    pass
+
+
+def validate_path(path: str) -> str:
+    """A file path inside a repo: relative, '/'-separated, no '.', '..' or empty parts, no .git."""
+    parts = path.split("/")
+    if (
+        not path
+        or len(path) > MAX_PATH
+        or path.startswith("/")
+        or _BAD_CHARS.search(path)
+        or any(p in ("", ".", "..") for p in parts)
+        or parts[0] == ".git"
+    ):
+        raise HubError(f"{path!r} is not a valid file path inside a repo")
+    return path
+
+
+def git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    oid: str  # git blob id: what the Hub calls a regular file's oid
+    size: int
+
+
+@dataclass
+class Commit:
+    oid: str
+    parent: str | None
+    message: str
+    description: str
+    created: float
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    author: str = ""
+
+    @classmethod
+    def from_json(cls, d: dict) -> Commit:
+        return cls(**{**d, "files": {p: FileEntry(**e) for p, e in d["files"].items()}})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: threads may race on one path
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RepoStore:
+    """Model repos with history. Thread- and process-safe for commits (one writer per repo at a time)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- layout ------------------------------------------------------------------------------------
+
+    def _repo(self, repo_id: str) -> Path:
+        return self.root / "repos" / validate_repo_id(repo_id)
+
+    def object_path(self, sha256: str) -> Path:
+        return self.root / "objects" / sha256[:2] / sha256
+
+    def exists(self, repo_id: str) -> bool:
+        return (self._repo(repo_id) / "repo.json").exists()
+
+    def meta(self, repo_id: str) -> dict:
+        try:
+            return json.loads((self._repo(repo_id) / "repo.json").read_text())
+        except FileNotFoundError:
+            raise RepoNotFound(f"no repo {repo_id!r} on this hub") from None
+
+    def list_repos(self) -> list[str]:
+        base = self.root / "repos"
+        if not base.exists():
+            return []
+        return sorted(
+            f"{ns.name}/{r.name}" for ns in base.iterdir() if ns.is_dir() for r in ns.iterdir()
+            if (r / "repo.json").exists()
+        )  # fmt: skip
+
+    # --- locking -----------------------------------------------------------------------------------
+
+    class _RepoLock:
+        def __init__(self, thread_lock: threading.Lock, file_lock: FileLock):
+            self.t, self.f = thread_lock, file_lock
+
+        def __enter__(self):
+            self.t.acquire()
+            try:
+                self.f.acquire()
+            except BaseException:
+                self.t.release()
+                raise
+
+        def __exit__(self, *exc):
+            self.f.release()
+            self.t.release()
+
+    def lock(self, repo_id: str) -> _RepoLock:
+        """Serializes commits to one repo across threads (a lock per repo) and processes (a lock file)."""
+        with self._locks_guard:
+            t = self._locks.setdefault(repo_id, threading.Lock())
+        path = self._repo(repo_id).with_name(self._repo(repo_id).name + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return self._RepoLock(t, FileLock(str(path)))
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def _read_commit(self, repo_id: str, oid: str) -> Commit:
+        try:
+            return Commit.from_json(json.loads((self._repo(repo_id) / "commits" / f"{oid}.json").read_text()))
+        except FileNotFoundError:
+            raise RevisionNotFound(f"no revision {oid!r} in repo {repo_id!r}") from None
+
+    def head(self, repo_id: str, branch: str = BRANCH) -> str | None:
+        try:
+            return (self._repo(repo_id) / "refs" / branch).read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def resolve(self, repo_id: str, revision: str | None = None) -> Commit:
+        """The commit a revision names: a branch (only `main`), a full commit oid, or a unique prefix of >= 7."""
+        self.meta(repo_id)
+        revision = revision or BRANCH
+        if revision == BRANCH:
+            oid = self.head(repo_id)
+            if oid is None:
+                raise RevisionNotFound(f"repo {repo_id!r} has no commit yet")
+            return self._read_commit(repo_id, oid)
+        if not _OID.match(revision):
+            raise RevisionNotFound(f"no revision {revision!r} in repo {repo_id!r} (branches: {BRANCH})")
+        commits = self._repo(repo_id) / "commits"
+        found = [p.stem for p in commits.glob(f"{revision}*.json")] if commits.exists() else []
+        if len(found) != 1:
+            why = "is ambiguous" if found else "does not exist"
+            raise RevisionNotFound(f"revision {revision!r} {why} in repo {repo_id!r}")
+        return self._read_commit(repo_id, found[0])
+
+    def history(self, repo_id: str) -> list[Commit]:
+        """Commits of `main`, newest first."""
+        out, oid = [], self.head(repo_id)
+        while oid:
+            c = self._read_commit(repo_id, oid)
+            out.append(c)
+            oid = c.parent
+        return out
+
+    def read(self, entry: FileEntry) -> bytes:
+        return self.object_path(entry.sha256).read_bytes()
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    def create(self, repo_id: str, private: bool = False) -> bool:
+        """Create an empty repo with an initial commit; False when it already exists."""
+        with self.lock(repo_id):
+            if self.exists(repo_id):
+                return False
+            repo = self._repo(repo_id)
+            first = self._write_commit(repo_id, None, {}, "initial commit", "")
+            _write_atomic(repo / "refs" / BRANCH, first.oid.encode())
+            # repo.json last: a repo exists only once it has a branch to read
+            _write_atomic(repo / "repo.json", json.dumps({"private": private, "created": time.time()}).encode())
+            return True
+
+    def put_object(self, data: bytes) -> FileEntry:
+        sha = hashlib.sha256(data).hexdigest()
+        path = self.object_path(sha)
+        if not path.exists():
+            _write_atomic(path, data)
+        return FileEntry(sha, git_blob_oid(data), len(data))
+
+    def _write_commit(
+        self, repo_id: str, parent: str | None, files: dict, message: str, description: str, author: str = ""
+    ) -> Commit:
+        record = {"parent": parent, "message": message, "description": description, "created": time.time(),
+                  "author": author, "files": {p: asdict(e) for p, e in sorted(files.items())}}  # fmt: skip
+        oid = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        commit = Commit(oid=oid, **{**record, "files": dict(sorted(files.items()))})
+        _write_atomic(self._repo(repo_id) / "commits" / f"{oid}.json", json.dumps(commit.to_json()).encode())
+        return commit
+
+    def commit(
+        self,
+        repo_id: str,
+        added: dict[str, FileEntry],
+        deleted: list[str] = (),
+        deleted_folders: list[str] = (),
+        message: str = "",
+        description: str = "",
+        parent: str | None = None,
+        author: str = "",
+    ) -> Commit:
+        """A new commit on `main`: the head's files, less the deleted ones, plus the added entries (whose
+        objects must be stored already, see put_object). `parent`, when given, must be the head."""
+        for p in [*added, *deleted, *deleted_folders]:
+            validate_path(p)
+        with self.lock(repo_id):
+            head = self.resolve(repo_id)
+            if parent is not None and not head.oid.startswith(parent):
+                raise ParentMismatch(f"the head of {repo_id!r} is {head.oid}, not {parent}: fetch and retry")
+            files = dict(head.files)
+            for p in deleted:
+                if files.pop(p, None) is None:
+                    raise HubError(f"cannot delete {p!r}: no such file in {repo_id!r}")
+            for folder in deleted_folders:
+                prefix = folder.rstrip("/") + "/"
+                files = {p: e for p, e in files.items() if not p.startswith(prefix)}
+            for p, e in added.items():
+                if not self.object_path(e.sha256).exists():
+                    raise HubError(f"{p!r}: its content was not uploaded")
+                files[p] = e
+            commit = self._write_commit(repo_id, head.oid, files, message, description, author)
+            _write_atomic(self._repo(repo_id) / "refs" / BRANCH, commit.oid.encode())
+            return commit

@@ -1,0 +1,79 @@
+"""The ASGI app of `w2wreg serve`: the Hub protocol (server.hf_api), the w2w API (server.w2w_api), the page."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from registry.registry import Registry
+from server import hf_api, indexing, w2w_api
+from server.state import DEFAULT_MAX_UPLOAD, ServerState
+from w2w.errors import RegistryLockedError, UnknownModelError, W2WError
+
+log = logging.getLogger("w2wreg.serve")
+
+
+def create_app(
+    registry: Registry | str | Path,
+    tokens: dict[str, str],
+    private: bool = False,
+    max_upload: int = DEFAULT_MAX_UPLOAD,
+) -> FastAPI:
+    """The server over one registry. `tokens` maps each accepted bearer token to a user name."""
+    reg = registry if isinstance(registry, Registry) else Registry.open(registry)
+    state = ServerState(reg, dict(tokens), private=private, max_upload=max_upload)
+    with state.lock:
+        for repo_id, result in indexing.catch_up(reg, state.store):
+            log.info("indexed %s at start: %s", repo_id, result.to_json())
+
+    app = FastAPI(
+        title="w2wreg",
+        version="1",
+        summary="A weight-space registry of LoRAs: search by weights, the w2w space, derived models.",
+        description="The registry's API. The same server speaks the Hugging Face Hub protocol for model repos "
+        "(point huggingface_hub at it with HF_ENDPOINT) and indexes every LoRA pushed to it.",
+        docs_url="/api/w2w/docs",
+        redoc_url=None,
+        openapi_url="/api/w2w/openapi.json",
+    )
+    app.state.w2w = state
+
+    @app.exception_handler(hf_api.HubHTTPError)
+    async def hub_error(request: Request, e: hf_api.HubHTTPError):
+        return hf_api.error_response(e)
+
+    @app.exception_handler(W2WError)
+    async def w2w_error(request: Request, e: W2WError):
+        status = (
+            404
+            if isinstance(e, UnknownModelError | LookupError)
+            else 503
+            if isinstance(e, RegistryLockedError)
+            else 400
+        )
+        return JSONResponse({"error": str(e)}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return JSONResponse(
+            {"error": f"{where}: {first.get('msg', 'invalid request')}", "detail": jsonable_encoder(e.errors())},
+            status_code=422,
+        )
+
+    page = resources.files("server").joinpath("assets/index.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index():
+        return page
+
+    app.include_router(w2w_api.build_router(state))
+    app.include_router(hf_api.build_router(state))  # last: its /{ns}/{name}/resolve/... route is the widest
+    return app

@@ -1,0 +1,174 @@
+"""A push is an ingest: the LoRA in a commit becomes a registered model of the server's registry.
+
+The LoRA is checked before the commit is made (a file that is not a readable LoRA refuses the commit),
+and registered after it; a server that stopped in between registers it at its next start
+(`catch_up`), so the registry always ends up with the head of every repo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from registry.hubs.store import Commit, RepoStore
+from registry.model_card import parse_front_matter
+from registry.registry import NewModel, Registry, validate_attributes
+from w2w.errors import W2WError
+from w2w.formats.fastread import VectorRead, read_vector
+
+log = logging.getLogger("w2wreg.serve")
+
+# the files a LoRA repo keeps its weights in (diffusers, PEFT); other .safetensors files are stored only
+LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+SOURCE_PREFIX = "hub:serve/"
+
+
+def lora_path(paths) -> str | None:
+    """The path of a repo's LoRA weights among `paths`, if it has one (top level or one folder down)."""
+    for name in LORA_FILES:
+        for p in sorted(paths, key=lambda p: (p.count("/"), p)):
+            if p == name or (p.endswith("/" + name) and p.count("/") == 1):
+                return p
+    return None
+
+
+def read_lora_bytes(path_in_repo: str, data: bytes, adapter_config: bytes | None = None) -> VectorRead:
+    """Parse pushed weights as a LoRA (raises W2WError naming the file in the repo)."""
+    with tempfile.TemporaryDirectory(prefix="w2wreg-push-") as tmp:
+        name = Path(path_in_repo).name
+        if name == "adapter_model.safetensors" and adapter_config is not None:
+            folder = Path(tmp) / "adapter"
+            folder.mkdir()
+            (folder / name).write_bytes(data)
+            (folder / "adapter_config.json").write_bytes(adapter_config)
+            target = folder
+        else:
+            target = Path(tmp) / name
+            target.write_bytes(data)
+        try:
+            return read_vector(target)
+        except W2WError as e:
+            raise W2WError(f"{path_in_repo}: not a LoRA this registry can index ({_strip(str(e), tmp)})") from None
+
+
+def _strip(msg: str, tmp: str) -> str:
+    return msg.replace(str(Path(tmp)) + "/", "")
+
+
+def model_name(repo_id: str, commit: Commit, reg: Registry) -> str:
+    """`ns.name` for a repo's first model (a bare name in `mix` expressions when the repo id has no '-');
+    a later revision with new weights, or a name already taken, gets the commit's short oid appended."""
+    base = repo_id.replace("/", ".")
+    try:
+        reg.get(base)
+    except W2WError:
+        return base
+    return f"{base}.{commit.oid[:8]}"
+
+
+@dataclass
+class IndexResult:
+    model: str | None = None
+    model_id: int | None = None
+    duplicate_of: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def index_commit(reg: Registry, store: RepoStore, repo_id: str, commit: Commit) -> IndexResult | None:
+    """Register the LoRA of `commit` (None when the repo holds none). Caller holds the registry lock."""
+    path = lora_path(commit.files)
+    if path is None:
+        return None
+    folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+    cfg = commit.files.get(folder + "adapter_config.json")
+    vr = read_lora_bytes(path, store.read(commit.files[path]), store.read(cfg) if cfg else None)
+    card = (
+        parse_front_matter(store.read(commit.files["README.md"]).decode("utf-8", "replace"))
+        if ("README.md" in commit.files)
+        else {}
+    )
+    w2w = card.get("w2w") if isinstance(card.get("w2w"), dict) else {}
+    attributes = {}
+    if isinstance(w2w.get("attributes"), dict):
+        try:
+            attributes = validate_attributes(w2w["attributes"])
+        except W2WError as e:
+            log.warning("%s: attributes in README.md ignored (%s)", repo_id, e)
+    base_model = card.get("base_model") if isinstance(card.get("base_model"), str) else None
+    item = NewModel(
+        model_name(repo_id, commit, reg),
+        np.asarray(vr.vector, dtype=np.float32),
+        vr.layout,
+        base_model or vr.base_model,
+        kind=str(w2w.get("kind") or "imported"),
+        source=f"{SOURCE_PREFIX}{repo_id}@{commit.oid}",
+        source_format=vr.format,
+        source_sha256=vr.sha256,
+        attributes=attributes,
+        lineage=_lineage_from_card(reg, w2w.get("lineage")),
+    ).digest()
+    report = reg.add_models([item])
+    if report.added:
+        name, model_id = report.added[0]
+        return IndexResult(model=name, model_id=model_id)
+    if report.skipped:
+        return IndexResult(duplicate_of=report.skipped[0][1])
+    return IndexResult(error=report.errors[0][1] if report.errors else "not indexed")
+
+
+def _lineage_from_card(reg: Registry, entries) -> list[tuple[int | None, str, dict]]:
+    """The card's lineage, each parent linked to its model here when the parent's repo and revision were
+    pushed to this hub too (w2wreg push records them); other parents are kept by name in the params."""
+    if not isinstance(entries, list):
+        return []
+    sources = None
+    out = []
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("operation"), str):
+            continue
+        parent_id = None
+        if e.get("parent_repo") and e.get("parent_revision"):
+            if sources is None:
+                sources = _models_by_source(reg)
+            parent_id = sources.get(f"{SOURCE_PREFIX}{e['parent_repo']}@{e['parent_revision']}")
+        params = e.get("params") if isinstance(e.get("params"), dict) else {}
+        params = {**params, **{k: e[k] for k in ("parent", "parent_repo", "parent_revision") if e.get(k)}}
+        out.append((parent_id, e["operation"], json.loads(json.dumps(params, default=str))))  # YAML dates -> str
+    return out
+
+
+def _models_by_source(reg: Registry) -> dict[str, int]:
+    with reg.catalog.connect() as con:
+        rows = con.execute("SELECT source, id FROM models WHERE source LIKE ?", [SOURCE_PREFIX + "%"]).fetchall()
+    return {s: i for s, i in rows}
+
+
+def indexed_sources(reg: Registry) -> set[str]:
+    with reg.catalog.connect() as con:
+        rows = con.execute("SELECT source FROM models WHERE source LIKE ?", [SOURCE_PREFIX + "%"]).fetchall()
+    return {r[0] for r in rows}
+
+
+def catch_up(reg: Registry, store: RepoStore) -> list[tuple[str, IndexResult]]:
+    """Index the head of every repo whose head is not registered yet (after a crash, or an old store)."""
+    done = indexed_sources(reg)
+    out = []
+    for repo_id in store.list_repos():
+        head = store.resolve(repo_id)
+        if f"{SOURCE_PREFIX}{repo_id}@{head.oid}" in done or lora_path(head.files) is None:
+            continue
+        try:
+            result = index_commit(reg, store, repo_id, head)
+        except W2WError as e:
+            result = IndexResult(error=str(e))
+        if result is not None:
+            out.append((repo_id, result))
+    return out

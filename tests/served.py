@@ -1,0 +1,54 @@
+"""`w2wreg serve` on a free loopback port, in a thread of the test process (tests/test_serve*.py)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+
+
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1:<free port> until stop()."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+    def request(self, method: str, path: str, body=None, token: str | None = None, headers: dict | None = None):
+        """(status, headers, parsed JSON or raw bytes) of one request, without any client library."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        try:
+            parsed = json.loads(data) if data else None
+        except ValueError:
+            parsed = data
+        return resp.status, dict(resp.getheaders()), parsed
+
+    def get(self, path: str, **params):
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        return self.request("GET", path + ("?" + query if query else ""))

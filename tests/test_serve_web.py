@@ -1,0 +1,89 @@
+"""`w2wreg serve`'s API fuzzed from its OpenAPI description (schemathesis), and its web page driven in a
+real headless Chromium (Debian's chromium + chromium-driver; `.ci/run` installs them)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from served import LiveServer
+from test_registry import BASE, SMALL, run
+
+from ingest.synthetic import Population
+from registry.registry import Registry
+from server.app import create_app
+
+TOKEN = "web-token-0123"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    csv_path = Population(SMALL, seed=4).write(root / "loras", 12, formats=("diffusers",), base_model=BASE)
+    reg_dir = root / "reg"
+    run(reg_dir, "init")
+    run(reg_dir, "add", str(root / "loras"), "--attrs-csv", str(csv_path))
+    run(reg_dir, "fit", "--components", "4")
+    run(reg_dir, "direction", "fit", "smile")
+    reg = Registry.open(reg_dir)
+    server = LiveServer(create_app(reg, {TOKEN: "fuzzer"}))
+    yield server, reg
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def api_schema(web):
+    return schemathesis.openapi.from_url(f"{web[0].url}/api/w2w/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_api_answers_no_5xx(case):
+    # with the write token: the fuzzer also reaches edit, mix and sample past authentication
+    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=[not_a_server_error])
+
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
+def test_page_shows_a_search_result_in_chromium(web, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, reg = web
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,900"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)  # a given driver: nothing is downloaded
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(server.url + "/")
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#map-svg circle")))
+        n_models = len(reg.ls())  # 12, and whatever the fuzzer made
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#map-svg circle")) == n_models  # the map: every model
+        box = driver.find_element(By.ID, "q")
+        box.send_keys("identity_00003")
+        driver.find_element(By.ID, "search-button").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "results-title"), "Nearest to identity_00003"))
+        shown = [r.get_attribute("data-name") for r in driver.find_elements(By.CSS_SELECTOR, "#results .result-row")]
+        assert shown == [h.model.name for h in reg.search("identity_00003", k=10).hits]
+        driver.find_element(By.CSS_SELECTOR, "#results .result-row a").click()  # open the nearest model
+        wait.until(ec.text_to_be_present_in_element((By.ID, "model-name"), shown[0]))
+        assert driver.find_elements(By.CSS_SELECTOR, "#neighbours .result-row")
+        assert driver.save_screenshot(str(tmp_path / "page.png"))  # for a person: pytest --basetemp=DIR keeps it
+    finally:
+        driver.quit()
