@@ -150,6 +150,11 @@ def verify(reg: Registry) -> VerifyReport:
                         "orphan", f"hub {repo}/{f.relative_to(reg.hub.root / repo)}", "file not pushed by this registry"
                     )
                 )
+    if reg.paths.repos.exists():  # the repos of `w2wreg serve`
+        from registry.hubs.store import RepoStore
+
+        for what, problem in RepoStore(reg.paths.repos).check():
+            report.findings.append(Finding("error", what, problem))
     for stray in reg.root.rglob(".*.tmp-*"):
         report.findings.append(
             Finding("orphan", str(stray.relative_to(reg.root)), "temporary file of an interrupted write", fixable=True)

@@ -71,6 +71,14 @@ def api(hub):
     return HfApi(endpoint=hub[0].url, token=TOKEN)
 
 
+@pytest.fixture(scope="module")
+def plain(api) -> str:
+    """A repo with one file, for the tests of refused writes (independent of the push tests' order)."""
+    api.create_repo("team/plain", exist_ok=True)
+    api.upload_file(path_or_fileobj=b"v1", path_in_repo="notes.txt", repo_id="team/plain")
+    return "team/plain"
+
+
 def push(client_reg: Path, model: str, repo: str, url: str, *extra: str, code: int = 0):
     from click.testing import CliRunner
 
@@ -230,7 +238,7 @@ def test_list_and_search_models(hub, api, client_reg):
     assert found[0].sha == api.model_info("lab/carol").sha
 
 
-def test_writes_need_a_valid_token_reads_do_not(hub):
+def test_writes_need_a_valid_token_reads_do_not(hub, plain):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -242,8 +250,8 @@ def test_writes_need_a_valid_token_reads_do_not(hub):
             anon.create_repo("team/sneaky")
         assert e.value.response.status_code == 401
         with pytest.raises(HfHubHTTPError):
-            anon.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="team/bob")
-        assert anon.list_repo_files("team/bob")  # reads are open
+            anon.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=plain)
+        assert anon.list_repo_files(plain)  # reads are open
     status, _, body = server.request("POST", "/api/w2w/sample", {"n": 1})
     assert status == 401 and "token" in body["error"]
     assert len(hub_reg.ls()) == n_models
@@ -278,17 +286,17 @@ def test_private_repos_and_private_server(hub, api, tmp_path):
     "path",
     ["../escape.txt", "a/../../b", "/abs.txt", ".git/config", "a//b", "back\\slash", "nul\x00.txt", "x" * 1001],
 )
-def test_bad_paths_are_refused(hub, api, path):
+def test_bad_paths_are_refused(hub, api, plain, path):
     server, _ = hub
-    head = api.model_info("team/bob").sha
+    head = api.model_info(plain).sha
     line = {"key": "file", "value": {"path": path, "content": base64.b64encode(b"x").decode(), "encoding": "base64"}}
     body = json.dumps({"key": "header", "value": {"summary": "bad"}}) + "\n" + json.dumps(line) + "\n"
     status, headers, err = server.request(
-        "POST", "/api/models/team/bob/commit/main", body.encode(), token=TOKEN,
+        "POST", f"/api/models/{plain}/commit/main", body.encode(), token=TOKEN,
         headers={"Content-Type": "application/x-ndjson"},
     )  # fmt: skip
     assert status == 400 and "not a valid file path" in err["error"]
-    assert api.model_info("team/bob").sha == head
+    assert api.model_info(plain).sha == head
 
 
 def test_bad_repo_ids_and_traversal(hub, api):
@@ -303,13 +311,13 @@ def test_bad_repo_ids_and_traversal(hub, api):
         assert not (isinstance(body, bytes) and body.startswith(b"DUCK"))
 
 
-def test_upload_size_limit(hub, api):
+def test_upload_size_limit(hub, api, plain):
     from huggingface_hub.errors import HfHubHTTPError
 
     with pytest.raises(HfHubHTTPError) as e:
-        api.upload_file(path_or_fileobj=b"\0" * (5 << 20), path_in_repo="big.bin", repo_id="team/bob")
+        api.upload_file(path_or_fileobj=b"\0" * (5 << 20), path_in_repo="big.bin", repo_id=plain)
     assert e.value.response.status_code == 413
-    assert "big.bin" not in api.list_repo_files("team/bob")
+    assert "big.bin" not in api.list_repo_files(plain)
 
 
 def test_a_file_that_is_not_a_lora_refuses_the_commit(hub, api):
@@ -326,23 +334,23 @@ def test_a_file_that_is_not_a_lora_refuses_the_commit(hub, api):
     assert api.model_info("team/broken").sha == head and len(hub_reg.ls()) == n_models
 
 
-def test_interrupted_commit_leaves_the_previous_revision(hub, api):
+def test_interrupted_commit_leaves_the_previous_revision(hub, api, plain):
     server, hub_reg = hub
-    head = api.model_info("team/bob").sha
-    files = api.list_repo_files("team/bob")
+    head = api.model_info(plain).sha
+    files = api.list_repo_files(plain)
     header = json.dumps({"key": "header", "value": {"summary": "cut short"}}) + "\n"
     line = json.dumps({"key": "file", "value": {"path": "README.md", "content": "QUJD" * 5000, "encoding": "base64"}})
     body = (header + line + "\n").encode()
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(
-            b"POST /api/models/team/bob/commit/main HTTP/1.1\r\nHost: x\r\n"
+            f"POST /api/models/{plain}/commit/main HTTP/1.1\r\nHost: x\r\n".encode()
             + f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/x-ndjson\r\n".encode()
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body[: len(body) // 2]
         )
-    assert api.model_info("team/bob").sha == head and api.list_repo_files("team/bob") == files
-    api.upload_file(path_or_fileobj=b"after", path_in_repo="after.txt", repo_id="team/bob")  # the repo still works
-    assert api.model_info("team/bob").sha != head
+    assert api.model_info(plain).sha == head and api.list_repo_files(plain) == files
+    api.upload_file(path_or_fileobj=b"after", path_in_repo="after.txt", repo_id=plain)  # the repo still works
+    assert api.model_info(plain).sha != head
 
 
 def test_concurrent_commits_to_one_repo_are_serialized(hub, api):
@@ -504,3 +512,16 @@ def test_a_bad_tokens_file_is_one_clear_line(tmp_path):
     bad.write_text("alice short\n")
     r = run(tmp_path / "hub", "serve", "--tokens-file", str(bad), code=1)
     assert r.output.strip() == f"error: {bad}:1: a token must have at least 8 characters"
+
+
+def test_verify_checks_the_served_repos(tmp_path):
+    reg = Registry.init(tmp_path / "r")
+    store = RepoStore(reg.paths.repos)
+    store.create("team/doc")
+    entry = store.put_object(b"hello")
+    store.commit("team/doc", {"notes.txt": entry}, message="m")
+    assert as_json(reg.root, "verify")["ok"]
+    store.object_path(entry.sha256).write_bytes(b"hellO")  # bit rot
+    out = json.loads(run(reg.root, "verify", "--json", code=3).stdout)
+    assert not out["ok"]
+    assert any("team/doc" in f["what"] and "notes.txt" in f["what"] for f in out["findings"])

@@ -92,7 +92,7 @@ class Commit:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: threads may race on one path
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # unique: threads may race on one path
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -206,6 +206,31 @@ class RepoStore:
 
     def read(self, entry: FileEntry) -> bytes:
         return self.object_path(entry.sha256).read_bytes()
+
+    def check(self) -> list[tuple[str, str]]:
+        """(what, problem) for every repo whose head or history is unreadable, and every file of every
+        commit whose object is missing or no longer has its sha256. Reads every object once."""
+        problems: list[tuple[str, str]] = []
+        checked: dict[str, bool] = {}
+        for repo_id in self.list_repos():
+            try:
+                commits = self.history(repo_id)
+            except (RevisionNotFound, ValueError, TypeError, KeyError) as e:
+                problems.append((f"repo {repo_id}", f"its history cannot be read ({e})"))
+                continue
+            if not commits:
+                problems.append((f"repo {repo_id}", "has no head commit"))
+            for c in commits:
+                for path, e in c.files.items():
+                    if e.sha256 not in checked:
+                        try:
+                            data = self.object_path(e.sha256).read_bytes()
+                            checked[e.sha256] = hashlib.sha256(data).hexdigest() == e.sha256
+                        except FileNotFoundError:
+                            checked[e.sha256] = False
+                    if not checked[e.sha256]:
+                        problems.append((f"repo {repo_id}@{c.oid[:12]}/{path}", "content missing or damaged (sha256)"))
+        return problems
 
     # --- writing -----------------------------------------------------------------------------------
 
