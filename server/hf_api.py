@@ -358,8 +358,10 @@ def _parse_commit(body: bytes) -> tuple[dict, dict[str, bytes], list[str], list[
             key, value = item["key"], item["value"]
         except (ValueError, KeyError, TypeError):
             raise HubHTTPError(400, f"commit line {n}: not a JSON object with 'key' and 'value'") from None
+        if not isinstance(value, dict):
+            raise HubHTTPError(400, f"commit line {n}: 'value' must be a JSON object")
         if key == "header":
-            header = value if isinstance(value, dict) else {}
+            header = value
         elif key == "file":
             path = _valid_path(str(value.get("path", "")))
             if value.get("encoding", "base64") != "base64":
@@ -405,7 +407,7 @@ def _commit(state: ServerState, repo_id: str, body: bytes, user: str, base_url: 
             deleted_folders,
             message=str(header["summary"]),
             description=str(header.get("description") or ""),
-            parent=header.get("parentCommit"),
+            parent=header["parentCommit"] if isinstance(header.get("parentCommit"), str) else None,
             author=user,
         )
     except ParentMismatch as e:

@@ -299,6 +299,21 @@ def test_bad_paths_are_refused(hub, api, plain, path):
     assert api.model_info(plain).sha == head
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"not json\n", b'{"key": "file", "value": []}\n', b'{"key": "header", "value": {"summary": "x"}}\n'
+     b'{"key": "file", "value": {"path": "a.txt", "content": "***"}}\n', b'{"key": "lfsFile", "value": {}}\n',
+     b'{"key": "file", "value": {"path": "a.txt", "content": "YQ=="}}\n'],  # the last: no header
+)  # fmt: skip
+def test_malformed_commits_are_400(hub, api, plain, body):
+    server, _ = hub
+    head = api.model_info(plain).sha
+    status, _, err = server.request("POST", f"/api/models/{plain}/commit/main", body, token=TOKEN,
+                                    headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    assert status == 400 and err["error"], err
+    assert api.model_info(plain).sha == head
+
+
 def test_bad_repo_ids_and_traversal(hub, api):
     server, _ = hub
     for name, org in (("..", "team"), ("x", ".."), ("a/b", "team"), ("", "team"), ("ok", "")):
