@@ -533,6 +533,14 @@ class Catalog:
             for pid, pname, op, params in rows
         ]
 
+    def children(self, model_id: int) -> list[int]:
+        """Ids of the models derived from this one (lineage rows naming it as parent), ascending."""
+        with self.connect() as con:
+            rows = con.execute(
+                "SELECT DISTINCT child_id FROM lineage WHERE parent_id = ? ORDER BY child_id", [model_id]
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def hub_files(self, model_id: int | None = None) -> list[dict]:
         with self.connect() as con:
             sql = "SELECT model_id, hub, repo, revision, path, sha256, pushed FROM hub_files"

@@ -635,13 +635,12 @@ class Registry:
 
     def _lineage_with_repos(self, model_id: int) -> list[dict]:
         """Lineage rows, each parent with the hub repo and revision it was last pushed to (if it was)."""
-        pushed: dict[int, dict] = {}
-        for hf in self.catalog.hub_files():
-            if hf["path"].endswith(".safetensors"):
-                pushed[hf["model_id"]] = hf  # insertion order: the last push wins
         out = []
         for row in self.catalog.lineage(model_id):
-            hf = pushed.get(row["parent_id"])
+            # only the parents' pushes: reading every push per card made `ingest --push-to` quadratic
+            weights = [] if row["parent_id"] is None else self.catalog.hub_files(row["parent_id"])
+            weights = [hf for hf in weights if hf["path"].endswith(".safetensors")]
+            hf = weights[-1] if weights else None  # insertion order: the last push wins
             if hf:
                 row = row | {"parent_repo": hf["repo"], "parent_revision": hf["revision"], "parent_hub": hf["hub"]}
             out.append(row)

@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from registry.registry import Registry
 from server import hf_api, indexing, w2w_api
 from server.state import DEFAULT_MAX_UPLOAD, ServerState
-from w2w.errors import RegistryLockedError, UnknownModelError, W2WError
+from w2w.errors import RegistryLockedError, W2WError
 
 log = logging.getLogger("w2wreg.serve")
 
@@ -52,7 +52,7 @@ def create_app(
     async def w2w_error(request: Request, e: W2WError):
         status = (
             404
-            if isinstance(e, UnknownModelError | LookupError)
+            if isinstance(e, LookupError)  # UnknownModelError, a missing repo or revision
             else 503
             if isinstance(e, RegistryLockedError)
             else 400

@@ -100,16 +100,8 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(t))
 
 
-def _card(state: ServerState, commit: Commit) -> dict:
-    entry = commit.files.get("README.md")
-    if entry is None:
-        return {}
-    card = parse_front_matter(state.store.read(entry).decode("utf-8", "replace"))
-    return card if isinstance(card, dict) else {}
-
-
 def model_info_json(state: ServerState, repo_id: str, commit: Commit, base_url: str) -> dict:
-    card = _card(state, commit)
+    card = indexing.card_of(state.store, commit)
     meta = state.store.meta(repo_id)
     tags = card.get("tags") if isinstance(card.get("tags"), list) else []
     return {
@@ -391,7 +383,8 @@ def _commit(state: ServerState, repo_id: str, body: bytes, user: str, base_url: 
     kept = {p for p in head.files if p not in deleted and not any(p.startswith(f + "/") for f in deleted_folders)}
     after = kept | set(added)
     lora = indexing.lora_path(after)
-    if lora is not None and lora in added:
+    brings_lora = lora is not None and lora in added  # a commit that leaves the LoRA as it was indexes nothing
+    if brings_lora:
         cfg_path = (lora.rsplit("/", 1)[0] + "/" if "/" in lora else "") + "adapter_config.json"
         cfg = added.get(cfg_path) or (state.store.read(head.files[cfg_path]) if cfg_path in head.files else None)
         try:
@@ -416,7 +409,7 @@ def _commit(state: ServerState, repo_id: str, body: bytes, user: str, base_url: 
         raise HubHTTPError(400, str(e)) from None
     log.info("%s committed %s to %s (%d files)", user, commit.oid[:12], repo_id, len(entries))
     out = {"commitUrl": f"{base_url}/{repo_id}/commit/{commit.oid}", "commitOid": commit.oid, "pullRequestUrl": None}
-    if lora is not None and lora in added:
+    if brings_lora:
         with state.lock:
             try:
                 result = indexing.index_commit(state.registry, state.store, repo_id, commit)

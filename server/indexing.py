@@ -60,6 +60,15 @@ def _strip(msg: str, tmp: str) -> str:
     return msg.replace(str(Path(tmp)) + "/", "")
 
 
+def card_of(store: RepoStore, commit: Commit) -> dict:
+    """The YAML front matter of the commit's README.md ({} without one, or when it is not a mapping)."""
+    entry = commit.files.get("README.md")
+    if entry is None:
+        return {}
+    card = parse_front_matter(store.read(entry).decode("utf-8", "replace"))
+    return card if isinstance(card, dict) else {}
+
+
 def model_name(repo_id: str, commit: Commit, reg: Registry) -> str:
     """`ns.name` for a repo's first model (a bare name in `mix` expressions when the repo id has no '-');
     a later revision with new weights, or a name already taken, gets the commit's short oid appended."""
@@ -90,11 +99,7 @@ def index_commit(reg: Registry, store: RepoStore, repo_id: str, commit: Commit) 
     folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
     cfg = commit.files.get(folder + "adapter_config.json")
     vr = read_lora_bytes(path, store.read(commit.files[path]), store.read(cfg) if cfg else None)
-    card = (
-        parse_front_matter(store.read(commit.files["README.md"]).decode("utf-8", "replace"))
-        if ("README.md" in commit.files)
-        else {}
-    )
+    card = card_of(store, commit)
     w2w = card.get("w2w") if isinstance(card.get("w2w"), dict) else {}
     attributes = {}
     if isinstance(w2w.get("attributes"), dict):
@@ -146,20 +151,15 @@ def _lineage_from_card(reg: Registry, entries) -> list[tuple[int | None, str, di
 
 
 def _models_by_source(reg: Registry) -> dict[str, int]:
+    """source -> model id of every model registered from a push to this hub."""
     with reg.catalog.connect() as con:
         rows = con.execute("SELECT source, id FROM models WHERE source LIKE ?", [SOURCE_PREFIX + "%"]).fetchall()
     return {s: i for s, i in rows}
 
 
-def indexed_sources(reg: Registry) -> set[str]:
-    with reg.catalog.connect() as con:
-        rows = con.execute("SELECT source FROM models WHERE source LIKE ?", [SOURCE_PREFIX + "%"]).fetchall()
-    return {r[0] for r in rows}
-
-
 def catch_up(reg: Registry, store: RepoStore) -> list[tuple[str, IndexResult]]:
     """Index the head of every repo whose head is not registered yet (after a crash, or an old store)."""
-    done = indexed_sources(reg)
+    done = _models_by_source(reg)
     out = []
     for repo_id in store.list_repos():
         head = store.resolve(repo_id)

@@ -204,11 +204,7 @@ def build_router(state: ServerState) -> APIRouter:
         with state.lock:
             m = reg.get(ref)
             lineage = [LineageOut(**row) for row in reg.catalog.lineage(m.id)]
-            with reg.catalog.connect() as con:
-                child_ids = [
-                    r[0] for r in con.execute("SELECT child_id FROM lineage WHERE parent_id = ?", [m.id]).fetchall()
-                ]
-            children = [ModelOut.of(c) for c in reg.catalog.models_by_ids(sorted(set(child_ids)))]
+            children = [ModelOut.of(c) for c in reg.catalog.models_by_ids(reg.catalog.children(m.id))]
             proj = wspace.projection_info(reg, m.id)
             near = hits(reg.search(m, k=k)) if k else []
         return ModelDetail(

@@ -36,7 +36,7 @@ class Hub(Protocol):
     def list_files(self, repo_id: str) -> list[str]: ...
 
 
-def open_hub(spec: str | Path | None, default: Hub | None = None, token: str | None = None) -> Hub:
+def open_hub(spec: str | Path | None, default: Hub | None = None) -> Hub:
     """`--hub` as typed: None -> `default` (the registry's own), http(s)://... -> HfHub, else a folder hub."""
     if spec is None or str(spec) == "":
         if default is None:
@@ -46,7 +46,7 @@ def open_hub(spec: str | Path | None, default: Hub | None = None, token: str | N
     if text.startswith(("http://", "https://")):
         from registry.hubs.hf import HfHub
 
-        return HfHub(text, token=token)
+        return HfHub(text)  # the token: huggingface_hub's own lookup (HF_TOKEN, `hf auth login`)
     from registry.hubs.local import LocalHub
 
     return LocalHub(Path(text))

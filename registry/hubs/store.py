@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 import time
-import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from filelock import FileLock
 
 from registry.hubs import validate_repo_id
 from w2w.errors import HubError
+from w2w.formats.tensorfile import atomic_write_bytes
 
 BRANCH = "main"
 MAX_PATH = 1000
@@ -90,19 +90,6 @@ class Commit:
         return asdict(self)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # unique: threads may race on one path
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class RepoStore:
     """Model repos with history. Thread- and process-safe for commits (one writer per repo at a time)."""
 
@@ -139,29 +126,15 @@ class RepoStore:
 
     # --- locking -----------------------------------------------------------------------------------
 
-    class _RepoLock:
-        def __init__(self, thread_lock: threading.Lock, file_lock: FileLock):
-            self.t, self.f = thread_lock, file_lock
-
-        def __enter__(self):
-            self.t.acquire()
-            try:
-                self.f.acquire()
-            except BaseException:
-                self.t.release()
-                raise
-
-        def __exit__(self, *exc):
-            self.f.release()
-            self.t.release()
-
-    def lock(self, repo_id: str) -> _RepoLock:
+    @contextmanager
+    def lock(self, repo_id: str):
         """Serializes commits to one repo across threads (a lock per repo) and processes (a lock file)."""
         with self._locks_guard:
             t = self._locks.setdefault(repo_id, threading.Lock())
         path = self._repo(repo_id).with_name(self._repo(repo_id).name + ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
-        return self._RepoLock(t, FileLock(str(path)))
+        with t, FileLock(str(path)):
+            yield
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -241,16 +214,16 @@ class RepoStore:
                 return False
             repo = self._repo(repo_id)
             first = self._write_commit(repo_id, None, {}, "initial commit", "")
-            _write_atomic(repo / "refs" / BRANCH, first.oid.encode())
+            atomic_write_bytes(repo / "refs" / BRANCH, first.oid.encode())
             # repo.json last: a repo exists only once it has a branch to read
-            _write_atomic(repo / "repo.json", json.dumps({"private": private, "created": time.time()}).encode())
+            atomic_write_bytes(repo / "repo.json", json.dumps({"private": private, "created": time.time()}).encode())
             return True
 
     def put_object(self, data: bytes) -> FileEntry:
         sha = hashlib.sha256(data).hexdigest()
         path = self.object_path(sha)
         if not path.exists():
-            _write_atomic(path, data)
+            atomic_write_bytes(path, data)
         return FileEntry(sha, git_blob_oid(data), len(data))
 
     def _write_commit(
@@ -260,7 +233,7 @@ class RepoStore:
                   "author": author, "files": {p: asdict(e) for p, e in sorted(files.items())}}  # fmt: skip
         oid = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
         commit = Commit(oid=oid, **{**record, "files": dict(sorted(files.items()))})
-        _write_atomic(self._repo(repo_id) / "commits" / f"{oid}.json", json.dumps(commit.to_json()).encode())
+        atomic_write_bytes(self._repo(repo_id) / "commits" / f"{oid}.json", json.dumps(commit.to_json()).encode())
         return commit
 
     def commit(
@@ -294,5 +267,5 @@ class RepoStore:
                     raise HubError(f"{p!r}: its content was not uploaded")
                 files[p] = e
             commit = self._write_commit(repo_id, head.oid, files, message, description, author)
-            _write_atomic(self._repo(repo_id) / "refs" / BRANCH, commit.oid.encode())
+            atomic_write_bytes(self._repo(repo_id) / "refs" / BRANCH, commit.oid.encode())
             return commit

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write to a temp name in the same folder, fsync, rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")  # threads may race on one path
     try:
         with open(tmp, "wb") as f:
             f.write(data)
