@@ -185,7 +185,7 @@ def eval_draws(base: BaseModel, n: int = 32, seed: int = 12345) -> tuple[torch.T
     h = base.unet.config.sample_size
     t = torch.linspace(0, T - 1, n).round().long()
     noise = torch.randn((n, base.unet.config.in_channels, h, h), generator=g)
-    return t.to(base.device), noise.to(base.device)
+    return t.to(base.device), noise.to(base.device, base.dtype)  # a bf16 UNet takes bf16 noisy latents
 
 
 @torch.no_grad()

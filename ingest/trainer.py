@@ -182,7 +182,7 @@ class BatchedLoRALinear(torch.nn.Module):
         super().__init__()
         self.base = base
         self.A = torch.nn.Parameter(A0.expand(n, *A0.shape).clone())
-        self.B = torch.nn.Parameter(torch.zeros(n, base.out_features, A0.shape[0]))
+        self.B = torch.nn.Parameter(torch.zeros(n, base.out_features, A0.shape[0], device=A0.device))
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

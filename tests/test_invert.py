@@ -78,7 +78,9 @@ def test_an_inverted_model_lies_in_the_subspace_and_is_registered(fitted, faces,
     run("--registry", fitted, "export", "me", "--format", "diffusers", "-o", tmp_path / "me")
 
 
-def test_nearest_init_and_a_mask(fitted, faces, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_nearest_init_and_a_mask(fitted, faces, tmp_path, dtype):
+    """bf16: the shortlist's fixed draws and the loop's noise must reach the UNet in its own dtype."""
     from PIL import Image
 
     mask = tmp_path / "mask.png"
@@ -97,6 +99,10 @@ def test_nearest_init_and_a_mask(fitted, faces, tmp_path):
             mask,
             "-k",
             3,
+            "--dtype",
+            dtype,
+            "--name",
+            f"masked-{dtype}",
             "--json",
         ).stdout
     )

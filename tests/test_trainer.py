@@ -62,6 +62,27 @@ def test_batched_training_equals_one_at_a_time(base, prior):
     assert not any("lora" in n for n, _ in base.unet.named_parameters())
 
 
+def test_bf16_base_trains_float32_loras_both_ways():
+    """A bf16 base (what `--dtype bf16` loads on a GPU): the LoRA factors stay float32 and learn, batched or not."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    pipe = build_pipeline(UNet2DConditionModel(**TINY_UNET_CONFIG).eval()).to(torch.bfloat16)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    bf16 = BaseModel("tiny/base", pipe, torch.device("cpu"), torch.bfloat16)
+    recipe = replace(get_recipe("toy"), steps=3, batch_size=2, lr=1e-2, prior_weight=1.0, class_images=2)
+    cls = class_latents(bf16, recipe, steps=2)
+    ids = identities(2)
+    batched = train_batch(bf16, ids, recipe, cls)
+    alone = train_batch(bf16, ids[:1], recipe, cls)
+    for r in (*batched, *alone):
+        layer = next(iter(r.lora.layers.values()))
+        assert layer.A.dtype == np.float32 and layer.B.dtype == np.float32
+        assert np.abs(layer.B).max() > 0 and all(np.isfinite(r.losses))
+    assert_same_loras(batched[0], alone[0], atol=5e-3)  # bf16 activations: equal to bf16 rounding
+
+
 def test_trained_lora_loads_in_diffusers_and_changes_the_output(base, tmp_path):
     recipe = replace(get_recipe("toy"), steps=5, batch_size=2)
     res = train_batch(base, identities(1), recipe)[0]
