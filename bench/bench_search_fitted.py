@@ -17,8 +17,11 @@ The registry is kept under <out>/fitted-<n>-... and reused when complete; --dele
 Per query (models of the registry chosen at random, by name: each is excluded from its own results),
 side by side in rotating order:
   * ours           Registry.search(name, k=10): the post-fit path (the query's index coordinates from the
-                   index, candidates from the index, exact re-rank on the full vectors); unfiltered and
-                   `--where "group" = 0`;
+                   index, candidates from its neighbour list, or from the index with a filter, exact re-rank
+                   on the full vectors); unfiltered and `--where "group" = 0`;
+  * ours, index only  the same with the candidates from the index (the two-stage graph), as for a query
+                   that is a file or a model added since the lists were made; `--rescore F,...` adds it
+                   with other rescoring factors (registry.index.RESCORE_FACTOR);
   * hnsw / flat    the bare coefficient searches for k=10 (no re-rank, no catalog), in the index's
                    coordinates: FAISS HNSW (the registry's index, or one built here when N < HNSW_MIN; a
                    filter is an ID selector) and FAISS flat (knn_L2sqr over all the index's rows, or over
@@ -111,7 +114,10 @@ def ensure_registry(args) -> tuple[Path, dict]:
     if marker.exists():
         reg = Registry.open(root)
         sm = wspace.current(reg, reg.spaces()[0].id)
-        if sm.index_transform is None:  # fitted by a library older than the index transform
+        from registry import index as coeff_index
+
+        lists = coeff_index.load_lists(coeff_index.lists_path(sm.index_path), coeff_index.load(sm.index_path))
+        if args.reindex or not sm.ordered or lists is None:  # an index made by an older library
             t0 = time.perf_counter()
             wspace.reindex(reg, sm, say=log)
             log(f"index rebuilt in {time.perf_counter() - t0:.0f} s")
@@ -315,11 +321,11 @@ def run(args) -> None:
     root, build = ensure_registry(args)
     load0 = os.getloadavg()
     s = Setup(root, args.queries)
-    s.hnsw_sel = coeff_index.selector(s.allowed)
     own_hnsw = s.hnsw is None
     if own_hnsw:  # small N: the registry holds a flat index; build an HNSW one here for the bare side
         log("building an HNSW index over the index coordinates for the bare HNSW side (the registry's is flat)")
-        s.hnsw = coeff_index.build(s.Y, s.Y_ids, kind="hnsw")
+        s.hnsw = coeff_index.build(s.Y, s.Y_ids, kind="hnsw", ordered=s.sm.ordered)
+    s.hnsw_sel = coeff_index.selector(s.hnsw, s.allowed)
     log(f"N = {s.n}, filter {WHERE!r}: {len(s.allowed)} models ({len(s.allowed) / s.n:.1%}); index {s.index_kind}")
     ref = reference(s)
     nq = len(s.query_names)
@@ -379,6 +385,30 @@ def run(args) -> None:
         "flat": lambda i: bare_flat(s, i, K, False),
         "flat+filter": lambda i: bare_flat(s, i, K, True),
     }
+
+    def with_rescore(factor):
+        def call(i):
+            default, coeff_index.RESCORE_FACTOR = coeff_index.RESCORE_FACTOR, factor
+            try:
+                return s.reg.search(s.query_names[i], k=K)
+            finally:
+                coeff_index.RESCORE_FACTOR = default
+
+        return call
+
+    for factor in args.rescore if coeff_index.two_stage(s.index) else []:
+        sides[f"ours rescore {factor}"] = with_rescore(factor)
+
+    def without_lists(i):
+        from registry import wspace
+
+        wspace.USE_LISTS = False
+        try:
+            return s.reg.search(s.query_names[i], k=K)
+        finally:
+            wspace.USE_LISTS = True
+
+    sides["ours, index only"] = without_lists  # candidates from the graph, as for a file or a new model
     names = list(sides)
     times = {n: [] for n in names}
     recs = {n: [] for n in names}
@@ -487,6 +517,11 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="stop after the candidate sweep")
     ap.add_argument("--delete", action="store_true", help="delete the registry afterwards")
+    ap.add_argument("--reindex", action="store_true", help="rebuild the coefficient index first (index changes)")
+    ap.add_argument(
+        "--rescore", type=lambda v: [int(x) for x in v.split(",")], default=[],
+        help="also time `ours` with these two-stage rescoring factors (registry.index.RESCORE_FACTOR)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.build_only:
         ensure_registry(args)

@@ -17,7 +17,8 @@ from w2w.errors import W2WError
 
 @dataclass
 class Finding:
-    kind: str  # "error" (the parts disagree) or "orphan" (on disk, unknown to the catalog)
+    kind: str  # "error" (the parts disagree), "orphan" (on disk, unknown to the catalog) or "stale" (derived
+    # data that an older release made or a write left behind: right, but slower to use)
     what: str
     detail: str
     fixable: bool = False
@@ -183,11 +184,15 @@ def _check_subspace(reg: Registry, space, models: list) -> list[Finding]:
     if not sm.index_path.exists():
         return [Finding("error", what, "coefficient index is missing", fixable=True)]
     try:
-        ids = sorted(coeff_index.ids_of(coeff_index.load(sm.index_path)).tolist())
+        index = coeff_index.load(sm.index_path)
+        ids = sorted(coeff_index.ids_of(index).tolist())
     except RuntimeError as e:
         return [Finding("error", what, f"coefficient index cannot be read ({str(e).splitlines()[0]})", fixable=True)]
     if ids != expected:
         return [Finding("error", what, "coefficient index and catalog disagree on the models", fixable=True)]
+    if not sm.ordered or coeff_index.load_lists(coeff_index.lists_path(sm.index_path), index) is None:
+        detail = "coefficient index made by an older release, or without its neighbour lists (search is exact, slower)"
+        return [Finding("stale", what, detail, fixable=True)]
     return []
 
 
@@ -252,6 +257,12 @@ def repair(reg: Registry) -> list[str]:
                         done.append(f"{f.what}: coefficients and index rebuilt from the vectors")
                     except W2WError as e:
                         done.append(f"{f.what}: cannot rebuild the index while vectors are missing ({e})")
+            elif f.kind == "stale" and f.what.startswith("subspace "):
+                from registry import wspace
+
+                sm = next(c for c in (wspace.current(reg, sid) for sid in spaces) if c and c.id == f.what.split()[1])
+                wspace._reindex(reg, sm)
+                done.append(f"{f.what}: coefficient index and neighbour lists rebuilt from the coefficients")
             elif f.kind == "orphan" and f.fixable:
                 Path(reg.root / f.what).unlink(missing_ok=True)
                 done.append(f"{f.what}: removed")

@@ -65,6 +65,7 @@ class SpaceModel:
     folder: Path
     index_path: Path
     index_transform: np.ndarray | None = None  # (k, k) T: the index holds C @ T (see index_transform)
+    ordered: bool = False  # T puts the coordinates in decreasing variance (older transforms do not)
 
     def coeff_store(self) -> VectorStore:
         return VectorStore(self.folder / "coeffs", self.sub.k, 65536)
@@ -113,7 +114,32 @@ def load_index(sm: SpaceModel, cache: dict):
     return hit[1]
 
 
+def load_lists(sm: SpaceModel, index, cache: dict):
+    """The neighbour lists of the index `load_index` gave (registry.index.Lists), loaded once per version of
+    the index and of the lists file; None when there are none for this index."""
+    path = coeff_index.lists_path(sm.index_path)
+    try:
+        stamp = (sm.index_path.stat().st_mtime_ns, path.stat().st_mtime_ns)
+    except FileNotFoundError:
+        return None
+    key = ("lists", str(path))
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, coeff_index.load_lists(path, index))
+    return hit[1]
+
+
+def _save_index(sm: SpaceModel, index) -> None:
+    """The index and its neighbour lists (lists first: a crash between leaves lists that name other rows
+    than the old index's, which load_lists refuses, rather than an index without lists)."""
+    coeff_index.save_lists(coeff_index.lists_path(sm.index_path), coeff_index.neighbor_lists(index), index)
+    coeff_index.save(index, sm.index_path)
+
+
 # --- search after a fit: what every query needs, kept until the catalog changes -----------------------
+
+USE_LISTS = True  # candidates of a registered model from the neighbour lists (False: the index; for benches)
+LISTS_STALE = 0.1  # the lists are rebuilt when the rows added since exceed this share of those they cover
 
 FLAT_FILTER_MAX = 20_000  # a filter matching at most this many models is scanned exactly in the index's rows
 INDEX_TRANSFORM_FILE = "index_transform.safetensors"
@@ -122,7 +148,9 @@ INDEX_TRANSFORM_FILE = "index_transform.safetensors"
 def index_transform(sub: Subspace) -> np.ndarray:
     """T (k, k) such that ||(c1 - c2) @ T|| is the distance in weight space (not standardized) between the
     parts of two models that lie in the subspace: with S = diag(std), ||S V (c1 - c2)||, and
-    G = V^T S^2 V = T T^T (Cholesky).
+    G = V^T S^2 V = L L^T (Cholesky), T = L R with R orthogonal. R puts the coordinates in decreasing
+    variance over the fitted models (their coefficients C = Z V have C^T C = diag(s^2), so C L has
+    L^T diag(s^2) L: R is its eigenvectors), so that the index's graph can be built over the leading ones.
 
     The coefficient index holds C @ T, so its nearest neighbours are those of the l2 search on the full
     vectors up to the part the subspace does not explain, rather than those of the z-scored space (where a
@@ -133,7 +161,29 @@ def index_transform(sub: Subspace) -> np.ndarray:
     G = np.zeros((sub.k, sub.k))
     for lo in range(0, len(Vs), 16384):  # float64 sums of float32 products: D is long
         G += Vs[lo : lo + 16384].T @ Vs[lo : lo + 16384]
-    return np.linalg.cholesky(G).astype(np.float32)  # (k, k), lower: G = T T^T
+    L = np.linalg.cholesky(G)  # (k, k), lower: G = L L^T
+    s2 = np.asarray(sub.singular_values, np.float64) ** 2
+    _, R = np.linalg.eigh(L.T @ (s2[:, None] * L))  # ascending eigenvalues
+    return (L @ R[:, ::-1]).astype(np.float32)
+
+
+def save_index_transform(folder: Path, T: np.ndarray) -> None:
+    from safetensors.numpy import save
+
+    from w2w.formats.tensorfile import atomic_write_bytes
+
+    atomic_write_bytes(folder / INDEX_TRANSFORM_FILE, save({"transform": T}, metadata={"order": "variance"}))
+
+
+def read_index_transform(folder: Path) -> tuple[np.ndarray | None, bool]:
+    """(T, whether its coordinates are in variance order); (None, False) for a subspace older than T."""
+    from safetensors import safe_open
+
+    path = folder / INDEX_TRANSFORM_FILE
+    if not path.exists():
+        return None, False
+    with safe_open(str(path), "numpy") as f:
+        return f.get_tensor("transform"), (f.metadata() or {}).get("order") == "variance"
 
 
 @dataclass
@@ -174,6 +224,13 @@ def candidates(reg, sm: SpaceModel, index, y: np.ndarray, n: int, where: str | N
     `where`, without `exclude`. A filter matching at most FLAT_FILTER_MAX models is an exact scan of their
     rows in the index (a filtered HNSW walk visits mostly models the filter rejects); a larger one, an HNSW
     search with an ID selector."""
+    lists = load_lists(sm, index, reg._cache) if where is None and exclude is not None and USE_LISTS else None
+    row = lists.row_of(exclude) if lists is not None and n <= lists.rows.shape[1] else None
+    if row is not None:
+        rows = lists.rows[row, :n].astype(np.int64)
+        if len(lists.added):  # the lists do not know these: the best n of both, exactly
+            rows, _ = coeff_index.search_rows(coeff_index.stored(index), y, n, np.concatenate([rows, lists.added]))
+        return lists.ids[rows]
     if where is None:
         found = coeff_index.search(index, y, n + 1)
     else:
@@ -185,7 +242,8 @@ def candidates(reg, sm: SpaceModel, index, y: np.ndarray, n: int, where: str | N
             found, _ = coeff_index.search_rows(coeff_index.stored(index), y, n + 1, rows)
             found = row_ids[found]
         else:
-            sel = reg.catalog.cached(("selector", where, sm.space_id), lambda: coeff_index.selector(allowed))
+            key = ("selector", where, str(sm.index_path), sm.index_path.stat().st_mtime_ns)  # rows, for 2 stages
+            sel = reg.catalog.cached(key, lambda: coeff_index.selector(index, allowed))
             found = coeff_index.search(index, y, n + 1, allowed, sel=sel)
     return found[found != (-1 if exclude is None else exclude)][:n]
 
@@ -197,23 +255,25 @@ def _index_rows(index, model_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reindex(reg, sm: SpaceModel, say=None) -> None:
-    """Rebuild a subspace's coefficient index from its coefficient store (no pass over the vectors), with
-    the index transform; for an index lost, or made before the transform existed. Holds the writer lock."""
-    from safetensors.numpy import save
-
-    from w2w.formats.tensorfile import atomic_write_bytes
-
+    """Rebuild a subspace's coefficient index and its neighbour lists from its coefficient store (no pass
+    over the vectors), with the current index transform; for an index lost, or made by an older release.
+    Holds the writer lock."""
     (say or (lambda _: None))(f"rebuilding the coefficient index of {sm.id}")
     with reg.writing():
-        with reg.catalog.connect() as con:
-            cols = con.execute(
-                "SELECT model_id, coeff_row FROM projections WHERE subspace_id = ? ORDER BY coeff_row", [sm.id]
-            ).fetchnumpy()
-        T = index_transform(sm.sub)
-        atomic_write_bytes(sm.folder / INDEX_TRANSFORM_FILE, save({"transform": T}))
-        sm.index_transform = T
-        C = sm.coeff_store().read(np.asarray(cols["coeff_row"], np.int64))  # (n, k)
-        coeff_index.save(coeff_index.build(sm.index_coords(C), np.asarray(cols["model_id"], np.int64)), sm.index_path)
+        _reindex(reg, sm)
+
+
+def _reindex(reg, sm: SpaceModel) -> None:
+    with reg.catalog.connect() as con:
+        cols = con.execute(
+            "SELECT model_id, coeff_row FROM projections WHERE subspace_id = ? ORDER BY coeff_row", [sm.id]
+        ).fetchnumpy()
+    T = index_transform(sm.sub)
+    save_index_transform(sm.folder, T)
+    sm.index_transform, sm.ordered = T, True
+    C = sm.coeff_store().read(np.asarray(cols["coeff_row"], np.int64))  # (n, k)
+    ids = np.asarray(cols["model_id"], np.int64)
+    _save_index(sm, coeff_index.build(sm.index_coords(C), ids, ordered=True))
 
 
 def load_model(reg, subspace_id: str, space_id: str, error_p95: float) -> SpaceModel:
@@ -221,7 +281,7 @@ def load_model(reg, subspace_id: str, space_id: str, error_p95: float) -> SpaceM
 
     folder = subspace_folder(reg, subspace_id)
     g = load_file(str(folder / "gaussian.safetensors"))
-    t = folder / INDEX_TRANSFORM_FILE  # absent for subspaces fitted before it existed: their index holds C
+    T, ordered = read_index_transform(folder)  # None for subspaces fitted before it existed: their index holds C
     return SpaceModel(
         subspace_id,
         space_id,
@@ -231,7 +291,8 @@ def load_model(reg, subspace_id: str, space_id: str, error_p95: float) -> SpaceM
         error_p95,
         folder,
         reg.paths.index(space_id) / f"{subspace_id}.faiss",
-        load_file(str(t))["transform"] if t.exists() else None,
+        T,
+        ordered,
     )
 
 
@@ -311,7 +372,7 @@ def fit_space(
             folder / "gaussian.safetensors",
             save({"mean": C.mean(axis=0).astype(np.float32), "std": C.std(axis=0).astype(np.float32)}),
         )
-        atomic_write_bytes(folder / INDEX_TRANSFORM_FILE, save({"transform": index_transform(sub)}))
+        save_index_transform(folder, index_transform(sub))
         sm = load_model(reg, subspace_id, space_id, p95)
         row = [subspace_id, space_id, sub.k, len(ids), where, float(sub.explained_variance_ratio.sum()), p95,
                json.dumps(sub.config)]  # fmt: skip
@@ -364,7 +425,7 @@ def _store_projections(
     cs = sm.coeff_store()
     cs.truncate(0)
     cs.write_rows(0, C)
-    coeff_index.save(coeff_index.build(sm.index_coords(C), ids), sm.index_path)
+    _save_index(sm, coeff_index.build(sm.index_coords(C), ids, ordered=sm.ordered))
     with reg.catalog.connect(write=True) as con:
         con.execute("BEGIN TRANSACTION")
         if subspace_row is not None:
@@ -408,7 +469,11 @@ def project_new(reg, model_ids: list[int]) -> None:
         cs.write_rows(n, C)
         index = coeff_index.load(sm.index_path)
         index.add_with_ids(np.ascontiguousarray(sm.index_coords(C)), np.array([m.id for m in models], dtype=np.int64))
-        coeff_index.save(index, sm.index_path)
+        lists = coeff_index.load_lists(coeff_index.lists_path(sm.index_path), index)
+        if lists is None or len(lists.added) > LISTS_STALE * max(lists.n, 1000):
+            _save_index(sm, index)  # the lists again, over every row (n^2 k flops: ~1 min at 65,000 x 1,000)
+        else:
+            coeff_index.save(index, sm.index_path)  # the lists stay right for the rows they cover
         with reg.catalog.connect(write=True) as con:
             con.executemany(
                 "INSERT INTO projections VALUES (?, ?, ?, ?)",

@@ -26,11 +26,15 @@ def names(result) -> list[str]:
     return [h.model.name for h in result.hits]
 
 
-@pytest.fixture(scope="module", params=["flat", "hnsw"])
+@pytest.fixture(scope="module", params=["flat", "hnsw", "two-stage"])
 def fitted(request, tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    if request.param == "hnsw":
+    if request.param != "flat":
         mp.setattr(coeff_index, "HNSW_MIN", 0)  # HNSW from the first model, as a large registry would
+    if request.param == "hnsw":
+        mp.setattr(coeff_index, "HNSW_DIMS", 1000)  # a graph over every coordinate
+    if request.param == "two-stage":
+        mp.setattr(coeff_index, "HNSW_DIMS", 8)  # a graph over the 8 leading of 30 coordinates, rescored on all
     pop = Population(LAYOUT, latent=12, seed=11, noise=0.002)
     reg = Registry.init(tmp_path_factory.mktemp(f"fitted-{request.param}"))
     reg.add_models(NewModel(f"f{i:04d}", pop.vector(i), LAYOUT, BASE, attributes=pop.attributes(i)) for i in range(N))
@@ -42,7 +46,9 @@ def fitted(request, tmp_path_factory):
 def test_fast_path_is_taken_and_equals_exact(fitted, monkeypatch):
     reg, _, kind = fitted
     sm = wspace.require(reg, reg.spaces()[0].id)
-    assert coeff_index.kind_of(coeff_index.load(sm.index_path)) == kind
+    index = coeff_index.load(sm.index_path)
+    assert coeff_index.kind_of(index) == ("flat" if kind == "flat" else "hnsw")
+    assert coeff_index.two_stage(index) == (kind == "two-stage")
     assert len(reg.ls(WHERE)) > CANDIDATE_MIN + 20  # over the exact-scan threshold
     answered = []  # what the fast path returned: None would mean it handed over to the exact path
     real = reg._search_fitted
@@ -121,13 +127,111 @@ def test_index_transform_gives_weight_space_distances(fitted):
     assert np.allclose(coeff_index.reconstruct(index, m.id), sm.index_coords(wspace.coefficients(reg, sm, [m.id])[0]))
 
 
+def test_a_registered_model_takes_its_candidates_from_the_neighbour_lists(fitted, monkeypatch):
+    """No graph walk or scan of the index for a model the lists cover; a file still goes through the index;
+    and a model added after the lists is both found (the added rows are scanned) and searched from."""
+    from registry.integrity import repair, verify
+
+    reg, pop, _ = fitted
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    path = coeff_index.lists_path(sm.index_path)
+    assert path.exists()
+    walks = []
+    real = coeff_index.search
+    monkeypatch.setattr(coeff_index, "search", lambda *a, **kw: walks.append(1) or real(*a, **kw))
+    for i in (3, 450, 899):
+        assert names(reg.search(f"f{i:04d}", k=10)) == names(reg.search(f"f{i:04d}", k=10, exact=True))
+    assert not walks
+    reg.search("f0003", k=30)  # k beyond what the lists hold: the index
+    assert walks
+    # models added since the lists: found by the others' searches; their own go through the index
+    twin = pop.vector(77) + 1e-4 * np.random.default_rng(5).standard_normal(LAYOUT.dim).astype(np.float32)
+    reg.add_models([NewModel("twin-77", twin, LAYOUT, BASE, attributes=pop.attributes(77))])
+    index = coeff_index.load(sm.index_path)
+    lists = coeff_index.load_lists(path, index)
+    assert lists is not None and reg.get("twin-77").id in lists.ids[lists.added]
+    walks.clear()
+    fast = reg.search("f0077", k=10)
+    assert not walks and names(fast)[0] == "twin-77" and names(fast) == names(reg.search("f0077", k=10, exact=True))
+    assert names(reg.search("twin-77", k=10)) == names(reg.search("twin-77", k=10, exact=True)) and walks
+    # lists removed: verify calls the index stale (not an error), search still exact, repair rebuilds them
+    path.unlink()
+    report = verify(reg)
+    assert report.ok and [f.kind for f in report.findings] == ["stale"]
+    assert names(reg.search("f0450", k=10)) == names(reg.search("f0450", k=10, exact=True))
+    assert any("neighbour lists rebuilt" in line for line in repair(reg))
+    index = coeff_index.load(sm.index_path)
+    assert verify(reg).findings == [] and coeff_index.load_lists(path, index).n == index.ntotal
+
+
+def test_the_lists_are_rebuilt_once_many_models_were_added(fitted):
+    reg, pop, _ = fitted
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    path = coeff_index.lists_path(sm.index_path)
+    n0 = coeff_index.load_lists(path, coeff_index.load(sm.index_path)).n
+    limit = int(wspace.LISTS_STALE * max(n0, 1000))
+    batch = [NewModel(f"bulk{i}", pop.vector(5000 + i), LAYOUT, BASE, attributes=pop.attributes(5000 + i))
+             for i in range(limit)]  # fmt: skip
+    reg.add_models(batch)  # exactly the share the lists tolerate: kept
+    index = coeff_index.load(sm.index_path)
+    assert coeff_index.load_lists(path, index).n == n0
+    reg.add_models([NewModel("one-more", pop.vector(6000), LAYOUT, BASE, attributes=pop.attributes(6000))])
+    index = coeff_index.load(sm.index_path)
+    lists = coeff_index.load_lists(path, index)
+    assert lists.n == index.ntotal and len(lists.added) == 0  # made again over every row
+    assert names(reg.search("bulk7", k=10)) == names(reg.search("bulk7", k=10, exact=True))
+
+
+def test_index_coordinates_come_in_decreasing_variance(fitted):
+    """What lets the two-stage index build its graph over the leading coordinates only."""
+    reg, _, _ = fitted
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    assert sm.ordered
+    fitted_ids = np.asarray(sm.sub.model_ids, np.int64)
+    Y = sm.index_coords(wspace.coefficients(reg, sm, fitted_ids.tolist())).astype(np.float64)
+    cov = np.cov(Y, rowvar=False)
+    var = np.diag(cov)
+    assert np.all(np.diff(var) <= 1e-6 * var[0])  # non-increasing
+    off = cov - np.diag(var)
+    assert np.abs(off).max() <= 1e-3 * var[0]  # and uncorrelated: the principal axes of the coordinates
+
+
+def test_a_subspace_from_before_ordered_coordinates_is_searched_then_reindexed(fitted, monkeypatch):
+    """A transform written without the order (older releases): its index is the legacy graph over every
+    coordinate, searches stay exact; `reindex` (what `repair` runs) writes the ordered transform."""
+    from safetensors.numpy import save
+
+    reg, _, kind = fitted
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    Vs = sm.sub.components.astype(np.float64) * sm.sub.std[:, None]
+    legacy = np.linalg.cholesky(Vs.T @ Vs).astype(np.float32)  # what older releases wrote
+    (sm.folder / wspace.INDEX_TRANSFORM_FILE).write_bytes(save({"transform": legacy}))
+    sm = wspace.load_model(reg, sm.id, sm.space_id, sm.error_p95)
+    assert not sm.ordered
+    wspace._index_all(reg, sm, lambda _: None)
+    reg._cache.clear()
+    index = coeff_index.load(sm.index_path)
+    assert not coeff_index.two_stage(index)  # a graph over unordered coordinates keeps all of them
+    for where in (None, WHERE):
+        assert names(reg.search("f0200", k=10, where=where)) == names(
+            reg.search("f0200", k=10, where=where, exact=True)
+        )
+    wspace.reindex(reg, sm)
+    reg._cache.clear()
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    assert sm.ordered and coeff_index.two_stage(coeff_index.load(sm.index_path)) == (kind == "two-stage")
+    assert names(reg.search("f0200", k=10)) == names(reg.search("f0200", k=10, exact=True))
+
+
 def test_reindex_rebuilds_the_index_from_the_coefficients(fitted):
     reg, _, kind = fitted
     sm = wspace.require(reg, reg.spaces()[0].id)
     before = names(reg.search("f0300", k=10))
     sm.index_path.unlink()
     wspace.reindex(reg, sm)
-    assert coeff_index.kind_of(coeff_index.load(sm.index_path)) == kind
+    index = coeff_index.load(sm.index_path)
+    assert coeff_index.kind_of(index) == ("flat" if kind == "flat" else "hnsw")
+    assert coeff_index.two_stage(index) == (kind == "two-stage")
     assert names(reg.search("f0300", k=10)) == before
 
 

@@ -261,10 +261,16 @@ def test_add_after_an_interrupted_fit_keeps_the_models(planted):
     orphan.rmdir()
 
 
-def test_search_through_an_hnsw_index_with_a_filter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("graph_dims", [None, 6])
+def test_search_through_an_hnsw_index_with_a_filter(tmp_path, monkeypatch, graph_dims):
+    """The filter as an ID selector on the graph: of model ids (legacy graph over every coordinate, under
+    the id map) or of rows (two-stage: a graph over the 6 leading coordinates, rescored on all 20)."""
     from registry import index as coeff_index
 
     monkeypatch.setattr(coeff_index, "HNSW_MIN", 0)  # HNSW from the first model, as a large registry would
+    monkeypatch.setattr(wspace, "FLAT_FILTER_MAX", 0)  # every filter through the selector
+    if graph_dims:
+        monkeypatch.setattr(coeff_index, "HNSW_DIMS", graph_dims)
     pop = Population(LAYOUT, latent=8, seed=7, noise=0.002)
     reg = Registry.init(tmp_path / "hnsw")
     reg.add_models(
@@ -272,12 +278,16 @@ def test_search_through_an_hnsw_index_with_a_filter(tmp_path, monkeypatch):
     )
     wspace.fit_space(reg, components=20)
     sm = wspace.require(reg, reg.spaces()[0].id)
-    assert coeff_index.kind_of(coeff_index.load(sm.index_path)) == "hnsw"
+    index = coeff_index.load(sm.index_path)
+    assert coeff_index.kind_of(index) == "hnsw" and coeff_index.two_stage(index) == bool(graph_dims)
     assert len(reg.ls("smile AND NOT hat")) > 200  # large enough to go through the index, with a selector
     for query in ("h0000", "h0300", "h1199"):
         for where in (None, "smile AND NOT hat"):
             fast = [h.model.name for h in reg.search(query, k=10, where=where).hits]
             exact = [h.model.name for h in reg.search(query, k=10, where=where, exact=True).hits]
             assert fast == exact, (query, where)
-    reg.add_models([NewModel("late", pop.vector(1000), LAYOUT, BASE)])  # added to the HNSW index
-    assert verify(reg).ok
+    reg.add_models([NewModel("late", pop.vector(1000), LAYOUT, BASE, attributes=pop.attributes(1000))])
+    assert verify(reg).ok  # added to the HNSW index
+    for where in (None, "smile AND NOT hat"):  # the selector of the grown index (its rows moved on)
+        fast = [h.model.name for h in reg.search("h1000", k=10, where=where).hits]
+        assert fast == [h.model.name for h in reg.search("h1000", k=10, where=where, exact=True).hits]

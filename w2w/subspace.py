@@ -96,14 +96,14 @@ def sketch_rows(seed: int, spec: Any, l: int) -> np.ndarray:
 
 
 def block_stats(seed: int, l: int, spec: Any, W: np.ndarray):
-    """(count, mean, M2, W_b^T Omega_b, colsum of Omega_b) of one block: the stats pass also sketches."""
+    """(count, mean, M2, (W_b^T Omega_b)^T, colsum of Omega_b) of one block: the stats pass also sketches."""
     b = W.shape[0]
     mean = W.sum(axis=0, dtype=np.float64) / b  # float32 data, float64 sums: no (b, D) float64 copy
     dev = W - mean.astype(np.float32)  # (b, D)
     dev *= dev
     m2 = np.add.reduce(dev, axis=0, dtype=np.float64)
     omega = sketch_rows(seed, spec, l)  # (b, l)
-    return b, mean, m2, W.T @ omega, omega.sum(axis=0)
+    return b, mean, m2, np.ascontiguousarray(omega.T) @ W, omega.sum(axis=0)  # sketch^T (l, D): see block_gram
 
 
 def merge_stats(parts: Iterable[tuple]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -144,7 +144,8 @@ def _standardize_block(W: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.n
 def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
     Z = _standardize_block(W, mean, std)  # (b, D)
     Y = Z @ G  # (b, l)
-    return Z.T @ Y  # (D, l)
+    # (Z^T Y)^T as Y^T Z: OpenBLAS ran this layout ~1.2x faster than Z.T @ Y at b = 384, D = 99,648, l = 216
+    return np.ascontiguousarray(Y.T) @ Z  # (l, D)
 
 
 # --- the subspace -----------------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def fit(
     mean, std = mean64.astype(np.float32), std64.astype(np.float32)
     total_variance = float((m2 / std64**2).sum() / max(n - 1, 1))
     # Z^T Omega = S^-1 (W^T Omega - mean 1^T Omega): a start block inside Z's row space, for free
-    start = (sketch - np.outer(mean64, omega_sum)) / std64[:, None]
+    start = (sketch.T - np.outer(mean64, omega_sum)) / std64[:, None]
     G = _orth(start.astype(np.float32))  # (D, l)
     # K holds the Krylov blocks side by side, preallocated: no copies of the D x m basis. Only the upper
     # block triangle of M = K^T Z^T Z K is computed (M is symmetric), so each product P_i is dropped as soon
@@ -313,7 +314,7 @@ def fit(
     used = 0
     for i in range(depth):
         say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})")
-        P = sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G)))  # (D, b) = Z^T Z G
+        P = np.ascontiguousarray(sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T)  # Z^T Z G
         b = G.shape[1]
         K[:, used : used + b] = G
         used += b
