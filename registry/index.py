@@ -22,6 +22,7 @@ Both are derived data: `repair` rebuilds them from the coefficient store and the
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -244,7 +245,9 @@ def search(
     """Ids of up to n nearest indexed rows to q (d,), among `allowed` model ids when given, nearest first.
 
     `sel`, when given, is selector(index, allowed) made beforehand; `ef` overrides HNSW's efSearch and
-    `rescore` the two-stage index's candidates per result (RESCORE_FACTOR).
+    `rescore` the two-stage index's candidates per result (RESCORE_FACTOR, divided by the share of rows a
+    filter allows: at N = 65,000, a 40% filter's exact top 20 were among the candidates for 94 of 100
+    queries at 10 per result, 99 at 20, 100 at 40).
     """
     n = min(n, index.ntotal if allowed is None else len(allowed))
     if n <= 0:
@@ -255,6 +258,8 @@ def search(
     inner = _inner(index)
     if isinstance(inner, faiss.IndexRefine):
         factor = rescore or RESCORE_FACTOR
+        if allowed is not None and rescore is None:  # the walk finds matching rows at the filter's rate
+            factor = math.ceil(factor * index.ntotal / max(len(allowed), 1))
         graph = faiss.SearchParametersHNSW()
         graph.efSearch = ef or _ef(factor * n)
         params = faiss.IndexRefineSearchParameters(k_factor=float(factor))

@@ -91,10 +91,10 @@ class VectorStore:
         p = self.shard_path(shard)
         return p.stat().st_size // self.row_bytes if p.exists() else 0
 
-    def read(self, rows: np.ndarray | list[int]) -> np.ndarray:
-        """The given rows, (len(rows), D), copied into memory in the order asked."""
+    def read(self, rows: np.ndarray | list[int], out: np.ndarray | None = None) -> np.ndarray:
+        """The given rows, (len(rows), D), copied into memory in the order asked (into `out` when given)."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        out = np.empty((len(rows), self.dim), dtype=np.float32) if out is None else out
         shards = rows // self.rows_per_shard
         for shard in np.unique(shards):
             sel = np.nonzero(shards == shard)[0]

@@ -51,6 +51,9 @@ class StoreSource:
     def load(self, spec: tuple[int, int]) -> np.ndarray:
         return self.store.read(self.rows[spec[0] : spec[1]])
 
+    def load_into(self, spec: tuple[int, int], out: np.ndarray) -> np.ndarray:
+        return self.store.read(self.rows[spec[0] : spec[1]], out=out)
+
 
 @dataclass
 class SpaceModel:
@@ -139,6 +142,9 @@ def _save_index(sm: SpaceModel, index) -> None:
 # --- search after a fit: what every query needs, kept until the catalog changes -----------------------
 
 USE_LISTS = True  # candidates of a registered model from the neighbour lists (False: the index; for benches)
+# Candidates from a graph walk, times this: at N = 65,000 the exact re-rank of the graph's 20 found all 10
+# true neighbours for 198 of 200 queries, of its 30 for all 200 (bench/bench_search_fitted.py's sweep).
+GRAPH_WIDEN = 1.5
 LISTS_STALE = 0.1  # the lists are rebuilt when the rows added since exceed this share of those they cover
 
 FLAT_FILTER_MAX = 20_000  # a filter matching at most this many models is scanned exactly in the index's rows
@@ -220,10 +226,11 @@ def _read_search_state(reg, space_id: str) -> SearchState:
 
 
 def candidates(reg, sm: SpaceModel, index, y: np.ndarray, n: int, where: str | None, exclude: int | None) -> np.ndarray:
-    """Up to n model ids nearest y (index coordinates) in the coefficient index, among the models matching
-    `where`, without `exclude`. A filter matching at most FLAT_FILTER_MAX models is an exact scan of their
-    rows in the index (a filtered HNSW walk visits mostly models the filter rejects); a larger one, an HNSW
-    search with an ID selector."""
+    """The n model ids nearest y (index coordinates) among the models matching `where`, without `exclude`;
+    GRAPH_WIDEN times as many when they come from a graph. Unfiltered, for a model the neighbour lists
+    cover: its list. A filter matching at most FLAT_FILTER_MAX models: an exact scan of their rows in the
+    index (a filtered graph walk visits mostly models the filter rejects); a larger one, the index with an
+    ID selector."""
     lists = load_lists(sm, index, reg._cache) if where is None and exclude is not None and USE_LISTS else None
     row = lists.row_of(exclude) if lists is not None and n <= lists.rows.shape[1] else None
     if row is not None:
@@ -231,6 +238,8 @@ def candidates(reg, sm: SpaceModel, index, y: np.ndarray, n: int, where: str | N
         if len(lists.added):  # the lists do not know these: the best n of both, exactly
             rows, _ = coeff_index.search_rows(coeff_index.stored(index), y, n, np.concatenate([rows, lists.added]))
         return lists.ids[rows]
+    if coeff_index.kind_of(index) == "hnsw":
+        n = int(n * GRAPH_WIDEN)
     if where is None:
         found = coeff_index.search(index, y, n + 1)
     else:

@@ -60,6 +60,34 @@ def test_fit_matches_dense_svd_on_small_data():
     assert np.allclose(sub.explained_variance_ratio, s[:30] ** 2 / (s**2).sum(), rtol=1e-4)
 
 
+class ReusedBuffers(ArraySource):
+    """A source with load_into: a pass reads into buffers it reuses, and block functions write into them."""
+
+    def __init__(self, X: np.ndarray, block_rows: int):
+        super().__init__(X, block_rows)
+        self.filled: list[int] = []
+
+    def load_into(self, spec, out):
+        out[...] = self.X[spec[0] : spec[1]]
+        self.filled.append(id(out))
+        return out
+
+
+def test_fit_reading_into_reused_buffers_equals_fresh_blocks():
+    rng = np.random.default_rng(4)
+    X = (rng.standard_normal((700, 10)) @ rng.standard_normal((10, 300)) + 5.0).astype(np.float32)
+    X += 0.01 * rng.standard_normal(X.shape).astype(np.float32)
+    source = ReusedBuffers(X.copy(), 64)  # 10 blocks of 64 and one of 60
+    cfg = FitConfig(components=12, block=8, depth=3)  # a Krylov fit (not the small-data exact path)
+    fresh, reused = fit(ArraySource(X.copy().astype(np.float64), 64), cfg), fit(source, cfg)
+    # per pass: two buffers for the 64-row blocks, whatever their number, one for the last block
+    assert len(source.filled) == 11 * 4 and len(set(source.filled[:11])) == 3
+    assert np.array_equal(source.X, X)  # the source's own data untouched
+    np.testing.assert_allclose(reused.singular_values, fresh.singular_values, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(reused.components.T @ fresh.components), np.eye(12), atol=1e-3)
+    np.testing.assert_allclose(reused.mean, X.astype(np.float64).mean(0), rtol=1e-6)
+
+
 def test_fit_recovers_the_planted_subspace(planted):
     reg, pop, info = planted
     sm = wspace.require(reg, info["space"])

@@ -40,7 +40,9 @@ class SubspaceError(W2WError, ValueError):
 class BlockSource(Protocol):
     """Row blocks of an N x D float32 matrix, addressed by picklable specs (so Dask can ship them).
 
-    A spec is a tuple whose last two entries are the block's global row range (lo, hi).
+    A spec is a tuple whose last two entries are the block's global row range (lo, hi). A source may also
+    have `load_into(spec, out) -> out`, filling a (b, D) float32 array it is given: a pass in this process
+    then reads into two reused buffers instead of a fresh array per block.
     """
 
     n: int
@@ -72,17 +74,32 @@ MapBlocks = Callable[[Callable[..., Any], BlockSource, list[Any], tuple], Iterab
 
 
 def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any], shared: tuple = ()) -> Iterable[Any]:
-    """Run a pass here, reading block i+1 on a thread while block i is computed."""
+    """Run a pass here, reading block i+1 on a thread while block i is computed.
+
+    With `source.load_into`, blocks go into two buffers per block size in turn (block i+2 reuses block i's
+    once fn is done with it; fn may change its block in place): a fresh 150 MB array per block cost ~70 ms
+    of page faults here, 4x the read itself, on a core the products need.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     if not specs:
         return
+    load = source.load
+    if hasattr(source, "load_into"):
+        buffers: dict[int, list[np.ndarray]] = {}
+
+        def load(spec: Any) -> np.ndarray:
+            b = spec[-1] - spec[-2]
+            pair = buffers.setdefault(b, [np.empty((b, source.dim), dtype=np.float32) for _ in range(2)])
+            pair.reverse()  # the other one than last time
+            return source.load_into(spec, pair[0])
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(source.load, specs[0])
+        nxt = pool.submit(load, specs[0])
         for i, spec in enumerate(specs):
             block = nxt.result()
             if i + 1 < len(specs):
-                nxt = pool.submit(source.load, specs[i + 1])
+                nxt = pool.submit(load, specs[i + 1])
             yield fn(*shared, spec, block)
 
 
@@ -99,11 +116,13 @@ def block_stats(seed: int, l: int, spec: Any, W: np.ndarray):
     """(count, mean, M2, (W_b^T Omega_b)^T, colsum of Omega_b) of one block: the stats pass also sketches."""
     b = W.shape[0]
     mean = W.sum(axis=0, dtype=np.float64) / b  # float32 data, float64 sums: no (b, D) float64 copy
-    dev = W - mean.astype(np.float32)  # (b, D)
+    omega = sketch_rows(seed, spec, l)  # (b, l)
+    sketch_t = np.ascontiguousarray(omega.T) @ W  # (l, D): see block_gram; before W is overwritten
+    dev = W if W.flags.writeable and W.flags.owndata else np.empty_like(W)  # see _standardize_block
+    np.subtract(W, mean.astype(np.float32), out=dev)  # (b, D)
     dev *= dev
     m2 = np.add.reduce(dev, axis=0, dtype=np.float64)
-    omega = sketch_rows(seed, spec, l)  # (b, l)
-    return b, mean, m2, np.ascontiguousarray(omega.T) @ W, omega.sum(axis=0)  # sketch^T (l, D): see block_gram
+    return b, mean, m2, sketch_t, omega.sum(axis=0)
 
 
 def merge_stats(parts: Iterable[tuple]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
