@@ -116,7 +116,8 @@ def ensure_registry(args) -> tuple[Path, dict]:
         sm = wspace.current(reg, reg.spaces()[0].id)
         from registry import index as coeff_index
 
-        lists = coeff_index.load_lists(coeff_index.lists_path(sm.index_path), coeff_index.load(sm.index_path))
+        index = coeff_index.load(sm.index_path)
+        lists = coeff_index.load_lists(coeff_index.lists_path(sm.index_path), index, sm.coords_digest)
         if args.reindex or not sm.ordered or lists is None:  # an index made by an older library
             t0 = time.perf_counter()
             wspace.reindex(reg, sm, say=log)

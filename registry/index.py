@@ -146,28 +146,29 @@ def _ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
 
 
-def save_lists(path: Path, rows: np.ndarray, index: faiss.Index) -> None:
-    """Atomically, with the digest of the model ids of the rows they cover (so lists of another build of the
-    index are never used)."""
+def save_lists(path: Path, rows: np.ndarray, index: faiss.Index, coords: str = "") -> None:
+    """Atomically, with the digest of the model ids of the rows they cover and `coords`, the digest of the
+    coordinates' transform (so lists of another build of the index, or of other coordinates, are never used)."""
     from safetensors.numpy import save as st_save
 
     from w2w.formats.tensorfile import atomic_write_bytes
 
-    digest = _ids_digest(_id_view(index)[: len(rows)])
-    atomic_write_bytes(path, st_save({"rows": np.ascontiguousarray(rows, np.int32)}, metadata={"ids": digest}))
+    meta = {"ids": _ids_digest(_id_view(index)[: len(rows)]), "coords": coords}
+    atomic_write_bytes(path, st_save({"rows": np.ascontiguousarray(rows, np.int32)}, metadata=meta))
 
 
-def load_lists(path: Path, index: faiss.Index) -> Lists | None:
-    """The lists of this index, or None: none written, or written for other rows (an index rebuilt since)."""
+def load_lists(path: Path, index: faiss.Index, coords: str = "") -> Lists | None:
+    """The lists of this index, or None: none written, or written for other rows (an index rebuilt since) or
+    other coordinates (see save_lists)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "numpy") as f:
-            rows, digest = f.get_tensor("rows"), (f.metadata() or {}).get("ids")
+            rows, meta = f.get_tensor("rows"), f.metadata() or {}
     except (OSError, SafetensorError):  # none, or damaged: derived data, so no lists (verify says so)
         return None
     ids = _id_view(index)
-    if len(rows) > len(ids) or digest != _ids_digest(ids[: len(rows)]):
+    if len(rows) > len(ids) or meta.get("coords", "") != coords or meta.get("ids") != _ids_digest(ids[: len(rows)]):
         return None
     return Lists(rows, index)
 
@@ -259,7 +260,7 @@ def search(
     if isinstance(inner, faiss.IndexRefine):
         factor = rescore or RESCORE_FACTOR
         if allowed is not None and rescore is None:  # the walk finds matching rows at the filter's rate
-            factor = math.ceil(factor * index.ntotal / max(len(allowed), 1))
+            factor = min(math.ceil(factor * index.ntotal / max(len(allowed), 1)), max(1, index.ntotal // n))
         graph = faiss.SearchParametersHNSW()
         graph.efSearch = ef or _ef(factor * n)
         params = faiss.IndexRefineSearchParameters(k_factor=float(factor))

@@ -190,8 +190,9 @@ def _check_subspace(reg: Registry, space, models: list) -> list[Finding]:
         return [Finding("error", what, f"coefficient index cannot be read ({str(e).splitlines()[0]})", fixable=True)]
     if ids != expected:
         return [Finding("error", what, "coefficient index and catalog disagree on the models", fixable=True)]
-    if not sm.ordered or coeff_index.load_lists(coeff_index.lists_path(sm.index_path), index) is None:
-        detail = "coefficient index made by an older release, or without its neighbour lists (search is exact, slower)"
+    lists = coeff_index.load_lists(coeff_index.lists_path(sm.index_path), index, sm.coords_digest)
+    if not sm.ordered or lists is None:
+        detail = "coefficient index made by an older release, or without its neighbour lists (search works, slower)"
         return [Finding("stale", what, detail, fixable=True)]
     return []
 
@@ -260,9 +261,11 @@ def repair(reg: Registry) -> list[str]:
             elif f.kind == "stale" and f.what.startswith("subspace "):
                 from registry import wspace
 
-                sm = next(c for c in (wspace.current(reg, sid) for sid in spaces) if c and c.id == f.what.split()[1])
-                wspace._reindex(reg, sm)
-                done.append(f"{f.what}: coefficient index and neighbour lists rebuilt from the coefficients")
+                current = (wspace.current(reg, sid) for sid in spaces)
+                sm = next((c for c in current if c is not None and c.id == f.what.split()[1]), None)
+                if sm is not None:
+                    wspace._reindex(reg, sm)
+                    done.append(f"{f.what}: coefficient index and neighbour lists rebuilt from the coefficients")
             elif f.kind == "orphan" and f.fixable:
                 Path(reg.root / f.what).unlink(missing_ok=True)
                 done.append(f"{f.what}: removed")

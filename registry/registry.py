@@ -599,7 +599,7 @@ class Registry:
             y = sm.index_coords(sm.sub.project(q))  # a file, or a model the index lacks
         l2 = metric == "l2"
         n = max(L2_CANDIDATES_MIN, L2_CANDIDATES_FACTOR * k) if l2 else max(CANDIDATE_MIN, CANDIDATE_FACTOR * k)
-        pos = state.positions(wspace.candidates(self, sm, index, y, n, where, model_id))
+        pos = state.positions(wspace.candidates(self, sm, index, y, n, where, model_id, widen=True))
         if l2:
             found_rows, dists = rerank(vectors, q, k, state.rows[pos])
         else:

@@ -14,10 +14,11 @@ catalog from `search_state`, cached until the next commit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,13 @@ class SpaceModel:
     def coeff_store(self) -> VectorStore:
         return VectorStore(self.folder / "coeffs", self.sub.k, 65536)
 
+    @functools.cached_property
+    def coords_digest(self) -> str:
+        """What the index's coordinates are (a digest of T): its neighbour lists carry it (see _save_index)."""
+        if self.index_transform is None:
+            return "coefficients"
+        return hashlib.sha256(np.ascontiguousarray(self.index_transform, dtype="<f4").tobytes()).hexdigest()
+
     def index_coords(self, C: np.ndarray) -> np.ndarray:
         """Coefficients (n, k) or (k,) -> the coordinates the coefficient index holds for them."""
         C = np.asarray(C, dtype=np.float32)
@@ -84,16 +92,28 @@ def subspace_folder(reg, subspace_id: str) -> Path:
 
 
 def current(reg, space_id: str, cache: dict | None = None) -> SpaceModel | None:
-    """The newest subspace of a space (loaded once per `cache`: a fitted subspace never changes)."""
+    """The newest subspace of a space (loaded once per `cache`: a fitted subspace never changes, but its
+    index transform may be rewritten by `reindex`, so that file's stamp is checked)."""
     row = reg.catalog.cached(("current-subspace", space_id), lambda: _current_row(reg, space_id))
     if row is None:
         return None
     if cache is None:
         return load_model(reg, row[0], space_id, row[1])
     key = ("subspace", row[0])
-    if key not in cache:
-        cache[key] = load_model(reg, row[0], space_id, row[1])
-    return cache[key]
+    stamp = _stamp(subspace_folder(reg, row[0]) / INDEX_TRANSFORM_FILE)
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, load_model(reg, row[0], space_id, row[1]))
+    return hit[1]
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What tells a rewritten file (atomic renames change the inode; mtime alone can tie)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _current_row(reg, space_id: str) -> tuple | None:
@@ -106,9 +126,8 @@ def _current_row(reg, space_id: str) -> tuple | None:
 def load_index(sm: SpaceModel, cache: dict):
     """The subspace's coefficient index, loaded once per `cache` and again only when the file changes;
     None when there is none (an interrupted fit: `repair` or the next add rebuilds it)."""
-    try:
-        stamp = sm.index_path.stat().st_mtime_ns
-    except FileNotFoundError:
+    stamp = _stamp(sm.index_path)
+    if stamp is None:
         return None
     key = ("index", str(sm.index_path))
     hit = cache.get(key)
@@ -118,24 +137,25 @@ def load_index(sm: SpaceModel, cache: dict):
 
 
 def load_lists(sm: SpaceModel, index, cache: dict):
-    """The neighbour lists of the index `load_index` gave (registry.index.Lists), loaded once per version of
-    the index and of the lists file; None when there are none for this index."""
+    """The neighbour lists of `index` (the object load_index gave: lists are made from that very index),
+    loaded again when either changes; None when there are none for this index and these coordinates."""
     path = coeff_index.lists_path(sm.index_path)
-    try:
-        stamp = (sm.index_path.stat().st_mtime_ns, path.stat().st_mtime_ns)
-    except FileNotFoundError:
+    stamp = _stamp(path)
+    if stamp is None:
         return None
     key = ("lists", str(path))
     hit = cache.get(key)
-    if hit is None or hit[0] != stamp:
-        hit = cache[key] = (stamp, coeff_index.load_lists(path, index))
-    return hit[1]
+    if hit is None or hit[0] is not index or hit[1] != stamp or hit[2] != sm.coords_digest:
+        hit = cache[key] = (index, stamp, sm.coords_digest, coeff_index.load_lists(path, index, sm.coords_digest))
+    return hit[3]
 
 
 def _save_index(sm: SpaceModel, index) -> None:
-    """The index and its neighbour lists (lists first: a crash between leaves lists that name other rows
-    than the old index's, which load_lists refuses, rather than an index without lists)."""
-    coeff_index.save_lists(coeff_index.lists_path(sm.index_path), coeff_index.neighbor_lists(index), index)
+    """The index and its neighbour lists, the lists first and tagged with the coordinates' digest: after a
+    crash between the two, or between them and a new transform file (_reindex), load_lists refuses them
+    (other rows, or other coordinates), verify calls the index stale and repair rebuilds it."""
+    rows = coeff_index.neighbor_lists(index)
+    coeff_index.save_lists(coeff_index.lists_path(sm.index_path), rows, index, sm.coords_digest)
     coeff_index.save(index, sm.index_path)
 
 
@@ -225,12 +245,14 @@ def _read_search_state(reg, space_id: str) -> SearchState:
     )
 
 
-def candidates(reg, sm: SpaceModel, index, y: np.ndarray, n: int, where: str | None, exclude: int | None) -> np.ndarray:
+def candidates(
+    reg, sm: SpaceModel, index, y: np.ndarray, n: int, where: str | None, exclude: int | None, widen: bool = False
+) -> np.ndarray:
     """The n model ids nearest y (index coordinates) among the models matching `where`, without `exclude`;
-    GRAPH_WIDEN times as many when they come from a graph. Unfiltered, for a model the neighbour lists
-    cover: its list. A filter matching at most FLAT_FILTER_MAX models: an exact scan of their rows in the
-    index (a filtered graph walk visits mostly models the filter rejects); a larger one, the index with an
-    ID selector."""
+    with `widen`, GRAPH_WIDEN times as many when they come from a graph (for a re-rank). Unfiltered, for
+    a model the neighbour lists cover: its list. A filter matching at most FLAT_FILTER_MAX models: an exact
+    scan of their rows in the index (a filtered graph walk visits mostly models the filter rejects); a
+    larger one, the index with an ID selector."""
     lists = load_lists(sm, index, reg._cache) if where is None and exclude is not None and USE_LISTS else None
     row = lists.row_of(exclude) if lists is not None and n <= lists.rows.shape[1] else None
     if row is not None:
@@ -238,7 +260,7 @@ def candidates(reg, sm: SpaceModel, index, y: np.ndarray, n: int, where: str | N
         if len(lists.added):  # the lists do not know these: the best n of both, exactly
             rows, _ = coeff_index.search_rows(coeff_index.stored(index), y, n, np.concatenate([rows, lists.added]))
         return lists.ids[rows]
-    if coeff_index.kind_of(index) == "hnsw":
+    if widen and coeff_index.kind_of(index) == "hnsw":
         n = int(n * GRAPH_WIDEN)
     if where is None:
         found = coeff_index.search(index, y, n + 1)
@@ -277,12 +299,11 @@ def _reindex(reg, sm: SpaceModel) -> None:
         cols = con.execute(
             "SELECT model_id, coeff_row FROM projections WHERE subspace_id = ? ORDER BY coeff_row", [sm.id]
         ).fetchnumpy()
-    T = index_transform(sm.sub)
-    save_index_transform(sm.folder, T)
-    sm.index_transform, sm.ordered = T, True
-    C = sm.coeff_store().read(np.asarray(cols["coeff_row"], np.int64))  # (n, k)
+    new = replace(sm, index_transform=index_transform(sm.sub), ordered=True)  # the cached `sm` stays as it was
+    C = new.coeff_store().read(np.asarray(cols["coeff_row"], np.int64))  # (n, k)
     ids = np.asarray(cols["model_id"], np.int64)
-    _save_index(sm, coeff_index.build(sm.index_coords(C), ids, ordered=True))
+    _save_index(new, coeff_index.build(new.index_coords(C), ids, ordered=True))
+    save_index_transform(sm.folder, new.index_transform)  # last: `current` reloads the subspace on its stamp
 
 
 def load_model(reg, subspace_id: str, space_id: str, error_p95: float) -> SpaceModel:
@@ -478,9 +499,9 @@ def project_new(reg, model_ids: list[int]) -> None:
         cs.write_rows(n, C)
         index = coeff_index.load(sm.index_path)
         index.add_with_ids(np.ascontiguousarray(sm.index_coords(C)), np.array([m.id for m in models], dtype=np.int64))
-        lists = coeff_index.load_lists(coeff_index.lists_path(sm.index_path), index)
+        lists = coeff_index.load_lists(coeff_index.lists_path(sm.index_path), index, sm.coords_digest)
         if lists is None or len(lists.added) > LISTS_STALE * max(lists.n, 1000):
-            _save_index(sm, index)  # the lists again, over every row (n^2 k flops: ~1 min at 65,000 x 1,000)
+            _save_index(sm, index)  # the lists again, over every row (n^2 k flops: ~45 s at 65,000 x 1,000)
         else:
             coeff_index.save(index, sm.index_path)  # the lists stay right for the rows they cover
         with reg.catalog.connect(write=True) as con:

@@ -55,6 +55,10 @@ def test_lists_load_only_for_the_rows_they_were_made_for(tmp_path):
     # the same models in another order (a rebuild): the rows mean other models, so the lists are refused
     rebuilt = coeff_index.build(Y[::-1].copy(), ids[::-1].copy())
     assert coeff_index.load_lists(path, rebuilt) is None
+    # lists of other coordinates (another index transform) are refused too
+    coeff_index.save_lists(path, coeff_index.neighbor_lists(index), index, coords="T1")
+    assert coeff_index.load_lists(path, index, coords="T1") is not None
+    assert coeff_index.load_lists(path, index, coords="T2") is None
     # a damaged file is no lists, not an error
     path.write_bytes(b"not a safetensors file")
     assert coeff_index.load_lists(path, index) is None

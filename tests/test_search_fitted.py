@@ -43,7 +43,10 @@ def fitted(request, tmp_path_factory):
     mp.undo()
 
 
-def test_fast_path_is_taken_and_equals_exact(fitted, monkeypatch):
+@pytest.mark.parametrize("lists", [True, False])
+def test_fast_path_is_taken_and_equals_exact(fitted, monkeypatch, lists):
+    """With the neighbour lists, and without them (the index's own search: flat, graph or two-stage)."""
+    monkeypatch.setattr(wspace, "USE_LISTS", lists)
     reg, _, kind = fitted
     sm = wspace.require(reg, reg.spaces()[0].id)
     index = coeff_index.load(sm.index_path)
@@ -148,7 +151,7 @@ def test_a_registered_model_takes_its_candidates_from_the_neighbour_lists(fitted
     twin = pop.vector(77) + 1e-4 * np.random.default_rng(5).standard_normal(LAYOUT.dim).astype(np.float32)
     reg.add_models([NewModel("twin-77", twin, LAYOUT, BASE, attributes=pop.attributes(77))])
     index = coeff_index.load(sm.index_path)
-    lists = coeff_index.load_lists(path, index)
+    lists = coeff_index.load_lists(path, index, sm.coords_digest)
     assert lists is not None and reg.get("twin-77").id in lists.ids[lists.added]
     walks.clear()
     fast = reg.search("f0077", k=10)
@@ -161,23 +164,23 @@ def test_a_registered_model_takes_its_candidates_from_the_neighbour_lists(fitted
     assert names(reg.search("f0450", k=10)) == names(reg.search("f0450", k=10, exact=True))
     assert any("neighbour lists rebuilt" in line for line in repair(reg))
     index = coeff_index.load(sm.index_path)
-    assert verify(reg).findings == [] and coeff_index.load_lists(path, index).n == index.ntotal
+    assert verify(reg).findings == [] and coeff_index.load_lists(path, index, sm.coords_digest).n == index.ntotal
 
 
 def test_the_lists_are_rebuilt_once_many_models_were_added(fitted):
     reg, pop, _ = fitted
     sm = wspace.require(reg, reg.spaces()[0].id)
     path = coeff_index.lists_path(sm.index_path)
-    n0 = coeff_index.load_lists(path, coeff_index.load(sm.index_path)).n
+    n0 = coeff_index.load_lists(path, coeff_index.load(sm.index_path), sm.coords_digest).n
     limit = int(wspace.LISTS_STALE * max(n0, 1000))
     batch = [NewModel(f"bulk{i}", pop.vector(5000 + i), LAYOUT, BASE, attributes=pop.attributes(5000 + i))
              for i in range(limit)]  # fmt: skip
     reg.add_models(batch)  # exactly the share the lists tolerate: kept
     index = coeff_index.load(sm.index_path)
-    assert coeff_index.load_lists(path, index).n == n0
+    assert coeff_index.load_lists(path, index, sm.coords_digest).n == n0
     reg.add_models([NewModel("one-more", pop.vector(6000), LAYOUT, BASE, attributes=pop.attributes(6000))])
     index = coeff_index.load(sm.index_path)
-    lists = coeff_index.load_lists(path, index)
+    lists = coeff_index.load_lists(path, index, sm.coords_digest)
     assert lists.n == index.ntotal and len(lists.added) == 0  # made again over every row
     assert names(reg.search("bulk7", k=10)) == names(reg.search("bulk7", k=10, exact=True))
 
@@ -196,12 +199,17 @@ def test_index_coordinates_come_in_decreasing_variance(fitted):
     assert np.abs(off).max() <= 1e-3 * var[0]  # and uncorrelated: the principal axes of the coordinates
 
 
-def test_a_subspace_from_before_ordered_coordinates_is_searched_then_reindexed(fitted, monkeypatch):
+def test_a_subspace_from_before_ordered_coordinates_is_searched_then_reindexed(fitted, tmp_path):
     """A transform written without the order (older releases): its index is the legacy graph over every
-    coordinate, searches stay exact; `reindex` (what `repair` runs) writes the ordered transform."""
+    coordinate, searches stay exact; `reindex` (what `repair` runs) writes the ordered transform, and the
+    same Registry object (its cached subspace, index and lists) searches in the new coordinates at once."""
     from safetensors.numpy import save
 
-    reg, _, kind = fitted
+    from registry.integrity import verify
+
+    reg, pop, kind = fitted
+    probe = tmp_path / "probe.safetensors"  # a file as query: projected with the cached transform
+    write_lora(unflatten(pop.vector(N + 200), LAYOUT, BASE), probe, "diffusers")
     sm = wspace.require(reg, reg.spaces()[0].id)
     Vs = sm.sub.components.astype(np.float64) * sm.sub.std[:, None]
     legacy = np.linalg.cholesky(Vs.T @ Vs).astype(np.float32)  # what older releases wrote
@@ -209,18 +217,20 @@ def test_a_subspace_from_before_ordered_coordinates_is_searched_then_reindexed(f
     sm = wspace.load_model(reg, sm.id, sm.space_id, sm.error_p95)
     assert not sm.ordered
     wspace._index_all(reg, sm, lambda _: None)
-    reg._cache.clear()
     index = coeff_index.load(sm.index_path)
     assert not coeff_index.two_stage(index)  # a graph over unordered coordinates keeps all of them
-    for where in (None, WHERE):
-        assert names(reg.search("f0200", k=10, where=where)) == names(
-            reg.search("f0200", k=10, where=where, exact=True)
-        )
-    wspace.reindex(reg, sm)
-    reg._cache.clear()
+    assert [f.kind for f in verify(reg).findings] == ["stale"]
+    for query in ("f0200", probe):
+        for where in (None, WHERE):
+            assert names(reg.search(query, k=10, where=where)) == names(
+                reg.search(query, k=10, where=where, exact=True)
+            )
+    wspace.reindex(reg, sm)  # no cache cleared: the stamps tell
     sm = wspace.require(reg, reg.spaces()[0].id)
     assert sm.ordered and coeff_index.two_stage(coeff_index.load(sm.index_path)) == (kind == "two-stage")
-    assert names(reg.search("f0200", k=10)) == names(reg.search("f0200", k=10, exact=True))
+    assert verify(reg).findings == []
+    for query in ("f0200", probe):
+        assert names(reg.search(query, k=10)) == names(reg.search(query, k=10, exact=True))
 
 
 def test_reindex_rebuilds_the_index_from_the_coefficients(fitted):

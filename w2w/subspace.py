@@ -90,7 +90,9 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
 
         def load(spec: Any) -> np.ndarray:
             b = spec[-1] - spec[-2]
-            pair = buffers.setdefault(b, [np.empty((b, source.dim), dtype=np.float32) for _ in range(2)])
+            if b not in buffers:
+                buffers[b] = [np.empty((b, source.dim), dtype=np.float32) for _ in range(2)]
+            pair = buffers[b]
             pair.reverse()  # the other one than last time
             return source.load_into(spec, pair[0])
 
