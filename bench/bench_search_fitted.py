@@ -365,17 +365,21 @@ def run(args) -> None:
     # timed sides, warm: each query once untimed (page cache, maps), then timed, in rotating order
     from registry import search as search_mod
 
-    default_prefetch = search_mod.PREFETCH
+    def with_setting(module, name, value, side):
+        """side, run with module.name = value (restored after each call)."""
 
-    def with_prefetch(mode, side):
         def call(i):
-            search_mod.PREFETCH = mode
+            before = getattr(module, name)
+            setattr(module, name, value)
             try:
                 return side(i)
             finally:
-                search_mod.PREFETCH = default_prefetch
+                setattr(module, name, before)
 
         return call
+
+    def with_prefetch(mode, side):
+        return with_setting(search_mod, "PREFETCH", mode, side)
 
     sides = {
         "ours": lambda i: s.reg.search(s.query_names[i], k=K),
@@ -387,29 +391,12 @@ def run(args) -> None:
         "flat+filter": lambda i: bare_flat(s, i, K, True),
     }
 
-    def with_rescore(factor):
-        def call(i):
-            default, coeff_index.RESCORE_FACTOR = coeff_index.RESCORE_FACTOR, factor
-            try:
-                return s.reg.search(s.query_names[i], k=K)
-            finally:
-                coeff_index.RESCORE_FACTOR = default
-
-        return call
-
     for factor in args.rescore if coeff_index.two_stage(s.index) else []:
-        sides[f"ours rescore {factor}"] = with_rescore(factor)
+        sides[f"ours rescore {factor}"] = with_setting(coeff_index, "RESCORE_FACTOR", factor, sides["ours"])
+    from registry import wspace
 
-    def without_lists(i):
-        from registry import wspace
-
-        wspace.USE_LISTS = False
-        try:
-            return s.reg.search(s.query_names[i], k=K)
-        finally:
-            wspace.USE_LISTS = True
-
-    sides["ours, index only"] = without_lists  # candidates from the graph, as for a file or a new model
+    # candidates from the graph, as for a file or a new model
+    sides["ours, index only"] = with_setting(wspace, "USE_LISTS", False, sides["ours"])
     names = list(sides)
     times = {n: [] for n in names}
     recs = {n: [] for n in names}

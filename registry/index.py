@@ -186,6 +186,11 @@ def _id_view(index: faiss.Index) -> np.ndarray:
     return faiss.rev_swig_ptr(id_map.data(), id_map.size()).view(np.int64)
 
 
+def rows_of(index: faiss.Index, model_ids: np.ndarray) -> np.ndarray:
+    """The rows of the index holding these models, ascending."""
+    return np.flatnonzero(np.isin(_id_view(index), np.asarray(model_ids, dtype=np.int64)))
+
+
 def stored(index: faiss.Index) -> np.ndarray:
     """The indexed vectors (ntotal, d), in insertion order (ids_of gives their ids): a view, valid while the
     index lives."""
@@ -223,9 +228,8 @@ def single_thread() -> Iterator[None]:
 def selector(index: faiss.Index, allowed: np.ndarray) -> faiss.IDSelector:
     """An ID selector for a set of model ids, in the terms `search` passes it to this index (it copies what
     it needs: build it once per filter and reuse it while the index is unchanged)."""
-    allowed = np.asarray(allowed, dtype=np.int64)
     if two_stage(index):  # the graph is searched below the id map: it selects rows, not model ids
-        allowed = np.flatnonzero(np.isin(ids_of(index), allowed))
+        allowed = rows_of(index, allowed)
     allowed = np.ascontiguousarray(allowed, dtype=np.int64)
     return faiss.IDSelectorBatch(len(allowed), swig_ptr(allowed))
 

@@ -209,6 +209,14 @@ def _has_hub_copy(reg: Registry, model_id: int) -> bool:
     return any(hf["model_id"] == model_id and hf["path"].endswith(".safetensors") for hf in _latest_hub_files(reg))
 
 
+def _current_subspace(reg: Registry, spaces: dict, what: str):
+    """The current subspace a finding about "subspace <id>" names, or None (no longer current)."""
+    from registry import wspace
+
+    current = (wspace.current(reg, sid) for sid in spaces)
+    return next((c for c in current if c is not None and c.id == what.split()[1]), None)
+
+
 def repair(reg: Registry) -> list[str]:
     """Fix what can be fixed from the data that is sound; return what was done and what was left."""
     from w2w.flatten import flatten
@@ -249,9 +257,7 @@ def repair(reg: Registry) -> list[str]:
             elif f.kind == "error" and f.fixable and f.what.startswith("subspace "):
                 from registry import wspace
 
-                sub_id = f.what.split()[1]
-                current = (wspace.current(reg, sid) for sid in spaces)
-                sm = next((c for c in current if c is not None and c.id == sub_id), None)
+                sm = _current_subspace(reg, spaces, f.what)
                 if sm is not None:
                     try:
                         wspace._index_all(reg, sm, lambda _: None)
@@ -261,8 +267,7 @@ def repair(reg: Registry) -> list[str]:
             elif f.kind == "stale" and f.what.startswith("subspace "):
                 from registry import wspace
 
-                current = (wspace.current(reg, sid) for sid in spaces)
-                sm = next((c for c in current if c is not None and c.id == f.what.split()[1]), None)
+                sm = _current_subspace(reg, spaces, f.what)
                 if sm is not None:
                     wspace._reindex(reg, sm)
                     done.append(f"{f.what}: coefficient index and neighbour lists rebuilt from the coefficients")

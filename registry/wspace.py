@@ -267,13 +267,12 @@ def candidates(
     else:
         allowed = reg.catalog.filter_ids_cached(where, sm.space_id)
         if len(allowed) <= FLAT_FILTER_MAX or coeff_index.kind_of(index) == "flat":
-            stamp = sm.index_path.stat().st_mtime_ns  # the index's rows move when it is rebuilt
-            key = ("filter-index-rows", where, str(sm.index_path), stamp)
+            key = ("filter-index-rows", where, str(sm.index_path), _stamp(sm.index_path))  # rows move on rebuilds
             rows, row_ids = reg.catalog.cached(key, lambda: _index_rows(index, allowed))
             found, _ = coeff_index.search_rows(coeff_index.stored(index), y, n + 1, rows)
             found = row_ids[found]
         else:
-            key = ("selector", where, str(sm.index_path), sm.index_path.stat().st_mtime_ns)  # rows, for 2 stages
+            key = ("selector", where, str(sm.index_path), _stamp(sm.index_path))  # rows, for 2 stages
             sel = reg.catalog.cached(key, lambda: coeff_index.selector(index, allowed))
             found = coeff_index.search(index, y, n + 1, allowed, sel=sel)
     return found[found != (-1 if exclude is None else exclude)][:n]
@@ -281,8 +280,7 @@ def candidates(
 
 def _index_rows(index, model_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows of the index holding these models, ascending; the model id of every index row)."""
-    row_ids = coeff_index.ids_of(index)
-    return np.flatnonzero(np.isin(row_ids, model_ids)), row_ids
+    return coeff_index.rows_of(index, model_ids), coeff_index.ids_of(index)
 
 
 def reindex(reg, sm: SpaceModel, say=None) -> None:

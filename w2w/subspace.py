@@ -120,7 +120,7 @@ def block_stats(seed: int, l: int, spec: Any, W: np.ndarray):
     mean = W.sum(axis=0, dtype=np.float64) / b  # float32 data, float64 sums: no (b, D) float64 copy
     omega = sketch_rows(seed, spec, l)  # (b, l)
     sketch_t = np.ascontiguousarray(omega.T) @ W  # (l, D): see block_gram; before W is overwritten
-    dev = W if W.flags.writeable and W.flags.owndata else np.empty_like(W)  # see _standardize_block
+    dev = W if _scratch(W) else np.empty_like(W)
     np.subtract(W, mean.astype(np.float32), out=dev)  # (b, D)
     dev *= dev
     m2 = np.add.reduce(dev, axis=0, dtype=np.float64)
@@ -153,10 +153,15 @@ def standardize(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return Z
 
 
+def _scratch(W: np.ndarray) -> bool:
+    """Whether a block may be overwritten: one a source made for this pass alone (a fresh array, or a buffer
+    of map_in_process), not a view of someone else's array. In place saves a 100+ MB array's page faults."""
+    return W.flags.writeable and W.flags.owndata
+
+
 def _standardize_block(W: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """standardize() in place when W is a block a source made for this pass alone (a fresh 100+ MB array
-    costs page faults); a view of someone else's array is copied first."""
-    Z = W if W.flags.writeable and W.flags.owndata else W.copy()  # (b, D) float32
+    """standardize() in place when the block is scratch (_scratch), else on a copy."""
+    Z = W if _scratch(W) else W.copy()  # (b, D) float32
     Z -= mean
     Z /= std
     return Z
