@@ -8,7 +8,7 @@ each; made once by common.ensure_loras). The server runs in this process on a lo
 thread), on a fresh registry; the client is the unmodified huggingface_hub HfApi. Sides, per model:
   push   create_repo + upload_file of pytorch_lora_weights.safetensors (preupload, NDJSON commit, the
          LoRA checked, stored, committed, then registered in the server's registry)
-  add    Registry.add_files of the same file into another fresh registry, one call per file (what a user
+  add    ingest.importer.import_paths of the same file into another fresh registry, one call per file (what a user
          running `w2wreg add FILE` per model gets, minus the process start)
   pull   hf_hub_download of the pushed file into an empty cache
   read   reading the file's bytes from disk (page cache warm)
@@ -43,6 +43,7 @@ def main() -> None:
     import uvicorn
     from huggingface_hub import HfApi, hf_hub_download
 
+    from ingest.importer import import_paths
     from registry.registry import Registry
     from server.app import create_app
 
@@ -71,7 +72,7 @@ def main() -> None:
                     api.upload_file(path_or_fileobj=str(f), path_in_repo="pytorch_lora_weights.safetensors",
                                     repo_id=repo)  # fmt: skip
                 else:
-                    report = local.add_files([f])
+                    report = import_paths(local, [f])
                     assert report.committed and report.added, report.to_json()
                 times[side].append(time.perf_counter() - t0)
             t0 = time.perf_counter()

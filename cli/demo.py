@@ -12,19 +12,35 @@ import click
 import numpy as np
 
 EDITS = ("glasses", "beard", "smile", "hat")
+FULL = {"identities": 24, "images": 8, "steps": None, "held_out": 3, "invert_steps": 100}  # steps: the recipe's
+QUICK = {"identities": 8, "images": 4, "steps": 30, "held_out": 2, "invert_steps": 15}
 STRENGTH = 2.5  # standard deviations of the attribute's score: a clear change on 24 identities
 
 
 @click.command()
-@click.option("--identities", "-n", type=click.IntRange(6, 10_000), default=24, show_default=True)
-@click.option("--images", type=click.IntRange(1, 64), default=8, show_default=True, help="Images per identity.")
+@click.option("--identities", "-n", type=click.IntRange(6, 10_000), help="Identities to train  [default: 24]")
+@click.option("--images", type=click.IntRange(1, 64), help="Images per identity  [default: 8]")
 @click.option("--steps", type=click.IntRange(1), help="Training steps per identity (default: the toy recipe's).")
 @click.option("--batch-identities", "-B", type=click.IntRange(1), default=8, show_default=True)
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), help="Work folder (default: a new temporary folder)."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the toy identities.")
-def demo(identities: int, images: int, steps: int | None, batch_identities: int, out: Path | None, seed: int) -> None:
+@click.option(
+    "--quick",
+    is_flag=True,
+    help=f"A smoke run in about a minute: {QUICK['identities']} identities, {QUICK['images']} images, "
+    f"{QUICK['steps']} steps, {QUICK['held_out']} inversions of {QUICK['invert_steps']} steps (what CI runs).",
+)
+def demo(
+    identities: int | None,
+    images: int | None,
+    steps: int | None,
+    batch_identities: int,
+    out: Path | None,
+    seed: int,
+    quick: bool,
+) -> None:
     """Make a toy-faces dataset, train one LoRA per identity, fit the w2w space, search, sample, edit and
     invert held-out faces, and draw it all on a contact sheet (OUT/demo.png) with measured figures
     (OUT/summary.json).
@@ -32,11 +48,15 @@ def demo(identities: int, images: int, steps: int | None, batch_identities: int,
     \b
     w2wreg demo --out /tmp/w2w-demo
     w2wreg demo --identities 12 --steps 60     # a quicker look
+    w2wreg demo --quick                        # does everything work? (about a minute)
     """
     from cli.main import cli
     from ingest import toyfaces
 
     t_start = time.perf_counter()
+    given = {"identities": identities, "images": images, "steps": steps}
+    preset = {**(QUICK if quick else FULL), **{k: v for k, v in given.items() if v is not None}}
+    identities, images, steps = preset["identities"], preset["images"], preset["steps"]
     out = Path(out or tempfile.mkdtemp(prefix="w2wreg-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     faces_dir, registry = out / "faces", out / "registry"
@@ -75,14 +95,16 @@ def demo(identities: int, images: int, steps: int | None, batch_identities: int,
     run("verify")
 
     click.secho("\n# generating images of the models and scoring them with the attribute detector", bold=True)
-    summary = _pictures(registry, faces_dir, out, identities, ingest_s)
+    summary = _pictures(registry, faces_dir, out, identities, ingest_s, preset["held_out"], preset["invert_steps"])
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary)
     click.secho(f"\nContact sheet: {out / 'demo.png'}   Registry: {registry}", bold=True)
 
 
-def _pictures(registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: float) -> dict:
+def _pictures(
+    registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: float, held_out: int, invert_steps: int
+) -> dict:
     from tqdm.auto import tqdm
 
     from ingest import detector, toyfaces
@@ -137,7 +159,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: 
         hit = reg.search(n, k=1).hits[0]
         neighbours.append(look(reg.lora(hit.model)))
     base_imgs = [generate(base, None, prompt="a person", n=1, seed=s)[0] for s in range(6)]
-    held_imgs, inverted_imgs, inv_agree = _invert_held_out(reg, base, n_ids, look)
+    held_imgs, inverted_imgs, inv_agree = _invert_held_out(reg, base, n_ids, look, held_out, invert_steps)
     train_imgs = [load_images(data[n].images[:1], 32)[0] for n in shown]
 
     rows = [
@@ -162,17 +184,14 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, n_ids: int, ingest_s: 
         "edit_success_rate": success,
         "edit_other_attributes_kept": kept,
         "inversion_attribute_agreement": inv_agree,
+        "inversion_steps": invert_steps,
         "samples_attributes": {a: float(v.mean()) for a, v in detector.detect_bool(np.stack(sample_imgs)).items()}
         if sample_imgs
         else {},
     }
 
 
-HELD_OUT = 3
-INVERT_STEPS = 100
-
-
-def _invert_held_out(reg, base, n_ids: int, look) -> tuple[list, list, float]:
+def _invert_held_out(reg, base, n_ids: int, look, held_out: int, steps: int) -> tuple[list, list, float]:
     """Render faces the registry never saw, invert each into the space, and look at the result."""
     from ingest import detector, toyfaces
     from ingest.invert import InvertConfig, invert, nearest_start
@@ -182,12 +201,14 @@ def _invert_held_out(reg, base, n_ids: int, look) -> tuple[list, list, float]:
 
     sm = wspace.require(reg, wspace.pick_space(reg, None))
     layout = reg.layout(sm.space_id)
-    cfg = InvertConfig(components=sm.sub.k, steps=INVERT_STEPS, batch_timesteps=4, init="nearest", first_pass_steps=20)
+    cfg = InvertConfig(
+        components=sm.sub.k, steps=steps, batch_timesteps=4, init="nearest", first_pass_steps=min(20, steps)
+    )
     V = sm.sub.components
     held, inverted, agree = [], [], []
     from tqdm.auto import tqdm
 
-    faces = toyfaces.random_faces(n_ids + HELD_OUT, seed=0)[n_ids:]
+    faces = toyfaces.random_faces(n_ids + held_out, seed=0)[n_ids:]
     for i, face in enumerate(tqdm(faces, desc="inverting held-out faces", unit="face")):
         img = toyfaces.render(face, 32, np.random.default_rng(1000 + i))
         x = to_tensor(img[None], base.resolution)
@@ -217,7 +238,7 @@ def _print_summary(s: dict) -> None:
             f"  +{a:8s} {100 * s['edit_success_rate'][a]:5.0f}% / {100 * s['edit_other_attributes_kept'][a]:5.0f}%"
         )
     click.echo(
-        f"held-out faces inverted into the space ({INVERT_STEPS} steps): the detector agrees with their "
+        f"held-out faces inverted into the space ({s['inversion_steps']} steps): the detector agrees with their "
         f"attributes on {100 * s['inversion_attribute_agreement']:.0f}% of them"
     )
     click.echo(f"total {s['total_seconds']}s")

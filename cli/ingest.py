@@ -87,6 +87,9 @@ def ingest(
     w2wreg ingest faces/ -B 8
     w2wreg ingest celebs/ --base-model runwayml/stable-diffusion-v1-5 --recipe w2w --device cuda --workers 4
     w2wreg ingest --from-w2w-release weights2weights/files --trust-pickle
+
+    With --from-w2w-release, a folder that also holds the authors' fitted space (mean.pt, std.pt, V.pt)
+    gets it registered as the space's subspace (as `w2wreg fit --from-w2w-release` does).
     """
     if workers and scheduler:
         fail("--workers starts a local cluster and --scheduler uses a running one: pass one of them")
@@ -141,15 +144,13 @@ def ingest(
 def _release(ctx, reg, folder: Path, trust_pickle: bool, limit: int | None, as_json: bool) -> None:
     import warnings
 
-    from ingest.w2w_release import import_release
+    from ingest.w2w_release import has_basis, import_basis, import_release
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = import_release(reg, folder, trust_pickle=trust_pickle, progress=not as_json, limit=limit)
     notes = list(dict.fromkeys([*report.warnings, *(str(w.message) for w in caught)]))
-    if as_json:
-        emit_json({**report.to_json(), "warnings": notes})
-    else:
+    if not as_json:
         for w in notes:
             click.echo(f"warning: {w}", err=True)
         for _, err in report.errors:
@@ -158,6 +159,17 @@ def _release(ctx, reg, folder: Path, trust_pickle: bool, limit: int | None, as_j
             f"imported {len(report.added)} model(s) from the w2w release"
             + (f"; {len(report.skipped)} already registered" if report.skipped else "")
         )
+    basis = None
+    if report.added and not report.errors and has_basis(folder):  # the authors' space: project, edit, invert at once
+        if not as_json:
+            click.echo("registering the release's own space (mean.pt, std.pt, V.pt) ...", err=True)
+        basis = import_basis(reg, folder, trust_pickle=trust_pickle)
+    if as_json:
+        emit_json({**report.to_json(), "warnings": notes, "subspace": basis})
+    elif basis:
+        from cli.space import report_basis
+
+        report_basis(basis)
     if report.errors:
         ctx.exit(EXIT_ERROR)
 

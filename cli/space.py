@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cli.models import open_registry
@@ -21,16 +23,33 @@ from registry import wspace
 )
 @click.option("--where", help="Fit on the models matching this condition only (all models are projected).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run the passes on a Dask cluster (e.g. tcp://host:8786).")
+@click.option(
+    "--from-w2w-release",
+    "release",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="No fit: register the paper's own space (mean.pt, std.pt, V.pt of its release; all components unless -k).",
+)
+@click.option("--trust-pickle", is_flag=True, help="With --from-w2w-release: see `w2wreg ingest --help`.")
 @json_option
 @click.pass_context
-def fit_cmd(ctx, space_id, components, where, scheduler, as_json):
+def fit_cmd(ctx, space_id, components, where, scheduler, release, trust_pickle, as_json):
     """Fit a new, versioned w2w subspace (z-scored PCA) over a space's models, streaming the vectors.
 
     \b
     w2wreg fit --components 1000
     w2wreg fit --where "kind = 'imported'" --scheduler tcp://127.0.0.1:8786
+    w2wreg fit --from-w2w-release weights2weights/files     # the paper's 10,000 components, as published
     """
     reg = open_registry(ctx)
+    if release is not None:
+        from ingest.w2w_release import import_basis
+
+        if space_id or where or scheduler:
+            raise click.UsageError("--from-w2w-release takes no --space, --where or --scheduler")
+        given = ctx.get_parameter_source("components") is not click.core.ParameterSource.DEFAULT
+        info = import_basis(reg, release, components=components if given else None, trust_pickle=trust_pickle)
+        emit_json(info) if as_json else report_basis(info)
+        return
     info = wspace.fit_space(
         reg, space_id, components, where, scheduler, say=None if as_json else lambda m: click.echo(f"  {m}", err=True)
     )
@@ -41,6 +60,13 @@ def fit_cmd(ctx, space_id, components, where, scheduler, as_json):
         f"fitted {info['subspace']} on {info['n_models']} models of space {info['space']}: "
         f"k = {info['k']}, {100 * info['explained_variance_ratio']:.1f}% of the variance, "
         f"{info['passes']} passes in {info['fit_seconds']:.1f}s"
+    )
+
+
+def report_basis(info: dict) -> None:
+    click.echo(
+        f"registered the w2w release's space as {info['subspace']} in space {info['space']}: k = {info['k']}, "
+        f"{100 * info['explained_variance_ratio']:.1f}% of the variance of its {info['n_models']} models"
     )
 
 
@@ -94,6 +120,9 @@ def project(ctx, model, n_coeffs, as_json):
 def sample_cmd(ctx, n, seed, temperature, prefix, space_id, as_json):
     """Sample new models from the w2w space (an independent Gaussian per coefficient, as the paper).
 
+    The same seed, temperature and subspace draw the same models: a draw already registered is kept, not
+    added twice.
+
     \b
     w2wreg sample -n 5 --seed 0 --temperature 0.8
     """
@@ -103,7 +132,10 @@ def sample_cmd(ctx, n, seed, temperature, prefix, space_id, as_json):
         emit_json(made)
         return
     for m in made:
-        click.echo(f"added {m['name']} (id {m['id']})")
+        if m["existing"]:
+            click.echo(f"kept {m['name']} (id {m['id']}): this draw is already registered")
+        else:
+            click.echo(f"added {m['name']} (id {m['id']})")
 
 
 COMMANDS = [fit_cmd, project, sample_cmd]

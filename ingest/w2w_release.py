@@ -8,6 +8,8 @@ What a user downloads (the authors' repo, `files/` and `weights_datasets/identit
 - adapter_config.json: the PEFT LoRA config: r = 1, lora_alpha = 27, target_modules to_q, to_v.
 - identity_df.pt: a pickled pandas DataFrame, a `file` column (the training folder) + CelebA labels. Unpickling
   can run code: read only with --trust-pickle (and pandas installed).
+- mean.pt, std.pt (D,) and V.pt (D, 10,000): the authors' fitted w2w space (c = ((w - mean) / std) @ V[:, :k]),
+  in the same order as a row. `import_basis` registers it as a subspace of the imported space (weights_only).
 
 How the authors flattened a model (other/creating_weights_dataset.ipynb and utils.unflatten in their repo): the
 adapter's tensors in the order `load_peft_weights` returns them (safetensors keys, sorted), each `.flatten()`ed,
@@ -48,6 +50,9 @@ from w2w.layout import Layout, LayoutEntry, canonical_sort
 from w2w.presets import SD15_UNET_CONFIG, get_preset
 
 WEIGHTS, DIMENSIONS, CONFIG, TABLE = "all_weights.pt", "weight_dimensions.pt", "adapter_config.json", "identity_df.pt"
+BASIS = ("mean.pt", "std.pt", "V.pt")  # the authors' fitted space: z-scoring statistics and principal components
+# A float32 SVD's components are orthonormal to ~1e-6; a wrong file (another space, another order) is off by O(1)
+ORTHONORMAL_TOL = 1e-3
 # Where a file may sit: the folder given, or the authors' repo layout below it.
 SUBFOLDERS = (".", "files", "weights_datasets/identities")
 RELEASE_REPO = "snap-research/weights2weights"
@@ -625,3 +630,96 @@ def import_release(
         bar.close()
     report.warnings[:0] = release.warnings
     return report
+
+
+# --- the authors' fitted space -------------------------------------------------------------------------------
+
+
+def has_basis(folder: Path | str) -> bool:
+    return all(_find(Path(folder), name, required=False) is not None for name in BASIS)
+
+
+def read_basis(release: Release, components: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mean, std (D,) and the first `components` principal components (D, k) of the release, in our layout.
+
+    Loaded with torch.load(weights_only=True, mmap=True); shapes, finiteness and orthonormality are checked, and
+    rows are put in our order by the same map as the models' rows.
+    """
+    paths = [_find(release.folder, name, required=True) for name in BASIS]
+    D = release.layout.dim
+    mean, std = (_basis_vector(p, D) for p in paths[:2])
+    V = _torch_load(paths[2], weights_only=True, mmap=True)
+    shape = tuple(getattr(V, "shape", ()))
+    if len(shape) != 2 or D not in shape:
+        raise ReleaseFormatError(paths[2], f"holds shape {shape}, not (D, k) with D = {D:,}", "download it again")
+    if shape[0] != D:  # stored as (k, D): components as rows
+        V = V.T
+    k = V.shape[1] if components is None else min(components, V.shape[1])
+    src = V[:, :k].float().numpy()  # (D, k) view on the memory map
+    out = np.empty((D, k), dtype=np.float32)
+    for dst, start, n in release.segments:
+        out[dst : dst + n] = src[start : start + n]
+    if not np.isfinite(out).all():
+        raise ReleaseFormatError(paths[2], "holds NaN or Inf values", "download it again")
+    head = out[:, : min(k, 32)].astype(np.float64)
+    off = np.abs(head.T @ head - np.eye(head.shape[1])).max()
+    if off > ORTHONORMAL_TOL:
+        raise ReleaseFormatError(
+            paths[2],
+            f"its components are not orthonormal (|V^T V - I| up to {off:.3g})",
+            f"V.pt must be the principal components of the space of {DIMENSIONS}, columns as components",
+        )
+    return _reorder(mean, release), _reorder(std, release), out
+
+
+def _basis_vector(path: Path, dim: int) -> np.ndarray:
+    t = _torch_load(path, weights_only=True)
+    shape = tuple(getattr(t, "shape", ()))
+    if shape not in ((dim,), (1, dim)) or not t.dtype.is_floating_point:
+        raise ReleaseFormatError(path, f"holds shape {shape}, not ({dim:,},) floats", "download it again")
+    v = t.reshape(-1).float().numpy()
+    if not np.isfinite(v).all():
+        raise ReleaseFormatError(path, "holds NaN or Inf values", "download it again")
+    return v
+
+
+def _reorder(v: np.ndarray, release: Release) -> np.ndarray:
+    out = np.empty(len(v), dtype=np.float32)
+    for dst, start, n in release.segments:
+        out[dst : dst + n] = v[start : start + n]
+    return out
+
+
+def import_basis(
+    reg: Registry,
+    folder: Path | str,
+    *,
+    components: int | None = None,
+    trust_pickle: bool = False,
+    base_model: str = BASE_MODEL,
+    say=None,
+) -> dict:
+    """Register the authors' fitted space (mean.pt, std.pt, V.pt) as a subspace of the space their models were
+    imported into, so that project, sample, edit and invert work in exactly the paper's space without a fit.
+    The coefficient Gaussians and singular values come from the release's models in the registry."""
+    from registry import wspace
+    from registry.registry import space_id_for
+
+    release = read_release(folder, trust_pickle=trust_pickle)
+    space_id = space_id_for(base_model, release.layout)
+    with reg.catalog.connect() as con:
+        ids = [
+            r[0]
+            for r in con.execute(
+                "SELECT id FROM models WHERE space_id = ? AND source_format = ? ORDER BY id", [space_id, SOURCE_FORMAT]
+            ).fetchall()
+        ]
+    if len(ids) < 2:
+        raise ReleaseError(
+            release.folder,
+            f"{len(ids)} of this release's models are in the registry; its space is fitted on them",
+            f"import them first: w2wreg ingest --from-w2w-release {release.folder}",
+        )
+    mean, std, V = read_basis(release, components)
+    meta = {"source": "w2w-release", "release": str(release.folder), "method": "the authors' PCA"}
+    return wspace.adopt_subspace(reg, space_id, mean, std, V, ids, meta, say)

@@ -533,6 +533,17 @@ class Catalog:
             for pid, pname, op, params in rows
         ]
 
+    def made_by(self, operation: str, **params) -> list[tuple[int, str, dict]]:
+        """(id, name, params) of the models an operation made whose lineage params hold every given value."""
+        with self.connect() as con:
+            rows = con.execute(
+                "SELECT l.child_id, m.name, l.params FROM lineage l JOIN models m ON m.id = l.child_id "
+                "WHERE l.operation = ? ORDER BY l.child_id",
+                [operation],
+            ).fetchall()
+        found = [(i, name, json.loads(p) if p else {}) for i, name, p in rows]
+        return [(i, name, p) for i, name, p in found if all(p.get(k) == v for k, v in params.items())]
+
     def children(self, model_id: int) -> list[int]:
         """Ids of the models derived from this one (lineage rows naming it as parent), ascending."""
         with self.connect() as con:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -301,8 +302,11 @@ class _AddSession:
             return
         with contextlib.suppress(Exception):  # the rows are dropped below whatever the writes did
             self.drain()
-        for sid in self.written:
-            self.store(sid).truncate(self.committed[sid])
+        for sid in {*self.written, *self.new_spaces}:
+            if sid in self.new_spaces:  # a space this add would have made: no folder of it may stay behind
+                shutil.rmtree(self.reg.paths.vectors(sid), ignore_errors=True)
+            elif sid in self.written:
+                self.store(sid).truncate(self.committed[sid])
 
     def commit(self, con) -> None:
         con.execute("BEGIN TRANSACTION")
@@ -442,12 +446,6 @@ class Registry:
                     f"({type(e).__name__}: {e}); run `w2wreg repair`"
                 )
         return report
-
-    def add_files(self, paths: Iterable[Path], **kw) -> AddReport:
-        """Convenience for notebooks: import LoRA files (see ingest.importer for the full options)."""
-        from ingest.importer import import_paths
-
-        return import_paths(self, list(paths), **kw)
 
     # --- reading ---------------------------------------------------------------------------------
 

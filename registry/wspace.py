@@ -183,10 +183,10 @@ def index_transform(sub: Subspace) -> np.ndarray:
     column's distance counts by 1/std). On planted data at N = 2,000 (bench/bench_search_fitted.py) it cut
     the candidates an exact coefficient search needs for recall@10 = 1.0 after the exact re-rank from 20 to 12.
     """
-    Vs = sub.components * sub.std[:, None]  # (D, k) = S V
     G = np.zeros((sub.k, sub.k))
-    for lo in range(0, len(Vs), 16384):  # float64 sums of float32 products: D is long
-        G += Vs[lo : lo + 16384].T @ Vs[lo : lo + 16384]
+    for lo in range(0, sub.dim, 16384):  # float64 sums of float32 products: D is long
+        Vs = sub.components[lo : lo + 16384] * sub.std[lo : lo + 16384, None]  # a block of S V: never all (D, k)
+        G += Vs.T @ Vs
     L = np.linalg.cholesky(G)  # (k, k), lower: G = L L^T
     s2 = np.asarray(sub.singular_values, np.float64) ** 2
     _, R = np.linalg.eigh(L.T @ (s2[:, None] * L))  # ascending eigenvalues
@@ -318,10 +318,14 @@ def load_model(reg, subspace_id: str, space_id: str, error_p95: float) -> SpaceM
         g["std"],
         error_p95,
         folder,
-        reg.paths.index(space_id) / f"{subspace_id}.faiss",
+        _index_path(reg, space_id, subspace_id),
         T,
         ordered,
     )
+
+
+def _index_path(reg, space_id: str, subspace_id: str) -> Path:
+    return reg.paths.index(space_id) / f"{subspace_id}.faiss"
 
 
 def require(reg, space_id: str) -> SpaceModel:
@@ -384,28 +388,69 @@ def fit_space(
         client = getattr(mapper, "client", None)
         if client is not None:
             client.close()
+    out = _register_subspace(reg, space_id, sub, ids, where, {"fit_seconds": fit_s}, say)
+    return {**out, "fit_seconds": round(fit_s, 3), "passes": 1 + int(sub.config.get("depth", 1))}
+
+
+def adopt_subspace(
+    reg,
+    space_id: str,
+    mean: np.ndarray,
+    std: np.ndarray,
+    components: np.ndarray,
+    ids: list[int],
+    meta: dict,
+    say=None,
+) -> dict:
+    """Register a subspace fitted elsewhere (mean, std (D,), orthonormal components (D, k)) as a subspace of a
+    space, over the models `ids` it was fitted on: their projections give the singular values, the total
+    variance and the Gaussians that a fit of ours would have given. Then every model is projected and indexed."""
+    say = say or (lambda _: None)
+    space = reg.space(space_id)
+    D, k = components.shape
+    if mean.shape != (D,) or std.shape != (D,) or space.dim != D:
+        raise SubspaceError(
+            f"mean {mean.shape}, std {std.shape} and components {components.shape} do not fit space {space_id} "
+            f"(D = {space.dim:,})"
+        )
+    if len(ids) < 2:
+        raise SubspaceError(f"a subspace needs the models it was fitted on; {len(ids)} in space {space_id}")
+    std = np.where(std > 0, std, 1.0).astype(np.float32)  # constant columns, as our fit keeps them
+    sub = Subspace(mean.astype(np.float32), std, components, np.ones(k), 1.0, len(ids), list(ids), {"k": k, **meta})
+    all_ids, C_all, err_all, sq_all = _project_space(reg, space_id, sub, say)
+    fitted = np.isin(all_ids, np.asarray(ids, dtype=np.int64))
+    C = C_all[fitted].astype(np.float64)  # (n, k)
+    # Z is centred over the fitted models when `mean` is theirs, so ||C_j|| is the j-th singular value of Z
+    sub.singular_values = np.sqrt((C**2).sum(axis=0))
+    sub.total_variance = float(sq_all[fitted].sum()) / max(len(ids) - 1, 1)
+    return _register_subspace(reg, space_id, sub, ids, None, meta, say, (all_ids, C_all, err_all))
+
+
+def _register_subspace(reg, space_id: str, sub: Subspace, ids: list[int], where, meta: dict, say, projected=None):
+    """Save a subspace, project and index every model of its space, and commit its catalog row last: an
+    interrupted registration leaves only a folder that no catalog row names (verify reports it as an orphan)."""
     subspace_id = "ss-" + hashlib.sha256(f"{space_id}|{time.time_ns()}|{len(ids)}".encode()).hexdigest()[:10]
     folder = subspace_folder(reg, subspace_id)
     with reg.writing():
         # one pass projects every model of the space; the fitted ones' rows give the Gaussians and the p95
-        all_ids, C_all, err_all = _project_space(reg, space_id, sub, say)
+        all_ids, C_all, err_all = projected or _project_space(reg, space_id, sub, say)[:3]
         fitted = np.isin(all_ids, np.asarray(ids, dtype=np.int64))
         C, p95 = C_all[fitted], float(np.percentile(err_all[fitted], 95))  # (n, k)
-        sub.save(folder, {"id": subspace_id, "space": space_id, "where": where, "fit_seconds": fit_s})
+        gm, gs = C.mean(axis=0).astype(np.float32), C.std(axis=0).astype(np.float32)  # the Gaussians of `sample`
+        sub.save(folder, {"id": subspace_id, "space": space_id, "where": where, **meta})
         from safetensors.numpy import save
 
         from w2w.formats.tensorfile import atomic_write_bytes
 
-        atomic_write_bytes(
-            folder / "gaussian.safetensors",
-            save({"mean": C.mean(axis=0).astype(np.float32), "std": C.std(axis=0).astype(np.float32)}),
+        atomic_write_bytes(folder / "gaussian.safetensors", save({"mean": gm, "std": gs}))
+        T = index_transform(sub)
+        save_index_transform(folder, T)
+        # the subspace in hand, not read back: at k = 10,000 its components are 4 GB
+        sm = SpaceModel(
+            subspace_id, space_id, sub, gm, gs, p95, folder, _index_path(reg, space_id, subspace_id), T, True
         )
-        save_index_transform(folder, index_transform(sub))
-        sm = load_model(reg, subspace_id, space_id, p95)
         row = [subspace_id, space_id, sub.k, len(ids), where, float(sub.explained_variance_ratio.sum()), p95,
                json.dumps(sub.config)]  # fmt: skip
-        # the subspace row commits together with its projections, after every file is in place: an
-        # interrupted fit leaves only a folder that no catalog row names (verify reports it as an orphan)
         _store_projections(reg, sm, all_ids, C_all, err_all, subspace_row=row)
     return {
         "subspace": subspace_id,
@@ -414,33 +459,34 @@ def fit_space(
         "n_models": len(ids),
         "explained_variance_ratio": float(sub.explained_variance_ratio.sum()),
         "error_p95": p95,
-        "fit_seconds": round(fit_s, 3),
-        "passes": 1 + int(sub.config.get("depth", 1)),
     }
 
 
-def _project_space(reg, space_id: str, sub: Subspace, say) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, coefficients (n, k), relative errors (n,)) of every model of a space, in one read of the vectors."""
+def _project_space(reg, space_id: str, sub: Subspace, say) -> tuple[np.ndarray, ...]:
+    """(ids, coefficients (n, k), relative errors (n,), ||z||^2 (n,)) of every model of a space, in one read of
+    the vectors."""
     with reg.catalog.connect() as con:
         rows = con.execute("SELECT id, row_idx FROM models WHERE space_id = ? ORDER BY row_idx", [space_id]).fetchall()
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     source = StoreSource(reg.store(reg.space(space_id)), np.array([r[1] for r in rows], dtype=np.int64))
     say(f"projecting {len(ids)} models and building the coefficient index")
     C = np.empty((len(ids), sub.k), dtype=np.float32)
-    errors = np.empty(len(ids))
+    errors, sq = np.empty(len(ids)), np.empty(len(ids))
     V = sub.components
     for lo, hi in source.specs():
         Z = standardize(source.load((lo, hi)), sub.mean, sub.std)  # (b, D), standardized once
         C[lo:hi] = Z @ V  # (b, k): sub.project
         # sub.relative_error, reusing the coefficients: two products per block instead of three
         resid = Z - C[lo:hi] @ V.T
-        errors[lo:hi] = np.linalg.norm(resid, axis=1) / np.maximum(np.linalg.norm(Z, axis=1), 1e-30)
-    return ids, C, errors
+        nz = np.linalg.norm(Z, axis=1)
+        sq[lo:hi] = nz.astype(np.float64) ** 2
+        errors[lo:hi] = np.linalg.norm(resid, axis=1) / np.maximum(nz, 1e-30)
+    return ids, C, errors, sq
 
 
 def _index_all(reg, sm: SpaceModel, say) -> None:
     """Project every model of the space into `sm` and (re)build its coefficient index. Holds the writer lock."""
-    _store_projections(reg, sm, *_project_space(reg, sm.space_id, sm.sub, say))
+    _store_projections(reg, sm, *_project_space(reg, sm.space_id, sm.sub, say)[:3])
 
 
 def _store_projections(
@@ -594,6 +640,26 @@ def register_derived(reg, space_id: str, items: list[tuple[str, np.ndarray, str,
     return [i for _, i in report.added]
 
 
+SAMPLE_ROWS = 16  # samples are reconstructed in zero-padded blocks of this many rows (see _reconstruct_rows)
+
+
+def _reconstruct_rows(sub, C: np.ndarray) -> np.ndarray:
+    """sub.reconstruct of each row, its bits independent of the other rows and of how many there are.
+
+    BLAS picks kernel and blocking by the matrix shape, and within one shape a row's result does not depend
+    on the other rows' values: every product here has the shape (SAMPLE_ROWS, k), so sample i of a seed is
+    the same bits whether 1 or 300 were drawn (on one machine; another CPU may round differently).
+    """
+    out = np.empty((len(C), sub.mean.shape[0]), dtype=np.float32)
+    block = np.zeros((SAMPLE_ROWS, C.shape[1]), dtype=np.float32)
+    for start in range(0, len(C), SAMPLE_ROWS):
+        rows = C[start : start + SAMPLE_ROWS]
+        block[:] = 0
+        block[: len(rows)] = rows
+        out[start : start + len(rows)] = sub.reconstruct(block)[: len(rows)]
+    return out
+
+
 def sample(
     reg,
     n: int = 5,
@@ -603,19 +669,31 @@ def sample(
     space_id: str | None = None,
     components: int | None = None,
 ) -> list[dict]:
-    """New models: each coefficient drawn from its own Gaussian fitted over the registry's models (as the paper)."""
+    """New models: each coefficient drawn from its own Gaussian fitted over the registry's models (as the paper).
+
+    A sample is named by what drew it (subspace, seed, index, temperature, components): drawing one again
+    returns the model already registered (`"existing": True`), whatever prefix is asked for, instead of a
+    second copy; the others are added. Returns one dict (id, name, existing) per index, in order.
+    """
     if temperature < 0:
         raise W2WError(f"--temperature must be >= 0, got {temperature}")
     space_id = pick_space(reg, space_id)
     sm = require(reg, space_id)
     k = min(components or sm.sub.k, sm.sub.k)
     rng = np.random.default_rng(seed)
-    C = sm.coeff_mean[:k] + temperature * sm.coeff_std[:k] * rng.standard_normal((n, k))  # (n, k)
-    W = sm.sub.reconstruct(C.astype(np.float32))  # (n, D)
-    items = []
+    C = sm.coeff_mean[:k] + temperature * sm.coeff_std[:k] * rng.standard_normal((n, k))  # (n, k): row i is seed's i-th
+    drawn = {"subspace": sm.id, "seed": seed, "temperature": temperature, "components": k}
+    known = {p["index"]: (i, name) for i, name, p in reg.catalog.made_by("sample", **drawn) if p.get("index", n) < n}
+    todo = [i for i in range(n) if i not in known]
+    W = _reconstruct_rows(sm.sub, C[todo].astype(np.float32))  # (len(todo), D)
+    items = [
+        (f"{prefix}-s{seed}-{i}", W[j], "sample", [(None, "sample", {**drawn, "index": i})]) for j, i in enumerate(todo)
+    ]
+    new = dict(zip(todo, register_derived(reg, space_id, items), strict=True)) if items else {}
+    out = []
     for i in range(n):
-        name = f"{prefix}-s{seed}-{i}"
-        params = {"subspace": sm.id, "seed": seed, "index": i, "temperature": temperature, "components": k}
-        items.append((name, W[i], "sample", [(None, "sample", params)]))
-    ids = register_derived(reg, space_id, items)
-    return [{"id": i, "name": it[0]} for i, it in zip(ids, items, strict=True)]
+        if i in known:
+            out.append({"id": known[i][0], "name": known[i][1], "existing": True})
+        else:
+            out.append({"id": new[i], "name": items[todo.index(i)][0], "existing": False})
+    return out

@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from w2w.errors import ExpressionError, UnknownModelError, W2WError
 from w2w.expr import BinOp, Call, Name, Neg, Num, evaluate, linear_terms, names, parse
 
+# Tolerances: everything is float64 (u = 2^-53 = 1.1e-16) on values of size <= ~10, a handful of operations deep
+# (elementwise, or dot products/norms of D = 16 terms in slerp): a few ulps, ~1e-15. 1e-12 is 1000x that and still
+# far below any real mistake (a wrong coefficient shows at ~1e-2). The hypothesis test below explains its 1e-9.
 D = 16
 _rng = np.random.default_rng(0)
 VECS = {k: _rng.standard_normal(D) for k in ["alice", "bob", "carol", "beard", "my model", "a", "b", "c", "d"]}
@@ -104,7 +107,7 @@ def test_names_in_order_of_first_appearance():
 def test_linear_terms(text, terms):
     got = linear_terms(parse(text))
     assert list(got) == list(terms)  # order of first appearance
-    for k, v in terms.items():
+    for k, v in terms.items():  # Python floats (IEEE double everywhere), <= 4 operations on values <= 1.5: <= 7e-16
         assert got[k] == pytest.approx(v, abs=1e-15)
 
 
@@ -239,6 +242,7 @@ def test_deep_nesting_is_an_error_not_a_crash():
         parse(" + ".join(["alice"] * 5000))
     # A long but reasonable chain still works, recursively evaluated.
     text = " + ".join(f"{i}*a" for i in range(300))
+    # 300 same-signed terms summed in float64: <= 300 u = 3.3e-14 relative, in any order
     np.testing.assert_allclose(run(text), sum(range(300)) * VECS["a"], rtol=1e-12)
     assert linear_terms(parse(text)) == {"a": float(sum(range(300)))}
 
@@ -394,6 +398,9 @@ def test_evaluate_matches_linear_terms(case):
     node = parse(text)
     terms = linear_terms(node)
     assert terms is not None and list(terms) == names(node) and set(terms) == set(expected)
+    # depth 4, and each level at most multiplies the sum of |coefficients| by 4 (|scale| and 1/|divisor| <= 4; + and
+    # lerp, |weights| <= 1.5, by 2 and 3): <= 4^4 = 256, so with |v| <= ~4 every intermediate is below ~1e3 and ~30
+    # float64 operations err by <= 30 u 1e3 ~ 3e-12 absolute: 1e-9 holds whatever the cancellation
     for k, v in expected.items():
         assert terms[k] == pytest.approx(v, rel=1e-9, abs=1e-9)
     combined = sum(c * VECS[k] for k, c in terms.items())

@@ -44,7 +44,13 @@ from w2w.layout import Layout, LayoutEntry, canonical_sort
 from w2w.lora import LoRA, LoRALayer
 from w2w.presets import sd15_layout, unet_layout
 
-ATOL = 1e-5
+U32 = 2.0**-24  # float32 unit roundoff: 24 significant bits
+# Two float32 evaluations of the tiny UNet that differ only in rounding (the adapter beside W, as PEFT runs it, or
+# merged into W): a dot product of n terms errs by ~sqrt(n) u (random-walk estimate; n <= 288, a 3x3 conv over 32
+# concatenated channels), and the ~40 layers on the path add in quadrature: at most ~sqrt(40) * 17 * u * max|y|
+# (~0.8) = 5e-6 per evaluation, 7e-6 between two (most layers are far shorter: against float64 the float32 UNet is
+# 7.5e-7 off). No bf16/TF32 on this path. A wrong scale or layer shows at ~1e-1.
+ATOL = 2e-5
 
 
 @pytest.fixture(params=["uniform", "mixed"])
@@ -67,6 +73,18 @@ def _assert_same_lora(got: LoRA, want: LoRA) -> None:
 def _assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
     err = (a - b).abs().max().item()
     assert err <= atol, f"max abs difference {err:g} > {atol:g}"
+
+
+def _assert_same_delta(ours: LoRALayer, theirs: np.ndarray, name: str) -> None:
+    """Our (alpha / r) B A against PEFT's get_delta_weight: float32 products of the same factors, in any order.
+
+    Per element, a length-r dot product errs by at most r u of sum_k |b_k a_k| (any order, with or without FMA),
+    the scaling by one u more on each side, and alpha by u (we keep float32(alpha), PEFT the Python float):
+    2 (r + 2) u scale (|B| |A|) bounds the difference.
+    """
+    bound = 2 * (ours.rank + 2) * U32 * ours.scale * (np.abs(ours.b2d()).astype(np.float64) @ np.abs(ours.a2d()))
+    err = np.abs(ours.delta().astype(np.float64) - theirs)
+    assert np.all(err <= bound), f"{name}: max excess {(err - bound).max():g}"
 
 
 def _fill_lora_b(model: torch.nn.Module, seed: int) -> None:
@@ -107,13 +125,14 @@ def test_diffusers_file_loads_into_pipeline(sd_pipe, base_unet, layout, tmp_path
         assert torch.equal(m.lora_A["w2w"].weight, torch.from_numpy(l.A)), name
         assert torch.equal(m.lora_B["w2w"].weight, torch.from_numpy(l.B)), name
         assert m.r["w2w"] == l.rank, name
-        # alpha != rank must survive: diffusers takes it from the lora_adapter_metadata header
+        # alpha != rank must survive: diffusers takes it from the lora_adapter_metadata header. Both sides divide
+        # the same doubles (alpha crosses as a JSON decimal, which round-trips exactly): equal, 1e-12 is slack
         assert m.scaling["w2w"] == pytest.approx(l.alpha / l.rank, rel=1e-12), name
 
     y = unet_out(sd_pipe.unet)
     y_ref = unet_out(apply_lora(base_unet, lora))
     _assert_close(y, y_ref)
-    assert (y - base_y).abs().max().item() > 1e-2  # the LoRA does change the output
+    assert (y - base_y).abs().max().item() > 1e-2  # the LoRA changes the output (by ~0.9; this is 500x ATOL)
 
 
 def test_diffusers_file_full_pipeline_matches_merged_unet(sd_pipe, base_unet, tiny_layout, tmp_path):
@@ -130,6 +149,8 @@ def test_diffusers_file_full_pipeline_matches_merged_unet(sd_pipe, base_unet, ti
 
     img, img_ref = run(sd_pipe), run(merged)
     assert img.shape == (1, 8, 8, 3)
+    # pixels in [0, 1] after two UNet steps (7e-6 apart each, see ATOL), the DDPM x0 estimate (/ sqrt(alpha_bar)
+    # <= 1.7x for 100 training steps) and the VAE decoder of latents / 0.18215 (5.5x), halved to [0, 1]: ~3e-5
     np.testing.assert_allclose(img, img_ref, atol=1e-4)
 
 
@@ -150,7 +171,7 @@ def test_peft_folder_loads_with_peftmodel(base_unet, layout, tmp_path):
         m = layers[name]
         assert torch.equal(m.lora_A["default"].weight, torch.from_numpy(l.A)), name
         assert torch.equal(m.lora_B["default"].weight, torch.from_numpy(l.B)), name
-        assert m.scaling["default"] == pytest.approx(l.scale, rel=1e-12), name
+        assert m.scaling["default"] == pytest.approx(l.scale, rel=1e-12), name  # the same division (see above)
     _assert_close(unet_out(model.get_base_model()), unet_out(apply_lora(base_unet, lora)))
 
 
@@ -184,9 +205,9 @@ def test_read_peft_saved_adapter(base_unet, tiny_layout, tmp_path):
     for name, m in layers.items():
         l = lora.layers[name]
         assert l.rank == m.r["default"], name
+        # we keep alpha as float32 (as every format stores it), PEFT the Python float: within 2^-24 = 6e-8 relative
         assert l.alpha == pytest.approx(m.lora_alpha["default"], rel=1e-7), name
-        dw = m.get_delta_weight("default").detach().numpy()
-        np.testing.assert_allclose(l.delta(), dw, rtol=1e-5, atol=1e-6, err_msg=name)
+        _assert_same_delta(l, m.get_delta_weight("default").detach().numpy(), name)
     assert lora.layers[rank_mod].rank == 3
     assert lora.layers[alpha_mod].alpha == 7
     assert lora.layers["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].alpha == ALPHA_0_3
@@ -230,9 +251,7 @@ def test_read_diffusers_saved_file(base_unet, tmp_path):
     for name, m in layers.items():
         l = res.lora.layers[name]
         assert l.rank == m.r["default"] and l.alpha == m.lora_alpha["default"], name
-        np.testing.assert_allclose(
-            l.delta(), m.get_delta_weight("default").detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name
-        )
+        _assert_same_delta(l, m.get_delta_weight("default").detach().numpy(), name)
     assert res.lora.layers[alpha_mod].alpha == 7
     assert res.lora.layers[rank_mod].rank == 4
     assert {l.alpha for n, l in res.lora.layers.items() if n != alpha_mod} == {5.0}
@@ -271,7 +290,7 @@ def test_half_precision_files(tiny_layout, tmp_path, dtype):
     got = read_lora(tmp_path / "h.safetensors").lora
     assert got.layout() == tiny_layout
     want = np.concatenate([half[k].float().numpy().ravel() for k in tensors])  # A, B per module, in order
-    assert np.array_equal(flatten(got), want)
+    assert np.array_equal(flatten(got), want)  # widening fp16/bf16 to float32 is exact: no rounding to allow for
     assert not np.array_equal(flatten(got), flatten(lora))  # it really was rounded on the way
 
 
@@ -328,7 +347,7 @@ def test_non_integer_alpha_kept_at_float32(tiny_layout, tmp_path, fmt):
     files = write_lora(lora, _target(tmp_path, 0, fmt), fmt)
     got = _read_back(files, fmt)
     assert {l.alpha for l in got.layers.values()} == {ALPHA_0_3}
-    assert all(abs(l.alpha - 0.3) < 1e-7 for l in got.layers.values())
+    assert all(abs(l.alpha - 0.3) < 1e-7 for l in got.layers.values())  # |float32(0.3) - 0.3| <= 0.3 * 2^-24
     again = _read_back(write_lora(got, _target(tmp_path, 1, fmt), fmt), fmt)
     _assert_same_lora(again, got)
 
@@ -724,7 +743,12 @@ def test_delta_distances_match_brute_force(layout):
     got = delta_distances(flatten(q), X, layout)
     assert got.shape == (4,) and got.dtype == np.float64
     want = np.array([_dense_distance(q, o) for o in others])
-    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-6)
+    # Both float64 from float32 factors (u = 2^-53). The Gram form s^2 (xx + qq - 2 xq) sums r^2 products of Gram
+    # entries (dot products of n <= 16 terms): its error is <= (n + r^2) u r (xx + qq + 2|xq|), about 3 d^2 for
+    # unrelated LoRAs: ~2e-14 relative to d, whatever the order. (A float32 Gram would be off by ~1e-6.)
+    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-12)
+    # to itself: xx + qq - 2 xq cancels to ~(n + r^2) u r ||dW||^2, so each layer gives sqrt of that, ~1.6e-7 of
+    # its ||dW||, while unrelated LoRAs are ~1.4 sum ||dW|| apart
     assert got[3] < 1e-6 * got[:3].min()
 
 
@@ -743,7 +767,10 @@ def test_delta_distance_zero_between_factorizations(layout):
     assert np.linalg.norm(v1 - v2) > 1.0  # far apart as raw vectors
     d = delta_distances(v1, v2[None, :], layout)[0]
     scale = delta_distances(v1, np.zeros((1, layout.dim), np.float32), layout)[0]  # sum of ||dW||
-    assert scale == pytest.approx(_dense_distance(lora, lora.scaled(0.0)), rel=1e-6)
+    # against zero nothing cancels: sum ||dW|| to ~(n + r^2) u64 r ~ 1e-14 relative (see above)
+    assert scale == pytest.approx(_dense_distance(lora, lora.scaled(0.0)), rel=1e-12)
+    # B M and M^-1 A rounded to float32 (u = 2^-24) change B A by <= 2 u cond(M) |B||A| (cond(M) < 3): ~1e-6 of
+    # ||dW|| at most, plus the Gram form's cancellation noise, ~1.6e-7 of ||dW|| (see above)
     assert d < 1e-5 * scale
 
 

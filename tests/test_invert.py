@@ -70,9 +70,12 @@ def test_an_inverted_model_lies_in_the_subspace_and_is_registered(fitted, faces,
     c = V.T @ ((w - sm.sub.mean) / sm.sub.std)
     back = sm.sub.mean + sm.sub.std * (V @ c)
     # in the span of the subspace: the stored float32 vector is its own reconstruction (raw space: a z-score
-    # would blow up float32 rounding in near-constant columns)
+    # would blow up float32 rounding in near-constant columns). w = mean + std * (V @ c) in float32 (u = 2^-24):
+    # V @ c (k = 4 terms), the product and the sum round, so w is within (k + 2) u ||w|| = 3.6e-7 ||w|| of a vector
+    # in the span, and back keeps only that error's part outside it (1.1 u ||w|| measured; the raw-space projection
+    # is oblique, so allow a few times more): 1e-6 = 17 u
     assert np.linalg.norm(w - back) <= 1e-6 * np.linalg.norm(w)
-    assert np.abs(c).max() > 1e-3  # and it moved away from the mean
+    assert np.abs(c).max() > 1e-3  # and it moved away from the mean (6 Adam steps of lr 0.05; rounding is ~1e-7)
     # it is a model like any other
     run("--registry", fitted, "search", "--like", "me", "-k", 2)
     run("--registry", fitted, "export", "me", "--format", "diffusers", "-o", tmp_path / "me")
@@ -106,7 +109,11 @@ def test_nearest_init_and_a_mask(fitted, faces, tmp_path, dtype):
             "--json",
         ).stdout
     )
-    assert out["start"].startswith("face-") and out["components"] == 3
+    # started from a registered model, not the mean. Which one is a ranking by denoising loss, and the module's
+    # registry also holds earlier inversions (masked-fp32 inverts this very image): in bf16 (u = 2^-8) rounding
+    # decides between such near-equals (ATEN_CPU_CAPABILITY=avx2 picks masked-fp32), so any of them is right
+    registered = {m.name for m in Registry.open(fitted).ls()} - {f"masked-{dtype}"}
+    assert out["start"] in registered and out["components"] == 3
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,8 @@ def brute_force(reg: Registry, query: str, k: int, metric: str, names: list[str]
     cands = [m for m in models if m.name != query and (names is None or m.name in names)]
     q = reg.vector(query)
     X = np.stack([reg.vector(m) for m in cands]).astype(np.float64)
+    if metric != "delta":
+        q = q.astype(np.float64)  # a float32 q would make norm(q) float32: off by ~6e-8
     if metric == "l2":
         d = np.linalg.norm(X - q, axis=1)
     elif metric == "cosine":
@@ -108,7 +111,10 @@ def test_search_is_exact_with_and_without_filter(filled, metric):
     res = as_json(filled, "search", "--like", "identity_00003", "-k", "7", "--metric", metric)
     names, dists = brute_force(reg, "identity_00003", 7, metric)
     assert [r["name"] for r in res["results"]] == names
-    assert np.allclose([r["distance"] for r in res["results"]], dists, rtol=1e-6, atol=1e-9)
+    # the k returned are recomputed in float64 (registry.search._direct), as here: sums of D = 144 terms err by
+    # <= 144 u64 = 1.6e-14 of the sum of their magnitudes, for l2 and delta ~that relative to d, for cosine (|cos| <= 1)
+    # absolute. 1e-9 is slack over that, yet far below float32 kernel distances (~1e-6 off) leaking out.
+    assert np.allclose([r["distance"] for r in res["results"]], dists, rtol=1e-9, atol=1e-9)
     # the filter is applied before ranking: exactly k results, all matching, the best among those
     res = as_json(
         filled, "search", "--like", "identity_00003", "-k", "7", "--metric", metric, "--where", "hat AND NOT smile"
@@ -131,6 +137,8 @@ def test_search_by_file_and_factorization_invariance(filled, tmp_path):
     write_lora(other, path, "diffusers")
     res = as_json(filled, "search", "--like", str(path), "-k", "1", "--metric", "delta")
     assert res["results"][0]["name"] == "identity_00010"
+    # B*2 and A/2 are exact in binary, so the update is the same to the bit: only the Gram form's cancellation is
+    # left, ~sqrt(n u64) ~ 1e-7 of sum ||dW|| (see test_formats); 1e-3 is far below the distance to another model
     assert res["results"][0]["distance"] < 1e-3
     res = as_json(filled, "search", "--like", str(path), "-k", "1", "--metric", "l2")
     assert res["results"][0]["distance"] > 0.1
@@ -394,3 +402,18 @@ def test_damaged_middle_shard_is_reported_not_a_traceback(tmp_path, monkeypatch)
     assert result.stderr.startswith("error: ") and "w2wreg verify" in result.stderr
     assert "restored from hub" in run(reg_dir, "repair", code=3).stdout
     assert np.array_equal(reg.vector("identity_00017"), Population(SMALL, seed=5).vector(17))
+
+
+def test_a_refused_add_of_a_new_space_leaves_no_folder(population, tmp_path):
+    """Two files both called lora.safetensors: the second name is taken, nothing is added, and nothing of the
+    space the add would have made stays on disk (verify sees no orphan)."""
+    folder, _ = population
+    for sub, file in zip(("a", "b"), sorted(folder.glob("*.safetensors")), strict=False):
+        (tmp_path / sub).mkdir()
+        shutil.copy(file, tmp_path / sub / "lora.safetensors")
+    reg = tmp_path / "reg"
+    run(reg, "init")
+    result = run(reg, "add", str(tmp_path / "a" / "lora.safetensors"), str(tmp_path / "b" / "lora.safetensors"), code=1)
+    assert "the name 'lora' is taken" in result.stderr
+    assert not any((reg / "vectors").iterdir())
+    assert "orphan" not in run(reg, "verify").output

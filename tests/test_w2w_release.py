@@ -382,3 +382,86 @@ def test_cli_ingest_from_w2w_release(tmp_path, official_dims):
     assert any("--trust-pickle" in w for w in data["warnings"])
     res = CliRunner().invoke(cli, ["--registry", str(tmp_path / "r"), "ingest", "--from-w2w-release", str(tmp_path)])
     assert res.exit_code != 0 and "all_weights.pt" in res.output
+
+
+# --- the authors' fitted space (mean.pt, std.pt, V.pt) --------------------------------------------------------
+
+
+def write_basis(folder: Path, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The authors' space of the release's rows, as they computed and saved it: z-scored columns, then the
+    top-k right singular vectors as V (D, k). Returns (mean, std, V, singular values), in the release's order."""
+    X = rows.astype(np.float64)
+    mean, std = X.mean(0), X.std(0)
+    _, S, Vt = np.linalg.svd((X - mean) / std, full_matrices=False)
+    V = Vt[:k].T
+    for name, a in (("mean.pt", mean), ("std.pt", std), ("V.pt", V)):
+        torch.save(torch.from_numpy(a.astype(np.float32)), folder / name)
+    return mean, std, V, S
+
+
+def test_the_authors_space_is_registered_as_published(tmp_path, official_dims):
+    """In a release whose keys are in another order than ours: the subspace projects each model to exactly the
+    coefficients the authors' formula gives, c = ((w - mean) / std) @ V, computed here in their order."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from registry import wspace
+
+    keys = list(official_dims)
+    dims = {keys[j]: official_dims[keys[j]] for j in np.random.default_rng(5).permutation(len(keys))}
+    rows = write_release(tmp_path / "rel", dims, n=6, seed=2)
+    mean, std, V, S = write_basis(tmp_path / "rel", rows, k=4)
+    res = CliRunner().invoke(
+        cli, ["--registry", str(tmp_path / "r"), "ingest", "--from-w2w-release", str(tmp_path / "rel"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)["subspace"]
+    assert info["k"] == 4 and info["n_models"] == 6
+
+    reg = Registry.open(tmp_path / "r")
+    sm = wspace.require(reg, info["space"])
+    assert sm.id == info["subspace"]
+    want = ((rows - mean) / std) @ V  # (6, 4), float64 in the release's order
+    got = wspace.coefficients(reg, sm, [reg.get(f"w2w-{i:05d}").id for i in range(6)])
+    # float32 storage of z (|z| <~ 2.5 for 6 rows), V and the product over D = 99,648 terms: the error of a
+    # coefficient is ~ sqrt(D) u |z| ~ 5e-5 (random walk), and |c| ~ S_j / sqrt(6) ~ 100
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    # the registry's view of the space: singular values and explained variance from the release's models, norms
+    # of those float32 coefficients (relative error ~ sqrt(D) u = 2e-5, as above)
+    np.testing.assert_allclose(sm.sub.singular_values, S[:4], rtol=1e-4)
+    np.testing.assert_allclose(info["explained_variance_ratio"], (S[:4] ** 2).sum() / (S**2).sum(), rtol=1e-4)
+    # and it is a space like a fitted one: sampling from it works (the Gaussians are the models')
+    made = wspace.sample(reg, n=2, seed=0, prefix="paper")
+    assert [m["name"] for m in made] == ["paper-s0-0", "paper-s0-1"]
+    # `fit --from-w2w-release` registers it again, here with its first 2 components: the space's new current one
+    res = CliRunner().invoke(
+        cli,
+        ["--registry", str(tmp_path / "r"), "fit", "--from-w2w-release", str(tmp_path / "rel"), "-k", "2", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.stdout)
+    assert again["k"] == 2 and wspace.current(Registry.open(tmp_path / "r"), info["space"]).id == again["subspace"]
+
+
+def test_a_basis_that_does_not_fit_is_refused(tmp_path, reg, official_dims):
+    from ingest.w2w_release import import_basis
+    from registry import wspace
+
+    rows = write_release(tmp_path / "rel", official_dims, n=4)
+    with pytest.raises(ReleaseError, match="ingest --from-w2w-release"):
+        import_basis(reg, tmp_path / "rel")  # the models are not imported yet
+    import_release(reg, tmp_path / "rel", progress=False)
+    with pytest.raises(ReleaseFileMissingError, match="mean.pt"):
+        import_basis(reg, tmp_path / "rel")
+    write_basis(tmp_path / "rel", rows, k=3)
+    torch.save(torch.ones(10), tmp_path / "rel" / "std.pt")
+    with pytest.raises(ReleaseFormatError, match="std.pt: holds shape"):
+        import_basis(reg, tmp_path / "rel")
+    write_basis(tmp_path / "rel", rows, k=3)
+    torch.save(torch.ones(99_648, 3), tmp_path / "rel" / "V.pt")  # not orthonormal: another file
+    with pytest.raises(ReleaseFormatError, match="not orthonormal"):
+        import_basis(reg, tmp_path / "rel")
+    [space] = reg.spaces()
+    assert wspace.current(reg, space.id) is None  # nothing registered by the refused attempts
+    write_basis(tmp_path / "rel", rows, k=3)
+    assert import_basis(reg, tmp_path / "rel", components=2)["k"] == 2

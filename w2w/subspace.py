@@ -234,9 +234,7 @@ class Subspace:
     # --- files: safetensors for arrays, JSON for the rest ------------------------------------------
 
     def save(self, folder: Path, meta: dict | None = None) -> None:
-        from safetensors.numpy import save
-
-        from w2w.formats.tensorfile import atomic_write_bytes
+        from w2w.formats.tensorfile import atomic_write_bytes, atomic_write_safetensors
 
         folder = Path(folder)
         arrays = {
@@ -255,7 +253,7 @@ class Subspace:
             "config": self.config,
             **(meta or {}),
         }
-        atomic_write_bytes(folder / "subspace.safetensors", save(arrays))
+        atomic_write_safetensors(folder / "subspace.safetensors", arrays)  # no in-memory copy of the components
         atomic_write_bytes(folder / "meta.json", (json.dumps(info, indent=2) + "\n").encode())
 
     @classmethod
