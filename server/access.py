@@ -12,7 +12,8 @@ repo.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from fastapi import Request
 
@@ -22,7 +23,11 @@ from server.accounts import Identity
 from server.errors import AUTH_ERROR, HubHTTPError, repo_not_found
 from server.indexing import SOURCE_PREFIX
 from server.state import ServerState
-from w2w.errors import HubError, UnknownModelError
+from w2w.errors import HubError, UnknownModelError, W2WError
+
+class HiddenLookupError(W2WError, LookupError):
+    """A lookup error whose message named a hidden model (a 404 as before)."""
+
 
 # --- the rule ---------------------------------------------------------------------------------------
 
@@ -123,7 +128,7 @@ class ModelView:
         self.hidden: frozenset[int] = frozenset() if who.operator else self._hidden()
 
     def _hidden(self) -> frozenset[int]:
-        sources, parents = _model_graph(self.state)
+        sources, parents, _ = _model_graph(self.state)
         repos: dict[str, bool] = {}
 
         def repo_ok(repo_id: str) -> bool:
@@ -163,8 +168,30 @@ class ModelView:
     def can_read(self, model_id: int) -> bool:
         return model_id not in self.hidden
 
+    @contextmanager
+    def redacting(self) -> Iterator[None]:
+        """Registry errors raised inside, with hidden models' names taken out (e.g. 'same weights as X')."""
+        try:
+            yield
+        except W2WError as e:
+            text = self.redact(str(e))
+            if text == str(e):
+                raise
+            raise (HiddenLookupError if isinstance(e, LookupError) else W2WError)(text) from None
+
     def only(self, models: Iterable[ModelRow]) -> list[ModelRow]:
         return [m for m in models if m.id not in self.hidden]
+
+    def redact(self, text: str) -> str:
+        """`text` (an error of the registry) with the name of every hidden model in it replaced."""
+        if not self.hidden:
+            return text
+        names = _model_graph(self.state)[2]
+        for model_id in self.hidden:
+            name = names.get(model_id)
+            if name and name in text:
+                text = text.replace(repr(name), "another model").replace(name, "another model")
+        return text
 
     def get(self, ref: str | int) -> ModelRow:
         """A model by name or id; a hidden model is as missing as an unknown one (and no near names are
@@ -178,19 +205,21 @@ class ModelView:
         return m
 
 
-def _model_graph(state: ServerState) -> tuple[dict[int, str | None], dict[int, list[int]]]:
-    """(model id -> source, child id -> linked parent ids), cached until the catalog changes."""
+def _model_graph(state: ServerState) -> tuple[dict[int, str | None], dict[int, list[int]], dict[int, str]]:
+    """(model id -> source, child id -> linked parent ids, model id -> name), cached until the catalog changes."""
     catalog = state.registry.catalog
     version = catalog.version()
     cached = state.cache.get("model_graph")
     if cached is not None and cached[0] == version:
         return cached[1]
     with catalog.connect() as con:
-        sources = dict(con.execute("SELECT id, source FROM models").fetchall())
+        rows = con.execute("SELECT id, source, name FROM models").fetchall()
+        sources = {i: src for i, src, _ in rows}
+        names = {i: name for i, _, name in rows}
         parents: dict[int, list[int]] = {}
         for child, parent in con.execute(
             "SELECT child_id, parent_id FROM lineage WHERE parent_id IS NOT NULL"
         ).fetchall():
             parents.setdefault(child, []).append(parent)
-    state.cache["model_graph"] = (version, (sources, parents))
-    return sources, parents
+    state.cache["model_graph"] = (version, (sources, parents, names))
+    return sources, parents, names

@@ -31,6 +31,7 @@ from registry.model_card import parse_front_matter
 from registry.nesting import loads_json
 from server import access, indexing, safe_serving
 from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
+from server.accounts import Identity
 from server.state import ServerState
 from w2w.errors import HubError, W2WError
 
@@ -161,12 +162,13 @@ def build_router(state: ServerState) -> APIRouter:
     @r.post("/api/models/{ns}/{name}/commit/{revision}")
     async def commit(ns: str, name: str, revision: str, request: Request):
         repo_id = _repo(ns, name)
-        user = access.require_repo_write(state, access.identity(state, request), request, repo_id)
+        who = access.identity(state, request)
+        access.require_repo_write(state, who, request, repo_id)
         _check_branch(revision, request)
         if not state.store.exists(repo_id):
             raise HubHTTPError(404, f"Repository {repo_id} not found: create it first", "RepoNotFound")
         body = await read_limited(request, state.max_upload)  # a client that hangs up mid-body stops here
-        return await run_in_threadpool(_commit, state, repo_id, body, user, str(request.base_url).rstrip("/"))
+        return await run_in_threadpool(_commit, state, repo_id, body, who, str(request.base_url).rstrip("/"))
 
     @r.get("/api/models")
     def list_models(request: Request, search: str | None = None, author: str | None = None, limit: int | None = None):
@@ -196,9 +198,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     def _readable_repo(ns: str, name: str, request: Request) -> str:
         repo_id = _repo(ns, name)
-        who = access.identity(state, request)
-        access.require_server_read(state, who)
-        access.require_repo_read(state, who, repo_id)
+        access.require_repo_read(state, access.identity(state, request), repo_id)  # a private server too
         return repo_id
 
     def _model_info(ns, name, revision, request):
@@ -347,7 +347,8 @@ def _parse_commit(body: bytes) -> tuple[dict, dict[str, bytes], list[str], list[
     return header, added, deleted, deleted_folders
 
 
-def _commit(state: ServerState, repo_id: str, body: bytes, user: str, base_url: str) -> dict:
+def _commit(state: ServerState, repo_id: str, body: bytes, who: Identity, base_url: str) -> dict:
+    user = who.name or ""
     header, added, deleted, deleted_folders = _parse_commit(body)
     # Check the LoRA the commit would leave at the head before anything is written: a push that cannot
     # be indexed is refused whole.
@@ -388,6 +389,8 @@ def _commit(state: ServerState, repo_id: str, body: bytes, user: str, base_url: 
             except W2WError as e:  # the commit stands; the next start's catch-up retries
                 log.error("%s@%s: indexing failed: %s", repo_id, commit.oid[:12], e)
                 result = indexing.IndexResult(error=str(e))
-        if result is not None:
-            out["w2w"] = result.to_json()
+            if result is not None:
+                # "duplicate of X": not the name of a model the pusher may not read
+                v = access.ModelView(state, who)
+                out["w2w"] = {k: v.redact(x) if isinstance(x, str) else x for k, x in result.to_json().items()}
     return out

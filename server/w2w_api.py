@@ -359,21 +359,25 @@ def build_router(state: ServerState) -> APIRouter:
     @r.post("/sample", response_model=Created, summary="New models sampled from the space (needs a token)")
     def sample(body: SampleIn, who: Identity = Depends(writer)):
         with state.lock:
-            made = wspace.sample(
-                reg,
-                n=body.n,
-                seed=body.seed,
-                temperature=body.temperature,
-                prefix=body.prefix,
-                space_id=default_space(reg, body.space, visible_counts(view(who))),
-            )
+            v = view(who)
+            with v.redacting():
+                made = wspace.sample(
+                    reg,
+                    n=body.n,
+                    seed=body.seed,
+                    temperature=body.temperature,
+                    prefix=body.prefix,
+                    space_id=default_space(reg, body.space, visible_counts(v)),
+                )
             return created([m["name"] for m in made], {"by": who.name})
 
     @r.post("/edit", response_model=Created, summary="A model moved along attribute directions (needs a token)")
     def edit(body: EditIn, who: Identity = Depends(writer)):
         with state.lock:
-            m = view(who).get(body.model)  # an edit of a model the caller may not read would show its weights
-            out = edits.edit(reg, m.name, dict(body.directions), body.name)
+            v = view(who)
+            m = v.get(body.model)  # an edit of a model the caller may not read would show its weights
+            with v.redacting():
+                out = edits.edit(reg, m.name, dict(body.directions), body.name)
             return created([out["name"]], {"scores": out["scores"], "by": who.name})
 
     @r.post("/mix", response_model=Created, summary="A model from an expression over models (needs a token)")
@@ -387,7 +391,8 @@ def build_router(state: ServerState) -> APIRouter:
                     continue  # a direction, or unknown: mix says which
                 if not v.can_read(m.id):
                     raise UnknownModelError(name, None)  # what mix says of a name that is neither
-            out = edits.mix(reg, body.expr, body.name, body.mode)
+            with v.redacting():
+                out = edits.mix(reg, body.expr, body.name, body.mode)
             return created([out["name"]], {"mode": out["mode"], "parents": out["parents"], "by": who.name})
 
     return r
