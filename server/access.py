@@ -25,6 +25,7 @@ from server.indexing import SOURCE_PREFIX
 from server.state import ServerState
 from w2w.errors import HubError, UnknownModelError, W2WError
 
+
 class HiddenLookupError(W2WError, LookupError):
     """A lookup error whose message named a hidden model (a 404 as before)."""
 

@@ -30,8 +30,8 @@ from registry.hubs.store import BRANCH, Commit, ParentMismatch, RepoNotFound, Re
 from registry.model_card import parse_front_matter
 from registry.nesting import loads_json
 from server import access, indexing, safe_serving
-from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
 from server.accounts import Identity
+from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
 from server.state import ServerState
 from w2w.errors import HubError, W2WError
 

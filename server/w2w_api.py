@@ -22,6 +22,7 @@ from registry.search import METRICS
 from server import access
 from server.accounts import Identity
 from server.state import ServerState
+from server.where_guard import check_where
 from w2w import expr
 from w2w.errors import UnknownModelError, W2WError
 
@@ -198,6 +199,9 @@ def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(prefix="/api/w2w", tags=["w2w"], responses=ERRORS, dependencies=[Depends(viewer)])
     reg = state.registry
 
+    def safe_where(where: str | None) -> str | None:
+        return check_where(where, reg.catalog.attribute_keys())  # callers hold state.lock
+
     def view(who: Identity) -> access.ModelView:
         return access.ModelView(state, who)  # callers hold state.lock
 
@@ -222,7 +226,7 @@ def build_router(state: ServerState) -> APIRouter:
         who: Identity = Depends(viewer),
     ):
         with state.lock:
-            models = view(who).only(reg.ls(where or None))
+            models = view(who).only(reg.ls(safe_where(where)))
         return ModelList(total=len(models), models=[ModelOut.of(m) for m in models[offset : offset + limit]])
 
     @r.get("/models/{ref}", response_model=ModelDetail, summary="A model with its lineage and nearest neighbours")
@@ -281,7 +285,7 @@ def build_router(state: ServerState) -> APIRouter:
         with state.lock:
             v = view(who)
             m = v.get(like)  # a model of the registry, never a path on the server's disk
-            result, found = nearest(v, m, k, where or None, metric)
+            result, found = nearest(v, m, k, safe_where(where), metric)
         return SearchOut(query=m.name, space=result.space_id, metric=result.metric, hits=found)
 
     @r.get("/models/{ref}/project", response_model=ProjectOut, summary="A model's coefficients in the w2w space")

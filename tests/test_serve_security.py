@@ -276,6 +276,28 @@ def test_w2w_api_hides_private_models_everywhere(world):
     assert status == 200 and data[:8]
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        "CAST((SELECT name FROM models WHERE name LIKE 'team.s%' LIMIT 1) AS INTEGER) > 0",  # via the error
+        "(SELECT count(*) FROM models) > 11",  # an oracle on hidden rows
+        "id IN (SELECT model_id FROM attributes)",
+        "length(read_text('/etc/passwd')) > 0",  # DuckDB reads files
+        "name::INTEGER > 0",
+        "kind = 'x' -- ",
+        "kind = 'x' /* */",
+        "kind = 'x'; SELECT 1",
+    ],
+)
+def test_where_filters_are_conditions_on_a_models_own_columns(world, where):
+    s = world.server
+    q = urllib.parse.quote(where)
+    for path in (f"/api/w2w/models?where={q}", f"/api/w2w/search?like=team.pub0&where={q}"):
+        status, _, r = s.request("GET", path, token=BOB)
+        assert status == 400 and not world.leaks(r) and "\n" not in r["error"], (path, r)
+    assert s.request("GET", "/api/w2w/models?where=" + urllib.parse.quote("kind = 'imported' AND id > 0"))[0] == 200
+
+
 def test_sample_edit_mix_refuse_inputs_the_caller_may_not_read(world):
     s = world.server
     for hidden, ghost in HIDDEN.items():
