@@ -217,6 +217,8 @@ def build_router(state: ServerState) -> APIRouter:
     def _tree(ns, name, revision, path, recursive, request):
         repo_id = _readable_repo(ns, name, request)
         commit = _resolve(state, repo_id, revision)
+        if path.strip("/"):
+            _valid_path(path.strip("/"))
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         deep = recursive.lower() in ("1", "true", "yes")
         entries, folders = [], set()

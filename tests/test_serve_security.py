@@ -577,6 +577,21 @@ def test_git_folders_and_control_characters_in_paths_are_refused(world, path):
     assert hf(world.server, ALICE).model_info("team/pub3").sha == head
 
 
+def test_control_characters_in_read_paths_and_revisions_are_400_or_404(world):
+    s = world.server
+    for bad in ("a%0Ab.txt", "x/.git/config", "line%E2%80%A8sep", "nul%00"):
+        for url in (f"/team/pub0/resolve/main/{bad}", f"/api/models/team/pub0/tree/main/{bad}"):
+            status, _, r = s.request("GET", url)
+            if status == 404:  # the router's: its path pattern stops at a newline
+                assert r == {"detail": "Not Found"} and "%0A" in url, (url, r)
+            else:
+                assert status == 400 and "not a valid file path" in r["error"], (url, r)
+    for rev in ("main%0A", "abcdef1%0A", "%0A"):
+        assert s.request("GET", f"/api/models/team/pub0/revision/{rev}")[0] == 404
+    for repo in ("team/pub0%0A", "team%0A/pub0", "team/pub0%00"):
+        assert s.request("GET", f"/api/models/{repo}")[0] == 400
+
+
 @pytest.mark.parametrize(
     "name",
     ["secret\n", "pub0\n", "x\ny", "a--b", "a..b", "-lead", "trail-", "trail.", ".lead", "x" * 97, "thing.git",

@@ -169,7 +169,7 @@ class RepoStore:
             if oid is None:
                 raise RevisionNotFound(f"repo {repo_id!r} has no commit yet")
             return self._read_commit(repo_id, oid)
-        if not _OID.match(revision):
+        if not _OID.fullmatch(revision):  # fullmatch: "$" would let a trailing newline through
             raise RevisionNotFound(f"no revision {revision!r} in repo {repo_id!r} (branches: {BRANCH})")
         commits = self._repo(repo_id) / "commits"
         found = [p.stem for p in commits.glob(f"{revision}*.json")] if commits.exists() else []
