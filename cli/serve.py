@@ -13,14 +13,18 @@ from cli.errors import fail
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option(
-    "--token", "tokens", multiple=True, envvar="W2WREG_TOKEN", help="A bearer token that may write (repeatable)."
+    "--token",
+    "tokens",
+    multiple=True,
+    envvar="W2WREG_TOKEN",
+    help="An operator's bearer token: reads and writes every repo (repeatable).",
 )
 @click.option(
     "--tokens-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A file of tokens that may write: 'NAME TOKEN' or 'TOKEN' per line.",
+    help="Users and organizations: 'NAME TOKEN' (a user), '@ORG MEMBER ...', 'TOKEN' (an operator) per line.",
 )
-@click.option("--private", is_flag=True, help="Reads need a token too (by default they are open).")
+@click.option("--private", is_flag=True, help="Reads need a token too (by default public repos are open).")
 @click.option("--max-upload-mb", type=click.IntRange(1), default=1024, show_default=True, help="Largest request body.")
 @click.option(
     "--registry",
@@ -41,26 +45,27 @@ def serve(ctx, host, port, tokens, tokens_file, private, max_upload_mb, registry
     w2wreg push alice --repo team/alice --hub http://127.0.0.1:8000
     open http://127.0.0.1:8000/  (search, models, lineage, the map); API: /api/w2w/docs
 
-    Without --token or --tokens-file a token is made and printed: writes always need one.
+    A user writes the repos of their own namespace and of their organizations', and reads a private repo
+    only there. Without --token or --tokens-file an operator token is made and printed: writes always
+    need one.
     """
     import logging
 
     import uvicorn
 
     from registry.registry import Registry
+    from server.accounts import MIN_TOKEN, Accounts, new_token, read_tokens_file
     from server.app import create_app
-    from server.state import new_token, read_tokens_file
 
-    known: dict[str, str] = {t: "w2wreg" for t in tokens}
-    if tokens_file:
-        known |= read_tokens_file(tokens_file)
+    known = read_tokens_file(tokens_file) if tokens_file else Accounts()
     for t in tokens:
-        if len(t) < 8:
-            fail("a --token must have at least 8 characters")
-    if not known:
+        if len(t) < MIN_TOKEN:
+            fail(f"a --token must have at least {MIN_TOKEN} characters")
+        known.add_operator(t)
+    if not known.tokens:
         t = new_token()
-        known[t] = "w2wreg"
-        click.echo(f"write token (pass --token or --tokens-file to choose your own): {t}", err=True)
+        known.add_operator(t)
+        click.echo(f"operator token (pass --token or --tokens-file to choose your own): {t}", err=True)
     reg = Registry.init(registry_dir or ctx.obj)  # serving an empty registry is how a team hub starts
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(reg, known, private=private, max_upload=max_upload_mb << 20)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import yaml
 
+from registry.nesting import MAX_DEPTH, NestingError, bounded
+
 
 def render(
     name: str,
@@ -73,7 +75,15 @@ def _lineage_entry(entry: dict) -> dict:
 
 
 def parse_front_matter(text: str) -> dict:
+    """The YAML between the leading `---` lines ({} without). Raises yaml.YAMLError, or NestingError for a
+    card nested too deep or too large (never RecursionError)."""
     if not text.startswith("---"):
         return {}
     end = text.find("\n---", 3)
-    return yaml.safe_load(text[3:end]) or {} if end > 0 else {}
+    if end <= 0:
+        return {}
+    try:
+        card = yaml.safe_load(text[3:end])
+    except RecursionError:
+        raise NestingError(f"the model card's YAML is nested deeper than {MAX_DEPTH} levels") from None
+    return bounded(card, "the model card's YAML") or {}

@@ -12,7 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from registry.registry import Registry
-from server import hf_api, indexing, w2w_api
+from server import hf_api, indexing, safe_serving, w2w_api
+from server.accounts import Accounts
 from server.state import DEFAULT_MAX_UPLOAD, ServerState
 from w2w.errors import RegistryLockedError, W2WError
 
@@ -21,13 +22,14 @@ log = logging.getLogger("w2wreg.serve")
 
 def create_app(
     registry: Registry | str | Path,
-    tokens: dict[str, str],
+    tokens: Accounts | dict[str, str],
     private: bool = False,
     max_upload: int = DEFAULT_MAX_UPLOAD,
 ) -> FastAPI:
-    """The server over one registry. `tokens` maps each accepted bearer token to a user name."""
+    """The server over one registry. `tokens`: the accounts (server.accounts), or {token: user name} for
+    users without organizations."""
     reg = registry if isinstance(registry, Registry) else Registry.open(registry)
-    state = ServerState(reg, dict(tokens), private=private, max_upload=max_upload)
+    state = ServerState(reg, Accounts.of(tokens), private=private, max_upload=max_upload)
     with state.lock:
         for repo_id, result in indexing.catch_up(reg, state.store):
             log.info("indexed %s at start: %s", repo_id, result.to_json())
@@ -43,6 +45,7 @@ def create_app(
         openapi_url="/api/w2w/openapi.json",
     )
     app.state.w2w = state
+    app.add_middleware(safe_serving.SecurityHeaders, exempt=("/api/w2w/docs",))
 
     @app.exception_handler(hf_api.HubHTTPError)
     async def hub_error(request: Request, e: hf_api.HubHTTPError):
@@ -59,6 +62,11 @@ def create_app(
         )
         return JSONResponse({"error": str(e)}, status_code=status)
 
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, e: RecursionError):
+        # the parsers' bounds (registry.nesting) should stop this first; never a 500 for nested input
+        return JSONResponse({"error": "the request is nested too deeply"}, status_code=400)
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
@@ -69,10 +77,17 @@ def create_app(
         )
 
     page = resources.files("server").joinpath("assets/index.html").read_text()
+    page_headers = {
+        "Content-Security-Policy": safe_serving.page_policy(page),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index():
-        return page
+        # the page is the same for everyone: what it shows comes from the API, under the caller's token
+        return HTMLResponse(page, headers=page_headers)
 
     app.include_router(w2w_api.build_router(state))
     app.include_router(hf_api.build_router(state))  # last: its /{ns}/{name}/resolve/... route is the widest

@@ -8,14 +8,14 @@ load_lora_weights). Not covered: LFS / Xet transfers, branches other than `main`
 and Spaces; those requests get a clear 400.
 
 Errors carry `X-Error-Code` / `X-Error-Message` as the Hub's do, so the client raises its own
-RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError.
+RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError. Who may read and write which repo is
+server.access's rule; files are served as server.safe_serving says (never as a page of this origin).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import time
 from email.utils import formatdate
@@ -28,55 +28,14 @@ from starlette.concurrency import run_in_threadpool
 from registry.hubs import validate_repo_id
 from registry.hubs.store import BRANCH, Commit, ParentMismatch, RepoNotFound, RevisionNotFound, validate_path
 from registry.model_card import parse_front_matter
-from server import indexing
+from registry.nesting import loads_json
+from server import access, indexing, safe_serving
+from server.accounts import Identity
+from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
 from server.state import ServerState
 from w2w.errors import HubError, W2WError
 
 log = logging.getLogger("w2wreg.serve")
-
-AUTH_ERROR = "Invalid credentials in Authorization header"  # the client's wording: not a missing repo
-
-
-class HubHTTPError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-def error_response(e: HubHTTPError) -> JSONResponse:
-    headers = {"X-Error-Message": e.message.encode("ascii", "replace").decode()[:1000]}
-    if e.code:
-        headers["X-Error-Code"] = e.code
-    return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
-
-
-def bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
-
-
-def require_writer(state: ServerState, request: Request) -> str:
-    user = state.user(bearer(request))
-    if user is None:
-        why = "a valid token is required to write" if bearer(request) else "writes need a bearer token"
-        raise HubHTTPError(401, f"{AUTH_ERROR}: {why} (HF_TOKEN, or token= in huggingface_hub)")
-    return user
-
-
-def check_readable(state: ServerState, request: Request, repo_id: str | None = None) -> None:
-    """Reads are open unless the server is private or the repo is; a private repo (or any repo of a private
-    server) is indistinguishable from a missing one without a token, as on the Hub."""
-    authed = state.user(bearer(request)) is not None
-    if repo_id is None:
-        if state.private and not authed:
-            raise HubHTTPError(401, f"{AUTH_ERROR}: this hub is private")
-        return
-    try:
-        private = state.private or bool(state.store.meta(repo_id).get("private"))
-    except RepoNotFound:
-        private = state.private  # then _resolve answers 404
-    if private and not authed:
-        raise HubHTTPError(401, f"Repository {repo_id} not found", "RepoNotFound")
 
 
 def _repo(ns: str, name: str) -> str:
@@ -91,7 +50,7 @@ def _resolve(state: ServerState, repo_id: str, revision: str) -> Commit:
     try:
         return state.store.resolve(repo_id, revision)
     except RepoNotFound:
-        raise HubHTTPError(404, f"Repository {repo_id} not found", "RepoNotFound") from None
+        raise repo_not_found(repo_id) from None
     except RevisionNotFound as e:
         raise HubHTTPError(404, str(e), "RevisionNotFound") from None
 
@@ -132,11 +91,12 @@ def build_router(state: ServerState) -> APIRouter:
 
     @r.post("/api/repos/create")
     async def create_repo(request: Request):
-        require_writer(state, request)
+        who = access.identity(state, request)
+        access.require_user(who, request)
         try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            raise HubHTTPError(400, "the body must be JSON: {name, organization, private}") from None
+            body = loads_json(await read_limited(request, SMALL_BODY) or b"{}", "the body")
+        except ValueError as e:
+            raise HubHTTPError(400, f"the body must be JSON: {{name, organization, private}} ({e})") from None
         if not isinstance(body, dict):
             raise HubHTTPError(400, "the body must be a JSON object")
         if body.get("type", "model") != "model":
@@ -144,6 +104,7 @@ def build_router(state: ServerState) -> APIRouter:
         if not body.get("organization"):
             raise HubHTTPError(400, "give the repo id as NAMESPACE/NAME")
         repo_id = _repo(str(body["organization"]), str(body.get("name", "")))
+        access.require_namespace_write(who, request, repo_id.split("/")[0])
         private = bool(body.get("private")) or body.get("visibility") == "private"
         created = await run_in_threadpool(state.store.create, repo_id, private)
         url = f"{str(request.base_url).rstrip('/')}/{repo_id}"
@@ -154,34 +115,36 @@ def build_router(state: ServerState) -> APIRouter:
     @r.post("/api/validate-yaml")
     async def validate_yaml(request: Request):
         try:
-            content = json.loads(await request.body()).get("content", "")
+            content = loads_json(await read_limited(request, SMALL_BODY), "the body").get("content", "")
             parse_front_matter(content)
-        except (ValueError, AttributeError, yaml.YAMLError) as e:
+        except (ValueError, AttributeError, TypeError, yaml.YAMLError) as e:
             return JSONResponse({"errors": [{"message": f"invalid YAML front matter: {e}"}]}, status_code=400)
         return {"errors": [], "warnings": []}
 
     @r.get("/api/whoami-v2")
     def whoami(request: Request):
-        user = state.user(bearer(request))
-        if user is None:
+        who = access.identity(state, request)
+        if not who.authenticated:
             raise HubHTTPError(401, AUTH_ERROR)
         return {
             "type": "user",
-            "id": user,
-            "name": user,
-            "fullname": user,
-            "orgs": [],
+            "id": who.name,
+            "name": who.name,
+            "fullname": who.name,
+            "orgs": [{"type": "org", "name": o, "id": o, "fullname": o} for o in sorted(who.orgs)],
             "auth": {"type": "access_token"},
         }
 
     @r.post("/api/models/{ns}/{name}/preupload/{revision}")
     async def preupload(ns: str, name: str, revision: str, request: Request):
-        require_writer(state, request)
         repo_id = _repo(ns, name)
+        access.require_repo_write(state, access.identity(state, request), request, repo_id)
         _check_branch(revision, request)
         head = await run_in_threadpool(_resolve, state, repo_id, revision)
         try:
-            files = json.loads(await request.body())["files"]
+            files = loads_json(await read_limited(request, state.max_upload), "the body")["files"]
+            if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             raise HubHTTPError(400, "the body must be JSON: {files: [{path, size, sample}]}") from None
         out = []
@@ -198,18 +161,19 @@ def build_router(state: ServerState) -> APIRouter:
 
     @r.post("/api/models/{ns}/{name}/commit/{revision}")
     async def commit(ns: str, name: str, revision: str, request: Request):
-        user = require_writer(state, request)
         repo_id = _repo(ns, name)
+        who = access.identity(state, request)
+        access.require_repo_write(state, who, request, repo_id)
         _check_branch(revision, request)
         if not state.store.exists(repo_id):
             raise HubHTTPError(404, f"Repository {repo_id} not found: create it first", "RepoNotFound")
         body = await read_limited(request, state.max_upload)  # a client that hangs up mid-body stops here
-        return await run_in_threadpool(_commit, state, repo_id, body, user, str(request.base_url).rstrip("/"))
+        return await run_in_threadpool(_commit, state, repo_id, body, who, str(request.base_url).rstrip("/"))
 
     @r.get("/api/models")
     def list_models(request: Request, search: str | None = None, author: str | None = None, limit: int | None = None):
-        check_readable(state, request)
-        can_see_private = state.user(bearer(request)) is not None
+        who = access.identity(state, request)
+        access.require_server_read(state, who)
         base = str(request.base_url).rstrip("/")
         out = []
         for repo_id in state.store.list_repos():
@@ -217,7 +181,7 @@ def build_router(state: ServerState) -> APIRouter:
                 continue
             if author and repo_id.split("/")[0] != author:
                 continue
-            if state.store.meta(repo_id).get("private") and not can_see_private:
+            if not access.can_read_repo(state, who, repo_id):
                 continue
             out.append(model_info_json(state, repo_id, state.store.resolve(repo_id), base))
             if limit and len(out) >= limit:
@@ -232,9 +196,13 @@ def build_router(state: ServerState) -> APIRouter:
     def model_info_at(ns: str, name: str, revision: str, request: Request):
         return _model_info(ns, name, revision, request)
 
-    def _model_info(ns, name, revision, request):
+    def _readable_repo(ns: str, name: str, request: Request) -> str:
         repo_id = _repo(ns, name)
-        check_readable(state, request, repo_id)
+        access.require_repo_read(state, access.identity(state, request), repo_id)  # a private server too
+        return repo_id
+
+    def _model_info(ns, name, revision, request):
+        repo_id = _readable_repo(ns, name, request)
         commit = _resolve(state, repo_id, revision)
         return model_info_json(state, repo_id, commit, str(request.base_url).rstrip("/"))
 
@@ -247,9 +215,10 @@ def build_router(state: ServerState) -> APIRouter:
         return _tree(ns, name, revision, path, recursive, request)
 
     def _tree(ns, name, revision, path, recursive, request):
-        repo_id = _repo(ns, name)
-        check_readable(state, request, repo_id)
+        repo_id = _readable_repo(ns, name, request)
         commit = _resolve(state, repo_id, revision)
+        if path.strip("/"):
+            _valid_path(path.strip("/"))
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         deep = recursive.lower() in ("1", "true", "yes")
         entries, folders = [], set()
@@ -269,8 +238,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @r.get("/api/models/{ns}/{name}/commits/{revision}")
     def commits(ns: str, name: str, revision: str, request: Request):
-        repo_id = _repo(ns, name)
-        check_readable(state, request, repo_id)
+        repo_id = _readable_repo(ns, name, request)
         start = _resolve(state, repo_id, revision)
         out, c = [], start
         while c is not None:
@@ -288,26 +256,31 @@ def build_router(state: ServerState) -> APIRouter:
 
     @r.api_route("/{ns}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
     def resolve(ns: str, name: str, revision: str, path: str, request: Request):
-        repo_id = _repo(ns, name)
-        check_readable(state, request, repo_id)
+        repo_id = _readable_repo(ns, name, request)
         commit = _resolve(state, repo_id, revision)
-        entry = commit.files.get(path)
+        entry = commit.files.get(_valid_path(path))
         if entry is None:
             raise HubHTTPError(404, f"{path!r} is not in {repo_id} at {commit.oid[:12]}", "EntryNotFound")
+        media_type, disposition = safe_serving.download_type(path)
         headers = {
             "X-Repo-Commit": commit.oid,
             "ETag": f'"{entry.oid}"',
             "Last-Modified": formatdate(commit.created, usegmt=True),
             "Accept-Ranges": "bytes",
+            **safe_serving.USER_CONTENT_HEADERS,
         }
         return FileResponse(
             state.store.object_path(entry.sha256),
             headers=headers,
+            media_type=media_type,
             filename=path.rsplit("/", 1)[-1],
-            content_disposition_type="inline",
+            content_disposition_type=disposition,
         )
 
     return r
+
+
+SMALL_BODY = 1 << 20  # create-repo and validate-yaml bodies: a model card is kilobytes
 
 
 def _check_branch(revision: str, request: Request) -> None:
@@ -346,10 +319,11 @@ def _parse_commit(body: bytes) -> tuple[dict, dict[str, bytes], list[str], list[
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            item = loads_json(line, f"commit line {n}")
             key, value = item["key"], item["value"]
-        except (ValueError, KeyError, TypeError):
-            raise HubHTTPError(400, f"commit line {n}: not a JSON object with 'key' and 'value'") from None
+        except (ValueError, KeyError, TypeError) as e:
+            why = f" ({e})" if isinstance(e, ValueError) else ""
+            raise HubHTTPError(400, f"commit line {n}: not a JSON object with 'key' and 'value'{why}") from None
         if not isinstance(value, dict):
             raise HubHTTPError(400, f"commit line {n}: 'value' must be a JSON object")
         if key == "header":
@@ -375,7 +349,8 @@ def _parse_commit(body: bytes) -> tuple[dict, dict[str, bytes], list[str], list[
     return header, added, deleted, deleted_folders
 
 
-def _commit(state: ServerState, repo_id: str, body: bytes, user: str, base_url: str) -> dict:
+def _commit(state: ServerState, repo_id: str, body: bytes, who: Identity, base_url: str) -> dict:
+    user = who.name or ""
     header, added, deleted, deleted_folders = _parse_commit(body)
     # Check the LoRA the commit would leave at the head before anything is written: a push that cannot
     # be indexed is refused whole.
@@ -416,6 +391,8 @@ def _commit(state: ServerState, repo_id: str, body: bytes, user: str, base_url: 
             except W2WError as e:  # the commit stands; the next start's catch-up retries
                 log.error("%s@%s: indexing failed: %s", repo_id, commit.oid[:12], e)
                 result = indexing.IndexResult(error=str(e))
-        if result is not None:
-            out["w2w"] = result.to_json()
+            if result is not None:
+                # "duplicate of X": not the name of a model the pusher may not read
+                v = access.ModelView(state, who)
+                out["w2w"] = {k: v.redact(x) if isinstance(x, str) else x for k, x in result.to_json().items()}
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from registry.hubs.store import Commit, RepoStore
 from registry.model_card import parse_front_matter
@@ -61,11 +62,14 @@ def _strip(msg: str, tmp: str) -> str:
 
 
 def card_of(store: RepoStore, commit: Commit) -> dict:
-    """The YAML front matter of the commit's README.md ({} without one, or when it is not a mapping)."""
+    """The YAML front matter of the commit's README.md ({} without one, or when it is not a readable mapping)."""
     entry = commit.files.get("README.md")
     if entry is None:
         return {}
-    card = parse_front_matter(store.read(entry).decode("utf-8", "replace"))
+    try:
+        card = parse_front_matter(store.read(entry).decode("utf-8", "replace"))
+    except (yaml.YAMLError, ValueError):  # a card that is not YAML, or nested too deep: no card
+        return {}
     return card if isinstance(card, dict) else {}
 
 

@@ -1,7 +1,10 @@
 """The registry's own API under /api/w2w/: search by weights, models with lineage and neighbours, the
 space (projection, a 2-D map, sampling, edits, arithmetic). Described by the app's OpenAPI document.
 
-Reads are open unless the server is --private; anything that registers a model needs the bearer token.
+Reads are open unless the server is --private; anything that registers a model needs a token. Every
+route sees the registry through server.access.ModelView: a model the caller may not read is not a
+result, a neighbour, a lineage parent, a child, a point of the map or part of a count, and naming it
+answers as for a model that does not exist.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from pydantic import BaseModel, Field
 from registry import edits, wspace
 from registry.catalog import ModelRow
 from registry.search import METRICS
-from server import indexing
-from server.hf_api import check_readable, require_writer
+from server import access
+from server.accounts import Identity
 from server.state import ServerState
+from server.where_guard import check_where
+from w2w import expr
+from w2w.errors import UnknownModelError, W2WError
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -37,9 +43,7 @@ class ModelOut(BaseModel):
 
     @classmethod
     def of(cls, m: ModelRow) -> ModelOut:
-        repo = None
-        if m.source and m.source.startswith(indexing.SOURCE_PREFIX):
-            repo = m.source[len(indexing.SOURCE_PREFIX) :].split("@")[0]
+        repo = access.repo_of_source(m.source)
         return cls(
             id=m.id,
             name=m.name,
@@ -164,49 +168,76 @@ class ErrorOut(BaseModel):
 ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
 
 
-def default_space(reg, given: str | None) -> str:
-    """The space named, else the largest one with a fitted subspace (else the largest): a team hub has
-    one base model and, often, a few strays; the page and the API default to the big one."""
+def default_space(reg, given: str | None, counts: dict[str, int]) -> str:
+    """The space named, else the one with the most models the caller sees, preferring one with a fitted
+    subspace: a team hub has one base model and, often, a few strays. `counts`: visible models per space;
+    a space without any is as unknown as a missing one."""
     if given:
-        return wspace.pick_space(reg, given)
-    spaces = sorted(reg.spaces(), key=lambda s: -s.n_models)
-    if not spaces:
-        return wspace.pick_space(reg, None)  # its error says there is nothing yet
-    fitted = [s for s in spaces if wspace.current(reg, s.id) is not None]
-    return (fitted or spaces)[0].id
+        if not counts.get(given):
+            raise W2WError(f"no space {given!r}; spaces: {', '.join(sorted(counts)) or 'none'}")
+        return given
+    if not counts:
+        raise W2WError("the registry holds no models yet; add some with `w2wreg add`")
+    ranked = sorted(counts, key=lambda sid: (-counts[sid], sid))
+    fitted = [sid for sid in ranked if wspace.current(reg, sid) is not None]
+    return (fitted or ranked)[0]
+
+
+PARENT_KEYS = ("parent", "parent_repo", "parent_revision")
 
 
 def build_router(state: ServerState) -> APIRouter:
-    def readable(request: Request) -> None:
-        check_readable(state, request)
+    def viewer(request: Request) -> Identity:
+        who = access.identity(state, request)
+        access.require_server_read(state, who)
+        return who
 
-    def writer(request: Request) -> str:
-        return require_writer(state, request)
+    def writer(request: Request, who: Identity = Depends(viewer)) -> Identity:
+        access.require_user(who, request)
+        return who
 
-    r = APIRouter(prefix="/api/w2w", tags=["w2w"], responses=ERRORS, dependencies=[Depends(readable)])
+    r = APIRouter(prefix="/api/w2w", tags=["w2w"], responses=ERRORS, dependencies=[Depends(viewer)])
     reg = state.registry
 
-    def hits(result) -> list[HitOut]:
-        return [HitOut(model=ModelOut.of(h.model), distance=h.distance) for h in result.hits]
+    def safe_where(where: str | None) -> str | None:
+        return check_where(where, reg.catalog.attribute_keys())  # callers hold state.lock
+
+    def view(who: Identity) -> access.ModelView:
+        return access.ModelView(state, who)  # callers hold state.lock
+
+    def visible_counts(v: access.ModelView) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for m in v.only(reg.ls()):
+            counts[m.space_id] = counts.get(m.space_id, 0) + 1
+        return counts
+
+    def nearest(v: access.ModelView, query: ModelRow, k: int, where: str | None = None, metric: str = "l2"):
+        """(result, hits): the k nearest models the caller may read. Asks for k more than the hidden models
+        so that, whatever is left out, k remain when there are k."""
+        result = reg.search(query, k=k + len(v.hidden), where=where, metric=metric)
+        shown = [h for h in result.hits if v.can_read(h.model.id)][:k]
+        return result, [HitOut(model=ModelOut.of(h.model), distance=h.distance) for h in shown]
 
     @r.get("/models", response_model=ModelList, summary="List models, filtered by attributes")
     def list_models(
         where: Annotated[str | None, Query(max_length=2000, examples=["beard AND NOT glasses"])] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
+        who: Identity = Depends(viewer),
     ):
         with state.lock:
-            models = reg.ls(where or None)
+            models = view(who).only(reg.ls(safe_where(where)))
         return ModelList(total=len(models), models=[ModelOut.of(m) for m in models[offset : offset + limit]])
 
     @r.get("/models/{ref}", response_model=ModelDetail, summary="A model with its lineage and nearest neighbours")
-    def model(ref: str, k: Annotated[int, Query(ge=0, le=100)] = 5):
+    def model(ref: str, k: Annotated[int, Query(ge=0, le=100)] = 5, who: Identity = Depends(viewer)):
         with state.lock:
-            m = reg.get(ref)
-            lineage = [LineageOut(**row) for row in reg.catalog.lineage(m.id)]
-            children = [ModelOut.of(c) for c in reg.catalog.models_by_ids(reg.catalog.children(m.id))]
+            v = view(who)
+            m = v.get(ref)
+            lineage = [lineage_out(v, row) for row in reg.catalog.lineage(m.id)]
+            children = [ModelOut.of(c) for c in v.only(reg.catalog.models_by_ids(reg.catalog.children(m.id)))]
             proj = wspace.projection_info(reg, m.id)
-            near = hits(reg.search(m, k=k)) if k else []
+            near = nearest(v, m, k)[1] if k else []
         return ModelDetail(
             model=ModelOut.of(m),
             lineage=lineage,
@@ -215,19 +246,26 @@ def build_router(state: ServerState) -> APIRouter:
             neighbours=near,
         )
 
+    def lineage_out(v: access.ModelView, row: dict) -> LineageOut:
+        if row["parent_id"] is None or v.can_read(row["parent_id"]):
+            return LineageOut(**row)
+        # a parent the caller may not read: the step is shown, not whom it was taken from
+        params = {k: x for k, x in (row["params"] or {}).items() if k not in PARENT_KEYS} if row["params"] else None
+        return LineageOut(parent_id=None, parent=None, operation=row["operation"], params=params)
+
     @r.get(
         "/models/{ref}/lora",
         summary="The model as a diffusers LoRA file (safetensors)",
         response_class=Response,
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
-    def lora_file(ref: str):
+    def lora_file(ref: str, who: Identity = Depends(viewer)):
         from safetensors.numpy import save
 
         from w2w.formats import diffusers as dfmt
 
         with state.lock:
-            m = reg.get(ref)
+            m = view(who).get(ref)
             tensors, metadata = dfmt.to_tensors(reg.lora(m))
         data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=metadata)
         return Response(
@@ -242,16 +280,18 @@ def build_router(state: ServerState) -> APIRouter:
         k: Annotated[int, Query(ge=1, le=1000)] = 10,
         where: Annotated[str | None, Query(max_length=2000)] = None,
         metric: Metric = "l2",
+        who: Identity = Depends(viewer),
     ):
         with state.lock:
-            m = reg.get(like)  # a model of the registry, never a path on the server's disk
-            result = reg.search(m, k=k, where=where or None, metric=metric)
-        return SearchOut(query=m.name, space=result.space_id, metric=result.metric, hits=hits(result))
+            v = view(who)
+            m = v.get(like)  # a model of the registry, never a path on the server's disk
+            result, found = nearest(v, m, k, safe_where(where), metric)
+        return SearchOut(query=m.name, space=result.space_id, metric=result.metric, hits=found)
 
     @r.get("/models/{ref}/project", response_model=ProjectOut, summary="A model's coefficients in the w2w space")
-    def project(ref: str, n: Annotated[int, Query(ge=1, le=10_000)] = 50):
+    def project(ref: str, n: Annotated[int, Query(ge=1, le=10_000)] = 50, who: Identity = Depends(viewer)):
         with state.lock:
-            m = reg.get(ref)
+            m = view(who).get(ref)
             sm = wspace.require(reg, m.space_id)
             c = wspace.coefficients(reg, sm, [m.id])[0]
             info = wspace.projection_info(reg, m.id) or {}
@@ -265,17 +305,20 @@ def build_router(state: ServerState) -> APIRouter:
         )
 
     @r.get("/spaces", response_model=list[SpaceOut], summary="Weight spaces and their current subspaces")
-    def spaces():
+    def spaces(who: Identity = Depends(viewer)):
         out = []
         with state.lock:
+            counts = visible_counts(view(who))
             for s in reg.spaces():
+                if not counts.get(s.id):
+                    continue  # only hidden models: the space itself would tell of them
                 sm = wspace.current(reg, s.id)
                 out.append(
                     SpaceOut(
                         id=s.id,
                         base_model=s.base_model,
                         dim=s.dim,
-                        models=s.n_models,
+                        models=counts[s.id],
                         subspace=sm.id if sm else None,
                         components=sm.sub.k if sm else None,
                     )
@@ -283,16 +326,17 @@ def build_router(state: ServerState) -> APIRouter:
         return out
 
     @r.get("/map", response_model=MapOut, summary="Every model at its first two subspace coefficients")
-    def space_map(space: Annotated[str | None, Query(max_length=200)] = None):
+    def space_map(space: Annotated[str | None, Query(max_length=200)] = None, who: Identity = Depends(viewer)):
         with state.lock:
-            spaces = reg.spaces()
-            if not spaces:
+            v = view(who)
+            counts = visible_counts(v)
+            if not counts and not space:
                 return MapOut(space=None, subspace=None, explained=[], points=[])
-            sid = default_space(reg, space)
+            sid = default_space(reg, space, counts)
             sm = wspace.current(reg, sid)
             if sm is None:
                 return MapOut(space=sid, subspace=None, explained=[], points=[])
-            models = reg.catalog.list_models(space_id=sid)
+            models = v.only(reg.catalog.list_models(space_id=sid))
             C = wspace.coefficients(reg, sm, [m.id for m in models]) if models else np.zeros((0, 2))
         C = np.pad(C[:, :2], ((0, 0), (0, max(0, 2 - C.shape[1]))))
         ev = [float(x) for x in np.asarray(sm.sub.explained_variance_ratio)[:2]]
@@ -317,28 +361,42 @@ def build_router(state: ServerState) -> APIRouter:
         return Created(models=[ModelOut.of(reg.get(n)) for n in names], details=details)
 
     @r.post("/sample", response_model=Created, summary="New models sampled from the space (needs a token)")
-    def sample(body: SampleIn, user: str = Depends(writer)):
+    def sample(body: SampleIn, who: Identity = Depends(writer)):
         with state.lock:
-            made = wspace.sample(
-                reg,
-                n=body.n,
-                seed=body.seed,
-                temperature=body.temperature,
-                prefix=body.prefix,
-                space_id=default_space(reg, body.space),
-            )
-            return created([m["name"] for m in made], {"by": user})
+            v = view(who)
+            with v.redacting():
+                made = wspace.sample(
+                    reg,
+                    n=body.n,
+                    seed=body.seed,
+                    temperature=body.temperature,
+                    prefix=body.prefix,
+                    space_id=default_space(reg, body.space, visible_counts(v)),
+                )
+            return created([m["name"] for m in made], {"by": who.name})
 
     @r.post("/edit", response_model=Created, summary="A model moved along attribute directions (needs a token)")
-    def edit(body: EditIn, user: str = Depends(writer)):
+    def edit(body: EditIn, who: Identity = Depends(writer)):
         with state.lock:
-            out = edits.edit(reg, body.model, dict(body.directions), body.name)
-            return created([out["name"]], {"scores": out["scores"], "by": user})
+            v = view(who)
+            m = v.get(body.model)  # an edit of a model the caller may not read would show its weights
+            with v.redacting():
+                out = edits.edit(reg, m.name, dict(body.directions), body.name)
+            return created([out["name"]], {"scores": out["scores"], "by": who.name})
 
     @r.post("/mix", response_model=Created, summary="A model from an expression over models (needs a token)")
-    def mix(body: MixIn, user: str = Depends(writer)):
+    def mix(body: MixIn, who: Identity = Depends(writer)):
         with state.lock:
-            out = edits.mix(reg, body.expr, body.name, body.mode)
-            return created([out["name"]], {"mode": out["mode"], "parents": out["parents"], "by": user})
+            v = view(who)
+            for name in expr.names(expr.parse(body.expr)):
+                try:
+                    m = reg.get(name)
+                except UnknownModelError:
+                    continue  # a direction, or unknown: mix says which
+                if not v.can_read(m.id):
+                    raise UnknownModelError(name, None)  # what mix says of a name that is neither
+            with v.redacting():
+                out = edits.mix(reg, body.expr, body.name, body.mode)
+            return created([out["name"]], {"mode": out["mode"], "parents": out["parents"], "by": who.name})
 
     return r

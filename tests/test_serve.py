@@ -22,6 +22,7 @@ from test_registry import BASE, SMALL, as_json, run
 from ingest.synthetic import Population
 from registry.hubs.store import RepoStore
 from registry.registry import Registry
+from server.accounts import Accounts
 from server.app import create_app
 
 TOKEN = "team-token-0123"
@@ -59,7 +60,9 @@ def client_reg(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     reg = Registry.init(tmp_path_factory.mktemp("hub") / "reg")
-    server = LiveServer(create_app(reg, {TOKEN: "alice"}, max_upload=4 << 20))
+    # alice writes her organizations' namespaces, where these tests push (server.access)
+    accounts = Accounts(tokens={TOKEN: "alice"}, orgs={o: {"alice"} for o in ("team", "lab", "crew", "faces")})
+    server = LiveServer(create_app(reg, accounts, max_upload=4 << 20))
     yield server, reg
     server.stop()
 

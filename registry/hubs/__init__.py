@@ -13,12 +13,24 @@ from typing import Protocol
 
 from w2w.errors import HubError
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# The Hub's own rules (huggingface_hub's validate_repo_id): each part 1-96 of [A-Za-z0-9._-], starting and
+# ending with a letter, digit or '_'; no '--' or '..'; not ending in '.git'. fullmatch: no trailing newline.
+_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = re.compile(rf"{_PART}/{_PART}")
 
 
 def validate_repo_id(repo_id: str) -> str:
-    if not REPO_ID.match(repo_id or "") or ".." in repo_id:
-        raise HubError(f"{repo_id!r} is not a valid repo id; use NAMESPACE/NAME with letters, digits, '.', '_' or '-'")
+    if (
+        not isinstance(repo_id, str)
+        or not REPO_ID.fullmatch(repo_id)
+        or "--" in repo_id
+        or ".." in repo_id
+        or repo_id.lower().endswith(".git")
+    ):
+        raise HubError(
+            f"{repo_id!r} is not a valid repo id; use NAMESPACE/NAME, each of letters, digits, '.', '_' or '-' "
+            "(at most 96, starting and ending with a letter or digit, no '--' or '..')"
+        )
     return repo_id
 
 

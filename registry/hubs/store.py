@@ -31,7 +31,9 @@ from w2w.formats.tensorfile import atomic_write_bytes
 BRANCH = "main"
 MAX_PATH = 1000
 _OID = re.compile(r"^[0-9a-f]{7,40}$")
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\:*?\"<>|]")
+# control characters (C0, DEL, C1, Unicode's line/paragraph separators), lone surrogates (no UTF-8 for
+# them), and what Windows refuses in file names
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\\:*?\"<>|]")
 
 
 class RepoNotFound(HubError, LookupError):
@@ -47,7 +49,8 @@ class ParentMismatch(HubError):
 
 
 def validate_path(path: str) -> str:
-    """A file path inside a repo: relative, '/'-separated, no '.', '..' or empty parts, no .git."""
+    """A file path inside a repo: relative, '/'-separated, no '.', '..' or empty parts, no control
+    characters, and no `.git` part at any depth (a clone of the repo must not get hooks or config)."""
     parts = path.split("/")
     if (
         not path
@@ -55,10 +58,19 @@ def validate_path(path: str) -> str:
         or path.startswith("/")
         or _BAD_CHARS.search(path)
         or any(p in ("", ".", "..") for p in parts)
-        or parts[0] == ".git"
+        or any(p.lower() == ".git" for p in parts)  # lower: case-insensitive file systems
     ):
         raise HubError(f"{path!r} is not a valid file path inside a repo")
     return path
+
+
+def _valid_id(repo_id: str) -> bool:
+    """Whether a folder name is a repo id (folders from before the id rules were strict are left out)."""
+    try:
+        validate_repo_id(repo_id)
+    except HubError:
+        return False
+    return True
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -119,10 +131,8 @@ class RepoStore:
         base = self.root / "repos"
         if not base.exists():
             return []
-        return sorted(
-            f"{ns.name}/{r.name}" for ns in base.iterdir() if ns.is_dir() for r in ns.iterdir()
-            if (r / "repo.json").exists()
-        )  # fmt: skip
+        found = (f"{ns.name}/{r.name}" for ns in base.iterdir() if ns.is_dir() for r in ns.iterdir())
+        return sorted(r for r in found if _valid_id(r) and (base / r / "repo.json").exists())
 
     # --- locking -----------------------------------------------------------------------------------
 
@@ -159,7 +169,7 @@ class RepoStore:
             if oid is None:
                 raise RevisionNotFound(f"repo {repo_id!r} has no commit yet")
             return self._read_commit(repo_id, oid)
-        if not _OID.match(revision):
+        if not _OID.fullmatch(revision):  # fullmatch: "$" would let a trailing newline through
             raise RevisionNotFound(f"no revision {revision!r} in repo {repo_id!r} (branches: {BRANCH})")
         commits = self._repo(repo_id) / "commits"
         found = [p.stem for p in commits.glob(f"{revision}*.json")] if commits.exists() else []
