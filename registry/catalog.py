@@ -6,6 +6,7 @@ Reads open the file read-only, which also keeps user --where conditions from wri
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -212,6 +213,21 @@ class _SharedReader:
 
 _readers: dict[str, _SharedReader] = {}
 _readers_lock = threading.Lock()
+
+
+@atexit.register
+def _close_readers() -> None:
+    """Close every shared connection before the interpreter finalizes. An idle timer firing later would close
+    its connection in a thread that finalization kills inside DuckDB's C++ code: the process then aborts
+    ("terminate called ... FATAL: exception not rethrown") after its work is done."""
+    with _readers_lock:
+        readers = list(_readers.values())
+    for r in readers:
+        if r.lock.acquire(timeout=5):  # a thread still reading (a server's) keeps its connection
+            try:
+                r.close()
+            finally:
+                r.lock.release()
 
 
 class Catalog:

@@ -9,6 +9,7 @@ answers as for a model that does not exist.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import numpy as np
@@ -24,7 +25,7 @@ from server.accounts import Identity
 from server.state import ServerState
 from server.where_guard import check_where
 from w2w import expr
-from w2w.errors import UnknownModelError, W2WError
+from w2w.errors import FilterError, UnknownModelError, W2WError
 
 Metric = Literal[METRICS]  # type: ignore[valid-type]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -202,6 +203,19 @@ def build_router(state: ServerState) -> APIRouter:
     def safe_where(where: str | None) -> str | None:
         return check_where(where, reg.catalog.attribute_keys())  # callers hold state.lock
 
+    @contextmanager
+    def running(where: str | None):
+        """Run a caller's filter. DuckDB's errors quote row values ("could not convert string 'x'"), which may be
+        a model the caller may not read: only the kind of error is said."""
+        try:
+            yield
+        except FilterError as e:
+            kind = str(e).split(" failed: ", 1)[-1].split(":", 1)[0].strip()[:40]
+            raise FilterError(
+                f"where {where!r} cannot be evaluated ({kind}): compare number attributes with numbers and text "
+                "columns with 'text'"
+            ) from None
+
     def view(who: Identity) -> access.ModelView:
         return access.ModelView(state, who)  # callers hold state.lock
 
@@ -226,7 +240,9 @@ def build_router(state: ServerState) -> APIRouter:
         who: Identity = Depends(viewer),
     ):
         with state.lock:
-            models = view(who).only(reg.ls(safe_where(where)))
+            where = safe_where(where)
+            with running(where):
+                models = view(who).only(reg.ls(where))
         return ModelList(total=len(models), models=[ModelOut.of(m) for m in models[offset : offset + limit]])
 
     @r.get("/models/{ref}", response_model=ModelDetail, summary="A model with its lineage and nearest neighbours")
@@ -285,7 +301,9 @@ def build_router(state: ServerState) -> APIRouter:
         with state.lock:
             v = view(who)
             m = v.get(like)  # a model of the registry, never a path on the server's disk
-            result, found = nearest(v, m, k, safe_where(where), metric)
+            where = safe_where(where)
+            with running(where):
+                result, found = nearest(v, m, k, where, metric)
         return SearchOut(query=m.name, space=result.space_id, metric=result.metric, hits=found)
 
     @r.get("/models/{ref}/project", response_model=ProjectOut, summary="A model's coefficients in the w2w space")

@@ -287,6 +287,9 @@ def test_w2w_api_hides_private_models_everywhere(world):
         "kind = 'x' -- ",
         "kind = 'x' /* */",
         "kind = 'x'; SELECT 1",
+        # allowed by the guard, but DuckDB's conversion error would quote a row's value (a hidden name)
+        "name LIKE 'team.s%' AND id = name",
+        "name IN (1, 2)",
     ],
 )
 def test_where_filters_are_conditions_on_a_models_own_columns(world, where):
