@@ -15,34 +15,12 @@ from tqdm import tqdm
 
 from ingest.attributes import read_csv
 from registry.registry import AddReport, Failure, NewModel, Registry
-from w2w.errors import AttributeInputError, HubError, LoRAFileError, W2WError
-from w2w.formats import LORA_SUFFIXES
+from w2w.errors import AttributeInputError, HubError, W2WError
+from w2w.formats import discover
 from w2w.formats import peft as peft_format
 from w2w.formats.fastread import read_vector
 
 HUB_PREFIX = "hub:"
-
-
-def discover(path: Path) -> list[Path]:
-    """The LoRAs a path stands for: itself (a file or an adapter folder), or every LoRA inside a folder."""
-    path = Path(path)
-    if not path.exists():
-        raise LoRAFileError(path, "does not exist")
-    if path.is_file() or peft_format.is_adapter_dir(path):
-        return [path]
-    found: list[Path] = []
-    for child in sorted(path.iterdir()):
-        if child.name.startswith("."):
-            continue
-        if peft_format.is_adapter_dir(child):
-            found.append(child)
-        elif child.is_dir():
-            found.extend(discover(child))
-        elif child.suffix.lower() in LORA_SUFFIXES:
-            found.append(child)
-    if not found:
-        raise LoRAFileError(path, "holds no LoRA files (.safetensors) or PEFT adapter folders")
-    return found
 
 
 def default_name(path: Path) -> str:

@@ -31,13 +31,14 @@ from w2w.errors import (
     AttributeInputError,
     DuplicateModelError,
     InvalidNameError,
+    LoRAFileError,
     NameTakenError,
     RegistryNotFoundError,
     SpaceMismatchError,
     W2WError,
 )
 from w2w.flatten import flatten, unflatten
-from w2w.formats import read_lora, write_lora
+from w2w.formats import discover, read_lora, write_lora
 from w2w.layout import Layout
 from w2w.lora import LoRA
 
@@ -484,7 +485,12 @@ class Registry:
     def _query_vector(self, query, base_model: str | None) -> tuple[str, np.ndarray, str, int | None]:
         """(label, vector, space id, model id or None) of a model reference or a LoRA file."""
         if isinstance(query, (str, Path)) and Path(query).exists() and not isinstance(query, ModelRow):
-            rr = read_lora(query, base_model=base_model)
+            files = discover(Path(query))  # a file, an adapter folder, or a folder holding one LoRA (as `add`)
+            if len(files) != 1:
+                shown = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+                raise LoRAFileError(query, f"holds {len(files)} LoRAs ({shown})", "search takes one: pass one of them")
+            # spaces hold UNet LoRAs: a query's text-encoder part has nothing to be compared with, so it is left out
+            rr = read_lora(files[0], base_model=base_model, drop_text_encoder=True)
             layout = rr.lora.layout()
             sid = space_id_for(rr.lora.base_model, layout)
             spaces = self.spaces()

@@ -417,3 +417,23 @@ def test_a_refused_add_of_a_new_space_leaves_no_folder(population, tmp_path):
     assert "the name 'lora' is taken" in result.stderr
     assert not any((reg / "vectors").iterdir())
     assert "orphan" not in run(reg, "verify").output
+
+
+def test_search_takes_what_add_takes_and_ignores_a_text_encoder_part(filled, tmp_path):
+    """A query as `add` would read it: a folder holding one LoRA file (no adapter_config.json) works, and a text
+    encoder part (no space holds one) is left out of the comparison instead of refused with advice search lacks."""
+    from safetensors.numpy import save_file
+
+    from w2w.formats import diffusers as dfmt
+
+    tensors, meta = dfmt.to_tensors(Registry.open(filled).lora("identity_00007"))
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    tensors[f"{te}.lora_A.weight"] = np.ones((2, 12), dtype=np.float32)
+    tensors[f"{te}.lora_B.weight"] = np.ones((12, 2), dtype=np.float32)
+    (tmp_path / "query").mkdir()
+    save_file(tensors, str(tmp_path / "query" / "pytorch_lora_weights.safetensors"), metadata=meta)
+    res = as_json(filled, "search", "--like", str(tmp_path / "query"), "-k", "1")
+    assert res["results"][0]["name"] == "identity_00007" and res["results"][0]["distance"] == 0.0  # same bits
+    shutil.copy(tmp_path / "query" / "pytorch_lora_weights.safetensors", tmp_path / "query" / "second.safetensors")
+    result = run(filled, "search", "--like", str(tmp_path / "query"), code=1)
+    assert "holds 2 LoRAs" in result.stderr and "pass one of them" in result.stderr

@@ -45,6 +45,28 @@ def detect_format(tf: TensorFile) -> str:
     )
 
 
+def discover(path: Path) -> list[Path]:
+    """The LoRAs a path stands for: itself (a file or an adapter folder), or every LoRA inside a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise LoRAFileError(path, "does not exist")
+    if path.is_file() or peft.is_adapter_dir(path):
+        return [path]
+    found: list[Path] = []
+    for child in sorted(path.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if peft.is_adapter_dir(child):
+            found.append(child)
+        elif child.is_dir():
+            found.extend(discover(child))
+        elif child.suffix.lower() in LORA_SUFFIXES:
+            found.append(child)
+    if not found:
+        raise LoRAFileError(path, "holds no LoRA files (.safetensors) or PEFT adapter folders")
+    return found
+
+
 def read_lora(
     path: str | Path,
     base_model: str | None = None,
