@@ -24,10 +24,37 @@ HUB_PREFIX = "hub:"
 
 
 def default_name(path: Path) -> str:
+    """A model's name from its path: the file's stem, or for a generic file name (or an adapter folder) the
+    folder's name; in the Hugging Face cache (models--NS--NAME/snapshots/<commit>/) the repo's NAME."""
     path = Path(path)
-    if path.is_file() and path.name in (peft_format.WEIGHTS, "pytorch_lora_weights.safetensors"):
-        return path.parent.name
-    return path.stem if path.is_file() else path.name
+    if path.is_file() and path.name not in (peft_format.WEIGHTS, "pytorch_lora_weights.safetensors"):
+        return path.stem
+    folder = path.parent if path.is_file() else path
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.split("--")[-1]  # the Hub forbids "--" inside a name
+    return folder.name
+
+
+def distinct_names(sources: list[tuple[Path, str, str | None]]) -> list[tuple[Path, str, str | None]]:
+    """Files of one add whose default names collide (a/lora.safetensors, b/lora.safetensors) are named after
+    their folders too (a.lora, b.lora); if that still collides, numbered."""
+    counts: dict[str, int] = {}
+    for _, name, _ in sources:
+        counts[name] = counts.get(name, 0) + 1
+    out, taken = [], {name for name, n in counts.items() if n == 1}
+    for path, name, source in sources:
+        if counts[name] > 1:
+            p = Path(path)
+            named_by = p if p.is_dir() or p.stem == name else p.parent  # what default_name took the name from
+            parent = named_by.parent.name
+            candidate, i = f"{parent}.{name}" if parent else name, 1
+            while candidate in taken:
+                i += 1
+                candidate = f"{parent}.{name}-{i}" if parent else f"{name}-{i}"
+            name = candidate
+            taken.add(name)
+        out.append((path, name, source))
+    return out
 
 
 def import_paths(
@@ -52,6 +79,7 @@ def import_paths(
     sources: list[tuple[Path, str, str | None]] = [(f, default_name(f), None) for f in files]
     for ref in hub_refs:
         sources.append(_hub_source(registry, ref[len(HUB_PREFIX) :]))
+    sources = distinct_names(sources)
     if name and len(sources) != 1:
         raise AttributeInputError(f"--name names one model, but {len(sources)} LoRAs were given")
     table = read_csv(attrs_csv, registry.catalog.attribute_keys()) if attrs_csv else {}

@@ -405,18 +405,34 @@ def test_damaged_middle_shard_is_reported_not_a_traceback(tmp_path, monkeypatch)
 
 
 def test_a_refused_add_of_a_new_space_leaves_no_folder(population, tmp_path):
-    """Two files both called lora.safetensors: the second name is taken, nothing is added, and nothing of the
-    space the add would have made stays on disk (verify sees no orphan)."""
+    """A good file and a broken one: nothing is added, and nothing of the space the good one would have made
+    stays on disk (verify sees no orphan)."""
     folder, _ = population
-    for sub, file in zip(("a", "b"), sorted(folder.glob("*.safetensors")), strict=False):
-        (tmp_path / sub).mkdir()
-        shutil.copy(file, tmp_path / sub / "lora.safetensors")
+    good = next(iter(sorted(folder.glob("*.safetensors"))))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     reg = tmp_path / "reg"
     run(reg, "init")
-    result = run(reg, "add", str(tmp_path / "a" / "lora.safetensors"), str(tmp_path / "b" / "lora.safetensors"), code=1)
-    assert "the name 'lora' is taken" in result.stderr
+    result = run(reg, "add", str(good), str(tmp_path / "broken.safetensors"), code=1)
+    assert "nothing added" in result.stderr
     assert not any((reg / "vectors").iterdir())
     assert "orphan" not in run(reg, "verify").output
+
+
+def test_names_from_folders_and_the_hugging_face_cache(population, tmp_path):
+    """Same-named files of one add are named after their folders; a file of the Hugging Face cache after its
+    repo, not its snapshot's commit."""
+    folder, _ = population
+    files = sorted(folder.glob("*.safetensors"))[:3]
+    for sub, f in zip(("a", "b"), files, strict=False):
+        (tmp_path / sub).mkdir()
+        shutil.copy(f, tmp_path / sub / "lora.safetensors")
+    snapshot = tmp_path / "hf" / "models--team--alice" / "snapshots" / ("0123abcd" * 5)
+    snapshot.mkdir(parents=True)
+    shutil.copy(files[2], snapshot / "pytorch_lora_weights.safetensors")
+    reg = tmp_path / "reg"
+    run(reg, "init")
+    run(reg, "add", str(tmp_path / "a" / "lora.safetensors"), str(tmp_path / "b" / "lora.safetensors"), str(snapshot))
+    assert sorted(m["name"] for m in as_json(reg, "ls")) == ["a.lora", "alice", "b.lora"]
 
 
 def test_search_takes_what_add_takes_and_ignores_a_text_encoder_part(filled, tmp_path):
