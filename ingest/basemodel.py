@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,7 +216,12 @@ def pipeline_class(path: str, ref: str) -> str:
 
     local = Path(path) / "model_index.json"
     try:
-        config = json.loads(local.read_text()) if local.exists() else DiffusionPipeline.load_config(path)
+        if local.exists():
+            config = json.loads(local.read_text())
+        else:
+            with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument: not ours to fix
+                warnings.simplefilter("ignore", UserWarning)
+                config = DiffusionPipeline.load_config(path)
     except OSError as e:
         raise BaseModelError(_cannot_load(ref, e)) from None
     name = config.get("_class_name", "StableDiffusionPipeline")
@@ -233,6 +239,11 @@ def _cannot_load(ref: str, e: Exception) -> str:
         return (
             f"cannot load base model {ref!r} offline: it is not in the local Hugging Face cache and HF_HUB_OFFLINE "
             "is set; pass --base-model PATH (a local diffusers folder), or unset HF_HUB_OFFLINE to download it"
+        )
+    if not Path(ref).exists():  # a hub id: most often no network, or a typo
+        return (
+            f"cannot load base model {ref!r}: {first} (no network? pass --base-model PATH, a local diffusers folder, "
+            "or download it first: huggingface-cli download " + ref + ")"
         )
     return f"cannot load base model {ref!r}: {first}"
 
