@@ -15,6 +15,8 @@ EDITS = ("glasses", "beard", "smile", "hat")
 FULL = {"identities": 24, "images": 8, "steps": None, "held_out": 3, "invert_steps": 100}  # steps: the recipe's
 QUICK = {"identities": 8, "images": 4, "steps": 30, "held_out": 2, "invert_steps": 15}
 STRENGTH = 2.5  # standard deviations of the attribute's score: a clear change on 24 identities
+PAIRS = 4  # before | after pairs per row of the contact sheet (8 columns)
+RAMP = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5)  # strengths (std) of the sheet's ramp: one identity per direction
 
 
 @click.command()
@@ -113,13 +115,13 @@ def _pictures(
     from ingest.generate import generate
     from registry import edits
     from registry.registry import Registry
+    from w2w.flatten import unflatten
 
     reg = Registry.open(registry)
     base = load_base(None)
     data = {d.name: d for d in load_dataset(faces_dir)}
     names = sorted(data)
     truth = {n: {a: bool(data[n].attributes[a]) for a in toyfaces.ATTRIBUTES} for n in names}
-    shown = names[:6]
     seed = 2  # the same noise for every model: differences between pictures are differences between models
 
     def look(lora) -> np.ndarray:
@@ -152,28 +154,48 @@ def _pictures(
         success[a] = round(ok / max(1, len(targets)), 3)
         kept[a] = round(same / max(1, total_other), 3)
 
-    samples = [m for m in reg.ls() if m.kind == "sample"][:6]
+    samples = [m for m in reg.ls() if m.kind == "sample"][:PAIRS]
     sample_imgs = [look(reg.lora(m)) for m in samples]
-    neighbours = []
-    for n in shown:
-        hit = reg.search(n, k=1).hits[0]
-        neighbours.append(look(reg.lora(hit.model)))
-    base_imgs = [generate(base, None, prompt="a person", n=1, seed=s)[0] for s in range(6)]
-    held_imgs, inverted_imgs, inv_agree = _invert_held_out(reg, base, n_ids, look, held_out, invert_steps)
-    train_imgs = [load_images(data[n].images[:1], 32)[0] for n in shown]
 
+    def nearest_identity(ref) -> str:
+        """The trained identity nearest by weights (samples and edits are registered too: not them)."""
+        return reg.search(ref, k=1, where="kind = 'trained'").hits[0].model.name
+
+    base_imgs = [generate(base, None, prompt="a person", n=1, seed=s)[0] for s in range(2 * PAIRS)]
+    held_imgs, inverted_imgs, inv_agree = _invert_held_out(reg, base, n_ids, look, held_out, invert_steps)
+    shown = names[:PAIRS]
+    train_imgs = {n: load_images(data[n].images[:1], 32)[0] for n in shown}
+
+    # the sheet's rows: (label, [(what the cell shows, image), ...]); pairs fill the sheet's 2-column groups
+    def pair(left: str, right: str) -> list:
+        return [(left, look_up[left]), (right, look_up[right])]
+
+    look_up = dict(gen)
+    look_up |= {f"training image of {n}": train_imgs[n] for n in shown}
+    look_up |= {m.name: im for m, im in zip(samples, sample_imgs, strict=True)}
     rows = [
-        ("base model: 'a person'", base_imgs),
-        ("identities: training image", train_imgs),
-        ("identities: their LoRA", [gen[n] for n in shown]),
-        ("nearest neighbour by weights", neighbours),
-        ("samples from the w2w space", sample_imgs),
+        ("identities: training image | its LoRA", [c for n in shown for c in pair(f"training image of {n}", n)]),
+        ("identity | nearest by weights", [c for n in shown for c in pair(n, nearest_identity(n))]),
+        ("sample | nearest identity", [c for m in samples for c in pair(m.name, nearest_identity(m))]),
+        ("base model: 'a person'", [(f"base model, seed {s}", im) for s, im in enumerate(base_imgs)]),
     ]
     for a in EDITS:
-        rows.append((f"+{a} (other identities)", [img for _, img in edit_rows.get(a, [])[:6]]))
-    rows.append(("held-out faces (never trained on)", held_imgs))
-    rows.append(("... inverted into the space", inverted_imgs))
-    toyfaces.contact_sheet(rows, out / "demo.png", scale=3)
+        if a not in edit_rows:
+            continue
+        look_up |= {f"{n}.demo+{a}": img for n, img in edit_rows[a]}
+        label = f"identity | +{a} ({STRENGTH:g} std)"
+        rows.append((label, [c for n, _ in edit_rows[a][:PAIRS] for c in pair(n, f"{n}.demo+{a}")]))
+        n = edit_rows[a][0][0]  # one identity that lacks it: the edit at growing strength
+        layout = reg.layout(reg.get(n).space_id)
+        ramp = [look(unflatten(v.astype(np.float32), layout)) for v in edits.edit_vectors(reg, n, {a: 1.0}, RAMP[1:])]
+        cells = [(n, gen[n])] + [
+            (f"{n} +{a} {t:g} std (not registered)", im) for t, im in zip(RAMP[1:], ramp, strict=True)
+        ]
+        rows.append((f"{n} +{a}: {RAMP[0]:g} to {RAMP[-1]:g} std", cells))
+    held = [(f"held-out face {i}", im) for i, im in enumerate(held_imgs)]
+    inverted = [(f"held-out face {i} inverted", im) for i, im in enumerate(inverted_imgs)]
+    rows.append(("held-out face | inverted into the space", [c for p in zip(held, inverted, strict=True) for c in p]))
+    toyfaces.contact_sheet([(label, [im for _, im in cells]) for label, cells in rows], out / "demo.png", group=2)
     per_identity = reg.catalog.lineage(reg.get(names[0]).id)[0]["params"].get("seconds")
     return {
         "identities": n_ids,
@@ -185,6 +207,7 @@ def _pictures(
         "edit_other_attributes_kept": kept,
         "inversion_attribute_agreement": inv_agree,
         "inversion_steps": invert_steps,
+        "sheet": [{"row": label, "cells": [what for what, _ in cells]} for label, cells in rows],
         "samples_attributes": {a: float(v.mean()) for a, v in detector.detect_bool(np.stack(sample_imgs)).items()}
         if sample_imgs
         else {},

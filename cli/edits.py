@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cli.models import open_registry
 from cli.output import emit_json, json_option, table
+from cli.render import base_options, parse_numbers
 from registry import edits
 from w2w.directions import DEFAULT_METHOD, METHODS
 from w2w.errors import DirectionError
@@ -100,16 +103,56 @@ def _strengths(pairs: tuple[str, ...]) -> dict[str, float]:
     help="Strength in standard deviations of the attribute's score over the registry; repeatable.",
 )
 @click.option("--name", help="Name of the new model (default MODEL.ATTRIBUTE+STRENGTH).")
+@click.option(
+    "--preview",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a PNG strip of the model edited at several strengths, all from the same noise.",
+)
+@click.option(
+    "--preview-strengths",
+    default="-2,-1,0,1,2",
+    show_default=True,
+    help="Multiples of the edit, one column each (0: the model as it is; 1: the edit saved).",
+)
+@click.option("--preview-seed", type=int, default=2, show_default=True, help="The demo sheet's seed by default.")
+@click.option("--preview-steps", type=click.IntRange(1), default=25, show_default=True, help="Denoising steps.")
+@base_options
 @json_option
 @click.pass_context
-def edit(ctx, model, directions, name, as_json):
+def edit(
+    ctx,
+    model,
+    directions,
+    name,
+    preview,
+    preview_strengths,
+    preview_seed,
+    preview_steps,
+    base_model,
+    device,
+    dtype,
+    as_json,
+):
     """Edit a model along attribute directions; the result is a new registered model.
 
     \b
     w2wreg edit alice --direction beard=1 --direction smile=-0.5
+    w2wreg edit face-0000 --direction glasses=2.5 --preview strip.png --preview-strengths 0,0.5,1,1.5
     """
     reg = open_registry(ctx)
-    out = edits.edit(reg, model, _strengths(directions), name)
+    strengths = _strengths(directions)
+    if preview:
+        from ingest import render
+
+        settings = render.Settings(seeds=(preview_seed,), steps=preview_steps, device=device, dtype=dtype)
+        multiples = parse_numbers(preview_strengths, float, "--preview-strengths")
+        # load and check the base model before registering anything: a preview that cannot be made fails first
+        render.load_for(reg.get(model), reg.lora(model), settings, base_model)
+    out = edits.edit(reg, model, strengths, name)
+    if preview:
+        out["preview"] = str(
+            render.edit_strip(reg, model, strengths, preview, settings, multiples, base_model, progress=not as_json)
+        )
     if as_json:
         emit_json(out)
         return
@@ -118,6 +161,8 @@ def edit(ctx, model, directions, name, as_json):
         ["attribute", "score before (sd)", "after (sd)"],
         [(a, s["before"], s["after"]) for a, s in out["scores"].items()],
     )
+    if preview:
+        click.echo(f"preview: {out['preview']}")
 
 
 @click.command()

@@ -40,9 +40,22 @@ def cli(ctx: click.Context, registry_dir: Path) -> None:
 
 
 def _register() -> None:
-    from cli import demo, edits, ingest, invert, maintenance, models, search, serve, space, tour, toyfaces
+    from cli import (
+        demo,
+        edits,
+        ingest,
+        invert,
+        maintenance,
+        models,
+        render,
+        search,
+        serve,
+        space,
+        tour,
+        toyfaces,
+    )
 
-    for module in (models, ingest, invert, search, space, edits, maintenance, serve, demo, tour, toyfaces):
+    for module in (models, ingest, invert, search, space, edits, render, maintenance, serve, demo, tour, toyfaces):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -9,6 +9,8 @@ word-level tokenizer built in code. diffusers loads it like any other model fold
 from __future__ import annotations
 
 import functools
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +144,7 @@ class BaseModel:
     """A loaded base model: what training and generation need, frozen, on one device."""
 
     ref: str  # the id models trained on it record as their base model
-    pipe: object  # a diffusers StableDiffusionPipeline
+    pipe: object  # a diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline: rendering only)
     device: torch.device
     dtype: torch.dtype
 
@@ -204,30 +206,76 @@ def load_base(base_model: str | Path | None = None, device: str = "cpu", dtype: 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# The pipelines whose UNet LoRAs w2wreg reads: SD 1.x/2.x and SDXL (model_index.json's _class_name).
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def pipeline_class(path: str, ref: str) -> str:
+    """The diffusers pipeline class named by a model folder's or hub repo's model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(path) / "model_index.json"
+    try:
+        if local.exists():
+            config = json.loads(local.read_text())
+        else:
+            with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument: not ours to fix
+                warnings.simplefilter("ignore", UserWarning)
+                config = DiffusionPipeline.load_config(path)
+    except OSError as e:
+        raise BaseModelError(_cannot_load(ref, e)) from None
+    name = config.get("_class_name", "StableDiffusionPipeline")
+    if name not in PIPELINES:
+        raise BaseModelError(f"base model {ref!r} is a {name}; w2wreg runs {' and '.join(PIPELINES)} models")
+    return name
+
+
+def _cannot_load(ref: str, e: Exception) -> str:
+    """One line saying why a base model did not load, and what to pass instead when downloads are off."""
+    from huggingface_hub import constants
+
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    if constants.HF_HUB_OFFLINE and not Path(ref).exists():
+        return (
+            f"cannot load base model {ref!r} offline: it is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+            "is set; pass --base-model PATH (a local diffusers folder), or unset HF_HUB_OFFLINE to download it"
+        )
+    if not Path(ref).exists():  # a hub id: most often no network, or a typo
+        return (
+            f"cannot load base model {ref!r}: {first} (no network? pass --base-model PATH, a local diffusers folder, "
+            "or download it first: huggingface-cli download " + ref + ")"
+        )
+    return f"cannot load base model {ref!r}: {first}"
+
+
 @functools.lru_cache(maxsize=2)
 def _load(path: str, ref: str, device: str, dtype: str) -> BaseModel:
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BaseModelError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise BaseModelError("--device mps was asked for, but torch sees no MPS device; use --device cpu")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    cls_name = pipeline_class(path, ref)
+    # SDXL has no safety checker to switch off
+    extra = {"safety_checker": None, "requires_safety_checker": False} if cls_name == "StableDiffusionPipeline" else {}
     # their per-component loading bars are noise next to ours (hub downloads keep huggingface_hub's)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False
-        )
+        pipe = getattr(diffusers, cls_name).from_pretrained(path, dtype=DTYPES[dtype], **extra)
     except OSError as e:
-        raise BaseModelError(f"cannot load base model {ref!r}: {str(e).splitlines()[0]}") from None
+        raise BaseModelError(_cannot_load(ref, e)) from None
     finally:
         diffusers_logging.enable_progress_bar()
         transformers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-        m.eval()
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
     return BaseModel(ref, pipe, torch.device(device), DTYPES[dtype])

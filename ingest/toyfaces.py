@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,27 +322,59 @@ def write_attributes_csv(faces: list[Face], path: Path) -> Path:
     return path
 
 
-def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: Path, scale: int = 3) -> Path:
+LABEL_FONT_SIZE = 13  # px: readable at 1:1 next to 96-128 px tiles
+
+
+def label_font(size: int = LABEL_FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own scalable font (no font file needed); its fixed 11 px bitmap where FreeType is missing."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1, or built without FreeType
+        return ImageFont.load_default()
+
+
+def contact_sheet(
+    rows: list[tuple[str, list[np.ndarray | None]]],
+    path: Path,
+    scale: int = 3,
+    columns: Sequence[str] | None = None,
+    group: int = 0,
+) -> Path:
     """A PNG grid: one row per (label, images), images upscaled nearest-neighbour, the label at the left.
 
-    Size: width = label width + PAD + columns * (cell + PAD), height = PAD + rows * (cell + PAD),
+    Size without `columns`: width = label width + PAD + columns * (cell + PAD), height = PAD + rows * (cell + PAD),
     where cell = the largest image side * scale and label width = the widest label + 2 * PAD.
+    `columns`: a header row of column labels (a column widens to fit its label; tiles are centred).
+    `group`: a wider gap after every `group` columns (e.g. 2 for before/after pairs). A None image is a blank cell.
     """
-    font = ImageFont.load_default()
+    font = label_font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max((int(np.ceil(probe.textlength(label, font=font))) for label, _ in rows), default=0) + 2 * PAD
-    cell = max((max(im.shape[:2]) for _, ims in rows for im in ims), default=8) * scale
-    columns = max((len(ims) for _, ims in rows), default=0)
-    width, height = label_w + PAD + columns * (cell + PAD), PAD + len(rows) * (cell + PAD)
+
+    def text_w(t: str) -> int:
+        return int(np.ceil(probe.textlength(t, font=font)))
+
+    label_w = max((text_w(label) for label, _ in rows), default=0) + 2 * PAD
+    cell = max((max(im.shape[:2]) for _, ims in rows for im in ims if im is not None), default=8) * scale
+    n_cols = max((len(ims) for _, ims in rows), default=0)
+    heads = list(columns or [])[:n_cols]
+    col_w = max([cell] + [text_w(h) + PAD for h in heads])
+    head_h = (font.size if hasattr(font, "size") else 11) + 2 * PAD if heads else 0
+    xs = [label_w + PAD + c * (col_w + PAD) + (c // group if group else 0) * 3 * PAD for c in range(n_cols)]
+    width = (xs[-1] + col_w + PAD) if xs else label_w + PAD
+    height = PAD + head_h + len(rows) * (cell + PAD)
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    for c, h in enumerate(heads):
+        draw.text((xs[c] + col_w // 2, PAD + head_h // 2), h, fill=(20, 20, 20), font=font, anchor="mm")
     for r, (label, ims) in enumerate(rows):
-        y = PAD + r * (cell + PAD)
+        y = PAD + head_h + r * (cell + PAD)
         draw.text((PAD, y + cell // 2), label, fill=(20, 20, 20), font=font, anchor="lm")
         for c, im in enumerate(ims):
+            if im is None:
+                continue
             tile = Image.fromarray(np.asarray(im, dtype=np.uint8)).convert("RGB")
             tile = tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
-            sheet.paste(tile, (label_w + PAD + c * (cell + PAD), y))
+            sheet.paste(tile, (xs[c] + (col_w - tile.width) // 2, y + (cell - tile.height) // 2))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

@@ -10,6 +10,7 @@ vectors (`--in raw`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -135,18 +136,28 @@ def _score_report(ds: dict[str, dirs.Direction], c_before: np.ndarray, c_after: 
     }
 
 
-def edit(reg, model: str, strengths: dict[str, float], name: str | None = None) -> dict:
-    """A new model: `model` moved by strength standard deviations along each named direction."""
+def edit_vectors(reg, model, strengths: dict[str, float], multiples: Sequence[float] = (1.0,)) -> list[np.ndarray]:
+    """The vectors (float64) of `model` moved by t * strength standard deviations along each named direction,
+    for each t in `multiples` (0: the model itself), without registering them: what `edit` saves at t = 1."""
     if not strengths:
         raise DirectionError("give at least one --direction ATTRIBUTE=STRENGTH")
     m = reg.get(model)
     sm = wspace.require(reg, m.space_id)
     ds = {a: _require_direction(reg, sm, a) for a in strengths}
-    c = wspace.coefficients(reg, sm, [m.id])[0].astype(np.float64)  # (k,)
     dc = sum(d.step(strengths[a]) for a, d in ds.items())  # (k,)
     w = reg.vector(m).astype(np.float64)
-    V = sm.sub.components.astype(np.float64)
-    w_new = w + (V @ dc) * sm.sub.std  # keeps what the subspace does not explain
+    step = (sm.sub.components.astype(np.float64) @ dc) * sm.sub.std
+    return [w + t * step for t in multiples]  # keeps what the subspace does not explain
+
+
+def edit(reg, model: str, strengths: dict[str, float], name: str | None = None) -> dict:
+    """A new model: `model` moved by strength standard deviations along each named direction."""
+    m = reg.get(model)
+    sm = wspace.require(reg, m.space_id)
+    ds = {a: _require_direction(reg, sm, a) for a in strengths}
+    c = wspace.coefficients(reg, sm, [m.id])[0].astype(np.float64)  # (k,)
+    dc = sum(d.step(strengths[a]) for a, d in ds.items())  # (k,)
+    (w_new,) = edit_vectors(reg, m, strengths)
     label = ",".join(f"{a}{s:+g}" for a, s in strengths.items())
     new_name = name or f"{m.name}.{label.replace(',', '.')}"
     params = {"subspace": sm.id, "directions": strengths, "methods": {a: d.method for a, d in ds.items()}}

@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.demo import QUICK
+from cli.demo import PAIRS, QUICK
 from cli.main import cli
 from ingest.basemodel import TOY_BASE_DIR
+from ingest.toyfaces import PAD
 
 
 @pytest.mark.slow
@@ -28,7 +29,21 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     assert set(summary["edit_success_rate"]) <= {"glasses", "beard", "smile", "hat"}  # those with a direction
     assert 0.0 <= summary["inversion_attribute_agreement"] <= 1.0
     assert all(0.0 <= v <= 1.0 for v in summary["lora_attribute_fidelity"].values())
+    # the sheet shows like next to like: an identity before | after each edit, samples | their nearest trained
+    # identity, held-out faces | their inversion; plus a strength ramp of one identity per direction
+    sheet = {r["row"]: r["cells"] for r in summary["sheet"]}
+    names = [f"face-{i:04d}" for i in range(6)]
+    for a in summary["edit_success_rate"]:
+        (row,) = [c for label, c in sheet.items() if label.startswith(f"identity | +{a} ")]
+        assert 2 <= len(row) <= 2 * PAIRS and row[1::2] == [f"{n}.demo+{a}" for n in row[0::2]]
+        (ramp,) = [c for label, c in sheet.items() if label.startswith(f"{row[0]} +{a}: ")]
+        assert ramp[0] == row[0] and len(ramp) > 2
+    samples = sheet["sample | nearest identity"]
+    assert samples and all(s.startswith("sample-") for s in samples[0::2]) and set(samples[1::2]) <= set(names)
+    inverted = sheet["held-out face | inverted into the space"]
+    assert inverted[1::2] == [f"{h} inverted" for h in inverted[0::2]] and len(inverted) == 2 * QUICK["held_out"]
     with Image.open(tmp_path / "demo.png") as im:
-        assert im.width > 6 * 32 and im.height > 8 * 32
+        assert im.height == PAD + len(sheet) * (3 * 32 + PAD)  # one row of 96 px tiles per entry
+        assert im.width > 2 * PAIRS * 3 * 32
     res = CliRunner().invoke(cli, ["--registry", str(tmp_path / "registry"), "verify"])
     assert res.exit_code == 0, res.output
