@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from registry.registry import Registry
 from server import hf_api, indexing, safe_serving, w2w_api
 from server.accounts import Accounts
+from server.request_id import RequestId
 from server.state import DEFAULT_MAX_UPLOAD, ServerState
 from w2w.errors import RegistryLockedError, W2WError
 
@@ -46,6 +47,7 @@ def create_app(
     )
     app.state.w2w = state
     app.add_middleware(safe_serving.SecurityHeaders, exempt=("/api/w2w/docs",))
+    app.add_middleware(RequestId)
 
     @app.exception_handler(hf_api.HubHTTPError)
     async def hub_error(request: Request, e: hf_api.HubHTTPError):

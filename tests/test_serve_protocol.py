@@ -1,0 +1,279 @@
+"""`w2wreg serve` speaks the model-repo protocol of the Hub's clients (issue 14): bare repo names, branches,
+tags and refs everywhere a revision goes, paths-info, copies, delete / move / settings, auth-check,
+super-squash, whoami, request ids and the client's own exceptions, each through server.access's rule.
+
+Real clients only: the unmodified huggingface_hub HfApi and the `hf` CLI (a subprocess) against a live server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from served import LiveServer
+
+from registry.registry import Registry
+from server.accounts import Accounts
+from server.app import create_app
+
+ALICE, BOB = "alice-token-0123", "bob-token-0123"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _online():
+    """conftest makes huggingface_hub offline (no test may reach a real hub); this module's hub is local."""
+    import huggingface_hub.constants as c
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(c, "HF_HUB_OFFLINE", False)
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    reg = Registry.init(tmp_path_factory.mktemp("hub") / "reg")
+    accounts = Accounts(tokens={ALICE: "alice", BOB: "bob"}, orgs={"team": {"alice"}, "lab": {"bob"}})
+    server = LiveServer(create_app(reg, accounts))
+    yield server, reg
+    server.stop()
+
+
+def hf(server, token):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=server.url, token=token or False)
+
+
+@pytest.fixture(scope="module")
+def alice(hub):
+    return hf(hub[0], ALICE)
+
+
+@pytest.fixture(scope="module")
+def bob(hub):
+    return hf(hub[0], BOB)
+
+
+def test_bare_repo_name_goes_under_the_token_user_and_whoami_has_orgs(alice):
+    url = alice.create_repo("bare")
+    assert url.repo_id == "alice/bare"
+    assert alice.create_repo("bare", exist_ok=True).repo_id == "alice/bare"
+    alice.upload_file(path_or_fileobj=b"hi", path_in_repo="a.txt", repo_id="alice/bare")
+    assert alice.list_repo_files("alice/bare") == [".gitattributes", "a.txt"]  # the Hub's, on create
+    me = alice.whoami()
+    assert me["name"] == "alice" and me["fullname"] == "alice" and [o["name"] for o in me["orgs"]] == ["team"]
+
+
+def test_branches_tags_and_refs_everywhere_a_revision_goes(alice, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    repo = "team/refs"
+    alice.create_repo(repo)
+    v1 = alice.upload_file(path_or_fileobj=b"v1", path_in_repo="notes.txt", repo_id=repo).oid
+    alice.create_branch(repo, branch="dev")
+    alice.create_branch(repo, branch="dev", exist_ok=True)
+    alice.create_tag(repo, tag="v1.0", tag_message="first")
+    dev = alice.upload_file(path_or_fileobj=b"dev", path_in_repo="notes.txt", repo_id=repo, revision="dev").oid
+    alice.upload_file(path_or_fileobj=b"new", path_in_repo="extra/x.txt", repo_id=repo, revision="dev")
+    alice.create_branch(repo, branch="feature/x", revision="v1.0")
+    refs = alice.list_repo_refs(repo)
+    branches = {b.name: b.target_commit for b in refs.branches}
+    assert branches["main"] == v1 and branches["feature/x"] == v1 and branches["dev"] != dev  # dev moved on
+    assert {t.name: t.ref for t in refs.tags} == {"v1.0": "refs/tags/v1.0"}
+    assert refs.tags[0].target_commit == v1 and refs.converts == []
+    assert alice.list_repo_refs(repo, include_pull_requests=True).pull_requests == []
+
+    def read(revision: str) -> bytes:
+        return Path(hf_hub_download(repo, "notes.txt", revision=revision, endpoint=alice.endpoint,
+                                    token=ALICE, cache_dir=tmp_path / "cache")).read_bytes()  # fmt: skip
+
+    assert read("dev") == b"dev" and read("v1.0") == b"v1" and read("refs/heads/main") == b"v1"
+    assert read("refs/tags/v1.0") == b"v1" and read("feature/x") == b"v1" and read(v1) == b"v1"
+    assert alice.model_info(repo, revision="v1.0").sha == v1
+    assert alice.model_info(repo, revision="refs/heads/dev").sha == branches["dev"]
+    assert sorted(alice.list_repo_files(repo, revision="dev")) == [".gitattributes", "extra/x.txt", "notes.txt"]
+    assert "extra/x.txt" not in alice.list_repo_files(repo)
+    assert [f.path for f in alice.list_repo_tree(repo, path_in_repo="extra", revision="dev")] == ["extra/x.txt"]
+    assert len(alice.list_repo_commits(repo, revision="dev")) == len(alice.list_repo_commits(repo)) + 2
+    alice.delete_tag(repo, tag="v1.0")
+    alice.delete_branch(repo, branch="feature/x")
+    refs = alice.list_repo_refs(repo)
+    assert {b.name for b in refs.branches} == {"main", "dev"} and refs.tags == []
+
+
+def test_revision_errors_are_the_clients_own(alice, tmp_path):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo = "team/errs"
+    alice.create_repo(repo)
+    alice.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo)
+    for call in (
+        lambda: alice.model_info(repo, revision="nope"),
+        lambda: alice.list_repo_files(repo, revision="nope"),
+        lambda: alice.list_repo_commits(repo, revision="nope"),
+        lambda: alice.upload_file(path_or_fileobj=b"x", path_in_repo="y.txt", repo_id=repo, revision="nope"),
+        lambda: alice.delete_branch(repo, branch="nope"),
+        lambda: alice.create_tag(repo, tag="t", revision="nope"),
+    ):
+        with pytest.raises(RevisionNotFoundError):
+            call()
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(repo, "missing.txt", endpoint=alice.endpoint, token=ALICE, cache_dir=tmp_path)
+    with pytest.raises(RepositoryNotFoundError):
+        alice.list_repo_refs("team/none")
+    alice.create_tag(repo, tag="t1")
+    with pytest.raises(HfHubHTTPError) as e:
+        alice.create_tag(repo, tag="t1")
+    assert e.value.response.status_code == 409
+    alice.create_tag(repo, tag="t1", exist_ok=True)
+    with pytest.raises(RevisionNotFoundError):  # commits go to a branch, not a tag
+        alice.upload_file(path_or_fileobj=b"x", path_in_repo="y.txt", repo_id=repo, revision="t1")
+    for bad in ("a..b", "-x", ".hidden", "x.lock", "refs/heads/x", "a b", "a\nb"):
+        with pytest.raises(HfHubHTTPError) as e:
+            alice.create_branch(repo, branch=bad)
+        # a newline inside: no route matches it (the router's patterns stop at one), so a plain 404
+        assert e.value.response.status_code == (404 if "\n" in bad else 400), bad
+    with pytest.raises(HfHubHTTPError) as e:
+        alice.delete_branch(repo, branch="main")
+    assert e.value.response.status_code == 400
+
+
+def test_paths_info_copy_and_folder_deletes(alice):
+    from huggingface_hub import CommitOperationCopy, CommitOperationDelete, RepoFile, RepoFolder
+
+    repo = "team/paths"
+    alice.create_repo(repo)
+    alice.upload_folder(repo_id=repo, folder_path=_folder(alice, {"a/b.txt": b"b", "a/c.txt": b"c", "top.txt": b"t"}))
+    info = alice.get_paths_info(repo, ["top.txt", "a", "missing"])
+    assert [(type(i), i.path) for i in info] == [(RepoFile, "top.txt"), (RepoFolder, "a")]
+    assert info[0].size == 1
+    alice.create_commit(repo, [CommitOperationCopy("top.txt", "copy/top.txt")], commit_message="copy")
+    assert alice.get_paths_info(repo, "copy/top.txt")[0].blob_id == info[0].blob_id
+    alice.create_commit(repo, [CommitOperationDelete("a")], commit_message="a folder, no trailing slash")
+    assert sorted(alice.list_repo_files(repo)) == [".gitattributes", "copy/top.txt", "top.txt"]
+
+
+def _folder(api, files: dict[str, bytes]) -> Path:
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="w2w-up-"))
+    for p, data in files.items():
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).write_bytes(data)
+    return root
+
+
+def test_delete_move_settings_auth_check_follow_the_access_rule(hub, alice, bob):
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    server = hub[0]
+    alice.create_repo("team/moving", private=True)
+    alice.upload_file(path_or_fileobj=b"m", path_in_repo="m.txt", repo_id="team/moving")
+    alice.create_branch("team/moving", branch="dev")
+    alice.auth_check("team/moving")
+    alice.auth_check("team/moving", write=True)
+    for call in (
+        lambda: bob.auth_check("team/moving"),
+        lambda: bob.list_repo_refs("team/moving"),  # a branch of a private repo is as private as the repo
+        lambda: bob.model_info("team/moving", revision="dev"),
+        lambda: bob.delete_repo("team/moving"),
+        lambda: bob.move_repo("team/moving", "lab/stolen"),
+        lambda: hf(server, None).list_repo_refs("team/moving"),
+    ):
+        with pytest.raises(RepositoryNotFoundError):
+            call()
+    with pytest.raises(HfHubHTTPError) as e:  # a move needs write on the target's namespace too
+        alice.move_repo("team/moving", "lab/moving")
+    assert e.value.response.status_code == 403
+    alice.update_repo_settings("team/moving", private=False)
+    bob.auth_check("team/moving")
+    with pytest.raises(HfHubHTTPError) as e:
+        bob.auth_check("team/moving", write=True)
+    assert e.value.response.status_code == 403
+    with pytest.raises(HfHubHTTPError) as e:
+        bob.update_repo_settings("team/moving", private=True)
+    assert e.value.response.status_code == 403
+    alice.move_repo("team/moving", "alice/moved")
+    assert alice.model_info("alice/moved").private is False
+    assert {b.name for b in alice.list_repo_refs("alice/moved").branches} == {"main", "dev"}
+    with pytest.raises(RepositoryNotFoundError):
+        alice.model_info("team/moving")
+    alice.create_repo("team/taken")
+    with pytest.raises(HfHubHTTPError) as e:
+        alice.move_repo("alice/moved", "team/taken")
+    assert e.value.response.status_code == 409
+    alice.delete_repo("alice/moved")
+    with pytest.raises(RepositoryNotFoundError):
+        alice.model_info("alice/moved")
+    alice.delete_repo("alice/moved", missing_ok=True)
+    alice.create_repo("alice/moved")  # the name is free again, and the new repo starts empty
+    assert alice.list_repo_files("alice/moved") == [".gitattributes"]
+
+
+def test_super_squash_history(alice):
+    repo = "team/squash"
+    alice.create_repo(repo)
+    for i in range(3):
+        alice.upload_file(path_or_fileobj=str(i).encode(), path_in_repo=f"{i}.txt", repo_id=repo)
+    alice.create_tag(repo, tag="before")
+    alice.super_squash_history(repo, commit_message="squashed")
+    commits = alice.list_repo_commits(repo)
+    assert [c.title for c in commits] == ["squashed"]
+    assert sorted(alice.list_repo_files(repo)) == [".gitattributes", "0.txt", "1.txt", "2.txt"]
+    assert len(alice.list_repo_commits(repo, revision="before")) == 4  # the tag keeps the old history
+
+
+def test_request_id_on_every_response(hub):
+    server = hub[0]
+    for path in ("/api/models", "/api/models/team/none", "/api/w2w/models"):
+        status, headers, _ = server.request("GET", path)
+        assert len({k.lower(): v for k, v in headers.items()}.get("x-request-id", "")) == 32, path
+    _, headers, _ = server.request("GET", "/api/models", headers={"X-Request-Id": "trace-1"})
+    assert {k.lower(): v for k, v in headers.items()}["x-request-id"] == "trace-1"
+
+
+def test_hf_cli_upload_and_download_a_branch(hub, tmp_path):
+    server = hub[0]
+    folder = _folder(None, {"w.txt": b"on dev"})
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_TOKEN": ALICE, "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1"}  # fmt: skip
+    env.pop("HF_HUB_DISABLE_IMPLICIT_TOKEN")  # set for this module's in-process clients; the CLI uses HF_TOKEN
+    hf_cli = Path(sys.executable).parent / "hf"
+
+    def run(*args: str) -> str:
+        r = subprocess.run([str(hf_cli), *args], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr + r.stdout
+        return r.stdout
+
+    run("repos", "create", "team/cli")
+    run("upload", "team/cli", str(folder), ".", "--revision", "dev", "--commit-message", "to dev")
+    run("download", "team/cli", "w.txt", "--revision", "dev", "--local-dir", str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "w.txt").read_bytes() == b"on dev"
+    run("repos", "tag", "create", "team/cli", "v1", "--revision", "dev")
+    assert "v1" in run("repos", "tag", "list", "team/cli")
+    run("download", "team/cli", "w.txt", "--revision", "v1", "--local-dir", str(tmp_path / "dl2"))
+    assert (tmp_path / "dl2" / "w.txt").read_bytes() == b"on dev"
+    run("repos", "branch", "create", "team/cli", "scratch", "--revision", "v1")
+    run("repos", "delete-files", "team/cli", "w.txt", "--revision", "scratch")
+    run("repos", "branch", "delete", "team/cli", "scratch")
+    run("repos", "settings", "team/cli", "--private")
+    run("repos", "move", "team/cli", "alice/cli")
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=server.url, token=ALICE)
+    assert api.model_info("alice/cli").private and "w.txt" not in api.list_repo_files("alice/cli")  # main untouched
+    assert {b.name for b in api.list_repo_refs("alice/cli").branches} == {"main", "dev"}
+    run("repos", "delete", "alice/cli", "--yes")
+    assert not api.repo_exists("alice/cli")
