@@ -60,6 +60,33 @@ def model_info_json(state: ServerState, repo_id: str, commit: Commit, base_url: 
     }
 
 
+# list_models' sort= (the client's names): the field sorted on, and whether the largest comes first
+SORTS = {
+    None: (None, False),
+    "id": ("id", False),
+    "lastModified": ("lastModified", True),
+    "createdAt": ("createdAt", True),
+    "downloads": ("downloads", True),
+    "likes": ("likes", True),
+    "trendingScore": ("likes", True),  # no trend here: every repo scores 0
+}
+
+
+def _yes(flag: str | None) -> bool:
+    return (flag or "").lower() in ("1", "true", "yes")
+
+
+def _filter_tags(info: dict) -> set[str]:
+    """What `filter=` matches, as on the Hub: the card's tags, library, pipeline tag, base model."""
+    card = info.get("cardData") or {}
+    tags = set(info["tags"]) | {t for t in (info["library_name"], info["pipeline_tag"]) if isinstance(t, str)}
+    base = card.get("base_model")
+    for b in base if isinstance(base, list) else [base]:
+        if isinstance(b, str):
+            tags |= {f"base_model:{b}", f"base_model:adapter:{b}"}
+    return tags
+
+
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)  # the OpenAPI description is the w2w API's; this one is the Hub's
     for module in (hf_repos, hf_commit, hf_refs):
@@ -92,9 +119,23 @@ def build_router(state: ServerState) -> APIRouter:
         }
 
     @r.get("/api/models")
-    def list_models(request: Request, search: str | None = None, author: str | None = None, limit: int | None = None):
+    def list_models(
+        request: Request,
+        search: str | None = None,
+        author: str | None = None,
+        limit: int | None = None,
+        sort: str | None = None,
+        full: str | None = None,
+        cardData: str | None = None,  # noqa: N803 (the Hub's name)
+        pipeline_tag: str | None = None,
+    ):
         who = access.identity(state, request)
         access.require_server_read(state, who)
+        if limit is not None and limit < 0:
+            raise HubHTTPError(400, "limit must be a positive number")
+        if sort not in SORTS:
+            raise HubHTTPError(400, f"sort must be one of {', '.join(k for k in SORTS if k)}, not {sort!r}")
+        wanted = set(request.query_params.getlist("filter"))
         base = str(request.base_url).rstrip("/")
         out = []
         for repo_id in state.store.list_repos():
@@ -104,9 +145,22 @@ def build_router(state: ServerState) -> APIRouter:
                 continue
             if not access.can_read_repo(state, who, repo_id):
                 continue
-            out.append(model_info_json(state, repo_id, state.store.resolve(repo_id), base))
-            if limit and len(out) >= limit:
-                break
+            head = state.store.resolve(repo_id)
+            info = model_info_json(state, repo_id, head, base)
+            if not wanted <= _filter_tags(info) or (pipeline_tag and info["pipeline_tag"] != pipeline_tag):
+                continue
+            times = {"lastModified": head.created, "createdAt": state.store.meta(repo_id).get("created", 0)}
+            out.append((info, times))
+        key, newest_first = SORTS[sort]
+        if key:  # on the times themselves: two commits may share a millisecond
+            out.sort(key=lambda m: m[1].get(key, m[0][key]), reverse=newest_first)
+        out = [info for info, _ in out]
+        out = out[:limit] if limit else out
+        for info in out:  # as the Hub: files and the card only when asked for
+            if not _yes(full):
+                info.pop("siblings")
+            if not (_yes(full) or _yes(cardData)):
+                info.pop("cardData")
         return out
 
     def readable(ns: str, name: str, request: Request) -> str:

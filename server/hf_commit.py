@@ -13,11 +13,12 @@ import logging
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from registry.hubs.store import BRANCH, ParentMismatch, RepoNotFound, RevisionNotFound
+from registry.hubs.store import BRANCH, Commit, ParentMismatch, RepoNotFound, RevisionNotFound
 from registry.nesting import loads_json
 from server import access, indexing
 from server.accounts import Identity
 from server.errors import HubHTTPError, repo_not_found
+from server.gitignore import GitIgnore
 from server.hf_common import raw_rest, read_limited, repo_id_of, resolve, revision_not_found, valid_path
 from server.state import ServerState
 from w2w.errors import HubError, W2WError
@@ -33,6 +34,14 @@ def branch_of(state: ServerState, repo_id: str, revision: str) -> str:
         raise repo_not_found(repo_id) from None
     except RevisionNotFound as e:
         raise revision_not_found(str(e)) from None
+
+
+def _gitignore_of(state: ServerState, head: Commit, sent) -> GitIgnore | None:
+    """The .gitignore a preupload applies: the one the client sent (the commit's own), else the branch's."""
+    if isinstance(sent, str):
+        return GitIgnore(sent)
+    entry = head.files.get(".gitignore")
+    return GitIgnore(state.store.read(entry).decode("utf-8", "replace")) if entry else None
 
 
 def _no_pr(request: Request) -> None:
@@ -52,11 +61,13 @@ def build_router(state: ServerState) -> APIRouter:
         branch = branch_of(state, repo_id, revision)
         head = await run_in_threadpool(resolve, state, repo_id, f"refs/heads/{branch}")
         try:
-            files = loads_json(await read_limited(request, state.max_upload), "the body")["files"]
+            body = loads_json(await read_limited(request, state.max_upload), "the body")
+            files = body["files"]
             if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise HubHTTPError(400, "the body must be JSON: {files: [{path, size, sample}]}") from None
+            raise HubHTTPError(400, "the body must be JSON: {files: [{path, size, sample}], gitIgnore}") from None
+        ignore = await run_in_threadpool(_gitignore_of, state, head, body.get("gitIgnore"))
         out = []
         for f in files:
             path = valid_path(str(f.get("path", "")))
@@ -64,8 +75,9 @@ def build_router(state: ServerState) -> APIRouter:
             if isinstance(size, int) and size > state.max_upload:
                 raise HubHTTPError(413, f"{path}: {size} bytes is over this hub's limit of {state.max_upload}")
             known = head.files.get(path)
+            skip = ignore is not None and ignore.ignores(path)
             out.append(
-                {"path": path, "uploadMode": "regular", "shouldIgnore": False, "oid": known.oid if known else None}
+                {"path": path, "uploadMode": "regular", "shouldIgnore": skip, "oid": known.oid if known else None}
             )
         return {"files": out, "commitOid": head.oid}
 

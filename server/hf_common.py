@@ -48,7 +48,7 @@ def resolve(state: ServerState, repo_id: str, revision: str | None) -> Commit:
 
 
 def iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(t))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 def raw_tail(request: Request, skip: int) -> list[str]:

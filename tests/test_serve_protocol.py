@@ -277,3 +277,43 @@ def test_hf_cli_upload_and_download_a_branch(hub, tmp_path):
     assert {b.name for b in api.list_repo_refs("alice/cli").branches} == {"main", "dev"}
     run("repos", "delete", "alice/cli", "--yes")
     assert not api.repo_exists("alice/cli")
+
+
+def test_gitignore_at_preupload_and_the_hubs_file_names(alice, tmp_path):
+    from huggingface_hub import CommitOperationAdd, hf_hub_download
+
+    repo = "team/names"
+    alice.create_repo(repo)
+    alice.upload_file(path_or_fileobj=b"*.log\nbuild/\n", path_in_repo=".gitignore", repo_id=repo)
+    folder = _folder(alice, {"keep.txt": b"k", "debug.log": b"l", "build/out.bin": b"o", "sub/x.log": b"l"})
+    alice.upload_folder(repo_id=repo, folder_path=folder)  # the branch's .gitignore decides: shouldIgnore
+    assert sorted(alice.list_repo_files(repo)) == [".gitattributes", ".gitignore", "keep.txt"]
+    # 'a:b.txt' would be a drive on Windows: the client itself refuses to save it, so 'ab:c.txt'
+    odd = {"what?.txt": b"q", "ab:c.txt": b"c", "x,y.txt": b"k", "100%.txt": b"p", "dir?/f%20g.txt": b"s"}
+    alice.create_commit(repo, [CommitOperationAdd(p, d) for p, d in odd.items()], commit_message="odd names")
+    for name, data in odd.items():
+        got = hf_hub_download(repo, name, endpoint=alice.endpoint, token=ALICE, cache_dir=tmp_path / "c")
+        assert Path(got).read_bytes() == data, name
+        assert alice.get_paths_info(repo, name)[0].size == len(data)
+    assert [f.path for f in alice.list_repo_tree(repo, path_in_repo="dir?")] == ["dir?/f%20g.txt"]
+
+
+def test_list_models_filters(hub, alice, bob):
+    from huggingface_hub import CommitOperationAdd
+
+    for name, tags in (("lora-a", ["lora", "w2w"]), ("lora-b", ["lora"]), ("plain-c", ["other"])):
+        card = "---\nlibrary_name: diffusers\nbase_model: base/x\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n"
+        bob.create_repo(f"lab/{name}")
+        bob.create_commit(f"lab/{name}", [CommitOperationAdd("README.md", card.encode())], commit_message="card")
+    ids = lambda **kw: [m.id for m in alice.list_models(author="lab", **kw)]  # noqa: E731
+    assert sorted(ids(filter="lora")) == ["lab/lora-a", "lab/lora-b"]
+    assert ids(filter=["lora", "w2w"]) == ["lab/lora-a"]
+    assert sorted(ids(filter="base_model:base/x")) == ["lab/lora-a", "lab/lora-b", "lab/plain-c"]
+    assert ids(search="plain") == ["lab/plain-c"] and ids(filter="diffusers", search="lora-b") == ["lab/lora-b"]
+    assert ids(sort="lastModified") == ["lab/plain-c", "lab/lora-b", "lab/lora-a"]
+    assert ids(sort="created_at", limit=1) == ["lab/plain-c"]
+    short, full = alice.list_models(author="lab", limit=1), alice.list_models(author="lab", limit=1, full=True)
+    assert next(short).siblings is None and [s.rfilename for s in next(full).siblings] == [
+        ".gitattributes",
+        "README.md",
+    ]

@@ -37,8 +37,9 @@ BRANCH = "main"
 MAX_PATH = 1000
 _OID = re.compile(r"^[0-9a-f]{7,40}$")
 # control characters (C0, DEL, C1, Unicode's line/paragraph separators), lone surrogates (no UTF-8 for
-# them), and what Windows refuses in file names
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\\:*?\"<>|]")
+# them), a backslash (a separator on Windows) and what no Windows folder can hold: * " < > |. The Hub takes
+# ':' '?' ',' '%' inside a name (a checkout on Windows cannot have ':' or '?', but Hub repos do).
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\\*\"<>|]")
 
 
 class RepoNotFound(HubError, LookupError):
