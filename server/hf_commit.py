@@ -1,7 +1,9 @@
 """Writing to a repo as the Hub's client does: preupload, then the NDJSON commit to a branch.
 
 A commit to `main` that brings a LoRA is checked before anything is written (a file that is not a readable
-LoRA refuses the commit whole) and indexed after (server.indexing); other branches are stored only.
+LoRA refuses the commit whole) and indexed after (server.indexing); one that changes only the card updates
+the model's attributes. Other branches are stored only, unless the server indexes branches
+(`--index-branches`).
 """
 
 from __future__ import annotations
@@ -141,10 +143,12 @@ def _commit(state: ServerState, repo_id: str, branch: str, body: bytes, who: Ide
     head = resolve(state, repo_id, f"refs/heads/{branch}")
     # Check the LoRA the commit would leave at the head of main before anything is written: a push that
     # cannot be indexed is refused whole. Other branches are not indexed, so not checked.
-    indexed = branch == BRANCH
+    indexed = branch == BRANCH or state.index_branches
     kept = {p for p in head.files if p not in deleted and not any(p.startswith(f + "/") for f in deleted_folders)}
     lora = indexing.lora_path(kept | set(added))
     brings_lora = indexed and lora is not None and lora in added  # a LoRA left as it was indexes nothing
+    # a new card over the same LoRA: the model takes the card's attributes
+    new_card = indexed and not brings_lora and lora is not None and ("README.md" in added or "README.md" in deleted)
     if brings_lora:
         cfg_path = (lora.rsplit("/", 1)[0] + "/" if "/" in lora else "") + "adapter_config.json"
         cfg = added.get(cfg_path) or (state.store.read(head.files[cfg_path]) if cfg_path in head.files else None)
@@ -173,10 +177,13 @@ def _commit(state: ServerState, repo_id: str, branch: str, body: bytes, who: Ide
         raise HubHTTPError(400, str(e)) from None
     log.info("%s committed %s to %s@%s (%d files)", user, commit.oid[:12], repo_id, branch, len(entries))
     out = {"commitUrl": f"{base_url}/{repo_id}/commit/{commit.oid}", "commitOid": commit.oid, "pullRequestUrl": None}
-    if brings_lora:
+    if brings_lora or new_card:
         with state.lock:
             try:
-                result = indexing.index_commit(state.registry, state.store, repo_id, commit)
+                if brings_lora:
+                    result = indexing.index_commit(state.registry, state.store, repo_id, commit)
+                else:
+                    result = indexing.update_card(state.registry, state.store, repo_id, commit)
             except W2WError as e:  # the commit stands; the next start's catch-up retries
                 log.error("%s@%s: indexing failed: %s", repo_id, commit.oid[:12], e)
                 result = indexing.IndexResult(error=str(e))

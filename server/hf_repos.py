@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from registry.hubs.store import RepoExists, RepoNotFound
-from server import access
+from server import access, indexing
 from server.accounts import Identity
 from server.errors import HubHTTPError, repo_not_found
 from server.hf_common import json_object, repo_id_of
@@ -54,6 +54,28 @@ def _repo_id(value, field: str) -> str:
     return repo_id_of(*value.split("/"))
 
 
+def _delete(state: ServerState, repo_id: str) -> None:
+    """Delete the repo; its models stay, marked (server.indexing.repo_deleted), as readable as it was."""
+    with state.lock:  # the registry's models and the repo change together for every reader
+        try:
+            private = bool(state.store.meta(repo_id).get("private"))
+            state.store.delete(repo_id)
+        except RepoNotFound:
+            raise repo_not_found(repo_id) from None
+        indexing.repo_deleted(state.registry, repo_id, private)
+
+
+def _move(state: ServerState, src: str, dst: str) -> None:
+    with state.lock:
+        try:
+            state.store.move(src, dst)
+        except RepoNotFound:
+            raise repo_not_found(src) from None
+        except RepoExists as e:
+            raise HubHTTPError(409, str(e)) from None
+        indexing.repo_moved(state.registry, src, dst)
+
+
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
@@ -81,10 +103,7 @@ def build_router(state: ServerState) -> APIRouter:
         _model_type(body)
         repo_id = _named(body, who)
         access.require_repo_write(state, who, request, repo_id)
-        try:
-            await run_in_threadpool(state.store.delete, repo_id)
-        except RepoNotFound:
-            raise repo_not_found(repo_id) from None
+        await run_in_threadpool(_delete, state, repo_id)
         log.info("%s deleted %s", who.name, repo_id)
         return {}
 
@@ -99,12 +118,7 @@ def build_router(state: ServerState) -> APIRouter:
         access.require_namespace_write(who, request, dst.split("/")[0])
         if src == dst:
             raise HubHTTPError(400, f"{src} is already named {dst}")
-        try:
-            await run_in_threadpool(state.store.move, src, dst)
-        except RepoNotFound:
-            raise repo_not_found(src) from None
-        except RepoExists as e:
-            raise HubHTTPError(409, str(e)) from None
+        await run_in_threadpool(_move, state, src, dst)
         log.info("%s moved %s to %s", who.name, src, dst)
         return {}
 

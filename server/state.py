@@ -18,6 +18,7 @@ class ServerState:
     accounts: Accounts
     private: bool = False
     max_upload: int = DEFAULT_MAX_UPLOAD
+    index_branches: bool = False  # index LoRAs pushed to branches other than main too
     store: RepoStore = field(init=False)
     # The catalog's caches and DuckDB connections are not made for concurrent threads: registry work is
     # serialized (a team hub's requests are short; downloads of repo files do not take this lock).

@@ -317,3 +317,67 @@ def test_list_models_filters(hub, alice, bob):
         ".gitattributes",
         "README.md",
     ]
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory) -> list[bytes]:
+    from test_registry import BASE, SMALL
+
+    from ingest.synthetic import Population
+
+    out = tmp_path_factory.mktemp("loras")
+    Population(SMALL, seed=11).write(out, 5, formats=("diffusers",), base_model=BASE)
+    return [p.read_bytes() for p in sorted(out.glob("*.safetensors"))]
+
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def _card(age: float) -> bytes:
+    return f"---\nw2w:\n  attributes:\n    age: {age}\n---\n# a face\n".encode()
+
+
+def _visible(server, token, where: str | None = None) -> set[str]:
+    status, _, out = server.request("GET", "/api/w2w/models" + (f"?where={where}" if where else ""), token=token)
+    assert status == 200, out
+    return {m["name"] for m in out["models"]}
+
+
+def test_indexing_follows_the_repo(hub, alice, bob, loras):
+    from huggingface_hub import CommitOperationAdd
+
+    server, reg = hub
+    add = lambda repo, files, **kw: alice.create_commit(  # noqa: E731
+        repo, [CommitOperationAdd(p, d) for p, d in files.items()], commit_message="push", **kw
+    )
+    alice.create_repo("team/face")
+    add("team/face", {LORA: loras[0], "README.md": _card(30)})
+    assert reg.get("team.face").attributes == {"age": 30.0}
+    assert "team.face" not in _visible(server, None, "age%20%3E%2050")
+    # a card-only commit, later than the LoRA: the model takes its attributes
+    add("team/face", {"README.md": _card(55)})
+    assert reg.get("team.face").attributes == {"age": 55.0}
+    assert "team.face" in _visible(server, None, "age%20%3E%2050")
+    # a LoRA on another branch is stored, not indexed
+    n = len(reg.ls())
+    alice.create_branch("team/face", branch="dev")
+    add("team/face", {LORA: loras[1]}, revision="dev")
+    assert len(reg.ls()) == n
+    # a move: the model follows (its source names the new repo, same commit)
+    before = reg.get("team.face").source
+    alice.move_repo("team/face", "alice/face")
+    assert reg.get("team.face").source == before.replace("team/face", "alice/face")
+    assert "team.face" in _visible(server, None)
+    # a private repo deleted: its model stays (a vector for lineage), marked, and as hidden as the repo was
+    alice.create_repo("team/hush", private=True)
+    add("team/hush", {LORA: loras[2]})
+    assert "team.hush" in _visible(server, ALICE) and "team.hush" not in _visible(server, BOB)
+    alice.delete_repo("team/hush")
+    assert reg.get("team.hush").source.startswith("hub:serve-deleted-private/team/hush@")
+    assert "team.hush" in _visible(server, ALICE) and "team.hush" not in _visible(server, BOB)
+    alice.create_repo("team/hush")  # the same name again, public: the old model does not come with it
+    assert "team.hush" not in _visible(server, BOB) and "team.hush" not in _visible(server, None)
+    # a public repo deleted: its model stays readable, marked as such
+    alice.delete_repo("alice/face")
+    assert reg.get("team.face").source.startswith("hub:serve-deleted/alice/face@")
+    assert "team.face" in _visible(server, BOB)
