@@ -27,11 +27,14 @@ def create_app(
     private: bool = False,
     max_upload: int = DEFAULT_MAX_UPLOAD,
     index_branches: bool = False,
+    lfs: bool = False,
 ) -> FastAPI:
     """The server over one registry. `tokens`: the accounts (server.accounts), or {token: user name} for
     users without organizations."""
     reg = registry if isinstance(registry, Registry) else Registry.open(registry)
-    state = ServerState(reg, Accounts.of(tokens), private=private, max_upload=max_upload, index_branches=index_branches)
+    state = ServerState(
+        reg, Accounts.of(tokens), private=private, max_upload=max_upload, index_branches=index_branches, lfs=lfs
+    )
     with state.lock:
         for repo_id, result in indexing.catch_up(reg, state.store):
             log.info("indexed %s at start: %s", repo_id, result.to_json())

@@ -4,8 +4,8 @@ This module: model_info / repo_info (at any revision), list_models, list_repo_tr
 get_paths_info, list_repo_commits, whoami, validate-yaml, and HEAD / GET of `/{repo}/resolve/{revision}/{path}`
 (hf_hub_download, snapshot_download, diffusers' load_lora_weights). Writing files: server.hf_commit;
 branches and tags: server.hf_refs; create / delete / move / settings / auth-check: server.hf_repos. A
-revision is a branch, a tag (`refs/heads/..`, `refs/tags/..` too) or a commit. Not covered: LFS / Xet
-transfers, pull requests, datasets and Spaces; those requests get a clear 4xx.
+revision is a branch, a tag (`refs/heads/..`, `refs/tags/..` too) or a commit. Git LFS uploads: server.hf_lfs.
+Not covered: Xet, pull requests, datasets and Spaces; those requests get a clear 4xx.
 
 Errors carry `X-Error-Code` / `X-Error-Message` as the Hub's do, so the client raises its own
 RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError. Who may read and write which repo is
@@ -22,10 +22,10 @@ import yaml
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from registry.hubs.store import BRANCH, Commit
+from registry.hubs.store import BRANCH, Commit, FileEntry, lfs_pointer
 from registry.model_card import parse_front_matter
 from registry.nesting import loads_json
-from server import access, hf_commit, hf_refs, hf_repos, indexing, safe_serving
+from server import access, hf_commit, hf_lfs, hf_refs, hf_repos, indexing, safe_serving
 from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
 from server.hf_common import SMALL_BODY, iso, raw_rest, read_limited, repo_id_of, resolve, revision_and_path, valid_path
 from server.state import ServerState
@@ -72,6 +72,14 @@ SORTS = {
 }
 
 
+def file_json(path: str, e: FileEntry) -> dict:
+    """A file as the tree and paths-info list it; an LFS file with its `lfs` block."""
+    out = {"type": "file", "oid": e.oid, "size": e.size, "path": path}
+    if e.lfs:
+        out["lfs"] = {"oid": e.sha256, "size": e.size, "pointerSize": len(lfs_pointer(e.sha256, e.size))}
+    return out
+
+
 def _yes(flag: str | None) -> bool:
     return (flag or "").lower() in ("1", "true", "yes")
 
@@ -89,7 +97,7 @@ def _filter_tags(info: dict) -> set[str]:
 
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)  # the OpenAPI description is the w2w API's; this one is the Hub's
-    for module in (hf_repos, hf_commit, hf_refs):
+    for module in (hf_repos, hf_commit, hf_refs, hf_lfs):
         r.include_router(module.build_router(state))
 
     @r.post("/api/validate-yaml")
@@ -200,7 +208,7 @@ def build_router(state: ServerState) -> APIRouter:
             for i in range(1, len(parts) if deep else min(2, len(parts))):
                 folders.add(prefix + "/".join(parts[:i]))
             if deep or len(parts) == 1:
-                entries.append({"type": "file", "oid": e.oid, "size": e.size, "path": p})
+                entries.append(file_json(p, e))
         if prefix and not entries and not folders:
             raise HubHTTPError(404, f"{path!r} is not in {repo_id} at {commit.oid[:12]}", "EntryNotFound")
         dirs = [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
@@ -230,7 +238,7 @@ def build_router(state: ServerState) -> APIRouter:
             valid_path(p)
             entry = commit.files.get(p)
             if entry is not None:
-                out.append({"type": "file", "path": p, "oid": entry.oid, "size": entry.size})
+                out.append(file_json(p, entry))
             elif any(f.startswith(p + "/") for f in commit.files):
                 out.append({"type": "directory", "path": p, "oid": "0" * 40, "size": 0})
         return out
@@ -267,6 +275,8 @@ def build_router(state: ServerState) -> APIRouter:
             "Accept-Ranges": "bytes",
             **safe_serving.USER_CONTENT_HEADERS,
         }
+        if entry.lfs:  # as the Hub: the client names its cached copy by the sha256
+            headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
         return FileResponse(
             state.store.object_path(entry.sha256),
             headers=headers,

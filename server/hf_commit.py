@@ -21,7 +21,7 @@ from server import access, indexing
 from server.accounts import Identity
 from server.errors import HubHTTPError, repo_not_found
 from server.gitignore import GitIgnore
-from server.hf_common import raw_rest, read_limited, repo_id_of, resolve, revision_not_found, valid_path
+from server.hf_common import SMALL_BODY, raw_rest, read_limited, repo_id_of, resolve, revision_not_found, valid_path
 from server.state import ServerState
 from w2w.errors import HubError, W2WError
 
@@ -44,6 +44,32 @@ def _gitignore_of(state: ServerState, head: Commit, sent) -> GitIgnore | None:
         return GitIgnore(sent)
     entry = head.files.get(".gitignore")
     return GitIgnore(state.store.read(entry).decode("utf-8", "replace")) if entry else None
+
+
+LFS_SIZE = 10 * 1000 * 1000  # the Hub sends files of 10 MB and more through LFS
+
+
+def _lfs_rules_of(state: ServerState, head: Commit) -> GitIgnore | None:
+    """The patterns the branch's .gitattributes sends through LFS (`filter=lfs`), as a matcher."""
+    entry = head.files.get(".gitattributes")
+    if entry is None or entry.size > SMALL_BODY:
+        return None
+    lines = state.store.read(entry).decode("utf-8", "replace").splitlines()
+    return GitIgnore("\n".join(ln.split()[0] for ln in lines if "filter=lfs" in ln.split()[1:]))
+
+
+def upload_mode(path: str, size, sample, lfs_rules: GitIgnore | None) -> str:
+    """'lfs' where the Hub would answer it: a file of 10 MB or more, one the .gitattributes sends through
+    LFS, or binary content (a NUL byte in the sample); else 'regular' (base64 in the commit)."""
+    if isinstance(size, int) and size >= LFS_SIZE:
+        return "lfs"
+    if lfs_rules is not None and lfs_rules.ignores(path):
+        return "lfs"
+    try:
+        binary = isinstance(sample, str) and b"\0" in base64.b64decode(sample, validate=True)
+    except (binascii.Error, ValueError):
+        binary = False
+    return "lfs" if binary else "regular"
 
 
 def _no_pr(request: Request) -> None:
@@ -70,6 +96,7 @@ def build_router(state: ServerState) -> APIRouter:
         except (ValueError, KeyError, TypeError):
             raise HubHTTPError(400, "the body must be JSON: {files: [{path, size, sample}], gitIgnore}") from None
         ignore = await run_in_threadpool(_gitignore_of, state, head, body.get("gitIgnore"))
+        lfs_rules = await run_in_threadpool(_lfs_rules_of, state, head) if state.lfs else None
         out = []
         for f in files:
             path = valid_path(str(f.get("path", "")))
@@ -78,9 +105,8 @@ def build_router(state: ServerState) -> APIRouter:
                 raise HubHTTPError(413, f"{path}: {size} bytes is over this hub's limit of {state.max_upload}")
             known = head.files.get(path)
             skip = ignore is not None and ignore.ignores(path)
-            out.append(
-                {"path": path, "uploadMode": "regular", "shouldIgnore": skip, "oid": known.oid if known else None}
-            )
+            mode = upload_mode(path, size, f.get("sample"), lfs_rules) if state.lfs else "regular"
+            out.append({"path": path, "uploadMode": mode, "shouldIgnore": skip, "oid": known.oid if known else None})
         return {"files": out, "commitOid": head.oid}
 
     @r.post("/api/models/{ns}/{name}/commit/{revision:path}")
@@ -98,9 +124,10 @@ def build_router(state: ServerState) -> APIRouter:
     return r
 
 
-def _parse_commit(body: bytes) -> tuple[dict, dict[str, bytes], list[str], list[str]]:
+def _parse_commit(body: bytes) -> tuple[dict, dict[str, bytes], dict, list[str], list[str]]:
     header: dict = {}
     added: dict[str, bytes] = {}
+    lfs: dict[str, tuple[str, int | None]] = {}  # path -> (sha256, size) of a file uploaded through LFS
     deleted: list[str] = []
     deleted_folders: list[str] = []
     for n, line in enumerate(body.splitlines(), 1):
@@ -128,35 +155,51 @@ def _parse_commit(body: bytes) -> tuple[dict, dict[str, bytes], list[str], list[
             deleted.append(valid_path(str(value.get("path", ""))))
         elif key == "deletedFolder":
             deleted_folders.append(valid_path(str(value.get("path", "")).rstrip("/")))
-        elif key in ("lfsFile", "copyFile"):
-            raise HubHTTPError(400, f"commit line {n}: {key} is not supported by this hub (it answers 'regular')")
+        elif key == "lfsFile":
+            path = valid_path(str(value.get("path", "")))
+            oid, size = value.get("oid"), value.get("size")
+            # a copy of an LFS file names its oid only (the client's CommitOperationCopy)
+            if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not isinstance(size, int | None):
+                raise HubHTTPError(400, f"commit line {n}: {path}: an lfsFile needs algo sha256, oid and size")
+            lfs[path] = (oid, size)
+        elif key == "copyFile":
+            raise HubHTTPError(400, f"commit line {n}: copyFile is not supported (the client copies through lfsFile)")
         else:
             raise HubHTTPError(400, f"commit line {n}: unknown operation {key!r}")
     if not header.get("summary"):
         raise HubHTTPError(400, "the commit has no header with a summary (commit message)")
-    return header, added, deleted, deleted_folders
+    return header, added, lfs, deleted, deleted_folders
 
 
 def _commit(state: ServerState, repo_id: str, branch: str, body: bytes, who: Identity, base_url: str) -> dict:
     user = who.name or ""
-    header, added, deleted, deleted_folders = _parse_commit(body)
+    header, added, lfs, deleted, deleted_folders = _parse_commit(body)
+    for p, (oid, size) in lfs.items():
+        if not state.store.repo_has_lfs(repo_id, oid, size):
+            raise HubHTTPError(400, f"{p}: the LFS object {oid} was not uploaded to {repo_id} (batch API first)")
+    try:
+        lfs_entries = {p: state.store.lfs_entry(oid, size) for p, (oid, size) in lfs.items()}
+    except HubError as e:  # an lfsFile whose object is not whole
+        raise HubHTTPError(400, str(e)) from None
     head = resolve(state, repo_id, f"refs/heads/{branch}")
     # Check the LoRA the commit would leave at the head of main before anything is written: a push that
     # cannot be indexed is refused whole. Other branches are not indexed, so not checked.
     indexed = branch == BRANCH or state.index_branches
     kept = {p for p in head.files if p not in deleted and not any(p.startswith(f + "/") for f in deleted_folders)}
-    lora = indexing.lora_path(kept | set(added))
-    brings_lora = indexed and lora is not None and lora in added  # a LoRA left as it was indexes nothing
+    lora = indexing.lora_path(kept | set(added) | set(lfs_entries))
+    brings_lora = indexed and lora is not None and (lora in added or lora in lfs_entries)  # else: left as it was
     # a new card over the same LoRA: the model takes the card's attributes
     new_card = indexed and not brings_lora and lora is not None and ("README.md" in added or "README.md" in deleted)
     if brings_lora:
         cfg_path = (lora.rsplit("/", 1)[0] + "/" if "/" in lora else "") + "adapter_config.json"
         cfg = added.get(cfg_path) or (state.store.read(head.files[cfg_path]) if cfg_path in head.files else None)
+        data = added[lora] if lora in added else state.store.read(lfs_entries[lora])
         try:
-            indexing.read_lora_bytes(lora, added[lora], cfg)
+            indexing.read_lora_bytes(lora, data, cfg)
         except W2WError as e:
             raise HubHTTPError(422, str(e)) from None
-    entries = {p: state.store.put_object(data) for p, data in added.items()}
+    entries = state.store.put_objects(added)  # one flush for all of them, before the commit names them
+    entries |= lfs_entries
     try:
         commit = state.store.commit(
             repo_id,

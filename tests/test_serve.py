@@ -163,6 +163,9 @@ def test_diffusers_loads_a_lora_from_the_server(hub, api, tiny_base, tiny_layout
     api.create_repo("team/tiny")
     api.upload_folder(repo_id="team/tiny", folder_path=folder)
     assert hub_reg.get("team.tiny").space_id != hub_reg.get("team.bob").space_id  # another layout: another space
+    # pinned by a tag (issue 14): main no longer has the file, the tag does
+    api.create_tag("team/tiny", tag="v1")
+    api.delete_file("pytorch_lora_weights.safetensors", "team/tiny")
     out = tmp_path / "out.npy"
     script = f"""
 import sys, numpy as np, torch
@@ -170,7 +173,7 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 from diffusers import StableDiffusionPipeline
 from helpers import unet_out
 pipe = StableDiffusionPipeline.from_pretrained({str(tiny_base)!r})
-pipe.load_lora_weights("team/tiny", weight_name="pytorch_lora_weights.safetensors")
+pipe.load_lora_weights("team/tiny", weight_name="pytorch_lora_weights.safetensors", revision="v1")
 np.save({str(out)!r}, unet_out(pipe.unet).numpy())
 """
     env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",

@@ -7,6 +7,8 @@ Real clients only: the unmodified huggingface_hub HfApi and the `hf` CLI (a subp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -381,3 +383,81 @@ def test_indexing_follows_the_repo(hub, alice, bob, loras):
     alice.delete_repo("alice/face")
     assert reg.get("team.face").source.startswith("hub:serve-deleted/alice/face@")
     assert "team.face" in _visible(server, BOB)
+
+
+def test_hffilesystem_and_snapshot_download_at_a_revision(hub, alice, tmp_path):
+    from huggingface_hub import HfFileSystem, snapshot_download
+
+    repo = "team/fs"
+    alice.create_repo(repo)
+    alice.upload_folder(repo_id=repo, folder_path=_folder(alice, {"a/b.txt": b"bb", "c.txt": b"c"}))
+    alice.create_tag(repo, tag="v1")
+    alice.delete_file("c.txt", repo)
+    fs = HfFileSystem(endpoint=alice.endpoint, token=ALICE)
+    assert sorted(fs.ls(f"{repo}@v1", detail=False)) == [f"{repo}@v1/{p}" for p in (".gitattributes", "a", "c.txt")]
+    assert fs.cat(f"{repo}@v1/c.txt") == b"c" and fs.cat(f"{repo}/a/b.txt") == b"bb"
+    assert not fs.exists(f"{repo}/c.txt") and fs.info(f"{repo}/a")["type"] == "directory"
+    with fs.open(f"{repo}/new.txt", "wb") as f:  # a write through the file system is a commit
+        f.write(b"new")
+    assert alice.list_repo_files(repo) == [".gitattributes", "a/b.txt", "new.txt"]
+    got = Path(snapshot_download(repo, revision="v1", endpoint=alice.endpoint, token=ALICE, cache_dir=tmp_path))
+    assert (got / "c.txt").read_bytes() == b"c" and (got / "a" / "b.txt").read_bytes() == b"bb"
+
+
+@pytest.fixture
+def lfs_hub(tmp_path, monkeypatch):
+    """A server that answers 'lfs' at preupload, and a client without Xet (HF_HUB_DISABLE_XET=1)."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_DISABLE_XET", True)
+    reg = Registry.init(tmp_path / "lfs-reg")
+    server = LiveServer(create_app(reg, Accounts(tokens={ALICE: "alice", BOB: "bob"}), lfs=True, max_upload=1 << 20))
+    yield server, reg
+    server.stop()
+
+
+def test_lfs_batch_upload_streams_verifies_and_indexes(lfs_hub, loras, tmp_path):
+    from huggingface_hub import CommitOperationAdd, CommitOperationCopy, hf_hub_download
+
+    server, reg = lfs_hub
+    api = hf(server, ALICE)
+    api.create_repo("alice/big")
+    blob = bytes(range(256)) * 1000  # binary (NUL bytes): the Hub sends it through LFS
+    api.create_commit("alice/big", [CommitOperationAdd("data.bin", blob), CommitOperationAdd(LORA, loras[3]),
+                                    CommitOperationAdd("notes.txt", b"text")], commit_message="lfs")  # fmt: skip
+    info = {f.path: f for f in api.get_paths_info("alice/big", ["data.bin", LORA, "notes.txt"])}
+    assert info["data.bin"].lfs.sha256 == hashlib.sha256(blob).hexdigest() and info["data.bin"].lfs.size == len(blob)
+    assert info[LORA].lfs is not None and info["notes.txt"].lfs is None  # *.safetensors: LFS by .gitattributes
+    assert reg.get("alice.big").source.startswith("hub:serve/alice/big@")  # a LoRA through LFS is indexed
+    got = hf_hub_download("alice/big", "data.bin", endpoint=server.url, token=ALICE, cache_dir=tmp_path / "c")
+    assert Path(got).read_bytes() == blob
+    api.create_commit("alice/big", [CommitOperationCopy("data.bin", "copy.bin")], commit_message="copy an LFS file")
+    assert api.get_paths_info("alice/big", "copy.bin")[0].lfs.sha256 == info["data.bin"].lfs.sha256
+    # the batch API: writers only; an upload link is signed for one object and size
+    oid, size = hashlib.sha256(b"\0new").hexdigest(), 4
+    batch = {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": size}]}
+    status, _, _ = server.request("POST", "/alice/big.git/info/lfs/objects/batch", batch, token=BOB)
+    assert status == 403
+    status, _, out = server.request("POST", "/alice/big.git/info/lfs/objects/batch", batch, token=ALICE)
+    href = out["objects"][0]["actions"]["upload"]["href"].removeprefix(server.url)
+    assert server.request("PUT", href.replace(f"size={size}", "size=5"), b"\0new!")[0] == 401  # tampered
+    assert server.request("PUT", href, b"\0old")[0] == 400  # not the announced content: not kept
+    assert not (reg.paths.repos / "objects" / oid[:2] / oid).exists()
+    assert server.request("PUT", href, b"\0new")[0] == 200
+    status, _, out = server.request("POST", "/alice/big.git/info/lfs/objects/batch", batch, token=ALICE)
+    assert "actions" not in out["objects"][0]  # stored: nothing to upload
+    big = {"operation": "upload", "objects": [{"oid": oid, "size": 2 << 20}]}
+    status, _, out = server.request("POST", "/alice/big.git/info/lfs/objects/batch", big, token=ALICE)
+    assert out["objects"][0]["error"]["code"] == 413
+    # an lfsFile naming an object not uploaded to this repo, even one stored for another: refused
+    bob = hf(server, BOB)
+    bob.create_repo("bob/claim")
+    for missing in ("0" * 64, info["data.bin"].lfs.sha256):
+        line = {"key": "lfsFile", "value": {"path": "x.bin", "algo": "sha256", "oid": missing, "size": len(blob)}}
+        body = json.dumps({"key": "header", "value": {"summary": "x"}}) + "\n" + json.dumps(line) + "\n"
+        status, _, out = server.request("POST", "/api/models/bob/claim/commit/main", body.encode(), token=BOB,
+                                        headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+        assert status == 400 and "was not uploaded to bob/claim" in out["error"], out
+    theirs = {"operation": "upload", "objects": [{"oid": info["data.bin"].lfs.sha256, "size": len(blob)}]}
+    out = server.request("POST", "/bob/claim.git/info/lfs/objects/batch", theirs, token=BOB)[2]
+    assert "upload" in out["objects"][0]["actions"]  # no hint that another repo holds it

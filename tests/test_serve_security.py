@@ -401,6 +401,19 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
             ("POST", f"/api/models/{repo}/super-squash/walk-{who}", {"message": "walk"})
         ],
         ("/api/models/{ns}/{name}/settings", "PUT"): [("PUT", f"/api/models/{repo}/settings", {"private": False})],
+        ("/{ns}/{name}.git/info/lfs/objects/batch", "POST"): [
+            (
+                "POST",
+                f"/{repo}.git/info/lfs/objects/batch",
+                {"operation": "upload", "objects": [{"oid": "a" * 64, "size": 1}]},
+            )
+        ],
+        ("/{ns}/{name}.git/info/lfs/objects/verify", "POST"): [
+            ("POST", f"/{repo}.git/info/lfs/objects/verify", {"oid": "a" * 64, "size": 1})
+        ],
+        ("/api/lfs-upload/{ns}/{name}/{oid}", "PUT"): [
+            ("PUT", f"/api/lfs-upload/{repo}/{'a' * 64}?size=1&expires=9999999999&sig=forged", b"x")
+        ],
         # destructive: on a repo of its own name (missing unless it is the hidden one), never the walk's repos
         ("/api/repos/delete", "DELETE"): [("DELETE", "/api/repos/delete", {"name": _other(repo)})],
         ("/api/repos/move", "POST"): [
