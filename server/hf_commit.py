@@ -38,7 +38,7 @@ def branch_of(state: ServerState, repo_id: str, revision: str) -> str:
         raise revision_not_found(str(e)) from None
 
 
-def _gitignore_of(state: ServerState, head: Commit, sent) -> GitIgnore | None:
+def _gitignore_of(state: ServerState, head: Commit, sent: object) -> GitIgnore | None:
     """The .gitignore a preupload applies: the one the client sent (the commit's own), else the branch's."""
     if isinstance(sent, str):
         return GitIgnore(sent)
@@ -58,7 +58,7 @@ def _lfs_rules_of(state: ServerState, head: Commit) -> GitIgnore | None:
     return GitIgnore("\n".join(ln.split()[0] for ln in lines if "filter=lfs" in ln.split()[1:]))
 
 
-def upload_mode(path: str, size, sample, lfs_rules: GitIgnore | None) -> str:
+def upload_mode(path: str, size: object, sample: object, lfs_rules: GitIgnore | None) -> str:
     """'lfs' where the Hub would answer it: a file of 10 MB or more, one the .gitattributes sends through
     LFS, or binary content (a NUL byte in the sample); else 'regular' (base64 in the commit)."""
     if isinstance(size, int) and size >= LFS_SIZE:

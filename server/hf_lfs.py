@@ -17,6 +17,7 @@ import secrets
 import time
 from urllib.parse import quote
 
+import anyio.from_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -101,7 +102,7 @@ def build_router(state: ServerState) -> APIRouter:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) != size:
             raise HubHTTPError(400, f"the upload has {declared} bytes, not the {size} announced")
-        chunks = _sync_chunks(request)
+        chunks = _SyncChunks(request)
         try:
             await run_in_threadpool(state.store.put_stream, chunks, oid, size)
             state.store.mark_lfs(repo_id, oid)
@@ -126,20 +127,17 @@ def build_router(state: ServerState) -> APIRouter:
     return r
 
 
-class _sync_chunks:
+class _SyncChunks:
     """The request body as a plain iterator for a worker thread (each chunk awaited on the event loop)."""
 
     def __init__(self, request: Request):
-        import anyio.from_thread
-
         self._stream = request.stream().__aiter__()
-        self._portal = anyio.from_thread
 
     def __iter__(self):
         return self
 
     def __next__(self) -> bytes:
         try:
-            return self._portal.run(self._stream.__anext__)
+            return anyio.from_thread.run(self._stream.__anext__)
         except StopAsyncIteration:
             raise StopIteration from None
