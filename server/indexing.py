@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from registry.hubs.store import Commit, RepoStore
+from registry.hubs.store import Commit, RepoStore, RevisionNotFound
 from registry.model_card import parse_front_matter
 from registry.registry import NewModel, Registry, validate_attributes
-from w2w.errors import W2WError
+from w2w.errors import HubError, W2WError
 from w2w.formats.fastread import VectorRead, read_vector
 
 log = logging.getLogger("w2wreg.serve")
@@ -177,6 +177,26 @@ def repo_deleted(reg: Registry, repo_id: str, private: bool) -> None:
         reg.update_model(model_id, source=prefix + source[len(SOURCE_PREFIX) :])
 
 
+def _lora_indexed(reg: Registry, store: RepoStore, repo_id: str, head: Commit, lora: str) -> bool:
+    """Whether the repo's newest model came from the very LoRA file at `head` (a later commit changed the
+    card, or nothing the index sees)."""
+    models = models_of_repo(reg, repo_id)
+    if not models:
+        return False
+    try:
+        at = store.resolve(repo_id, models[-1][1].rsplit("@", 1)[1])
+    except (RevisionNotFound, HubError):
+        return False
+    return lora in at.files and at.files[lora].sha256 == head.files[lora].sha256
+
+
+def _card_caught_up(reg: Registry, store: RepoStore, repo_id: str, head: Commit) -> IndexResult | None:
+    model_id = models_of_repo(reg, repo_id)[-1][0]
+    if reg.get(model_id).attributes == attributes_of_card(repo_id, card_of(store, head)):
+        return None
+    return update_card(reg, store, repo_id, head)
+
+
 def _lineage_from_card(reg: Registry, entries) -> list[tuple[int | None, str, dict]]:
     """The card's lineage, each parent linked to its model here when the parent's repo and revision were
     pushed to this hub too (w2wreg push records them); other parents are kept by name in the params."""
@@ -206,15 +226,20 @@ def _models_by_source(reg: Registry) -> dict[str, int]:
 
 
 def catch_up(reg: Registry, store: RepoStore) -> list[tuple[str, IndexResult]]:
-    """Index the head of every repo whose head is not registered yet (after a crash, or an old store)."""
+    """Index the head of every repo whose head is not registered yet (after a crash, or an old store); a head
+    whose LoRA is indexed but whose card changed meanwhile gives the model the card's attributes."""
     done = _models_by_source(reg)
     out = []
     for repo_id in store.list_repos():
         head = store.resolve(repo_id)
-        if f"{SOURCE_PREFIX}{repo_id}@{head.oid}" in done or lora_path(head.files) is None:
+        lora = lora_path(head.files)
+        if f"{SOURCE_PREFIX}{repo_id}@{head.oid}" in done or lora is None:
             continue
         try:
-            result = index_commit(reg, store, repo_id, head)
+            if _lora_indexed(reg, store, repo_id, head, lora):
+                result = _card_caught_up(reg, store, repo_id, head)
+            else:
+                result = index_commit(reg, store, repo_id, head)
         except W2WError as e:
             result = IndexResult(error=str(e))
         if result is not None:

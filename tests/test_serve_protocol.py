@@ -461,3 +461,18 @@ def test_lfs_batch_upload_streams_verifies_and_indexes(lfs_hub, loras, tmp_path)
     theirs = {"operation": "upload", "objects": [{"oid": info["data.bin"].lfs.sha256, "size": len(blob)}]}
     out = server.request("POST", "/bob/claim.git/info/lfs/objects/batch", theirs, token=BOB)[2]
     assert "upload" in out["objects"][0]["actions"]  # no hint that another repo holds it
+
+
+def test_a_card_changed_while_the_server_was_down_is_caught_up_at_start(tmp_path, loras):
+    from registry.hubs.store import RepoStore
+
+    reg = Registry.init(tmp_path / "r")
+    store = RepoStore(reg.paths.repos)
+    store.create("team/late")
+    store.commit("team/late", store.put_objects({LORA: loras[4], "README.md": _card(20)}), message="lora")
+    LiveServer(create_app(reg, {ALICE: "alice"})).stop()
+    assert reg.get("team.late").attributes == {"age": 20.0}
+    store.commit("team/late", store.put_objects({"README.md": _card(70)}), message="card, server down")
+    n = len(reg.ls())
+    LiveServer(create_app(reg, {ALICE: "alice"})).stop()
+    assert reg.get("team.late").attributes == {"age": 70.0} and len(reg.ls()) == n  # updated, not re-added
