@@ -101,6 +101,11 @@ def test_branches_tags_and_refs_everywhere_a_revision_goes(alice, tmp_path):
     assert alice.model_info(repo, revision="refs/heads/dev").sha == branches["dev"]
     assert sorted(alice.list_repo_files(repo, revision="dev")) == [".gitattributes", "extra/x.txt", "notes.txt"]
     assert "extra/x.txt" not in alice.list_repo_files(repo)
+    assert alice.list_repo_files(repo, revision="refs/heads/dev") == alice.list_repo_files(repo, revision="dev")
+    assert [c.commit_id for c in alice.list_repo_commits(repo, revision="refs/tags/v1.0")][0] == v1
+    assert [f.path for f in alice.list_repo_tree(repo, path_in_repo="extra", revision="refs/heads/dev")] == [
+        "extra/x.txt"
+    ]
     assert [f.path for f in alice.list_repo_tree(repo, path_in_repo="extra", revision="dev")] == ["extra/x.txt"]
     assert len(alice.list_repo_commits(repo, revision="dev")) == len(alice.list_repo_commits(repo)) + 2
     alice.delete_tag(repo, tag="v1.0")
