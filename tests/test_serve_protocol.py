@@ -481,3 +481,18 @@ def test_a_card_changed_while_the_server_was_down_is_caught_up_at_start(tmp_path
     n = len(reg.ls())
     LiveServer(create_app(reg, {ALICE: "alice"})).stop()
     assert reg.get("team.late").attributes == {"age": 70.0} and len(reg.ls()) == n  # updated, not re-added
+
+
+def test_index_branches_indexes_a_lora_pushed_to_another_branch(tmp_path, loras):
+    from huggingface_hub import CommitOperationAdd
+
+    reg = Registry.init(tmp_path / "r")
+    server = LiveServer(create_app(reg, {ALICE: "alice"}, index_branches=True))
+    try:
+        api = hf(server, ALICE)
+        api.create_repo("alice/br")
+        api.create_branch("alice/br", branch="dev")
+        api.create_commit("alice/br", [CommitOperationAdd(LORA, loras[0])], commit_message="dev", revision="dev")
+        assert reg.get("alice.br").source.startswith("hub:serve/alice/br@")
+    finally:
+        server.stop()
