@@ -25,6 +25,18 @@ from cli.errors import fail
     help="Users and organizations: 'NAME TOKEN' (a user), '@ORG MEMBER ...', 'TOKEN' (an operator) per line.",
 )
 @click.option("--private", is_flag=True, help="Reads need a token too (by default public repos are open).")
+@click.option(
+    "--index-branches",
+    is_flag=True,
+    help="Index LoRAs pushed to any branch (by default only main's are registered; other branches are stored).",
+)
+@click.option(
+    "--lfs",
+    is_flag=True,
+    help="Answer 'lfs' at preupload for large and binary files, as the Hub does (clients then use the Git LFS "
+    "batch API: streamed to disk). Only for clients without hf_xet or with HF_HUB_DISABLE_XET=1: others would "
+    "go to Xet, which this server does not speak.",
+)
 @click.option("--max-upload-mb", type=click.IntRange(1), default=1024, show_default=True, help="Largest request body.")
 @click.option(
     "--registry",
@@ -36,7 +48,7 @@ from cli.errors import fail
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 @click.pass_context
-def serve(ctx, host, port, tokens, tokens_file, private, max_upload_mb, registry_dir, log_level):
+def serve(ctx, host, port, tokens, tokens_file, private, index_branches, lfs, max_upload_mb, registry_dir, log_level):
     """Serve the registry as a Hugging Face-protocol hub that indexes every LoRA pushed to it.
 
     \b
@@ -68,7 +80,9 @@ def serve(ctx, host, port, tokens, tokens_file, private, max_upload_mb, registry
         click.echo(f"operator token (pass --token or --tokens-file to choose your own): {t}", err=True)
     reg = Registry.init(registry_dir or ctx.obj)  # serving an empty registry is how a team hub starts
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(reg, known, private=private, max_upload=max_upload_mb << 20)
+    app = create_app(
+        reg, known, private=private, max_upload=max_upload_mb << 20, index_branches=index_branches, lfs=lfs
+    )
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
     server = uvicorn.Server(config)
     click.echo(f"w2wreg hub for {reg.root} on http://{host}:{port}/  (API docs: /api/w2w/docs)", err=True)

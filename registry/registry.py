@@ -448,6 +448,40 @@ class Registry:
                 )
         return report
 
+    def update_model(
+        self, ref: str | int | ModelRow, attributes: dict | None = None, source: str | None = None
+    ) -> ModelRow:
+        """Replace a model's attributes and/or its source (its repo's card changed, the repo moved or went);
+        the vector, name and lineage stay. One transaction: all of it or nothing."""
+        m = self.get(ref)
+        attrs = validate_attributes(attributes) if attributes is not None else None
+        with self.writing(), self.catalog.connect(write=True) as con:
+            kinds = dict(con.execute("SELECT key, kind FROM attribute_keys").fetchall())
+            new_kinds = {}
+            for key, value in (attrs or {}).items():
+                kind = "bool" if isinstance(value, bool) else "number"
+                if kinds.get(key, kind) != kind:
+                    raise AttributeInputError(f"{m.name}: attribute {key!r} holds {kinds[key]} values elsewhere")
+                if key not in kinds:
+                    new_kinds[key] = kind
+            con.execute("BEGIN TRANSACTION")
+            try:
+                if attrs is not None:
+                    con.execute("DELETE FROM attributes WHERE model_id = ?", [m.id])
+                    if new_kinds:
+                        con.executemany("INSERT INTO attribute_keys VALUES (?, ?)", list(new_kinds.items()))
+                    if attrs:
+                        con.executemany(
+                            "INSERT INTO attributes VALUES (?, ?, ?)", [(m.id, k, float(v)) for k, v in attrs.items()]
+                        )
+                if source is not None:
+                    con.execute("UPDATE models SET source = ? WHERE id = ?", [source, m.id])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return self.get(m.id)
+
     # --- reading ---------------------------------------------------------------------------------
 
     def get(self, ref: str | int | ModelRow) -> ModelRow:

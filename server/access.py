@@ -4,7 +4,8 @@ Repos: a user writes the namespace of their own name and those of their organiza
 writes every one). A private repo is read only by those who may write it; on a --private server nothing
 is read without a token. A repo the caller may not read looks missing.
 
-Models of the registry: a model pushed here is readable exactly when its repo is; any other model (an
+Models of the registry: a model pushed here is readable exactly when its repo is (after the repo is
+deleted: as the repo was, by the same people); any other model (an
 edit, a mix, anything derived) when every parent it is linked to is, so an edit of a private model stays
 as private as its parent. Models registered outside any push and without parents are as open as a public
 repo.
@@ -21,7 +22,7 @@ from registry.catalog import ModelRow
 from registry.hubs.store import RepoNotFound
 from server.accounts import Identity
 from server.errors import AUTH_ERROR, HubHTTPError, repo_not_found
-from server.indexing import SOURCE_PREFIX
+from server.indexing import DELETED_PREFIX, DELETED_PRIVATE_PREFIX, SOURCE_PREFIX
 from server.state import ServerState
 from w2w.errors import HubError, UnknownModelError, W2WError
 
@@ -121,6 +122,14 @@ def repo_of_source(source: str | None) -> str | None:
     return None
 
 
+def deleted_repo_of_source(source: str | None) -> tuple[str, bool] | None:
+    """(repo, was private) of a model whose repo of this hub was deleted, if it is one."""
+    for prefix, private in ((DELETED_PRIVATE_PREFIX, True), (DELETED_PREFIX, False)):
+        if source and source.startswith(prefix):
+            return source[len(prefix) :].split("@")[0], private
+    return None
+
+
 class ModelView:
     """The models of the registry as one identity may see them. Build one per request, under state.lock."""
 
@@ -145,6 +154,11 @@ class ModelView:
             while stack:
                 m = stack[-1]
                 if m in verdict:
+                    stack.pop()
+                    continue
+                gone = deleted_repo_of_source(sources.get(m))
+                if gone is not None:  # as readable as its repo was when it was deleted
+                    verdict[m] = may_read(self.who, gone[0], gone[1], self.state.private)
                     stack.pop()
                     continue
                 repo = repo_of_source(sources.get(m))

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from registry.registry import Registry
 from server import hf_api, indexing, safe_serving, w2w_api
 from server.accounts import Accounts
+from server.request_id import RequestId
 from server.state import DEFAULT_MAX_UPLOAD, ServerState
 from w2w.errors import RegistryLockedError, W2WError
 
@@ -25,11 +26,15 @@ def create_app(
     tokens: Accounts | dict[str, str],
     private: bool = False,
     max_upload: int = DEFAULT_MAX_UPLOAD,
+    index_branches: bool = False,
+    lfs: bool = False,
 ) -> FastAPI:
     """The server over one registry. `tokens`: the accounts (server.accounts), or {token: user name} for
     users without organizations."""
     reg = registry if isinstance(registry, Registry) else Registry.open(registry)
-    state = ServerState(reg, Accounts.of(tokens), private=private, max_upload=max_upload)
+    state = ServerState(
+        reg, Accounts.of(tokens), private=private, max_upload=max_upload, index_branches=index_branches, lfs=lfs
+    )
     with state.lock:
         for repo_id, result in indexing.catch_up(reg, state.store):
             log.info("indexed %s at start: %s", repo_id, result.to_json())
@@ -46,6 +51,7 @@ def create_app(
     )
     app.state.w2w = state
     app.add_middleware(safe_serving.SecurityHeaders, exempt=("/api/w2w/docs",))
+    app.add_middleware(RequestId)
 
     @app.exception_handler(hf_api.HubHTTPError)
     async def hub_error(request: Request, e: hf_api.HubHTTPError):

@@ -3,6 +3,10 @@
 The LoRA is checked before the commit is made (a file that is not a readable LoRA refuses the commit),
 and registered after it; a server that stopped in between registers it at its next start
 (`catch_up`), so the registry always ends up with the head of every repo.
+
+The index follows the repo: a later commit that changes only the card updates the model's attributes; a
+moved repo's models follow it (their source names the new repo); a deleted repo's models stay (their
+vectors are parents of others) with a source that says so, as readable as the repo was.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from registry.hubs.store import Commit, RepoStore
+from registry.hubs.store import Commit, RepoStore, RevisionNotFound
 from registry.model_card import parse_front_matter
 from registry.registry import NewModel, Registry, validate_attributes
-from w2w.errors import W2WError
+from w2w.errors import HubError, W2WError
 from w2w.formats.fastread import VectorRead, read_vector
 
 log = logging.getLogger("w2wreg.serve")
@@ -27,6 +31,9 @@ log = logging.getLogger("w2wreg.serve")
 # the files a LoRA repo keeps its weights in (diffusers, PEFT); other .safetensors files are stored only
 LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 SOURCE_PREFIX = "hub:serve/"
+# a model whose repo was deleted: readable by all (the repo was public) or by its namespace's writers
+DELETED_PREFIX = "hub:serve-deleted/"
+DELETED_PRIVATE_PREFIX = "hub:serve-deleted-private/"
 
 
 def lora_path(paths) -> str | None:
@@ -105,12 +112,7 @@ def index_commit(reg: Registry, store: RepoStore, repo_id: str, commit: Commit) 
     vr = read_lora_bytes(path, store.read(commit.files[path]), store.read(cfg) if cfg else None)
     card = card_of(store, commit)
     w2w = card.get("w2w") if isinstance(card.get("w2w"), dict) else {}
-    attributes = {}
-    if isinstance(w2w.get("attributes"), dict):
-        try:
-            attributes = validate_attributes(w2w["attributes"])
-        except W2WError as e:
-            log.warning("%s: attributes in README.md ignored (%s)", repo_id, e)
+    attributes = attributes_of_card(repo_id, card)
     base_model = card.get("base_model") if isinstance(card.get("base_model"), str) else None
     item = NewModel(
         model_name(repo_id, commit, reg),
@@ -131,6 +133,68 @@ def index_commit(reg: Registry, store: RepoStore, repo_id: str, commit: Commit) 
     if report.skipped:
         return IndexResult(duplicate_of=report.skipped[0][1])
     return IndexResult(error=report.errors[0][1] if report.errors else "not indexed")
+
+
+def attributes_of_card(repo_id: str, card: dict) -> dict:
+    """The `w2w: attributes:` of a card ({} without them, or when they are not valid attributes)."""
+    w2w = card.get("w2w") if isinstance(card.get("w2w"), dict) else {}
+    if not isinstance(w2w.get("attributes"), dict):
+        return {}
+    try:
+        return validate_attributes(w2w["attributes"])
+    except W2WError as e:
+        log.warning("%s: attributes in README.md ignored (%s)", repo_id, e)
+        return {}
+
+
+def models_of_repo(reg: Registry, repo_id: str) -> list[tuple[int, str]]:
+    """(model id, source) of every model pushed to `repo_id` (any revision), oldest first."""
+    prefix = f"{SOURCE_PREFIX}{repo_id}@"
+    return sorted((i, s) for s, i in _models_by_source(reg).items() if s.startswith(prefix))
+
+
+def update_card(reg: Registry, store: RepoStore, repo_id: str, commit: Commit) -> IndexResult | None:
+    """A commit that changed the card, not the LoRA: the repo's current model takes the card's attributes.
+    Caller holds the registry lock."""
+    models = models_of_repo(reg, repo_id)
+    if not models:
+        return None
+    model_id = models[-1][0]  # the newest: the one of the LoRA at the head
+    m = reg.update_model(model_id, attributes=attributes_of_card(repo_id, card_of(store, commit)))
+    return IndexResult(model=m.name, model_id=m.id)
+
+
+def repo_moved(reg: Registry, src: str, dst: str) -> None:
+    """The models of `src` now name `dst` in their source (same commits: the history moved with it)."""
+    for model_id, source in models_of_repo(reg, src):
+        reg.update_model(model_id, source=f"{SOURCE_PREFIX}{dst}@" + source.rsplit("@", 1)[1])
+
+
+def repo_deleted(reg: Registry, repo_id: str, private: bool) -> None:
+    """The models of a deleted repo keep their vectors (lineage) under a source that says the repo is gone."""
+    prefix = DELETED_PRIVATE_PREFIX if private else DELETED_PREFIX
+    for model_id, source in models_of_repo(reg, repo_id):
+        reg.update_model(model_id, source=prefix + source[len(SOURCE_PREFIX) :])
+
+
+def _lora_indexed(reg: Registry, store: RepoStore, repo_id: str, head: Commit, lora: str) -> bool:
+    """Whether the repo's newest model came from the very LoRA file at `head` (a later commit changed the
+    card, or nothing the index sees)."""
+    models = models_of_repo(reg, repo_id)
+    if not models:
+        return False
+    try:
+        at = store.resolve(repo_id, models[-1][1].rsplit("@", 1)[1])
+    except (RevisionNotFound, HubError):
+        return False
+    return lora in at.files and at.files[lora].sha256 == head.files[lora].sha256
+
+
+def _card_caught_up(reg: Registry, store: RepoStore, repo_id: str, head: Commit) -> IndexResult | None:
+    model_id = models_of_repo(reg, repo_id)[-1][0]
+    if reg.get(model_id).attributes == attributes_of_card(repo_id, card_of(store, head)):
+        return None
+    return update_card(reg, store, repo_id, head)
 
 
 def _lineage_from_card(reg: Registry, entries) -> list[tuple[int | None, str, dict]]:
@@ -162,15 +226,20 @@ def _models_by_source(reg: Registry) -> dict[str, int]:
 
 
 def catch_up(reg: Registry, store: RepoStore) -> list[tuple[str, IndexResult]]:
-    """Index the head of every repo whose head is not registered yet (after a crash, or an old store)."""
+    """Index the head of every repo whose head is not registered yet (after a crash, or an old store); a head
+    whose LoRA is indexed but whose card changed meanwhile gives the model the card's attributes."""
     done = _models_by_source(reg)
     out = []
     for repo_id in store.list_repos():
         head = store.resolve(repo_id)
-        if f"{SOURCE_PREFIX}{repo_id}@{head.oid}" in done or lora_path(head.files) is None:
+        lora = lora_path(head.files)
+        if f"{SOURCE_PREFIX}{repo_id}@{head.oid}" in done or lora is None:
             continue
         try:
-            result = index_commit(reg, store, repo_id, head)
+            if _lora_indexed(reg, store, repo_id, head, lora):
+                result = _card_caught_up(reg, store, repo_id, head)
+            else:
+                result = index_commit(reg, store, repo_id, head)
         except W2WError as e:
             result = IndexResult(error=str(e))
         if result is not None:

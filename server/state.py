@@ -18,6 +18,10 @@ class ServerState:
     accounts: Accounts
     private: bool = False
     max_upload: int = DEFAULT_MAX_UPLOAD
+    index_branches: bool = False  # index LoRAs pushed to branches other than main too
+    # preupload answers "lfs" as the Hub does (server.hf_lfs). Off by default: a client with hf_xet installed
+    # (huggingface_hub's default) sends every "lfs" file through Xet, which this server does not speak.
+    lfs: bool = False
     store: RepoStore = field(init=False)
     # The catalog's caches and DuckDB connections are not made for concurrent threads: registry work is
     # serialized (a team hub's requests are short; downloads of repo files do not take this lock).

@@ -345,6 +345,11 @@ def w2w_requests(route: str, method: str, ref: str, who: str) -> list[tuple[str,
     return table[(route, method)]
 
 
+def _other(repo: str) -> str:
+    """The hidden repo itself (its answers are compared with a missing one's), else a repo nobody made."""
+    return repo if repo == "team/secret" else f"{repo}-gone"
+
+
 def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str, str, object]]:
     """The requests of one Hub-protocol route, with `repo` wherever a repo goes."""
     ns, name = repo.split("/")
@@ -359,18 +364,61 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
         ("/api/whoami-v2", "GET"): [("GET", "/api/whoami-v2", None)],
         ("/api/models", "GET"): [("GET", "/api/models", None), ("GET", f"/api/models?search={name}", None)],
         ("/api/models/{ns}/{name}", "GET"): [("GET", f"/api/models/{repo}", None)],
-        ("/api/models/{ns}/{name}/revision/{revision}", "GET"): [("GET", f"/api/models/{repo}/revision/main", None)],
-        ("/api/models/{ns}/{name}/tree/{revision}", "GET"): [("GET", f"/api/models/{repo}/tree/main", None)],
-        ("/api/models/{ns}/{name}/tree/{revision}/{path:path}", "GET"): [
-            ("GET", f"/api/models/{repo}/tree/main/sub", None)
+        ("/api/models/{ns}/{name}/revision/{revision:path}", "GET"): [
+            ("GET", f"/api/models/{repo}/revision/main", None),
+            ("GET", f"/api/models/{repo}/revision/refs%2Fheads%2Fmain", None),
         ],
-        ("/api/models/{ns}/{name}/commits/{revision}", "GET"): [("GET", f"/api/models/{repo}/commits/main", None)],
-        ("/api/models/{ns}/{name}/preupload/{revision}", "POST"): [
+        ("/api/models/{ns}/{name}/tree/{rest:path}", "GET"): [
+            ("GET", f"/api/models/{repo}/tree/main", None),
+            ("GET", f"/api/models/{repo}/tree/main/sub", None),
+        ],
+        ("/api/models/{ns}/{name}/commits/{revision:path}", "GET"): [("GET", f"/api/models/{repo}/commits/main", None)],
+        ("/api/models/{ns}/{name}/preupload/{revision:path}", "POST"): [
             ("POST", f"/api/models/{repo}/preupload/main", {"files": [{"path": "a.txt", "size": 1, "sample": ""}]})
         ],
-        ("/api/models/{ns}/{name}/commit/{revision}", "POST"): [("POST", f"/api/models/{repo}/commit/main", commit)],
-        ("/{ns}/{name}/resolve/{revision}/{path:path}", "GET"): [("GET", f"/{repo}/resolve/main/{LORA}", None)],
-        ("/{ns}/{name}/resolve/{revision}/{path:path}", "HEAD"): [("HEAD", f"/{repo}/resolve/main/{LORA}", None)],
+        ("/api/models/{ns}/{name}/commit/{revision:path}", "POST"): [
+            ("POST", f"/api/models/{repo}/commit/main", commit)
+        ],
+        ("/{ns}/{name}/resolve/{rest:path}", "GET"): [("GET", f"/{repo}/resolve/main/{LORA}", None)],
+        ("/{ns}/{name}/resolve/{rest:path}", "HEAD"): [("HEAD", f"/{repo}/resolve/main/{LORA}", None)],
+        ("/api/models/{ns}/{name}/paths-info/{revision:path}", "POST"): [
+            ("POST", f"/api/models/{repo}/paths-info/main", {"paths": [LORA, "README.md"]})
+        ],
+        ("/api/models/{ns}/{name}/refs", "GET"): [("GET", f"/api/models/{repo}/refs", None)],
+        ("/api/models/{ns}/{name}/auth-check", "GET"): [("GET", f"/api/models/{repo}/auth-check", None)],
+        ("/api/models/{ns}/{name}/auth-check/write", "GET"): [("GET", f"/api/models/{repo}/auth-check/write", None)],
+        ("/api/models/{ns}/{name}/branch/{branch:path}", "POST"): [
+            ("POST", f"/api/models/{repo}/branch/walk-{who}", {})
+        ],
+        ("/api/models/{ns}/{name}/branch/{branch:path}", "DELETE"): [
+            ("DELETE", f"/api/models/{repo}/branch/walk-{who}", None)
+        ],
+        ("/api/models/{ns}/{name}/tag/{revision:path}", "POST"): [
+            ("POST", f"/api/models/{repo}/tag/main", {"tag": f"walk-{who}"})
+        ],
+        ("/api/models/{ns}/{name}/tag/{tag:path}", "DELETE"): [("DELETE", f"/api/models/{repo}/tag/walk-{who}", None)],
+        ("/api/models/{ns}/{name}/super-squash/{branch:path}", "POST"): [
+            ("POST", f"/api/models/{repo}/super-squash/walk-{who}", {"message": "walk"})
+        ],
+        ("/api/models/{ns}/{name}/settings", "PUT"): [("PUT", f"/api/models/{repo}/settings", {"private": False})],
+        ("/{ns}/{name}.git/info/lfs/objects/batch", "POST"): [
+            (
+                "POST",
+                f"/{repo}.git/info/lfs/objects/batch",
+                {"operation": "upload", "objects": [{"oid": "a" * 64, "size": 1}]},
+            )
+        ],
+        ("/{ns}/{name}.git/info/lfs/objects/verify", "POST"): [
+            ("POST", f"/{repo}.git/info/lfs/objects/verify", {"oid": "a" * 64, "size": 1})
+        ],
+        ("/api/lfs-upload/{ns}/{name}/{oid}", "PUT"): [
+            ("PUT", f"/api/lfs-upload/{repo}/{'a' * 64}?size=1&expires=9999999999&sig=forged", b"x")
+        ],
+        # destructive: on a repo of its own name (missing unless it is the hidden one), never the walk's repos
+        ("/api/repos/delete", "DELETE"): [("DELETE", "/api/repos/delete", {"name": _other(repo)})],
+        ("/api/repos/move", "POST"): [
+            ("POST", "/api/repos/move", {"fromRepo": _other(repo), "toRepo": _other(repo) + "-moved"})
+        ],
     }
     return table[(route, method)]
 
@@ -426,7 +474,9 @@ def test_every_route_with_three_identities_leaks_no_private_model(world):
                             _same_as_missing(world, m, path, body, token, hidden, ghost)
                         checked += 1
         for route, method in sorted(hub_routes):
-            writes = method == "POST" and route not in ("/api/validate-yaml",)
+            writes = (
+                method not in ("GET", "HEAD") and "paths-info" not in route and route not in ("/api/validate-yaml",)
+            )
             for m, path, body in hub_requests(route, method, "team/pub0" if not writes else "lab/bobpub", who):
                 status, _, out = _call(server, m, path, body, token)
                 assert status < 500, (who, path, status, out)
@@ -443,7 +493,7 @@ def test_every_route_with_three_identities_leaks_no_private_model(world):
                 elif who == "owner":
                     if not writes:
                         assert _call(server, m, path, body, token)[0] in (200, 404), path  # tree/main/sub: 404
-                elif "{ns}" in route or route == "/api/repos/create":
+                elif "{ns}" in route or route.startswith("/api/repos/"):
                     _same_or_forbidden(world, m, path, body, token)
                 checked += 1
         for route, method in STATIC:

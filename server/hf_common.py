@@ -1,0 +1,98 @@
+"""What the Hub-protocol routes share: repo ids, revisions and paths from a request, bodies read with a limit,
+and the store's errors turned into the Hub's statuses and `X-Error-Code`s."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote, unquote
+
+from fastapi import Request
+
+from registry.hubs import validate_repo_id
+from registry.hubs.store import Commit, RepoNotFound, RevisionNotFound, validate_path
+from registry.nesting import loads_json
+from server.errors import HubHTTPError, repo_not_found
+from server.state import ServerState
+from w2w.errors import HubError
+
+SMALL_BODY = 1 << 20  # create-repo, settings, refs and validate-yaml bodies: kilobytes
+
+
+def repo_id_of(ns: str, name: str) -> str:
+    repo_id = f"{ns}/{name}"
+    try:
+        return validate_repo_id(repo_id)
+    except HubError as e:
+        raise HubHTTPError(400, str(e)) from None
+
+
+def valid_path(path: str) -> str:
+    try:
+        return validate_path(path)
+    except HubError as e:
+        raise HubHTTPError(400, str(e)) from None
+
+
+def revision_not_found(message: str) -> HubHTTPError:
+    return HubHTTPError(404, message, "RevisionNotFound")
+
+
+def resolve(state: ServerState, repo_id: str, revision: str | None) -> Commit:
+    """The commit a revision names (branch, tag, `refs/heads/..`, `refs/tags/..`, commit oid)."""
+    try:
+        return state.store.resolve(repo_id, revision)
+    except RepoNotFound:
+        raise repo_not_found(repo_id) from None
+    except RevisionNotFound as e:
+        raise revision_not_found(str(e)) from None
+
+
+def iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def raw_tail(request: Request, skip: int) -> list[str]:
+    """The path segments after the first `skip`, each percent-decoded on its own.
+
+    The client quotes a revision with safe="" (`refs%2Fheads%2Fmain`): the decoded path would make that
+    three segments, and a `{x:path}` pattern would drop a trailing newline (its `$`), so revisions and file
+    paths are taken from the path as it was sent.
+    """
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else quote(request.url.path)
+    return [unquote(s) for s in path.lstrip("/").split("/")[skip:]]
+
+
+def raw_rest(request: Request, skip: int) -> str:
+    """Everything after the first `skip` segments, decoded: a revision or branch that ends the path."""
+    return "/".join(raw_tail(request, skip))
+
+
+def revision_and_path(request: Request, skip: int) -> tuple[str, str]:
+    """(revision, path in repo) of `.../{revision}/{path}` after `skip` segments, as the client sent them."""
+    parts = raw_tail(request, skip)
+    return parts[0], "/".join(parts[1:])
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HubHTTPError(413, f"the request has {declared} bytes; this hub takes at most {limit}")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise HubHTTPError(413, f"the request is over this hub's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def json_object(request: Request, what: str) -> dict:
+    """A small JSON object body (an empty body is {}); 400 naming the fields expected otherwise."""
+    try:
+        body = loads_json(await read_limited(request, SMALL_BODY) or b"{}", "the body")
+    except ValueError as e:
+        raise HubHTTPError(400, f"the body must be JSON: {what} ({e})") from None
+    if not isinstance(body, dict):
+        raise HubHTTPError(400, f"the body must be a JSON object: {what}")
+    return body

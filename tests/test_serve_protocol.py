@@ -1,0 +1,498 @@
+"""`w2wreg serve` speaks the model-repo protocol of the Hub's clients (issue 14): bare repo names, branches,
+tags and refs everywhere a revision goes, paths-info, copies, delete / move / settings, auth-check,
+super-squash, whoami, request ids and the client's own exceptions, each through server.access's rule.
+
+Real clients only: the unmodified huggingface_hub HfApi and the `hf` CLI (a subprocess) against a live server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from served import LiveServer
+
+from registry.registry import Registry
+from server.accounts import Accounts
+from server.app import create_app
+
+ALICE, BOB = "alice-token-0123", "bob-token-0123"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _online():
+    """conftest makes huggingface_hub offline (no test may reach a real hub); this module's hub is local."""
+    import huggingface_hub.constants as c
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(c, "HF_HUB_OFFLINE", False)
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    reg = Registry.init(tmp_path_factory.mktemp("hub") / "reg")
+    accounts = Accounts(tokens={ALICE: "alice", BOB: "bob"}, orgs={"team": {"alice"}, "lab": {"bob"}})
+    server = LiveServer(create_app(reg, accounts))
+    yield server, reg
+    server.stop()
+
+
+def hf(server, token):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=server.url, token=token or False)
+
+
+@pytest.fixture(scope="module")
+def alice(hub):
+    return hf(hub[0], ALICE)
+
+
+@pytest.fixture(scope="module")
+def bob(hub):
+    return hf(hub[0], BOB)
+
+
+def test_bare_repo_name_goes_under_the_token_user_and_whoami_has_orgs(alice):
+    url = alice.create_repo("bare")
+    assert url.repo_id == "alice/bare"
+    assert alice.create_repo("bare", exist_ok=True).repo_id == "alice/bare"
+    alice.upload_file(path_or_fileobj=b"hi", path_in_repo="a.txt", repo_id="alice/bare")
+    assert alice.list_repo_files("alice/bare") == [".gitattributes", "a.txt"]  # the Hub's, on create
+    me = alice.whoami()
+    assert me["name"] == "alice" and me["fullname"] == "alice" and [o["name"] for o in me["orgs"]] == ["team"]
+
+
+def test_branches_tags_and_refs_everywhere_a_revision_goes(alice, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    repo = "team/refs"
+    alice.create_repo(repo)
+    v1 = alice.upload_file(path_or_fileobj=b"v1", path_in_repo="notes.txt", repo_id=repo).oid
+    alice.create_branch(repo, branch="dev")
+    alice.create_branch(repo, branch="dev", exist_ok=True)
+    alice.create_tag(repo, tag="v1.0", tag_message="first")
+    dev = alice.upload_file(path_or_fileobj=b"dev", path_in_repo="notes.txt", repo_id=repo, revision="dev").oid
+    alice.upload_file(path_or_fileobj=b"new", path_in_repo="extra/x.txt", repo_id=repo, revision="dev")
+    alice.create_branch(repo, branch="feature/x", revision="v1.0")
+    refs = alice.list_repo_refs(repo)
+    branches = {b.name: b.target_commit for b in refs.branches}
+    assert branches["main"] == v1 and branches["feature/x"] == v1 and branches["dev"] != dev  # dev moved on
+    assert {t.name: t.ref for t in refs.tags} == {"v1.0": "refs/tags/v1.0"}
+    assert refs.tags[0].target_commit == v1 and refs.converts == []
+    assert alice.list_repo_refs(repo, include_pull_requests=True).pull_requests == []
+
+    def read(revision: str) -> bytes:
+        return Path(hf_hub_download(repo, "notes.txt", revision=revision, endpoint=alice.endpoint,
+                                    token=ALICE, cache_dir=tmp_path / "cache")).read_bytes()  # fmt: skip
+
+    assert read("dev") == b"dev" and read("v1.0") == b"v1" and read("refs/heads/main") == b"v1"
+    assert read("refs/tags/v1.0") == b"v1" and read("feature/x") == b"v1" and read(v1) == b"v1"
+    assert alice.model_info(repo, revision="v1.0").sha == v1
+    assert alice.model_info(repo, revision="refs/heads/dev").sha == branches["dev"]
+    assert sorted(alice.list_repo_files(repo, revision="dev")) == [".gitattributes", "extra/x.txt", "notes.txt"]
+    assert "extra/x.txt" not in alice.list_repo_files(repo)
+    assert alice.list_repo_files(repo, revision="refs/heads/dev") == alice.list_repo_files(repo, revision="dev")
+    assert [c.commit_id for c in alice.list_repo_commits(repo, revision="refs/tags/v1.0")][0] == v1
+    assert [f.path for f in alice.list_repo_tree(repo, path_in_repo="extra", revision="refs/heads/dev")] == [
+        "extra/x.txt"
+    ]
+    assert [f.path for f in alice.list_repo_tree(repo, path_in_repo="extra", revision="dev")] == ["extra/x.txt"]
+    assert len(alice.list_repo_commits(repo, revision="dev")) == len(alice.list_repo_commits(repo)) + 2
+    alice.delete_tag(repo, tag="v1.0")
+    alice.delete_branch(repo, branch="feature/x")
+    refs = alice.list_repo_refs(repo)
+    assert {b.name for b in refs.branches} == {"main", "dev"} and refs.tags == []
+
+
+def test_revision_errors_are_the_clients_own(alice, tmp_path):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo = "team/errs"
+    alice.create_repo(repo)
+    alice.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo)
+    for call in (
+        lambda: alice.model_info(repo, revision="nope"),
+        lambda: alice.list_repo_files(repo, revision="nope"),
+        lambda: alice.list_repo_commits(repo, revision="nope"),
+        lambda: alice.upload_file(path_or_fileobj=b"x", path_in_repo="y.txt", repo_id=repo, revision="nope"),
+        lambda: alice.delete_branch(repo, branch="nope"),
+        lambda: alice.create_tag(repo, tag="t", revision="nope"),
+    ):
+        with pytest.raises(RevisionNotFoundError):
+            call()
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(repo, "missing.txt", endpoint=alice.endpoint, token=ALICE, cache_dir=tmp_path)
+    with pytest.raises(RepositoryNotFoundError):
+        alice.list_repo_refs("team/none")
+    alice.create_tag(repo, tag="t1")
+    with pytest.raises(HfHubHTTPError) as e:
+        alice.create_tag(repo, tag="t1")
+    assert e.value.response.status_code == 409
+    alice.create_tag(repo, tag="t1", exist_ok=True)
+    with pytest.raises(RevisionNotFoundError):  # commits go to a branch, not a tag
+        alice.upload_file(path_or_fileobj=b"x", path_in_repo="y.txt", repo_id=repo, revision="t1")
+    for bad in ("a..b", "-x", ".hidden", "x.lock", "refs/heads/x", "a b", "a\nb"):
+        with pytest.raises(HfHubHTTPError) as e:
+            alice.create_branch(repo, branch=bad)
+        # a newline inside: no route matches it (the router's patterns stop at one), so a plain 404
+        assert e.value.response.status_code == (404 if "\n" in bad else 400), bad
+    with pytest.raises(HfHubHTTPError) as e:
+        alice.delete_branch(repo, branch="main")
+    assert e.value.response.status_code == 400
+
+
+def test_paths_info_copy_and_folder_deletes(alice):
+    from huggingface_hub import CommitOperationCopy, CommitOperationDelete, RepoFile, RepoFolder
+
+    repo = "team/paths"
+    alice.create_repo(repo)
+    alice.upload_folder(repo_id=repo, folder_path=_folder(alice, {"a/b.txt": b"b", "a/c.txt": b"c", "top.txt": b"t"}))
+    info = alice.get_paths_info(repo, ["top.txt", "a", "missing"])
+    assert [(type(i), i.path) for i in info] == [(RepoFile, "top.txt"), (RepoFolder, "a")]
+    assert info[0].size == 1
+    alice.create_commit(repo, [CommitOperationCopy("top.txt", "copy/top.txt")], commit_message="copy")
+    assert alice.get_paths_info(repo, "copy/top.txt")[0].blob_id == info[0].blob_id
+    alice.create_commit(repo, [CommitOperationDelete("a")], commit_message="a folder, no trailing slash")
+    assert sorted(alice.list_repo_files(repo)) == [".gitattributes", "copy/top.txt", "top.txt"]
+
+
+def _folder(api, files: dict[str, bytes]) -> Path:
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="w2w-up-"))
+    for p, data in files.items():
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).write_bytes(data)
+    return root
+
+
+def test_delete_move_settings_auth_check_follow_the_access_rule(hub, alice, bob):
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    server = hub[0]
+    alice.create_repo("team/moving", private=True)
+    alice.upload_file(path_or_fileobj=b"m", path_in_repo="m.txt", repo_id="team/moving")
+    alice.create_branch("team/moving", branch="dev")
+    alice.auth_check("team/moving")
+    alice.auth_check("team/moving", write=True)
+    for call in (
+        lambda: bob.auth_check("team/moving"),
+        lambda: bob.list_repo_refs("team/moving"),  # a branch of a private repo is as private as the repo
+        lambda: bob.model_info("team/moving", revision="dev"),
+        lambda: bob.delete_repo("team/moving"),
+        lambda: bob.move_repo("team/moving", "lab/stolen"),
+        lambda: hf(server, None).list_repo_refs("team/moving"),
+    ):
+        with pytest.raises(RepositoryNotFoundError):
+            call()
+    with pytest.raises(HfHubHTTPError) as e:  # a move needs write on the target's namespace too
+        alice.move_repo("team/moving", "lab/moving")
+    assert e.value.response.status_code == 403
+    alice.update_repo_settings("team/moving", private=False)
+    bob.auth_check("team/moving")
+    with pytest.raises(HfHubHTTPError) as e:
+        bob.auth_check("team/moving", write=True)
+    assert e.value.response.status_code == 403
+    with pytest.raises(HfHubHTTPError) as e:
+        bob.update_repo_settings("team/moving", private=True)
+    assert e.value.response.status_code == 403
+    alice.move_repo("team/moving", "alice/moved")
+    assert alice.model_info("alice/moved").private is False
+    assert {b.name for b in alice.list_repo_refs("alice/moved").branches} == {"main", "dev"}
+    with pytest.raises(RepositoryNotFoundError):
+        alice.model_info("team/moving")
+    alice.create_repo("team/taken")
+    with pytest.raises(HfHubHTTPError) as e:
+        alice.move_repo("alice/moved", "team/taken")
+    assert e.value.response.status_code == 409
+    alice.delete_repo("alice/moved")
+    with pytest.raises(RepositoryNotFoundError):
+        alice.model_info("alice/moved")
+    alice.delete_repo("alice/moved", missing_ok=True)
+    alice.create_repo("alice/moved")  # the name is free again, and the new repo starts empty
+    assert alice.list_repo_files("alice/moved") == [".gitattributes"]
+
+
+def test_super_squash_history(alice):
+    repo = "team/squash"
+    alice.create_repo(repo)
+    for i in range(3):
+        alice.upload_file(path_or_fileobj=str(i).encode(), path_in_repo=f"{i}.txt", repo_id=repo)
+    alice.create_tag(repo, tag="before")
+    alice.super_squash_history(repo, commit_message="squashed")
+    commits = alice.list_repo_commits(repo)
+    assert [c.title for c in commits] == ["squashed"]
+    assert sorted(alice.list_repo_files(repo)) == [".gitattributes", "0.txt", "1.txt", "2.txt"]
+    assert len(alice.list_repo_commits(repo, revision="before")) == 4  # the tag keeps the old history
+
+
+def test_request_id_on_every_response(hub):
+    server = hub[0]
+    for path in ("/api/models", "/api/models/team/none", "/api/w2w/models"):
+        status, headers, _ = server.request("GET", path)
+        assert len({k.lower(): v for k, v in headers.items()}.get("x-request-id", "")) == 32, path
+    _, headers, _ = server.request("GET", "/api/models", headers={"X-Request-Id": "trace-1"})
+    assert {k.lower(): v for k, v in headers.items()}["x-request-id"] == "trace-1"
+
+
+def test_hf_cli_upload_and_download_a_branch(hub, tmp_path):
+    server = hub[0]
+    folder = _folder(None, {"w.txt": b"on dev"})
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_TOKEN": ALICE, "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1"}  # fmt: skip
+    env.pop("HF_HUB_DISABLE_IMPLICIT_TOKEN")  # set for this module's in-process clients; the CLI uses HF_TOKEN
+    hf_cli = Path(sys.executable).parent / "hf"
+
+    def run(*args: str) -> str:
+        r = subprocess.run([str(hf_cli), *args], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr + r.stdout
+        return r.stdout
+
+    run("repos", "create", "team/cli")
+    run("upload", "team/cli", str(folder), ".", "--revision", "dev", "--commit-message", "to dev")
+    run("download", "team/cli", "w.txt", "--revision", "dev", "--local-dir", str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "w.txt").read_bytes() == b"on dev"
+    run("repos", "tag", "create", "team/cli", "v1", "--revision", "dev")
+    assert "v1" in run("repos", "tag", "list", "team/cli")
+    run("download", "team/cli", "w.txt", "--revision", "v1", "--local-dir", str(tmp_path / "dl2"))
+    assert (tmp_path / "dl2" / "w.txt").read_bytes() == b"on dev"
+    run("repos", "branch", "create", "team/cli", "scratch", "--revision", "v1")
+    run("repos", "delete-files", "team/cli", "w.txt", "--revision", "scratch")
+    run("repos", "branch", "delete", "team/cli", "scratch")
+    run("repos", "settings", "team/cli", "--private")
+    run("repos", "move", "team/cli", "alice/cli")
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=server.url, token=ALICE)
+    assert api.model_info("alice/cli").private and "w.txt" not in api.list_repo_files("alice/cli")  # main untouched
+    assert {b.name for b in api.list_repo_refs("alice/cli").branches} == {"main", "dev"}
+    run("repos", "delete", "alice/cli", "--yes")
+    assert not api.repo_exists("alice/cli")
+
+
+def test_gitignore_at_preupload_and_the_hubs_file_names(alice, tmp_path):
+    from huggingface_hub import CommitOperationAdd, hf_hub_download
+
+    repo = "team/names"
+    alice.create_repo(repo)
+    alice.upload_file(path_or_fileobj=b"*.log\nbuild/\n", path_in_repo=".gitignore", repo_id=repo)
+    folder = _folder(alice, {"keep.txt": b"k", "debug.log": b"l", "build/out.bin": b"o", "sub/x.log": b"l"})
+    alice.upload_folder(repo_id=repo, folder_path=folder)  # the branch's .gitignore decides: shouldIgnore
+    assert sorted(alice.list_repo_files(repo)) == [".gitattributes", ".gitignore", "keep.txt"]
+    # 'a:b.txt' would be a drive on Windows: the client itself refuses to save it, so 'ab:c.txt'
+    odd = {"what?.txt": b"q", "ab:c.txt": b"c", "x,y.txt": b"k", "100%.txt": b"p", "dir?/f%20g.txt": b"s"}
+    alice.create_commit(repo, [CommitOperationAdd(p, d) for p, d in odd.items()], commit_message="odd names")
+    for name, data in odd.items():
+        got = hf_hub_download(repo, name, endpoint=alice.endpoint, token=ALICE, cache_dir=tmp_path / "c")
+        assert Path(got).read_bytes() == data, name
+        assert alice.get_paths_info(repo, name)[0].size == len(data)
+    assert [f.path for f in alice.list_repo_tree(repo, path_in_repo="dir?")] == ["dir?/f%20g.txt"]
+
+
+def test_list_models_filters(hub, alice, bob):
+    from huggingface_hub import CommitOperationAdd
+
+    for name, tags in (("lora-a", ["lora", "w2w"]), ("lora-b", ["lora"]), ("plain-c", ["other"])):
+        card = "---\nlibrary_name: diffusers\nbase_model: base/x\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n"
+        bob.create_repo(f"lab/{name}")
+        bob.create_commit(f"lab/{name}", [CommitOperationAdd("README.md", card.encode())], commit_message="card")
+    ids = lambda **kw: [m.id for m in alice.list_models(author="lab", **kw)]  # noqa: E731
+    assert sorted(ids(filter="lora")) == ["lab/lora-a", "lab/lora-b"]
+    assert ids(filter=["lora", "w2w"]) == ["lab/lora-a"]
+    assert sorted(ids(filter="base_model:base/x")) == ["lab/lora-a", "lab/lora-b", "lab/plain-c"]
+    assert ids(search="plain") == ["lab/plain-c"] and ids(filter="diffusers", search="lora-b") == ["lab/lora-b"]
+    assert ids(sort="lastModified") == ["lab/plain-c", "lab/lora-b", "lab/lora-a"]
+    assert ids(sort="created_at", limit=1) == ["lab/plain-c"]
+    short, full = alice.list_models(author="lab", limit=1), alice.list_models(author="lab", limit=1, full=True)
+    assert next(short).siblings is None and [s.rfilename for s in next(full).siblings] == [
+        ".gitattributes",
+        "README.md",
+    ]
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory) -> list[bytes]:
+    from test_registry import BASE, SMALL
+
+    from ingest.synthetic import Population
+
+    out = tmp_path_factory.mktemp("loras")
+    Population(SMALL, seed=11).write(out, 5, formats=("diffusers",), base_model=BASE)
+    return [p.read_bytes() for p in sorted(out.glob("*.safetensors"))]
+
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def _card(age: float) -> bytes:
+    return f"---\nw2w:\n  attributes:\n    age: {age}\n---\n# a face\n".encode()
+
+
+def _visible(server, token, where: str | None = None) -> set[str]:
+    status, _, out = server.request("GET", "/api/w2w/models" + (f"?where={where}" if where else ""), token=token)
+    assert status == 200, out
+    return {m["name"] for m in out["models"]}
+
+
+def test_indexing_follows_the_repo(hub, alice, bob, loras):
+    from huggingface_hub import CommitOperationAdd
+
+    server, reg = hub
+    add = lambda repo, files, **kw: alice.create_commit(  # noqa: E731
+        repo, [CommitOperationAdd(p, d) for p, d in files.items()], commit_message="push", **kw
+    )
+    alice.create_repo("team/face")
+    add("team/face", {LORA: loras[0], "README.md": _card(30)})
+    assert reg.get("team.face").attributes == {"age": 30.0}
+    assert "team.face" not in _visible(server, None, "age%20%3E%2050")
+    # a card-only commit, later than the LoRA: the model takes its attributes
+    add("team/face", {"README.md": _card(55)})
+    assert reg.get("team.face").attributes == {"age": 55.0}
+    assert "team.face" in _visible(server, None, "age%20%3E%2050")
+    # a LoRA on another branch is stored, not indexed
+    n = len(reg.ls())
+    alice.create_branch("team/face", branch="dev")
+    add("team/face", {LORA: loras[1]}, revision="dev")
+    assert len(reg.ls()) == n
+    # a move: the model follows (its source names the new repo, same commit)
+    before = reg.get("team.face").source
+    alice.move_repo("team/face", "alice/face")
+    assert reg.get("team.face").source == before.replace("team/face", "alice/face")
+    assert "team.face" in _visible(server, None)
+    # a private repo deleted: its model stays (a vector for lineage), marked, and as hidden as the repo was
+    alice.create_repo("team/hush", private=True)
+    add("team/hush", {LORA: loras[2]})
+    assert "team.hush" in _visible(server, ALICE) and "team.hush" not in _visible(server, BOB)
+    alice.delete_repo("team/hush")
+    assert reg.get("team.hush").source.startswith("hub:serve-deleted-private/team/hush@")
+    assert "team.hush" in _visible(server, ALICE) and "team.hush" not in _visible(server, BOB)
+    alice.create_repo("team/hush")  # the same name again, public: the old model does not come with it
+    assert "team.hush" not in _visible(server, BOB) and "team.hush" not in _visible(server, None)
+    # a public repo deleted: its model stays readable, marked as such
+    alice.delete_repo("alice/face")
+    assert reg.get("team.face").source.startswith("hub:serve-deleted/alice/face@")
+    assert "team.face" in _visible(server, BOB)
+
+
+def test_hffilesystem_and_snapshot_download_at_a_revision(hub, alice, tmp_path):
+    from huggingface_hub import HfFileSystem, snapshot_download
+
+    repo = "team/fs"
+    alice.create_repo(repo)
+    alice.upload_folder(repo_id=repo, folder_path=_folder(alice, {"a/b.txt": b"bb", "c.txt": b"c"}))
+    alice.create_tag(repo, tag="v1")
+    alice.delete_file("c.txt", repo)
+    fs = HfFileSystem(endpoint=alice.endpoint, token=ALICE)
+    assert sorted(fs.ls(f"{repo}@v1", detail=False)) == [f"{repo}@v1/{p}" for p in (".gitattributes", "a", "c.txt")]
+    assert fs.cat(f"{repo}@v1/c.txt") == b"c" and fs.cat(f"{repo}/a/b.txt") == b"bb"
+    assert not fs.exists(f"{repo}/c.txt") and fs.info(f"{repo}/a")["type"] == "directory"
+    with fs.open(f"{repo}/new.txt", "wb") as f:  # a write through the file system is a commit
+        f.write(b"new")
+    assert alice.list_repo_files(repo) == [".gitattributes", "a/b.txt", "new.txt"]
+    got = Path(snapshot_download(repo, revision="v1", endpoint=alice.endpoint, token=ALICE, cache_dir=tmp_path))
+    assert (got / "c.txt").read_bytes() == b"c" and (got / "a" / "b.txt").read_bytes() == b"bb"
+
+
+@pytest.fixture
+def lfs_hub(tmp_path, monkeypatch):
+    """A server that answers 'lfs' at preupload, and a client without Xet (HF_HUB_DISABLE_XET=1)."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_DISABLE_XET", True)
+    reg = Registry.init(tmp_path / "lfs-reg")
+    server = LiveServer(create_app(reg, Accounts(tokens={ALICE: "alice", BOB: "bob"}), lfs=True, max_upload=1 << 20))
+    yield server, reg
+    server.stop()
+
+
+def test_lfs_batch_upload_streams_verifies_and_indexes(lfs_hub, loras, tmp_path):
+    from huggingface_hub import CommitOperationAdd, CommitOperationCopy, hf_hub_download
+
+    server, reg = lfs_hub
+    api = hf(server, ALICE)
+    api.create_repo("alice/big")
+    blob = bytes(range(256)) * 1000  # binary (NUL bytes): the Hub sends it through LFS
+    api.create_commit("alice/big", [CommitOperationAdd("data.bin", blob), CommitOperationAdd(LORA, loras[3]),
+                                    CommitOperationAdd("notes.txt", b"text")], commit_message="lfs")  # fmt: skip
+    info = {f.path: f for f in api.get_paths_info("alice/big", ["data.bin", LORA, "notes.txt"])}
+    assert info["data.bin"].lfs.sha256 == hashlib.sha256(blob).hexdigest() and info["data.bin"].lfs.size == len(blob)
+    assert info[LORA].lfs is not None and info["notes.txt"].lfs is None  # *.safetensors: LFS by .gitattributes
+    assert reg.get("alice.big").source.startswith("hub:serve/alice/big@")  # a LoRA through LFS is indexed
+    got = hf_hub_download("alice/big", "data.bin", endpoint=server.url, token=ALICE, cache_dir=tmp_path / "c")
+    assert Path(got).read_bytes() == blob
+    api.create_commit("alice/big", [CommitOperationCopy("data.bin", "copy.bin")], commit_message="copy an LFS file")
+    assert api.get_paths_info("alice/big", "copy.bin")[0].lfs.sha256 == info["data.bin"].lfs.sha256
+    # the batch API: writers only; an upload link is signed for one object and size
+    oid, size = hashlib.sha256(b"\0new").hexdigest(), 4
+    batch = {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": size}]}
+    status, _, _ = server.request("POST", "/alice/big.git/info/lfs/objects/batch", batch, token=BOB)
+    assert status == 403
+    status, _, out = server.request("POST", "/alice/big.git/info/lfs/objects/batch", batch, token=ALICE)
+    href = out["objects"][0]["actions"]["upload"]["href"].removeprefix(server.url)
+    assert server.request("PUT", href.replace(f"size={size}", "size=5"), b"\0new!")[0] == 401  # tampered
+    assert server.request("PUT", href, b"\0old")[0] == 400  # not the announced content: not kept
+    assert not (reg.paths.repos / "objects" / oid[:2] / oid).exists()
+    assert server.request("PUT", href, b"\0new")[0] == 200
+    status, _, out = server.request("POST", "/alice/big.git/info/lfs/objects/batch", batch, token=ALICE)
+    assert "actions" not in out["objects"][0]  # stored: nothing to upload
+    big = {"operation": "upload", "objects": [{"oid": oid, "size": 2 << 20}]}
+    status, _, out = server.request("POST", "/alice/big.git/info/lfs/objects/batch", big, token=ALICE)
+    assert out["objects"][0]["error"]["code"] == 413
+    # an lfsFile naming an object not uploaded to this repo, even one stored for another: refused
+    bob = hf(server, BOB)
+    bob.create_repo("bob/claim")
+    for missing in ("0" * 64, info["data.bin"].lfs.sha256):
+        line = {"key": "lfsFile", "value": {"path": "x.bin", "algo": "sha256", "oid": missing, "size": len(blob)}}
+        body = json.dumps({"key": "header", "value": {"summary": "x"}}) + "\n" + json.dumps(line) + "\n"
+        status, _, out = server.request("POST", "/api/models/bob/claim/commit/main", body.encode(), token=BOB,
+                                        headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+        assert status == 400 and "was not uploaded to bob/claim" in out["error"], out
+    theirs = {"operation": "upload", "objects": [{"oid": info["data.bin"].lfs.sha256, "size": len(blob)}]}
+    out = server.request("POST", "/bob/claim.git/info/lfs/objects/batch", theirs, token=BOB)[2]
+    assert "upload" in out["objects"][0]["actions"]  # no hint that another repo holds it
+
+
+def test_a_card_changed_while_the_server_was_down_is_caught_up_at_start(tmp_path, loras):
+    from registry.hubs.store import RepoStore
+
+    reg = Registry.init(tmp_path / "r")
+    store = RepoStore(reg.paths.repos)
+    store.create("team/late")
+    store.commit("team/late", store.put_objects({LORA: loras[4], "README.md": _card(20)}), message="lora")
+    LiveServer(create_app(reg, {ALICE: "alice"})).stop()
+    assert reg.get("team.late").attributes == {"age": 20.0}
+    store.commit("team/late", store.put_objects({"README.md": _card(70)}), message="card, server down")
+    n = len(reg.ls())
+    LiveServer(create_app(reg, {ALICE: "alice"})).stop()
+    assert reg.get("team.late").attributes == {"age": 70.0} and len(reg.ls()) == n  # updated, not re-added
+
+
+def test_index_branches_indexes_a_lora_pushed_to_another_branch(tmp_path, loras):
+    from huggingface_hub import CommitOperationAdd
+
+    reg = Registry.init(tmp_path / "r")
+    server = LiveServer(create_app(reg, {ALICE: "alice"}, index_branches=True))
+    try:
+        api = hf(server, ALICE)
+        api.create_repo("alice/br")
+        api.create_branch("alice/br", branch="dev")
+        api.create_commit("alice/br", [CommitOperationAdd(LORA, loras[0])], commit_message="dev", revision="dev")
+        assert reg.get("alice.br").source.startswith("hub:serve/alice/br@")
+    finally:
+        server.stop()
