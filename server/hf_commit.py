@@ -15,13 +15,22 @@ import logging
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from registry.hubs.store import BRANCH, Commit, ParentMismatch, RepoNotFound, RevisionNotFound
+from registry.hubs.store import BRANCH, Commit, ParentMismatch, RevisionNotFound
 from registry.nesting import loads_json
 from server import access, indexing
 from server.accounts import Identity
-from server.errors import HubHTTPError, repo_not_found
+from server.errors import HubHTTPError
 from server.gitignore import GitIgnore
-from server.hf_common import SMALL_BODY, raw_rest, read_limited, repo_id_of, resolve, revision_not_found, valid_path
+from server.hf_common import (
+    SMALL_BODY,
+    raw_rest,
+    read_limited,
+    repo_id_of,
+    resolve,
+    revision_not_found,
+    store_lookups,
+    valid_path,
+)
 from server.state import ServerState
 from w2w.errors import HubError, W2WError
 
@@ -30,12 +39,8 @@ log = logging.getLogger("w2wreg.serve")
 
 def branch_of(state: ServerState, repo_id: str, revision: str) -> str:
     """The branch a commit names; 404 RevisionNotFound for a tag, a commit or a missing branch."""
-    try:
+    with store_lookups(repo_id):
         return state.store.branch_of(repo_id, revision)
-    except RepoNotFound:
-        raise repo_not_found(repo_id) from None
-    except RevisionNotFound as e:
-        raise revision_not_found(str(e)) from None
 
 
 def _gitignore_of(state: ServerState, head: Commit, sent: object) -> GitIgnore | None:

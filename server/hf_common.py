@@ -4,6 +4,8 @@ and the store's errors turned into the Hub's statuses and `X-Error-Code`s."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import quote, unquote
 
 from fastapi import Request
@@ -37,14 +39,21 @@ def revision_not_found(message: str) -> HubHTTPError:
     return HubHTTPError(404, message, "RevisionNotFound")
 
 
-def resolve(state: ServerState, repo_id: str, revision: str | None) -> Commit:
-    """The commit a revision names (branch, tag, `refs/heads/..`, `refs/tags/..`, commit oid)."""
+@contextmanager
+def store_lookups(repo_id: str) -> Iterator[None]:
+    """The store's lookup errors as the Hub's: 404 RepositoryNotFound, 404 RevisionNotFound."""
     try:
-        return state.store.resolve(repo_id, revision)
+        yield
     except RepoNotFound:
         raise repo_not_found(repo_id) from None
     except RevisionNotFound as e:
         raise revision_not_found(str(e)) from None
+
+
+def resolve(state: ServerState, repo_id: str, revision: str | None) -> Commit:
+    """The commit a revision names (branch, tag, `refs/heads/..`, `refs/tags/..`, commit oid)."""
+    with store_lookups(repo_id):
+        return state.store.resolve(repo_id, revision)
 
 
 def iso(t: float) -> str:

@@ -9,10 +9,10 @@ import logging
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from registry.hubs.store import RefExists, RepoNotFound, RevisionNotFound
+from registry.hubs.store import RefExists, RepoNotFound
 from server import access
 from server.errors import HubHTTPError, repo_not_found
-from server.hf_common import json_object, raw_rest, repo_id_of, revision_not_found
+from server.hf_common import json_object, raw_rest, repo_id_of, store_lookups
 from server.state import ServerState
 from w2w.errors import HubError
 
@@ -22,11 +22,8 @@ log = logging.getLogger("w2wreg.serve")
 async def _store_call(fn, repo_id: str, *args):
     """A store write, its errors as the Hub's: 404 repo / revision, 409 an existing ref, 400 a bad name."""
     try:
-        return await run_in_threadpool(fn, repo_id, *args)
-    except RepoNotFound:
-        raise repo_not_found(repo_id) from None
-    except RevisionNotFound as e:
-        raise revision_not_found(str(e)) from None
+        with store_lookups(repo_id):
+            return await run_in_threadpool(fn, repo_id, *args)
     except RefExists as e:
         raise HubHTTPError(409, str(e)) from None
     except HubError as e:

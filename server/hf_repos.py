@@ -79,12 +79,17 @@ def _move(state: ServerState, src: str, dst: str) -> None:
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
-    @r.post("/api/repos/create")
-    async def create_repo(request: Request):
+    async def repo_request(request: Request, shape: str) -> tuple[Identity, dict]:
+        """The caller (a user: 401 otherwise) and the JSON body of a /api/repos/ request about a model repo."""
         who = access.identity(state, request)
         access.require_user(who, request)
-        body = await json_object(request, "{name, organization, private}")
+        body = await json_object(request, shape)
         _model_type(body)
+        return who, body
+
+    @r.post("/api/repos/create")
+    async def create_repo(request: Request):
+        who, body = await repo_request(request, "{name, organization, private}")
         repo_id = _named(body, who)
         access.require_namespace_write(who, request, repo_id.split("/")[0])
         private = bool(body.get("private")) or body.get("visibility") == "private"
@@ -97,10 +102,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @r.delete("/api/repos/delete")
     async def delete_repo(request: Request):
-        who = access.identity(state, request)
-        access.require_user(who, request)
-        body = await json_object(request, "{name, organization, type}")
-        _model_type(body)
+        who, body = await repo_request(request, "{name, organization, type}")
         repo_id = _named(body, who)
         access.require_repo_write(state, who, request, repo_id)
         await run_in_threadpool(_delete, state, repo_id)
@@ -109,10 +111,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @r.post("/api/repos/move")
     async def move_repo(request: Request):
-        who = access.identity(state, request)
-        access.require_user(who, request)
-        body = await json_object(request, "{fromRepo, toRepo, type}")
-        _model_type(body)
+        who, body = await repo_request(request, "{fromRepo, toRepo, type}")
         src, dst = _repo_id(body.get("fromRepo"), "fromRepo"), _repo_id(body.get("toRepo"), "toRepo")
         access.require_repo_write(state, who, request, src)
         access.require_namespace_write(who, request, dst.split("/")[0])

@@ -7,6 +7,24 @@ import json
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+
+@contextmanager
+def hub_client_online() -> Iterator[None]:
+    """huggingface_hub allowed to talk to the local test hub (conftest makes it offline: no test may reach a real
+    hub), with no token of the machine's own."""
+    import huggingface_hub.constants as c
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(c, "HF_HUB_OFFLINE", False)
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+        yield
 
 
 class LiveServer:

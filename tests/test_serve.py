@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from served import LiveServer
+from served import LiveServer, hub_client_online
 from test_registry import BASE, SMALL, as_json, run
 
 from ingest.synthetic import Population
@@ -31,14 +31,7 @@ N_MODELS = 14
 
 @pytest.fixture(scope="module", autouse=True)
 def _online():
-    """conftest makes huggingface_hub offline (no test may reach a real hub); this module's hub is local."""
-    import huggingface_hub.constants as c
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(c, "HF_HUB_OFFLINE", False)
-        mp.setenv("HF_HUB_OFFLINE", "0")
-        mp.delenv("HF_TOKEN", raising=False)
-        mp.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    with hub_client_online():  # this module's hub is local
         yield
 
 

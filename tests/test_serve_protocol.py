@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from served import LiveServer
+from served import LiveServer, hub_client_online
 
 from registry.registry import Registry
 from server.accounts import Accounts
@@ -26,14 +26,7 @@ ALICE, BOB = "alice-token-0123", "bob-token-0123"
 
 @pytest.fixture(scope="module", autouse=True)
 def _online():
-    """conftest makes huggingface_hub offline (no test may reach a real hub); this module's hub is local."""
-    import huggingface_hub.constants as c
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(c, "HF_HUB_OFFLINE", False)
-        mp.setenv("HF_HUB_OFFLINE", "0")
-        mp.delenv("HF_TOKEN", raising=False)
-        mp.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    with hub_client_online():  # this module's hub is local
         yield
 
 
