@@ -45,30 +45,82 @@ from cli.errors import fail
     help="The registry to serve (same as `w2wreg --registry DIR serve`); made if missing.",
 )
 @click.option(
+    "--render-base",
+    metavar="PATH|HUB_ID",
+    help="A diffusers SD 1.x/2.x or SDXL pipeline the page draws previews on (models of the embedded toy base "
+    "are always drawn on it; others on this one when their LoRA fits it).",
+)
+@click.option("--render-device", default="cpu", show_default=True, help="Where previews run: cpu, cuda, cuda:1, mps.")
+@click.option("--render-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--render-max-steps",
+    type=click.IntRange(1, 200),
+    default=50,
+    show_default=True,
+    help="Most denoising steps a request may ask.",
+)
+@click.option(
+    "--render-max-size",
+    type=click.IntRange(8, 4096),
+    help="Most pixels a side a request may ask (default: each base model's own resolution).",
+)
+@click.option(
+    "--render-cache-mb", type=click.IntRange(0), default=64, show_default=True, help="Memory for rendered previews."
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 @click.pass_context
-def serve(ctx, host, port, tokens, tokens_file, private, index_branches, lfs, max_upload_mb, registry_dir, log_level):
+def serve(
+    ctx,
+    host,
+    port,
+    tokens,
+    tokens_file,
+    private,
+    index_branches,
+    lfs,
+    max_upload_mb,
+    registry_dir,
+    render_base,
+    render_device,
+    render_dtype,
+    render_max_steps,
+    render_max_size,
+    render_cache_mb,
+    log_level,
+):
     """Serve the registry as a Hugging Face-protocol hub that indexes every LoRA pushed to it.
 
     \b
     w2wreg serve --port 8000 --tokens-file tokens.txt
     HF_ENDPOINT=http://127.0.0.1:8000 HF_TOKEN=... hf upload team/alice alice/   # a push is an ingest
     w2wreg push alice --repo team/alice --hub http://127.0.0.1:8000
-    open http://127.0.0.1:8000/  (search, models, lineage, the map); API: /api/w2w/docs
+    open http://127.0.0.1:8000/  (search, models, lineage, the map, previews and edit sliders); API: /api/w2w/docs
+    w2wreg serve --render-base runwayml/stable-diffusion-v1-5 --render-device cuda --render-dtype fp16
 
     A user writes the repos of their own namespace and of their organizations', and reads a private repo
     only there. Without --token or --tokens-file an operator token is made and printed: writes always
     need one.
     """
     import logging
+    import threading
 
     import uvicorn
 
+    from ingest.basemodel import BaseModelError, check_device, resolve_base
+    from ingest.preview import Previewer
     from registry.registry import Registry
     from server.accounts import MIN_TOKEN, Accounts, new_token, read_tokens_file
     from server.app import create_app
+    from server.previews import Limits
 
+    try:  # a missing folder or device fails now, not at the first preview
+        check_device(render_device)
+        if render_base is not None:
+            resolve_base(render_base)
+    except BaseModelError as e:
+        fail(str(e).replace("--base-model", "--render-base").replace("--device", "--render-device"))
     known = read_tokens_file(tokens_file) if tokens_file else Accounts()
     for t in tokens:
         if len(t) < MIN_TOKEN:
@@ -78,15 +130,41 @@ def serve(ctx, host, port, tokens, tokens_file, private, index_branches, lfs, ma
         t = new_token()
         known.add_operator(t)
         click.echo(f"operator token (pass --token or --tokens-file to choose your own): {t}", err=True)
+    previewer = Previewer(render_base, render_device, render_dtype)
+    limits = Limits(
+        default_steps=min(Limits.default_steps, render_max_steps),
+        max_steps=render_max_steps,
+        max_size=render_max_size,
+        cache_bytes=render_cache_mb << 20,
+    )
     reg = Registry.init(registry_dir or ctx.obj)  # serving an empty registry is how a team hub starts
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(
-        reg, known, private=private, max_upload=max_upload_mb << 20, index_branches=index_branches, lfs=lfs
+        reg,
+        known,
+        private=private,
+        max_upload=max_upload_mb << 20,
+        index_branches=index_branches,
+        lfs=lfs,
+        renderer=previewer,
+        render_limits=limits,
     )
+    # the base models load while the server starts answering: the first preview need not wait for them
+    threading.Thread(target=warm, args=(previewer,), daemon=True, name="warm-previews").start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
     server = uvicorn.Server(config)
     click.echo(f"w2wreg hub for {reg.root} on http://{host}:{port}/  (API docs: /api/w2w/docs)", err=True)
     server.run()
+
+
+def warm(previewer) -> None:
+    """Load the preview base models; a failure is logged (each preview then says why it cannot be drawn)."""
+    import logging
+
+    try:
+        previewer.warm()
+    except Exception as e:  # noqa: BLE001 (a background thread: nothing above it to tell)
+        logging.getLogger("w2wreg.serve").warning("preview base models not loaded: %s", e)
 
 
 COMMANDS = [serve]

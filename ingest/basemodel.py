@@ -248,14 +248,19 @@ def _cannot_load(ref: str, e: Exception) -> str:
     return f"cannot load base model {ref!r}: {first}"
 
 
-@functools.lru_cache(maxsize=2)
-def _load(path: str, ref: str, device: str, dtype: str) -> BaseModel:
-    import diffusers
-
+def check_device(device: str) -> None:
+    """Refuse, in one line, a device torch does not see."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BaseModelError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     if device == "mps" and not torch.backends.mps.is_available():
         raise BaseModelError("--device mps was asked for, but torch sees no MPS device; use --device cpu")
+
+
+@functools.lru_cache(maxsize=2)
+def _load(path: str, ref: str, device: str, dtype: str) -> BaseModel:
+    import diffusers
+
+    check_device(device)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

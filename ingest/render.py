@@ -50,9 +50,8 @@ def base_of(model, base_model: str | None) -> str:
     return model.base_model
 
 
-def check_fits(base: BaseModel, lora: LoRA, what: str) -> None:
+def check_fits(base: BaseModel, lora: LoRA, what: str, hint: str = "pass the --base-model it was made for") -> None:
     """Refuse, in one line, a LoRA whose modules the base UNet lacks or whose shapes differ from them."""
-    hint = "pass the --base-model it was made for"
     for name, layer in lora.layers.items():
         try:
             weight = base.unet.get_submodule(name).weight
@@ -75,13 +74,18 @@ def load_for(model, lora: LoRA, settings: Settings, base_model: str | None = Non
 
 @torch.no_grad()
 def images(
-    base: BaseModel, lora: LoRA | None, settings: Settings, on_step: Callable[[], None] | None = None
+    base: BaseModel,
+    lora: LoRA | None,
+    settings: Settings,
+    on_step: Callable[[], None] | None = None,
+    size: int | None = None,
 ) -> np.ndarray:
-    """(len(seeds), H, W, 3) uint8: one image per seed, each seed's noise independent of the others'."""
+    """(len(seeds), H, W, 3) uint8: one image per seed, each seed's noise independent of the others'.
+    `size`: the side in pixels (default: the base model's own)."""
     # one generator per image: seed s draws the same noise whatever else is in the batch (the pixels can
     # differ by a level: batched kernels round differently)
     gens = [torch.Generator().manual_seed(int(s)) for s in settings.seeds]
-    extra = {}
+    extra = {} if size is None else {"height": size, "width": size}
     if on_step is not None:
 
         def tick(pipe, i, t, kwargs):

@@ -12,8 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from registry.registry import Registry
-from server import hf_api, indexing, safe_serving, w2w_api
+from server import hf_api, indexing, preview_api, safe_serving, w2w_api
 from server.accounts import Accounts
+from server.previews import Limits, Previews, Renderer
 from server.request_id import RequestId
 from server.state import DEFAULT_MAX_UPLOAD, ServerState
 from w2w.errors import RegistryLockedError, W2WError
@@ -28,9 +29,12 @@ def create_app(
     max_upload: int = DEFAULT_MAX_UPLOAD,
     index_branches: bool = False,
     lfs: bool = False,
+    renderer: Renderer | None = None,
+    render_limits: Limits | None = None,
 ) -> FastAPI:
     """The server over one registry. `tokens`: the accounts (server.accounts), or {token: user name} for
-    users without organizations."""
+    users without organizations. `renderer` draws the page's previews (ingest.preview.Previewer; None: none
+    are drawn), within `render_limits`."""
     reg = registry if isinstance(registry, Registry) else Registry.open(registry)
     state = ServerState(
         reg, Accounts.of(tokens), private=private, max_upload=max_upload, index_branches=index_branches, lfs=lfs
@@ -96,5 +100,7 @@ def create_app(
         return HTMLResponse(page, headers=page_headers)
 
     app.include_router(w2w_api.build_router(state))
+    app.state.previews = Previews(renderer, render_limits or Limits())
+    app.include_router(preview_api.build_router(state, app.state.previews))
     app.include_router(hf_api.build_router(state))  # last: its /{ns}/{name}/resolve/... route is the widest
     return app

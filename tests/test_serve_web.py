@@ -3,17 +3,16 @@ real headless Chromium (Debian's chromium + chromium-driver; `.ci/run` installs 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
-from served import LiveServer
+from served import LiveServer, chromium, needs_chromium
 from test_registry import BASE, SMALL, run
 
+from ingest.preview import Previewer
 from ingest.synthetic import Population
 from registry.registry import Registry
 from server.app import create_app
@@ -31,7 +30,7 @@ def web(tmp_path_factory):
     run(reg_dir, "fit", "--components", "4")
     run(reg_dir, "direction", "fit", "smile")
     reg = Registry.open(reg_dir)
-    server = LiveServer(create_app(reg, {TOKEN: "fuzzer"}))
+    server = LiveServer(create_app(reg, {TOKEN: "fuzzer"}, renderer=Previewer()))  # the fuzzer asks for previews too
     yield server, reg
     server.stop()
 
@@ -69,27 +68,14 @@ def test_api_answers_no_5xx(web):
     assert not failures, "\n".join(failures)
 
 
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-)
+@needs_chromium
 def test_page_shows_a_search_result_in_chromium(web, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     server, reg = web
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,900"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)  # a given driver: nothing is downloaded
-    try:
+    with chromium() as driver:
         wait = WebDriverWait(driver, 30)
         driver.get(server.url + "/")
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#map-svg circle")))
@@ -105,5 +91,3 @@ def test_page_shows_a_search_result_in_chromium(web, tmp_path):
         wait.until(ec.text_to_be_present_in_element((By.ID, "model-name"), shown[0]))
         assert driver.find_elements(By.CSS_SELECTOR, "#neighbours .result-row")
         assert driver.save_screenshot(str(tmp_path / "page.png"))  # for a person: pytest --basetemp=DIR keeps it
-    finally:
-        driver.quit()
