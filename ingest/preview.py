@@ -15,13 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ingest.basemodel import TOY_BASE_ID
+from ingest.basemodel import TOY_BASE_ID, BaseModel
 from w2w.errors import W2WError
 from w2w.lora import LoRA
 
 
 class PreviewUnavailable(W2WError):
     """A model this server cannot draw (its base model is not one it runs, or its LoRA does not fit it)."""
+
+
+class BaseLoading(W2WError, TimeoutError):
+    """A base model is still loading: a moment later the same request can be answered."""
 
 
 @dataclass(frozen=True)
@@ -64,33 +68,46 @@ class Previewer:
     ):
         self.base_model, self.device, self.dtype = base_model, device, dtype
         self.cpu_threads = cpu_threads if device == "cpu" else None
-        self._loading = threading.Lock()  # two first requests load a base once, not twice
+        self._bases: dict[str, BaseModel] = {}
+        self._loading = threading.Lock()  # one base loads at a time, once
 
     def describe(self) -> str:
         extra = f" and {self.base_model}" if self.base_model else ""
         return f"the embedded toy base{extra}, on {self.device}"
 
-    def _load(self, model):
+    def _ref(self, model) -> str:
+        if model.base_model == TOY_BASE_ID:
+            return "toy"
+        if self.base_model is not None:
+            return self.base_model
+        raise PreviewUnavailable(
+            f"this server does not run base model {model.base_model or '(none recorded)'!r} of {model.name!r}: "
+            "it draws models of the embedded toy base; an operator can add one with `serve --render-base "
+            "PATH|HUB_ID`"
+        )
+
+    def _get(self, ref: str, wait: bool = False) -> BaseModel:
+        """The loaded base `ref`. While another request loads a base (an SD model takes minutes), BaseLoading
+        after 2 s, so that requests do not pile up behind it (`wait`: wait for it in any case)."""
         from ingest.basemodel import load_base
 
-        if model.base_model == TOY_BASE_ID:
-            ref = "toy"
-        elif self.base_model is not None:
-            ref = self.base_model
-        else:
-            raise PreviewUnavailable(
-                f"this server does not run base model {model.base_model or '(none recorded)'!r} of {model.name!r}: "
-                "it draws models of the embedded toy base; an operator can add one with `serve --render-base "
-                "PATH|HUB_ID`"
-            )
-        with self._loading:
-            return load_base(ref, self.device, self.dtype)
+        base = self._bases.get(ref)
+        if base is not None:
+            return base
+        if not self._loading.acquire(timeout=-1 if wait else 2.0):
+            raise BaseLoading(f"the base model {ref!r} is loading; retry in a moment")
+        try:
+            if ref not in self._bases:
+                self._bases[ref] = load_base(ref, self.device, self.dtype)
+            return self._bases[ref]
+        finally:
+            self._loading.release()
 
     def base(self, model, lora: LoRA) -> Base:
         """The base `model` renders on here (loaded on first use), checked against its LoRA."""
         from ingest.render import RenderError, check_fits
 
-        base = self._load(model)
+        base = self._get(self._ref(model))
         try:
             check_fits(base, lora, f"model {model.name!r}", hint="this server draws it on no other base")
         except RenderError as e:
@@ -98,13 +115,10 @@ class Previewer:
         return Base(base.ref, base.resolution)
 
     def warm(self) -> None:
-        """Load the configured base now (a first preview would otherwise wait for it)."""
-        from ingest.basemodel import load_base
-
-        with self._loading:
-            load_base("toy", self.device, self.dtype)
-            if self.base_model is not None:
-                load_base(self.base_model, self.device, self.dtype)
+        """Load the base models now (a first preview would otherwise wait for them)."""
+        self._get("toy", wait=True)
+        if self.base_model is not None:
+            self._get(self.base_model, wait=True)
 
     def png(self, model, lora: LoRA, prompt: str, seed: int, steps: int, size: int) -> bytes:
         """One image (size x size) of `model` drawn with `lora` merged into its base, as PNG bytes."""
@@ -112,7 +126,7 @@ class Previewer:
 
         from ingest.render import Settings, images
 
-        base = self._load(model)
+        base = self._get(self._ref(model))
         settings = Settings(prompt=prompt, seeds=(seed,), steps=steps, device=self.device, dtype=self.dtype)
         with torch_threads(self.cpu_threads):
             (im,) = images(base, lora, settings, size=size)  # (H, W, 3) uint8

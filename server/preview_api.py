@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from registry import edits, wspace
 from server import access
 from server.accounts import Identity
-from server.previews import DEFAULT_PROMPT, Busy, Previews, check_size, image_key, parse_edit
+from server.previews import DEFAULT_PROMPT, Previews, check_size, image_key, parse_edit
 from server.state import ServerState
 from w2w.errors import W2WError
 from w2w.flatten import unflatten
@@ -58,6 +58,9 @@ def build_router(state: ServerState, previews: Previews) -> APIRouter:
 
     r = APIRouter(prefix="/api/w2w", tags=["previews"])
 
+    def busy(e: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": "1"})
+
     def sliders(m) -> tuple[str | None, list[DirectionSlider]]:
         sm = wspace.current(reg, m.space_id)
         if sm is None:
@@ -87,6 +90,8 @@ def build_router(state: ServerState, previews: Previews) -> APIRouter:
         }
         try:
             base = previews.base(m, lora)
+        except TimeoutError as e:  # the base is loading
+            return busy(e)
         except W2WError as e:
             return PreviewInfo(available=False, reason=str(e), **info)
         return PreviewInfo(
@@ -121,17 +126,17 @@ def build_router(state: ServerState, previews: Previews) -> APIRouter:
                 w = reg.vector(m)
             lora = unflatten(np.asarray(w, dtype=np.float32), reg.layout(m.space_id), m.base_model)
         weights = np.asarray(w, dtype=np.float32).tobytes()
-        base = previews.base(m, lora)  # one it cannot draw: a 400 saying why
-        size = check_size(size, base, limits)
-        key = image_key(base, weights, prompt, seed, steps, size)
-        etag = f'"{key[:32]}"'
-        headers = {"ETag": etag, "Cache-Control": "private, no-cache"}  # private: never in a shared cache
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
         try:
+            base = previews.base(m, lora)  # one it cannot draw: a 400 saying why
+            size = check_size(size, base, limits)
+            key = image_key(base, weights, prompt, seed, steps, size)
+            etag = f'"{key[:32]}"'
+            headers = {"ETag": etag, "Cache-Control": "private, no-cache"}  # private: never in a shared cache
+            if request.headers.get("if-none-match") == etag:
+                return Response(status_code=304, headers=headers)
             data = previews.draw(m, lora, key, prompt, seed, steps, size)
-        except Busy as e:
-            return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": "1"})
+        except TimeoutError as e:  # the renderer's queue is full, or the base is loading
+            return busy(e)
         return Response(data, media_type="image/png", headers=headers)
 
     return r

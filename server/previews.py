@@ -37,7 +37,7 @@ class Renderer(Protocol):
     """What draws the images (ingest.preview.Previewer; the server does not know diffusers)."""
 
     def base(self, model: ModelRow, lora: LoRA) -> BaseInfo:
-        """The base `model` renders on; raises W2WError when there is none here."""
+        """The base `model` renders on; W2WError when there is none here, TimeoutError while it is loading."""
         ...
 
     def png(self, model: ModelRow, lora: LoRA, prompt: str, seed: int, steps: int, size: int) -> bytes: ...
@@ -60,8 +60,8 @@ class Limits:
         return self.max_size or base.resolution
 
 
-class Busy(W2WError):
-    """The renderer's queue is full, or a request waited too long for its turn."""
+class Busy(W2WError, TimeoutError):
+    """The renderer's queue is full, or a request waited too long for its turn (a 503: retry)."""
 
 
 class Gate:

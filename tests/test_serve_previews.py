@@ -242,6 +242,23 @@ def test_a_render_never_blocks_the_server_and_the_queue_is_bounded(hub):
     assert hub.png("toy-4", **uncached)[0] == 200
 
 
+def test_while_a_base_model_loads_previews_answer_503_at_once(hub):
+    """A base loads once (an SD model takes minutes): meanwhile a preview waits at most 2 s, then is told to retry."""
+    previewer = Previewer()  # nothing loaded yet
+    server = LiveServer(create_app(hub.reg, {ALICE: "alice"}, renderer=previewer))
+    try:
+        with previewer._loading:  # as while another request loads the base
+            for path in ("/api/w2w/models/toy-0/preview", PNG_PATH.format("toy-0")):
+                t0 = time.perf_counter()
+                status, headers, body = server.get(path)
+                assert status == 503 and "is loading" in body["error"], (path, status, body)
+                assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
+                assert time.perf_counter() - t0 < 10
+        assert server.get("/api/w2w/models/toy-0/preview")[2]["available"]
+    finally:
+        server.stop()
+
+
 def test_gate_and_cache_bounds():
     gate = Gate(max_waiting=1, wait_s=5)
     entered = threading.Event()
@@ -287,9 +304,14 @@ def test_a_configured_diffusers_base_draws_the_models_that_fit_it(tmp_path, tiny
         [
             NewModel.from_lora("sd-a", lora),
             NewModel.from_lora("toy-a", random_lora(TOY_LAYOUT, seed=1, scale=0.25), base_model=TOY_BASE_ID),
+            # says it is of the toy base, but its modules are the SD pipeline's
+            NewModel.from_lora("liar", random_lora(tiny_layout, seed=6, scale=0.5), base_model=TOY_BASE_ID),
         ]
     )
-    server = LiveServer(create_app(reg, {ALICE: "alice"}, renderer=Previewer(base_model=str(tiny_base))))
+    previewer = Previewer(base_model=str(tiny_base))
+    previewer.warm()  # what `serve` does in the background as it starts
+    assert set(previewer._bases) == {"toy", str(tiny_base)}
+    server = LiveServer(create_app(reg, {ALICE: "alice"}, renderer=previewer))
     try:
         status, _, info = server.get("/api/w2w/models/sd-a/preview")
         assert status == 200 and info["available"] and info["size"] == 8 and info["base"] == str(tiny_base)
@@ -297,6 +319,8 @@ def test_a_configured_diffusers_base_draws_the_models_that_fit_it(tmp_path, tiny
         assert status == 200 and np.array_equal(decode(data), drawn(lora, 1, STEPS, str(tiny_base)))
         status, _, data = server.get(PNG_PATH.format("toy-a"), steps=STEPS)
         assert status == 200 and decode(data).shape == (32, 32, 3)
+        status, _, body = server.get(PNG_PATH.format("liar"), steps=STEPS)
+        assert status == 400 and "does not fit base model" in body["error"], body
     finally:
         server.stop()
     bare = LiveServer(create_app(reg, {ALICE: "alice"}))  # no renderer at all
@@ -306,6 +330,53 @@ def test_a_configured_diffusers_base_draws_the_models_that_fit_it(tmp_path, tiny
         assert bare.get(PNG_PATH.format("toy-a"))[0] == 400
     finally:
         bare.stop()
+
+
+def test_serve_command_draws_previews_within_its_options(tmp_path):
+    """`w2wreg serve --render-max-steps 10` in its own process: it loads the toy base as it starts and draws."""
+    import socket
+    import subprocess
+    import sys
+
+    reg = Registry.init(tmp_path / "reg")
+    reg.add_models([NewModel.from_lora("toy-a", random_lora(TOY_LAYOUT, seed=1, scale=0.25), base_model=TOY_BASE_ID)])
+    del reg
+    with socket.socket() as sock:  # a free port (released just before the server takes it)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["--registry", tmp_path / "reg", "serve", "--port", port, "--token", ALICE, "--render-max-steps", "10"]
+    log = (tmp_path / "serve.log").open("w")  # a file, not a pipe nobody reads
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=log, stderr=log)
+    try:
+        import http.client
+        import json
+
+        def get(path):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", path)
+            r = conn.getresponse()
+            body = r.read()
+            return r.status, json.loads(body) if r.getheader("content-type") == "application/json" else body
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status, info = get("/api/w2w/models/toy-a/preview")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        assert info["available"] and info["max_steps"] == 10 and info["steps"] == 10 and info["directions"] == []
+        status, data = get(PNG_PATH.format("toy-a") + "?steps=4&seed=1")
+        assert status == 200 and decode(data).shape == (32, 32, 3)
+        status, body = get(PNG_PATH.format("toy-a") + "?steps=11")
+        assert status == 422 and "steps" in body["error"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 # --- the page, in Chromium ------------------------------------------------------------------------------
