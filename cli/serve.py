@@ -154,6 +154,7 @@ def serve(
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
     server = uvicorn.Server(config)
     click.echo(f"w2wreg hub for {reg.root} on http://{host}:{port}/  (API docs: /api/w2w/docs)", err=True)
+    click.echo(f"previews drawn on {previewer.describe()}", err=True)
     server.run()
 
 

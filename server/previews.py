@@ -42,8 +42,6 @@ class Renderer(Protocol):
 
     def png(self, model: ModelRow, lora: LoRA, prompt: str, seed: int, steps: int, size: int) -> bytes: ...
 
-    def describe(self) -> str: ...
-
 
 @dataclass(frozen=True)
 class Limits:
