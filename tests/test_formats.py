@@ -30,10 +30,10 @@ from safetensors.numpy import save_file
 from w2w.distance import delta_distances
 from w2w.errors import (
     CorruptFileError,
+    LoRAFileError,
     NonFiniteError,
     PickleRefusedError,
     ShapeError,
-    TextEncoderLoRAError,
     UnknownFormatError,
 )
 from w2w.flatten import flatten, unflatten
@@ -589,8 +589,9 @@ def test_text_encoder_keys(tiny_layout, tmp_path):
     t[f"{te}.lora_A.weight"] = np.ones((2, 12), dtype=np.float32)
     t[f"{te}.lora_B.weight"] = np.ones((12, 2), dtype=np.float32)
     save_file(t, str(tmp_path / "te.safetensors"), metadata=meta)
-    with pytest.raises(TextEncoderLoRAError, match="--drop-text-encoder"):
-        read_lora(tmp_path / "te.safetensors")
+    kept = read_lora(tmp_path / "te.safetensors").lora  # the text-encoder part is kept as its own module
+    assert set(kept.layers) == set(lora.layers) | {te}
+    assert kept.layers[te].alpha == 2.0  # no text_encoder.lora_alpha in the header: alpha = rank, as diffusers
     got = read_lora(tmp_path / "te.safetensors", drop_text_encoder=True).lora
     _assert_same_lora(got, lora)
 
@@ -603,8 +604,8 @@ def test_kohya_text_encoder_keys(tiny_layout, tmp_path):
     tensors[f"{te}.lora_up.weight"] = np.ones((12, 2), dtype=np.float32)
     tensors[f"{te}.alpha"] = np.array(2.0, dtype=np.float32)
     save_file(tensors, str(tmp_path / "k.safetensors"), metadata=meta)
-    with pytest.raises(TextEncoderLoRAError):
-        read_lora(tmp_path / "k.safetensors")
+    kept = read_lora(tmp_path / "k.safetensors").lora
+    assert set(kept.layers) - set(lora.layers) == {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"}
     _assert_same_lora(read_lora(tmp_path / "k.safetensors", drop_text_encoder=True).lora, lora)
 
 
@@ -619,9 +620,9 @@ def test_unknown_keys(tiny_layout, tmp_path):
     save_file(t, str(path))
     with pytest.raises(UnknownFormatError):
         read_lora(path)
-    # a folder that is no PEFT adapter
+    # a folder that holds no LoRA
     (tmp_path / "folder").mkdir()
-    with pytest.raises(UnknownFormatError):
+    with pytest.raises(LoRAFileError, match="holds no LoRA"):
         read_lora(tmp_path / "folder")
 
 
@@ -787,7 +788,7 @@ def test_doubly_prefixed_keys_from_a_peft_wrapped_unet(tmp_path, tiny_layout):
     assert list(rr.lora.layers) == list(lora.layers)
 
 
-def test_peft_text_encoder_adapter_is_refused(tmp_path):
+def test_peft_text_encoder_adapter_is_its_text_encoder_part(tmp_path):
     from safetensors.numpy import save_file
 
     folder = tmp_path / "te"
@@ -796,5 +797,6 @@ def test_peft_text_encoder_adapter_is_refused(tmp_path):
     factors = {f"{key}.lora_A.weight": np.ones((1, 4), np.float32), f"{key}.lora_B.weight": np.ones((4, 1), np.float32)}
     save_file(factors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1, "lora_alpha": 1}')
-    with pytest.raises(TextEncoderLoRAError):
-        read_lora(folder)
+    assert list(read_lora(folder).lora.layers) == [f"text_encoder.{key.removeprefix('base_model.model.')}"]
+    with pytest.raises(UnknownFormatError, match="no UNet part"):
+        read_lora(folder, drop_text_encoder=True)
