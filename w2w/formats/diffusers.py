@@ -167,13 +167,20 @@ def split_components(lora: LoRA) -> dict[str, LoRA]:
     return {c: LoRA(layers, lora.base_model) for c, layers in out.items()}
 
 
+def without_text_model(part: LoRA) -> LoRA:
+    """A text encoder's part with module names as transformers 5 has them (no leading `text_model.`)."""
+    return LoRA({m.removeprefix("text_model."): l for m, l in part.layers.items()}, part.base_model)
+
+
 def to_tensors(lora: LoRA) -> tuple[dict, dict[str, str]]:
     tensors, meta = {}, {}
     for comp, part in split_components(lora).items():
         for m, l in part.layers.items():
             tensors[f"{comp}.{m}.lora_A.weight"] = l.A
             tensors[f"{comp}.{m}.lora_B.weight"] = l.B
-        meta |= {f"{comp}.{k}": v for k, v in adapter_metadata(part).items()}
+        # PEFT matches target_modules and patterns as suffixes: without CLIP's `text_model.` (which transformers 5
+        # dropped from CLIPTextModel) they match text encoders with and without it; diffusers strips the tensors'
+        meta |= {f"{comp}.{k}": v for k, v in adapter_metadata(without_text_model(part)).items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
     if lora.base_model:
         metadata["base_model"] = lora.base_model

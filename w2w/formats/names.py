@@ -103,7 +103,8 @@ _SGM_TOP = {
     "label_emb.0.2": "add_embedding.linear_2",
     "out.2": "conv_out",
 }
-_SGM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)(?:\.(\d+))?(?:\.(.+))?$")
+_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)$")
+_SGM_MIDDLE = re.compile(r"^middle_block\.(\d+)\.(.+)$")
 
 # Every module of an SD 1.x/2.x/XL UNet that a LoRA can adapt (Linear and Conv layers), in diffusers naming.
 _ATTN = (
@@ -143,13 +144,14 @@ def sgm_to_diffusers(path: str) -> str | None:
     for sgm, diff in _SGM_TOP.items():
         if path == sgm:
             return diff
+    m = _SGM_MIDDLE.match(path)
+    if m:  # middle_block.I.<module>: no inner index
+        where = {0: "resnets.0", 1: "attentions.0", 2: "resnets.1"}.get(int(m[1]))
+        return None if where is None else f"mid_block.{where}.{_resnet(m[2]) if 'resnets' in where else m[2]}"
     m = _SGM_BLOCK.match(path)
-    if not m or m[3] is None or m[4] is None:
+    if not m:
         return None
     kind, i, j, rest = m[1], int(m[2]), int(m[3]), m[4]
-    if kind == "middle_block":
-        where = {0: "resnets.0", 1: "attentions.0", 2: "resnets.1"}.get(i)
-        return None if where is None else f"mid_block.{where}.{_resnet(rest) if 'resnets' in where else rest}"
     if kind == "input_blocks":
         if i == 0:
             return None

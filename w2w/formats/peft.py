@@ -9,6 +9,7 @@ subfolders text_encoder/ and text_encoder_2/ (what `export --format peft` writes
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from w2w.errors import CorruptFileError, UnknownFormatError
@@ -45,6 +46,8 @@ def read_config(folder: Path) -> dict:
 
 
 TEXT_ENCODER_DIRS = ("text_encoder", "text_encoder_2")
+# a CLIP text encoder's module, with or without the `text_model.` level (transformers 4 / 5)
+_TEXT_KEY = re.compile(r"(^|\.)(text_model\.|encoder\.layers\.\d+\.(self_attn|mlp)\.)")
 
 
 def _weights(folder: Path) -> Path:
@@ -75,7 +78,7 @@ def parse(
 ) -> LoRA:
     """The LoRA in a PEFT adapter's weights. `component` names the text encoder of a subfolder's adapter."""
     refuse_methods(tf.tensors, tf.path)
-    text = component or ("text_encoder" if any(".text_model." in f".{k}" for k in tf.tensors) else "")
+    text = component or ("text_encoder" if any(_TEXT_KEY.search(k) for k in tf.tensors) else "")
     if text and drop_text_encoder:
         raise UnknownFormatError(tf.path, "is a text-encoder adapter; it has no UNet part to import")
     parts: dict[str, LayerParts] = {}
@@ -84,10 +87,12 @@ def parse(
         if sk is None or sk[1] == "alpha":
             raise UnknownFormatError(tf.path, f"key {key!r} is no PEFT LoRA factor")
         module, kind = sk
+        if text and not module.startswith("text_model."):  # saved from a transformers 5 CLIPTextModel
+            module = f"text_model.{module}"
         setattr(parts.setdefault(f"{text}.{module}" if text else module, LayerParts()), kind, t)
     alpha_pattern = cfg.get("alpha_pattern") or {}
     default_alpha = cfg.get("lora_alpha", cfg.get("r"))
-    inner = (lambda m: m[len(text) + 1 :]) if text else (lambda m: m)
+    inner = (lambda m: m[len(text) + 1 :].removeprefix("text_model.")) if text else (lambda m: m)
     alpha_for = {m: a for m in parts if (a := pattern_lookup(alpha_pattern, inner(m))) is not None}
     return assemble(parts, tf.path, default_alpha, alpha_for, base_model)
 
@@ -96,7 +101,12 @@ def to_folders(lora: LoRA) -> dict[str, tuple[dict, dict[str, str], dict]]:
     """Subfolder ("" for the top) -> (tensors, metadata, adapter_config): the UNet's adapter at the top, each text
     encoder's in its subfolder (at the top when there is no UNet part)."""
     parts = dfmt.split_components(lora)
-    return {("" if comp == "unet" or len(parts) == 1 else comp): to_files(part) for comp, part in parts.items()}
+    return {
+        ("" if comp == "unet" or len(parts) == 1 else comp): to_files(
+            part if comp == "unet" else dfmt.without_text_model(part)  # the installed transformers' CLIP paths
+        )
+        for comp, part in parts.items()
+    }
 
 
 def to_files(lora: LoRA) -> tuple[dict, dict[str, str], dict]:
