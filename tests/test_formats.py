@@ -328,6 +328,13 @@ def _read_back(files, fmt: str):
 def test_round_trips_are_bit_exact(layout, tmp_path, chain):
     lora = random_lora(layout, seed=7)
     lora.base_model = "tiny/base"
+    # kohya files give attention projections their component's most common alpha, B rescaled to keep dW, since
+    # diffusers' kohya loader applies no other alpha to them (kohya.loadable_alphas); with one alpha per module
+    # kind, as kohya trains, nothing changes. What kohya writes, every format then keeps bit for bit.
+    if "kohya" in chain:
+        written = kohya.loadable_alphas(lora)
+        lora = LoRA({m: LoRALayer(*written[m]) for m in lora.layers}, lora.base_model)
+    layout = lora.layout()
     v = flatten(lora)
     current = lora
     for step, fmt in enumerate(chain):
@@ -337,6 +344,22 @@ def test_round_trips_are_bit_exact(layout, tmp_path, chain):
         assert current.layout().fingerprint == layout.fingerprint
         assert np.array_equal(flatten(current, layout), v)
         assert current.base_model == "tiny/base", fmt
+
+
+def test_kohya_alphas_folded_only_where_diffusers_needs_it(tiny_layout):
+    uniform = random_lora(tiny_layout, seed=7)
+    assert all(kohya.loadable_alphas(uniform)[m][1] is l.B for m, l in uniform.layers.items())
+    mixed = random_lora(mixed_layout(tiny_layout), seed=7)
+    written = kohya.loadable_alphas(mixed)
+    assert any(written[m][1] is not l.B for m, l in mixed.layers.items())  # some attention projection was folded
+    for m, l in mixed.layers.items():
+        A, B, alpha = written[m]
+        assert A is l.A
+        # B' = fl(B * fl(alpha / common)): two roundings per element, so |dW' - dW| <= 2 u scale |B| |A| (in
+        # float64, whose own error is 2^-29 times smaller); 3 u leaves room for that
+        A64, B64, l64 = A.astype(np.float64), B.astype(np.float64).reshape(B.shape[0], -1), l.b2d().astype(np.float64)
+        got, want = alpha / l.rank * (B64 @ A64), l.scale * (l64 @ A64)
+        assert np.all(np.abs(got - want) <= 3 * U32 * abs(l.scale) * (np.abs(l64) @ np.abs(A64))), m
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "peft", "kohya"])

@@ -195,6 +195,17 @@ def test_peft_export_loads_with_peft_unet_and_text_encoder(sd15, tmp_path):
     assert set(again.layers) == set(lora.layers)
 
 
+def test_kohya_export_of_per_module_alphas_loads_with_the_same_delta(sd15, tmp_path):
+    """Alphas that vary per module (a mix, a PEFT import) reach diffusers through a kohya file too."""
+    path, want = _kohya_case(sd15, "diffusers", "fp32", tmp_path, sdxl=False)
+    lora = read_lora(path).lora
+    for i, l in enumerate(lora.layers.values()):  # alphas 4, 0.5, 1 cycling, B rescaled: the same updates
+        new = [4.0, 0.5, 1.0][i % 3]
+        l.B, l.alpha = (l.B * np.float32(l.alpha / new)).astype(np.float32), new
+    (written,) = write_lora(lora, tmp_path / "k", "kohya")
+    _assert_deltas(_loaded(sd15, tmp_path / "k", written.name, "k"), want, LOADED_C + 4, "kohya export")
+
+
 # --- LyCORIS ---------------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,9 @@ that maps to no module of an SD 1.x/2.x/XL UNet or CLIP text encoder is refused,
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import numpy as np
 
 from w2w.errors import UnknownFormatError
@@ -28,6 +31,33 @@ demangle = names.demangle  # kept importable from here
 def mangle(module: str) -> str:
     """The kohya key stem of a UNet module (diffusers spelling, as kohya writes SD 1.x)."""
     return names.kohya_stem(module, sdxl_text=False)
+
+
+# modules whose per-module alpha diffusers' kohya loader (0.42) does not apply, giving them the most common alpha
+# of their component instead (its alpha names keep spellings such as `processor.to_q_lora` that match no module):
+# the UNet's attention projections and every text-encoder module
+_ALPHA_LOST = re.compile(r"(\.attn[12]\.to_(q|k|v|out\.0)$|^text_encoder)")
+
+
+def loadable_alphas(lora: LoRA) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """module -> (A, B, alpha) to write: a module of _ALPHA_LOST whose alpha differs from its component's most
+    common one gets that alpha, its B scaled by alpha / common (same dW up to two roundings), so diffusers loads
+    the file's update. Files kohya trains (one alpha per layer kind) are written unchanged."""
+    from w2w.formats.diffusers import component
+
+    out = {m: (l.A, l.B, l.alpha) for m, l in lora.layers.items()}
+    for comp in {component(m) for m in out}:
+        mods = [m for m in out if component(m) == comp]
+        counts = Counter(out[m][2] for m in mods).most_common()
+        common = counts[0][0]
+        folded = [m for m in mods if out[m][2] != common and _ALPHA_LOST.search(m)]
+        after = Counter(common if m in folded else out[m][2] for m in mods).most_common(2)
+        if len(after) > 1 and after[0][1] == after[1][1]:  # a tie: diffusers might pick the other; fold them all
+            folded = [m for m in mods if out[m][2] != common]
+        for m in folded:
+            A, B, alpha = out[m]
+            out[m] = (A, (B * np.float32(alpha / common)).astype(np.float32), common)
+    return out
 
 
 def looks_like(keys: list[str]) -> bool:
@@ -88,11 +118,11 @@ def parse(tf: TensorFile, base_model: str | None = None, drop_text_encoder: bool
 def to_tensors(lora: LoRA) -> tuple[dict, dict[str, str]]:
     tensors = {}
     sdxl_text = any(m.startswith("text_encoder_2.") for m in lora.layers)
-    for m, l in lora.layers.items():
+    for m, (A, B, alpha) in loadable_alphas(lora).items():
         k = names.kohya_stem(m, sdxl_text)
-        tensors[f"{k}.lora_down.weight"] = l.A
-        tensors[f"{k}.lora_up.weight"] = l.B
-        tensors[f"{k}.alpha"] = np.asarray(l.alpha, dtype=np.float32)
+        tensors[f"{k}.lora_down.weight"] = A
+        tensors[f"{k}.lora_up.weight"] = B
+        tensors[f"{k}.alpha"] = np.asarray(alpha, dtype=np.float32)
     metadata = {"format": "pt", "ss_network_module": "networks.lora"}
     if lora.base_model:
         metadata["base_model"] = lora.base_model
