@@ -337,6 +337,60 @@ def test_add_then_export_each_format_loads_with_the_same_delta(sdxl, tmp_path):
     assert _dtypes(out) == {"BF16"}
 
 
+def test_add_reads_every_lycoris_file_of_one_header_exactly(sd15, tmp_path):
+    """The fast reader compiles a gather plan per header; a LoHa's factors are computed, so none may be used."""
+    from registry.registry import Registry
+
+    paths = []
+    for i in range(2):  # same keys and shapes (one header), other values
+        (tmp_path / str(i)).mkdir()
+        path, _ = _lycoris_file(sd15, tmp_path / str(i), "loha")
+        paths.append(path.rename(tmp_path / f"loha{i}.safetensors"))
+        t = {k: v * (i + 1) for k, v in safe_open_all(paths[-1]).items()}
+        save_file(t, str(paths[-1]), metadata={"ss_base_model_version": "sd_v1"})
+    reg = tmp_path / "reg"
+    _run(reg, "init")
+    _run(reg, "add", *map(str, paths))
+    r = Registry.open(reg)
+    for i, p in enumerate(paths):
+        want = read_lora(p).lora
+        got = r.lora(f"loha{i}")
+        assert got.layout() == want.layout() and all(
+            np.array_equal(got.layers[m].B, want.layers[m].B) for m in want.layers
+        )
+        assert r.catalog.source_info(r.get(f"loha{i}").id)["source_kind"] == "loha"
+
+
+def safe_open_all(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no dict)
+
+
+def test_diffusers_own_sdxl_file_with_both_text_encoders(sdxl, tmp_path):
+    """A file as diffusers' save_lora_weights writes it (unet, text_encoder, text_encoder_2 and their metadata)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    path, want = _kohya_case(sdxl, "sgm", "fp32", tmp_path, sdxl=True)
+    try:
+        sdxl.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="k")
+        layers = {c: get_peft_model_state_dict(getattr(sdxl, c), adapter_name="k") for c in
+                  ("unet", "text_encoder", "text_encoder_2")}  # fmt: skip
+        StableDiffusionXLPipeline.save_lora_weights(
+            tmp_path / "saved",
+            unet_lora_layers=layers["unet"],
+            text_encoder_lora_layers=layers["text_encoder"],
+            text_encoder_2_lora_layers=layers["text_encoder_2"],
+            unet_lora_adapter_metadata=sdxl.unet.peft_config["k"].to_dict(),
+            text_encoder_lora_adapter_metadata=sdxl.text_encoder.peft_config["k"].to_dict(),
+            text_encoder_2_lora_adapter_metadata=sdxl.text_encoder_2.peft_config["k"].to_dict(),
+        )
+    finally:
+        sdxl.unload_lora_weights()
+    lora = read_lora(tmp_path / "saved" / "pytorch_lora_weights.safetensors").lora
+    _assert_deltas(_ours(lora), want, LOADED_C, "diffusers' own file")
+
+
 def test_sd15_like_config_matches_the_real_block_structure():
     # four down blocks, the last without attention; two layers per block (SGM numbering depends on it)
     assert SD15_LIKE["layers_per_block"] == 2 and SD15_LIKE["down_block_types"][-1] == "DownBlock2D"

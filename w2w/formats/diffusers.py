@@ -14,7 +14,7 @@ import re
 from w2w.errors import UnknownFormatError
 from w2w.formats.common import LayerParts, as_int_if_whole, assemble, pattern_lookup, split_default_and_pattern
 from w2w.formats.lycoris import refuse_methods
-from w2w.formats.names import is_text_encoder
+from w2w.formats.names import is_text_encoder, with_text_model
 from w2w.formats.tensorfile import TensorFile
 from w2w.lora import LoRA
 
@@ -94,8 +94,10 @@ def parse(tf: TensorFile, base_model: str | None = None, drop_text_encoder: bool
             unknown.append(key)
             continue
         module, kind = sk
-        if drop_text_encoder and is_text_encoder(module):
-            continue
+        if is_text_encoder(module):
+            if drop_text_encoder:
+                continue
+            module = with_text_model(module)
         p = parts.setdefault(module, LayerParts())
         if kind == "alpha":
             p.alpha = float(t.reshape(-1)[0])

@@ -205,5 +205,12 @@ def known_module(module: str) -> bool:
     return bool(UNET_MODULE.match(module) or TEXT_MODULE.match(module))
 
 
+def with_text_model(module: str) -> str:
+    """A text-encoder module with CLIP's `text_model.` level, which transformers 5 dropped from CLIPTextModel
+    (files saved from it lack it; kohya files and transformers 4 have it): the canonical name keeps it."""
+    comp, _, rest = module.partition(".")
+    return f"{comp}.text_model.{rest}" if f"{comp}." in TEXT_ENCODERS and rest.startswith("encoder.") else module
+
+
 def is_text_encoder(module: str) -> bool:
     return module.startswith(TEXT_ENCODERS)
