@@ -696,19 +696,19 @@ class Registry:
         return out
 
     def push(self, ref: str | int | ModelRow, repo_id: str, hub=None, previews: Sequence[Path] = ()) -> dict:
-        """Upload a model to a hub (default: the registry's local hub) in diffusers format with its card,
-        and preview images (under previews/) when given."""
+        """Upload a model to a hub (default: the registry's local hub) in diffusers format (in the dtype its file
+        came in) with its card, and preview images (under previews/) when given."""
         m = self.get(ref)
         with self.writing():
             return self._push_locked(m, repo_id, hub or self.hub, previews)
 
     def _push_locked(self, m: ModelRow, repo_id: str, hub, previews: Sequence[Path] = ()) -> dict:
         from w2w.formats import diffusers as dfmt
+        from w2w.formats.tensorfile import safetensors_bytes
 
         tensors, metadata = dfmt.to_tensors(self.lora(m))
-        from safetensors.numpy import save
-
-        weights = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=metadata)
+        dtype = self.catalog.source_info(m.id)["source_dtype"] or "float32"  # as export: the dtype it came in
+        weights = safetensors_bytes(tensors, metadata, dtype)
         images = {f"previews/{Path(p).name}": Path(p).read_bytes() for p in previews}
         card = self.model_card(m, previews=sorted(images)).encode()
         files = {dfmt.WEIGHT_NAME: weights, "README.md": card, **images}
