@@ -288,6 +288,7 @@ def test_half_precision_files(tiny_layout, tmp_path, dtype):
     half = {k: torch.from_numpy(v).to(dtype) for k, v in tensors.items()}
     save_torch(half, str(tmp_path / "h.safetensors"), metadata=meta)
     got = read_lora(tmp_path / "h.safetensors").lora
+    assert got.meta["source_dtype"] == {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
     assert got.layout() == tiny_layout
     want = np.concatenate([half[k].float().numpy().ravel() for k in tensors])  # A, B per module, in order
     assert np.array_equal(flatten(got), want)  # widening fp16/bf16 to float32 is exact: no rounding to allow for

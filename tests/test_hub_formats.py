@@ -178,6 +178,20 @@ def test_kohya_file_read_and_exports_load_with_the_same_delta(request, model, na
         _assert_deltas(_loaded(pipe, out, written.name, fmt), want, LOADED_C, f"{fmt} export")
 
 
+@pytest.mark.parametrize("fmt", ["diffusers", "peft", "kohya"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_exports_keep_their_dtype_and_values(sd15, fmt, dtype, tmp_path):
+    path, _ = _kohya_case(sd15, "diffusers", {"float16": "fp16", "bfloat16": "bf16"}[dtype], tmp_path, sdxl=False)
+    lora = read_lora(path).lora
+    files = write_lora(lora, tmp_path / fmt, fmt, dtype=dtype)
+    back = read_lora(files[0].parent if fmt == "peft" else files[0]).lora
+    assert back.meta["source_dtype"] == dtype
+    # the factors came in this dtype, so writing them in it again loses nothing
+    assert back.layout() == lora.layout()
+    assert all(np.array_equal(back.layers[m].A, l.A) and np.array_equal(back.layers[m].B, l.B)
+               for m, l in lora.layers.items())  # fmt: skip
+
+
 def test_peft_export_loads_with_peft_unet_and_text_encoder(sd15, tmp_path):
     from peft import PeftModel
 

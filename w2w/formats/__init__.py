@@ -104,12 +104,11 @@ def read_lora(
         path = discover_one(path)  # a folder holding one LoRA file, as `add` takes it
     if path.is_dir():
         lora, tf = peft.read(path, base_model, allow_pickle, drop_text_encoder)
-        fmt = "peft"
+        lora, fmt = with_meta(lora, tf), "peft"
     else:
         tf = read_tensor_file(path, allow_pickle=allow_pickle)
         fmt = detect_format(tf)
         lora = parse_file(tf, fmt, base_model, drop_text_encoder)
-        lora = with_meta(lora, tf)
     check_lora(lora, path)
     return ReadResult(lora, fmt, tf.sha256, path)
 
