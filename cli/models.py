@@ -15,6 +15,7 @@ from registry import wspace
 from registry.hubs import open_hub
 from registry.registry import Registry
 from w2w.formats import FORMATS, target_files
+from w2w.formats.names import known_module
 from w2w.formats.tensorfile import DTYPE_CHOICES
 
 drop_text_encoder_option = click.option(
@@ -240,6 +241,13 @@ def export(ctx, model, fmt, out, force, dtype, as_json):
         fail(f"{existing[0]} already exists; pass --force to overwrite it, or choose another -o")
     dtype = DTYPE_CHOICES[dtype] if dtype else None
     files = reg.export(model, fmt, out, dtype=dtype)
+    unknown = [m for m in reg.lora(model).layers if not known_module(m)]
+    if unknown:  # e.g. a model added before SGM names were mapped: `input.blocks.4.1.proj_in`
+        click.echo(
+            f"warning: {len(unknown)} modules name no module of an SD 1.x/2.x/XL UNet or CLIP text encoder (e.g. "
+            f"{unknown[0]!r}); diffusers will not load them into such a pipeline. Re-add the model's source file.",
+            err=True,
+        )
     if as_json:
         emit_json({"model": model, "format": fmt, "dtype": dtype, "files": [str(f) for f in files]})
     else:

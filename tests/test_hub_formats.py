@@ -405,6 +405,20 @@ def test_diffusers_own_sdxl_file_with_both_text_encoders(sdxl, tmp_path):
     _assert_deltas(_ours(lora), want, LOADED_C, "diffusers' own file")
 
 
+def test_export_warns_of_modules_no_pipeline_has(tmp_path):
+    """A model registered before SGM names were mapped (`input.blocks.4.1.proj_in`) says so on export."""
+    m = "unet.input.blocks.4.1.proj_in"
+    save_file(
+        {f"{m}.lora_A.weight": torch.ones(2, 8), f"{m}.lora_B.weight": torch.ones(8, 2)},
+        str(tmp_path / "o.safetensors"),
+    )
+    reg = tmp_path / "reg"
+    _run(reg, "init")
+    _run(reg, "add", str(tmp_path / "o.safetensors"))
+    result = _run(reg, "export", "o", "-o", str(tmp_path / "out"))
+    assert "input.blocks.4.1.proj_in" in result.stderr and "Re-add" in result.stderr
+
+
 def test_sd15_like_config_matches_the_real_block_structure():
     # four down blocks, the last without attention; two layers per block (SGM numbering depends on it)
     assert SD15_LIKE["layers_per_block"] == 2 and SD15_LIKE["down_block_types"][-1] == "DownBlock2D"

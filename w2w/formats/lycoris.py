@@ -133,6 +133,8 @@ def _factor(full, a, b) -> tuple[np.ndarray, np.ndarray, int | None]:
 
 
 def _lokr(parts: dict[str, np.ndarray], alpha: float | None, kernel) -> tuple:
+    if "lokr_t1" in parts:  # LyCORIS lists it but never builds it: a file with one is no LoKr we know
+        raise ValueError("a Tucker w1 (lokr_t1) is not supported")
     g = parts.get
     B1, A1, r1 = _factor(g("lokr_w1"), g("lokr_w1_a"), g("lokr_w1_b"))
     if "lokr_t2" in parts:
