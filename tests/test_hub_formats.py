@@ -419,6 +419,26 @@ def test_export_warns_of_modules_no_pipeline_has(tmp_path):
     assert "input.blocks.4.1.proj_in" in result.stderr and "Re-add" in result.stderr
 
 
+def test_a_registry_made_before_the_dtype_columns_reads_and_gains_them(tmp_path):
+    import duckdb
+
+    m = "unet.down_blocks.0.attentions.0.proj_in"
+    for name in ("a", "b"):
+        t = {f"{m}.lora_A.weight": torch.ones(2, 8), f"{m}.lora_B.weight": torch.full((8, 2), ord(name) / 100)}
+        save_file(t, str(tmp_path / f"{name}.safetensors"))
+    reg = tmp_path / "reg"
+    _run(reg, "init")
+    _run(reg, "add", str(tmp_path / "a.safetensors"))
+    con = duckdb.connect(str(reg / "catalog.duckdb"))  # as an older w2wreg left it
+    con.execute("ALTER TABLE models DROP COLUMN source_dtype")
+    con.execute("ALTER TABLE models DROP COLUMN source_kind")
+    con.close()
+    assert json.loads(_run(reg, "show", "a", "--json").output)["source_dtype"] is None
+    _run(reg, "export", "a", "-o", str(tmp_path / "out"))  # float32 when the catalog does not say
+    _run(reg, "add", str(tmp_path / "b.safetensors"))  # the first write adds the columns
+    assert json.loads(_run(reg, "show", "b", "--json").output)["source_dtype"] == "float32"
+
+
 def test_sd15_like_config_matches_the_real_block_structure():
     # four down blocks, the last without attention; two layers per block (SGM numbering depends on it)
     assert SD15_LIKE["layers_per_block"] == 2 and SD15_LIKE["down_block_types"][-1] == "DownBlock2D"
