@@ -15,6 +15,14 @@ from registry import wspace
 from registry.hubs import open_hub
 from registry.registry import Registry
 from w2w.formats import FORMATS, target_files
+from w2w.formats.names import known_module
+from w2w.formats.tensorfile import DTYPE_CHOICES
+
+drop_text_encoder_option = click.option(
+    "--drop-text-encoder",
+    is_flag=True,
+    help="Leave out the text-encoder part of LoRAs that also adapt a text encoder (kept by default).",
+)
 
 
 def open_registry(ctx: click.Context) -> Registry:
@@ -61,9 +69,7 @@ def init(ctx: click.Context) -> None:
 @click.option(
     "--allow-pickle", is_flag=True, help="Also read pickled .bin/.pt/.ckpt files (torch.load(weights_only=True))."
 )
-@click.option(
-    "--drop-text-encoder", is_flag=True, help="Import only the UNet part of LoRAs that also adapt a text encoder."
-)
+@drop_text_encoder_option
 @click.option("--skip-errors", is_flag=True, help="Add the good LoRAs even when some inputs are bad.")
 @hub_option
 @json_option
@@ -158,25 +164,30 @@ def show(ctx, model, as_json):
     reg = open_registry(ctx)
     m = reg.get(model)
     space = reg.space(m.space_id)
-    info = m.to_json() | {
-        "space": {
-            "id": space.id,
-            "base_model": space.base_model,
-            "layout": reg.layout(space.id).describe(),
-            "layout_fingerprint": space.layout_fingerprint,
-            "dim": space.dim,
-            "models": space.n_models,
-        },
-        "lineage": reg.catalog.lineage(m.id),
-        "hub": reg.catalog.hub_files(m.id),
-        "projection": wspace.projection_info(reg, m.id),
-    }
+    info = (
+        m.to_json()
+        | reg.catalog.source_info(m.id)
+        | {
+            "space": {
+                "id": space.id,
+                "base_model": space.base_model,
+                "layout": reg.layout(space.id).describe(),
+                "layout_fingerprint": space.layout_fingerprint,
+                "dim": space.dim,
+                "models": space.n_models,
+            },
+            "lineage": reg.catalog.lineage(m.id),
+            "hub": reg.catalog.hub_files(m.id),
+            "projection": wspace.projection_info(reg, m.id),
+        }
+    )
     if as_json:
         emit_json(info)
         return
     click.echo(f"{m.name}  (id {m.id}, {m.kind})")
     click.echo(f"  space       {space.id}  {info['space']['layout']}  base model: {space.base_model or 'unknown'}")
-    click.echo(f"  source      {m.source or '-'}  ({m.source_format or '-'})")
+    kind_dtype = ", ".join(v for v in (info["source_kind"], info["source_dtype"]) if v)
+    click.echo(f"  source      {m.source or '-'}  ({m.source_format or '-'}{', ' + kind_dtype if kind_dtype else ''})")
     click.echo(f"  sha256      file {m.source_sha256 or '-'}")
     click.echo(f"              vector {m.vector_sha256}")
     click.echo(f"  added       {m.created}")
@@ -207,15 +218,20 @@ def show(ctx, model, as_json):
     help="A .safetensors file (diffusers, kohya) or a folder (any format).",
 )
 @click.option("--force", is_flag=True, help="Overwrite files that already exist.")
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPE_CHOICES)),
+    help="The factors' dtype.  [default: the dtype the model's file came in; fp32 for trained/derived models]",
+)
 @json_option
 @click.pass_context
-def export(ctx, model, fmt, out, force, as_json):
-    """Write a model as a LoRA that diffusers, PEFT or kohya tools load.
+def export(ctx, model, fmt, out, force, dtype, as_json):
+    """Write a model as a LoRA that diffusers, PEFT or kohya tools load (text-encoder parts included).
 
     \b
     w2wreg export alice --format diffusers -o out/alice/
     w2wreg export alice --format peft -o out/alice-peft/
-    w2wreg export alice --format kohya -o alice_kohya.safetensors
+    w2wreg export alice --format kohya --dtype fp16 -o alice_kohya.safetensors
     """
     reg = open_registry(ctx)
     if fmt == "peft" and out.suffix == ".safetensors":
@@ -223,9 +239,17 @@ def export(ctx, model, fmt, out, force, as_json):
     existing = [p for p in target_files(fmt, out) if p.exists()]
     if existing and not force:
         fail(f"{existing[0]} already exists; pass --force to overwrite it, or choose another -o")
-    files = reg.export(model, fmt, out)
+    dtype = DTYPE_CHOICES[dtype] if dtype else None
+    files = reg.export(model, fmt, out, dtype=dtype)
+    unknown = [m for m in reg.lora(model).layers if not known_module(m)]
+    if unknown:  # e.g. a model added before SGM names were mapped: `input.blocks.4.1.proj_in`
+        click.echo(
+            f"warning: {len(unknown)} modules name no module of an SD 1.x/2.x/XL UNet or CLIP text encoder (e.g. "
+            f"{unknown[0]!r}); diffusers will not load them into such a pipeline. Re-add the model's source file.",
+            err=True,
+        )
     if as_json:
-        emit_json({"model": model, "format": fmt, "files": [str(f) for f in files]})
+        emit_json({"model": model, "format": fmt, "dtype": dtype, "files": [str(f) for f in files]})
     else:
         for f in files:
             click.echo(f"wrote {f}")

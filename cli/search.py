@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.models import open_registry
+from cli.models import drop_text_encoder_option, open_registry
 from cli.output import emit_json, json_option, table
 from registry.search import METRICS
 
@@ -21,9 +21,10 @@ from registry.search import METRICS
     help="l2/cosine on the flat vectors; delta = sum of ||B1A1 - B2A2||_F per layer (factorization-invariant).",
 )
 @click.option("--base-model", help="For a file query: the base model it was trained on.")
+@drop_text_encoder_option
 @json_option
 @click.pass_context
-def search(ctx, like, k, where, metric, base_model, as_json):
+def search(ctx, like, k, where, metric, base_model, drop_text_encoder, as_json):
     """Find the models whose weights are nearest to a model or a LoRA file.
 
     Exact: every model of the space that matches --where is compared, so you get the true k nearest.
@@ -33,7 +34,9 @@ def search(ctx, like, k, where, metric, base_model, as_json):
     w2wreg search --like new_lora.safetensors --where "NOT glasses" --metric delta
     """
     reg = open_registry(ctx)
-    result = reg.search(like, k=k, where=where, metric=metric, base_model=base_model)
+    result = reg.search(
+        like, k=k, where=where, metric=metric, base_model=base_model, drop_text_encoder=drop_text_encoder
+    )
     if as_json:
         emit_json(result.to_json())
         return

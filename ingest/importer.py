@@ -100,6 +100,7 @@ def import_paths(
             item = NewModel(
                 model_name, vr.vector, vr.layout, vr.base_model, source=hub_source or str(path),
                 source_format=vr.format, source_sha256=vr.sha256,
+                source_dtype=vr.meta.get("source_dtype"), source_kind=vr.meta.get("source_kind"),
                 attributes={**table.get(model_name, {}), **(attributes or {})},
             )  # fmt: skip
             return item.digest()

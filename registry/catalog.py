@@ -90,7 +90,11 @@ CREATE TABLE IF NOT EXISTS hub_files (
     model_id BIGINT NOT NULL, hub VARCHAR NOT NULL, repo VARCHAR NOT NULL, revision VARCHAR,
     path VARCHAR NOT NULL, sha256 VARCHAR NOT NULL, pushed TIMESTAMP DEFAULT current_timestamp
 );
+ALTER TABLE models ADD COLUMN IF NOT EXISTS source_dtype VARCHAR;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS source_kind VARCHAR;
 """
+# source_dtype: float32/float16/bfloat16 of an imported file (export's default); source_kind: lora/locon/loha/lokr.
+# Read apart from MODEL_COLUMNS (Catalog.source_info) so that a registry made before them reads unchanged.
 
 MODEL_COLUMNS = (
     "id",
@@ -536,6 +540,15 @@ class Catalog:
         if where and where.strip():
             conds.append(f"({where})")
         return f"SELECT id FROM ({view}) WHERE {' AND '.join(conds) or 'true'}", params
+
+    def source_info(self, model_id: int) -> dict[str, str | None]:
+        """{source_dtype, source_kind} of a model; None for each on a registry that predates them."""
+        with self.connect() as con:
+            try:
+                row = con.execute("SELECT source_dtype, source_kind FROM models WHERE id = ?", [model_id]).fetchone()
+            except duckdb.BinderException:  # columns added on the registry's first write since
+                row = None
+        return {"source_dtype": row[0] if row else None, "source_kind": row[1] if row else None}
 
     def lineage(self, model_id: int) -> list[dict]:
         with self.connect() as con:

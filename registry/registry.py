@@ -31,14 +31,13 @@ from w2w.errors import (
     AttributeInputError,
     DuplicateModelError,
     InvalidNameError,
-    LoRAFileError,
     NameTakenError,
     RegistryNotFoundError,
     SpaceMismatchError,
     W2WError,
 )
 from w2w.flatten import flatten, unflatten
-from w2w.formats import discover, read_lora, write_lora
+from w2w.formats import discover_one, read_lora, write_lora
 from w2w.layout import Layout
 from w2w.lora import LoRA
 
@@ -98,6 +97,8 @@ class NewModel:
     source: str | None = None
     source_format: str | None = None
     source_sha256: str | None = None
+    source_dtype: str | None = None  # float32/float16/bfloat16 of an imported file
+    source_kind: str | None = None  # lora/locon/loha/lokr of an imported file
     attributes: dict = field(default_factory=dict)
     lineage: list[tuple[int | None, str, dict]] = field(default_factory=list)
     vector_sha256: str | None = None  # computed on the importer's threads when it can; else when staged
@@ -257,6 +258,8 @@ class _AddSession:
                 m.source_format,
                 m.source_sha256,
                 m.base_model,
+                m.source_dtype,
+                m.source_kind,
             )
         )
         self.attr_rows += [(model_id, k, float(val)) for k, val in attrs.items()]
@@ -331,10 +334,10 @@ class _AddSession:
             _bulk_insert(
                 con,
                 "models (id, name, space_id, row_idx, vector_sha256, sq_norm, kind, source, source_format, "
-                "source_sha256, base_model)",
+                "source_sha256, base_model, source_dtype, source_kind)",
                 self.model_rows,
                 ["BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "VARCHAR", "DOUBLE", "VARCHAR", "VARCHAR", "VARCHAR",
-                 "VARCHAR", "VARCHAR"],
+                 "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"],
             )  # fmt: skip
             _bulk_insert(con, "attributes", self.attr_rows, ["BIGINT", "VARCHAR", "DOUBLE"])
             _bulk_insert(con, "lineage", self.lineage_rows, ["BIGINT", "BIGINT", "VARCHAR", "VARCHAR"])
@@ -516,15 +519,13 @@ class Registry:
 
     # --- search ----------------------------------------------------------------------------------
 
-    def _query_vector(self, query, base_model: str | None) -> tuple[str, np.ndarray, str, int | None]:
+    def _query_vector(
+        self, query, base_model: str | None, drop_text_encoder: bool = False
+    ) -> tuple[str, np.ndarray, str, int | None]:
         """(label, vector, space id, model id or None) of a model reference or a LoRA file."""
         if isinstance(query, (str, Path)) and Path(query).exists() and not isinstance(query, ModelRow):
-            files = discover(Path(query))  # a file, an adapter folder, or a folder holding one LoRA (as `add`)
-            if len(files) != 1:
-                shown = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
-                raise LoRAFileError(query, f"holds {len(files)} LoRAs ({shown})", "search takes one: pass one of them")
-            # spaces hold UNet LoRAs: a query's text-encoder part has nothing to be compared with, so it is left out
-            rr = read_lora(files[0], base_model=base_model, drop_text_encoder=True)
+            # a file, an adapter folder, or a folder holding one LoRA: what `add` takes, read as `add` reads it
+            rr = read_lora(discover_one(Path(query)), base_model=base_model, drop_text_encoder=drop_text_encoder)
             layout = rr.lora.layout()
             sid = space_id_for(rr.lora.base_model, layout)
             spaces = self.spaces()
@@ -538,6 +539,11 @@ class Registry:
                             "; several spaces share the layout, pass --base-model to choose"
                             if same
                             else "; models in other layouts cannot be compared with it"
+                        )
+                        + (
+                            "; pass --drop-text-encoder to compare its UNet part alone"
+                            if any(m.startswith("text_encoder") for m in rr.lora.layers)
+                            else ""
                         )
                     )
                 sid = same[0]
@@ -565,24 +571,26 @@ class Registry:
         metric: str = "l2",
         base_model: str | None = None,
         exact: bool = False,
+        drop_text_encoder: bool = False,
     ) -> SearchResult:
         """The k models nearest to `query` (a model or a LoRA file) in its space, among those matching `where`.
 
         Before a subspace is fitted (or with exact=True) every matching model is compared. After, a FAISS
         index over subspace coefficients proposes candidates, which are re-ranked on the full vectors.
+        A file query keeps its text-encoder part unless drop_text_encoder (as `add` reads it).
         """
         with self.catalog.session():
-            return self._search(query, k, where, metric, base_model, exact)
+            return self._search(query, k, where, metric, base_model, exact, drop_text_encoder)
 
-    def _search(self, query, k, where, metric, base_model, exact) -> SearchResult:
+    def _search(self, query, k, where, metric, base_model, exact, drop_text_encoder=False) -> SearchResult:
         if not exact:
             from registry.index import single_thread
 
             with single_thread(), self.catalog.pinned():
-                fitted = self._search_fitted(query, k, where, metric, base_model)
+                fitted = self._search_fitted(query, k, where, metric, base_model, drop_text_encoder)
             if fitted is not None:
                 return fitted
-        label, q, sid, self_id = self._query_vector(query, base_model)
+        label, q, sid, self_id = self._query_vector(query, base_model, drop_text_encoder)
         space, layout = self._space_and_layout(sid)
         ids, row_idx, sq = self.catalog.rows(sid, where)
         mask = ids != (self_id if self_id is not None else -1)
@@ -593,7 +601,7 @@ class Registry:
         hits = [Hit(models[by_row[r]], float(d)) for r, d in zip(found_rows.tolist(), dists.tolist(), strict=True)]
         return SearchResult(label, sid, metric, hits)
 
-    def _search_fitted(self, query, k, where, metric, base_model) -> SearchResult | None:
+    def _search_fitted(self, query, k, where, metric, base_model, drop_text_encoder=False) -> SearchResult | None:
         """Search after a fit: candidates from the coefficient index, re-ranked exactly on the full vectors.
 
         None when the space has no fitted subspace (or index), or when so few models match that comparing
@@ -608,7 +616,7 @@ class Registry:
 
         where = where if where and where.strip() else None
         if isinstance(query, (str, Path)) and Path(query).exists():
-            model_id, (label, q, sid, _) = None, self._query_vector(query, base_model)
+            model_id, (label, q, sid, _) = None, self._query_vector(query, base_model, drop_text_encoder)
         else:
             table = self.catalog.model_table()
             if isinstance(query, ModelRow):
@@ -650,9 +658,12 @@ class Registry:
 
     # --- getting models out ----------------------------------------------------------------------
 
-    def export(self, ref: str | int | ModelRow, fmt: str, out: str | Path) -> list[Path]:
-        """Write a model as a LoRA file (diffusers, kohya) or adapter folder (peft)."""
-        return write_lora(self.lora(ref), out, fmt)
+    def export(self, ref: str | int | ModelRow, fmt: str, out: str | Path, dtype: str | None = None) -> list[Path]:
+        """Write a model as a LoRA file (diffusers, kohya) or adapter folder (peft), its factors in `dtype`
+        (fp32/fp16/bf16 or float32/...); by default the dtype its file came in, float32 for a made model."""
+        m = self.get(ref)
+        dtype = dtype or self.catalog.source_info(m.id)["source_dtype"] or "float32"
+        return write_lora(self.lora(m), out, fmt, dtype=dtype)
 
     def model_card(self, ref: str | int | ModelRow, previews: Sequence[str] = ()) -> str:
         from registry import model_card
@@ -685,19 +696,19 @@ class Registry:
         return out
 
     def push(self, ref: str | int | ModelRow, repo_id: str, hub=None, previews: Sequence[Path] = ()) -> dict:
-        """Upload a model to a hub (default: the registry's local hub) in diffusers format with its card,
-        and preview images (under previews/) when given."""
+        """Upload a model to a hub (default: the registry's local hub) in diffusers format (in the dtype its file
+        came in) with its card, and preview images (under previews/) when given."""
         m = self.get(ref)
         with self.writing():
             return self._push_locked(m, repo_id, hub or self.hub, previews)
 
     def _push_locked(self, m: ModelRow, repo_id: str, hub, previews: Sequence[Path] = ()) -> dict:
         from w2w.formats import diffusers as dfmt
+        from w2w.formats.tensorfile import safetensors_bytes
 
         tensors, metadata = dfmt.to_tensors(self.lora(m))
-        from safetensors.numpy import save
-
-        weights = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=metadata)
+        dtype = self.catalog.source_info(m.id)["source_dtype"] or "float32"  # as export: the dtype it came in
+        weights = safetensors_bytes(tensors, metadata, dtype)
         images = {f"previews/{Path(p).name}": Path(p).read_bytes() for p in previews}
         card = self.model_card(m, previews=sorted(images)).encode()
         files = {dfmt.WEIGHT_NAME: weights, "README.md": card, **images}

@@ -435,9 +435,9 @@ def test_names_from_folders_and_the_hugging_face_cache(population, tmp_path):
     assert sorted(m["name"] for m in as_json(reg, "ls")) == ["a.lora", "alice", "b.lora"]
 
 
-def test_search_takes_what_add_takes_and_ignores_a_text_encoder_part(filled, tmp_path):
-    """A query as `add` would read it: a folder holding one LoRA file (no adapter_config.json) works, and a text
-    encoder part (no space holds one) is left out of the comparison instead of refused with advice search lacks."""
+def test_search_takes_what_add_takes_and_drops_a_text_encoder_part(filled, tmp_path):
+    """A query as `add` would read it: a folder holding one LoRA file (no adapter_config.json) works; a text
+    encoder part is kept, as `add` keeps it, and --drop-text-encoder (which search has) compares the UNet part."""
     from safetensors.numpy import save_file
 
     from w2w.formats import diffusers as dfmt
@@ -448,7 +448,9 @@ def test_search_takes_what_add_takes_and_ignores_a_text_encoder_part(filled, tmp
     tensors[f"{te}.lora_B.weight"] = np.ones((12, 2), dtype=np.float32)
     (tmp_path / "query").mkdir()
     save_file(tensors, str(tmp_path / "query" / "pytorch_lora_weights.safetensors"), metadata=meta)
-    res = as_json(filled, "search", "--like", str(tmp_path / "query"), "-k", "1")
+    result = run(filled, "search", "--like", str(tmp_path / "query"), code=1)
+    assert "pass --drop-text-encoder" in result.stderr
+    res = as_json(filled, "search", "--like", str(tmp_path / "query"), "-k", "1", "--drop-text-encoder")
     assert res["results"][0]["name"] == "identity_00007" and res["results"][0]["distance"] == 0.0  # same bits
     shutil.copy(tmp_path / "query" / "pytorch_lora_weights.safetensors", tmp_path / "query" / "second.safetensors")
     result = run(filled, "search", "--like", str(tmp_path / "query"), code=1)

@@ -53,18 +53,6 @@ class NonFiniteError(LoRAFileError):
     """NaN or Inf values in the weights."""
 
 
-class TextEncoderLoRAError(LoRAFileError):
-    """The file also adapts a text encoder, which w2wreg does not index."""
-
-    def __init__(self, path: object, n: int):
-        super().__init__(
-            path,
-            f"holds {n} text-encoder LoRA tensors; w2wreg indexes UNet LoRAs only (a text-encoder LoRA "
-            "would be a different weight space)",
-            "pass --drop-text-encoder to import the UNet part alone",
-        )
-
-
 # --- layouts and vectors -----------------------------------------------------------------------------
 
 

@@ -42,7 +42,11 @@ class LoRALayer:
 
 @dataclass
 class LoRA:
-    """A UNet LoRA in canonical form. `layers` is kept in the canonical (w2w) order."""
+    """A LoRA in canonical form. `layers` is kept in the canonical (w2w) order; module names are diffusers'
+    UNet paths and `text_encoder[_2].<transformers path>` (w2w/formats/names.py).
+
+    `meta` holds what the file said: its safetensors header metadata (`ss_*`, `modelspec.*`, ...), and from the
+    readers `source_dtype` (float32/float16/bfloat16) and `source_kind` (lora/locon/loha/lokr)."""
 
     layers: dict[str, LoRALayer]
     base_model: str | None = None

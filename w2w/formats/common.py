@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from w2w.errors import ShapeError, TextEncoderLoRAError
+from w2w.errors import ShapeError
 from w2w.lora import LoRA, LoRALayer
 
 
@@ -45,11 +45,6 @@ def assemble(
         # alpha is kept at float32 precision, as kohya stores it, so every format round-trips exactly
         layers[module] = LoRALayer(A, B, float(np.float32(alpha)))
     return LoRA(layers, base_model)
-
-
-def refuse_text_encoder(te_keys: list[str], path: object, drop: bool) -> None:
-    if te_keys and not drop:
-        raise TextEncoderLoRAError(path, len(te_keys))
 
 
 def pattern_lookup(patterns: dict[str, float], module: str) -> float | None:

@@ -1,8 +1,9 @@
 """diffusers LoRA files: `unet.`-prefixed keys, PEFT (lora_A/lora_B) or old (lora.down/lora.up) spelling.
 
 Alpha and per-module ranks come from the `lora_adapter_metadata` header that diffusers writes
-(`unet.lora_alpha`, `unet.alpha_pattern`, ...); without it, diffusers itself applies alpha = rank,
-and so do we. Per-module `.alpha` tensors (from converted kohya files) are honoured too.
+(`unet.lora_alpha`, `unet.alpha_pattern`, `text_encoder.lora_alpha`, ...); without it, diffusers itself
+applies alpha = rank, and so do we. Per-module `.alpha` tensors (from converted kohya files) are honoured too.
+Text-encoder parts (`text_encoder.`, `text_encoder_2.`) are kept as modules of those names.
 """
 
 from __future__ import annotations
@@ -11,14 +12,9 @@ import json
 import re
 
 from w2w.errors import UnknownFormatError
-from w2w.formats.common import (
-    LayerParts,
-    as_int_if_whole,
-    assemble,
-    pattern_lookup,
-    refuse_text_encoder,
-    split_default_and_pattern,
-)
+from w2w.formats.common import LayerParts, as_int_if_whole, assemble, pattern_lookup, split_default_and_pattern
+from w2w.formats.lycoris import refuse_methods
+from w2w.formats.names import is_text_encoder, with_text_model
 from w2w.formats.tensorfile import TensorFile
 from w2w.lora import LoRA
 
@@ -33,16 +29,28 @@ _SUFFIXES = (
     (re.compile(r"^(.*)\.lora\.up\.weight$"), "B"),
     (re.compile(r"^(.*)\.lora_down\.weight$"), "A"),
     (re.compile(r"^(.*)\.lora_up\.weight$"), "B"),
+    (re.compile(r"^(.*)\.lora_linear_layer\.down\.weight$"), "A"),
+    (re.compile(r"^(.*)\.lora_linear_layer\.up\.weight$"), "B"),
     (re.compile(r"^(.*)\.alpha$"), "alpha"),
 )
 # The old attention-processor spelling: ...attn1.processor.to_q_lora.down.weight
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_TE_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
+# the old text-encoder processor spelling: ...self_attn.to_q_lora.down.weight
+_TE_PROCESSOR = re.compile(r"^(.*\.self_attn)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_TE_ALIASES = {"te1.": "text_encoder.", "te.": "text_encoder.", "te2.": "text_encoder_2."}
 _PREFIXES = ("unet.", "base_model.model.")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def split_key(key: str) -> tuple[str, str] | None:
     """(module path without prefix, 'A'|'B'|'alpha'), or None when the key is no LoRA factor."""
+    for alias, canonical in _TE_ALIASES.items():
+        if key.startswith(alias):
+            key = canonical + key[len(alias) :]
+    m = _TE_PROCESSOR.match(key)
+    if m:
+        return f"{m[1]}.{_TE_PROJ[m[2]]}", "A" if m[3] == "down" else "B"
     m = _PROCESSOR.match(key)
     if m:
         module = f"{m[1]}.{m[2]}" + (".0" if m[2] == "to_out" else "")
@@ -70,19 +78,26 @@ def looks_like(keys: list[str]) -> bool:
     return any(split_key(k) for k in keys if not k.startswith("lora_"))
 
 
+def component(module: str) -> str:
+    """The pipeline component a canonical module belongs to: unet, text_encoder or text_encoder_2."""
+    head = module.split(".", 1)[0]
+    return head if head in COMPONENTS[1:] else "unet"
+
+
 def parse(tf: TensorFile, base_model: str | None = None, drop_text_encoder: bool = False) -> LoRA:
-    te = [k for k in tf.tensors if k.startswith(_TE_PREFIXES)]
-    refuse_text_encoder(te, tf.path, drop_text_encoder)
+    refuse_methods(tf.tensors, tf.path)
     parts: dict[str, LayerParts] = {}
     unknown = []
     for key, t in tf.tensors.items():
-        if key.startswith(_TE_PREFIXES):
-            continue
         sk = split_key(key)
         if sk is None:
             unknown.append(key)
             continue
         module, kind = sk
+        if is_text_encoder(module):
+            if drop_text_encoder:
+                continue
+            module = with_text_model(module)
         p = parts.setdefault(module, LayerParts())
         if kind == "alpha":
             p.alpha = float(t.reshape(-1)[0])
@@ -94,24 +109,37 @@ def parse(tf: TensorFile, base_model: str | None = None, drop_text_encoder: bool
         )
     if unknown:
         raise UnknownFormatError(tf.path, f"has {len(unknown)} keys that are no LoRA factor, e.g. {unknown[0]!r}")
-    default_alpha, alpha_pattern = None, {}
+    meta = _adapter_metadata(tf)
+    alpha_for: dict[str, float] = {}
+    for module in parts:
+        comp = component(module)
+        default = meta.get(f"{comp}.lora_alpha", meta.get("lora_alpha") if comp == "unet" else None)
+        pattern = meta.get(f"{comp}.alpha_pattern", meta.get("alpha_pattern") if comp == "unet" else None) or {}
+        inner = module if comp == "unet" else module[len(comp) + 1 :]
+        alpha = pattern_lookup(pattern, inner) if pattern else None
+        if alpha is None and default is not None:
+            alpha = float(default)
+        if alpha is not None:
+            alpha_for[module] = alpha
+    return assemble(parts, tf.path, None, alpha_for, base_model)
+
+
+def _adapter_metadata(tf: TensorFile) -> dict:
+    """diffusers' `lora_adapter_metadata` header as a dict ({} when absent or unreadable); refuses DoRA/rsLoRA."""
     raw = tf.metadata.get(METADATA_KEY)
-    if raw:
-        try:
-            meta = json.loads(raw)
-        except ValueError:
-            meta = {}
-        if not isinstance(meta, dict):
-            meta = {}
-        for flag in ("use_dora", "use_rslora"):  # diffusers builds its LoraConfig from this header
-            if meta.get(f"unet.{flag}", meta.get(flag)):
-                raise UnknownFormatError(
-                    tf.path, f"uses {flag}, whose update is not alpha/r * B A", "export it as plain LoRA"
-                )
-        default_alpha = meta.get("unet.lora_alpha", meta.get("lora_alpha"))
-        alpha_pattern = meta.get("unet.alpha_pattern", meta.get("alpha_pattern")) or {}
-    alpha_for = {m: a for m in parts if (a := pattern_lookup(alpha_pattern, m)) is not None} if alpha_pattern else None
-    return assemble(parts, tf.path, default_alpha, alpha_for, base_model)
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        meta = {}
+    if not isinstance(meta, dict):
+        return {}
+    for flag, why in (("use_dora", "DoRA: its update depends on the base weights"), ("use_rslora", "rsLoRA")):
+        # diffusers builds its LoraConfig from this header
+        if any(meta.get(f"{c}.{flag}") for c in COMPONENTS) or meta.get(flag):
+            raise UnknownFormatError(
+                tf.path, f"uses {flag} ({why}), whose update is not alpha/r * B A", "export it as plain LoRA"
+            )
+    return meta
 
 
 def adapter_metadata(lora: LoRA) -> dict:
@@ -132,12 +160,29 @@ def adapter_metadata(lora: LoRA) -> dict:
     }
 
 
-def to_tensors(lora: LoRA) -> tuple[dict, dict[str, str]]:
-    tensors = {}
+def split_components(lora: LoRA) -> dict[str, LoRA]:
+    """The LoRA's modules per pipeline component, each named as inside that component."""
+    out: dict[str, dict] = {}
     for m, l in lora.layers.items():
-        tensors[f"unet.{m}.lora_A.weight"] = l.A
-        tensors[f"unet.{m}.lora_B.weight"] = l.B
-    meta = {f"unet.{k}": v for k, v in adapter_metadata(lora).items()}
+        comp = component(m)
+        out.setdefault(comp, {})[m if comp == "unet" else m[len(comp) + 1 :]] = l
+    return {c: LoRA(layers, lora.base_model) for c, layers in out.items()}
+
+
+def without_text_model(part: LoRA) -> LoRA:
+    """A text encoder's part with module names as transformers 5 has them (no leading `text_model.`)."""
+    return LoRA({m.removeprefix("text_model."): l for m, l in part.layers.items()}, part.base_model)
+
+
+def to_tensors(lora: LoRA) -> tuple[dict, dict[str, str]]:
+    tensors, meta = {}, {}
+    for comp, part in split_components(lora).items():
+        for m, l in part.layers.items():
+            tensors[f"{comp}.{m}.lora_A.weight"] = l.A
+            tensors[f"{comp}.{m}.lora_B.weight"] = l.B
+        # PEFT matches target_modules and patterns as suffixes: without CLIP's `text_model.` (which transformers 5
+        # dropped from CLIPTextModel) they match text encoders with and without it; diffusers strips the tensors'
+        meta |= {f"{comp}.{k}": v for k, v in adapter_metadata(without_text_model(part)).items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
     if lora.base_model:
         metadata["base_model"] = lora.base_model

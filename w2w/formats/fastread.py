@@ -40,6 +40,7 @@ class VectorRead:
     vector: np.ndarray  # (D,) float32
     base_model: str | None
     sha256: str  # of the file
+    meta: dict[str, str]  # the LoRA's meta: header metadata, source_dtype, source_kind
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class _Plan:
     fmt: str
     layout: Layout
     base_model: str | None
+    meta: dict[str, str]
     body_offset: int
     body_floats: int
     gather: np.ndarray  # (D,) int64 positions in the float32 body
@@ -67,7 +69,8 @@ def read_vector(
     path = Path(path)
     if path.is_dir() or path.suffix.lower() in PICKLE_SUFFIXES:
         rr = read_lora(path, base_model, allow_pickle, drop_text_encoder)
-        return VectorRead(path, rr.format, rr.lora.layout(), flatten(rr.lora), rr.lora.base_model, rr.sha256)
+        lora = rr.lora
+        return VectorRead(path, rr.format, lora.layout(), flatten(lora), lora.base_model, rr.sha256, lora.meta)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -80,25 +83,28 @@ def read_vector(
         body = np.frombuffer(data, dtype=np.float32, offset=plan.body_offset, count=plan.body_floats)
         vector = body[plan.gather]  # (D,) copy, in layout order
         if np.array_equal(body[plan.alpha_at], plan.alpha_values) and np.isfinite(vector).all():
-            return VectorRead(path, plan.fmt, plan.layout, vector, plan.base_model, sha)
+            return VectorRead(path, plan.fmt, plan.layout, vector, plan.base_model, sha, dict(plan.meta))
     # the ordinary path: parse, check, and compile a plan for the next files with this header
-    tensors, metadata = parse_safetensors(data, path)
-    tf = TensorFile(path, tensors, metadata, sha)
+    tensors, metadata, dtype = parse_safetensors(data, path)
+    tf = TensorFile(path, tensors, metadata, sha, dtype)
     fmt = detect_format(tf)
     lora = parse_file(tf, fmt, base_model, drop_text_encoder)
     check_lora(lora, path)
     layout = lora.layout()
+    vector = flatten(lora, layout)
     if header is not None and fmt != "peft":
-        new = _compile(data, header, tf, fmt, layout, base_model, drop_text_encoder)
+        new = _compile(data, header, tf, fmt, layout, vector, lora.meta, base_model, drop_text_encoder)
         if new is not None:
             with _lock:
                 _plans[key] = new
                 while len(_plans) > MAX_PLANS:
                     _plans.popitem(last=False)
-    return VectorRead(path, fmt, layout, flatten(lora, layout), lora.base_model, sha)
+    return VectorRead(path, fmt, layout, vector, lora.base_model, sha, lora.meta)
 
 
-def _compile(data: bytes, header: bytes, tf: TensorFile, fmt: str, layout: Layout, base_model, drop_te) -> _Plan | None:
+def _compile(
+    data: bytes, header: bytes, tf: TensorFile, fmt: str, layout: Layout, vector: np.ndarray, meta, base_model, drop_te
+) -> _Plan | None:
     import json
 
     from w2w.formats import parse_file
@@ -122,7 +128,14 @@ def _compile(data: bytes, header: bytes, tf: TensorFile, fmt: str, layout: Layou
     mlayout = lora.layout()
     if [e.module for e in mlayout.entries] != [e.module for e in layout.entries]:
         return None
-    gather = (-flatten(lora).astype(np.int64)) - 1
-    alpha_at = np.array([-int(m.alpha) - 1 for m in mlayout.entries if m.alpha < 0], dtype=np.int64)
+    marks = -flatten(lora).astype(np.float64) - 1
+    gather = marks.astype(np.int64)
     body = np.frombuffer(data, dtype=np.float32, offset=body_offset, count=body_floats)
-    return _Plan(fmt, layout, lora.base_model, body_offset, body_floats, gather, alpha_at, body[alpha_at].copy())
+    # a converted module (LoHa, LoKr, a Tucker LoCon) computes its factors: no element is a copy, no plan fits
+    if not (np.array_equal(marks, gather) and gather.min() >= 0 and gather.max() < body_floats):
+        return None
+    if not np.array_equal(body[gather], vector):
+        return None
+    alpha_at = np.array([-int(m.alpha) - 1 for m in mlayout.entries if m.alpha < 0], dtype=np.int64)
+    alphas = body[alpha_at].copy()
+    return _Plan(fmt, layout, lora.base_model, dict(meta), body_offset, body_floats, gather, alpha_at, alphas)

@@ -30,22 +30,32 @@ _DTYPES = {
 }
 
 
+# the safetensors dtypes a LoRA's factors come in, by the names `--dtype` and the catalog use
+FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+DTYPE_CHOICES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
 @dataclass
 class TensorFile:
-    """Tensors of one file as float32 numpy arrays, its header metadata and raw bytes' sha256."""
+    """Tensors of one file as float32 numpy arrays, its header metadata and raw bytes' sha256.
+
+    `dtype` is the floating type most of its factors are stored in (float32 for a pickle: read as float32)."""
 
     path: Path
     tensors: dict[str, np.ndarray]
     metadata: dict[str, str]
     sha256: str
+    dtype: str = "float32"
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-def parse_safetensors(data: bytes | memoryview, path: object) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Parse safetensors bytes into float32 arrays, checking every offset against the data."""
+def parse_safetensors(data: bytes | memoryview, path: object) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """Parse safetensors bytes into float32 arrays, checking every offset against the data.
+
+    Returns (tensors, header metadata, the dtype the factors are stored in)."""
     n = len(data)
     if n < 8:
         raise CorruptFileError(path, f"is {n} bytes long, too short for a safetensors file", "re-download it")
@@ -67,6 +77,7 @@ def parse_safetensors(data: bytes | memoryview, path: object) -> tuple[dict[str,
     base, body = 8 + hlen, n - 8 - hlen
     mv = memoryview(data)
     tensors: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}  # elements per float dtype: the factors' dtype holds most (alphas may differ)
     for key, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
@@ -83,13 +94,16 @@ def parse_safetensors(data: bytes | memoryview, path: object) -> tuple[dict[str,
             raise CorruptFileError(
                 path, f"tensor {key!r} lies outside the file or has the wrong size (truncated?)", "re-download it"
             )
+        if dtype in FLOAT_NAMES:
+            sizes[dtype] = sizes.get(dtype, 0) + count
         raw = mv[base + start : base + end]
         if dtype == "BF16":
             arr = _bf16_to_f32(np.frombuffer(raw, dtype=np.uint16))
         else:
             arr = np.frombuffer(raw, dtype=_DTYPES[dtype]).astype(np.float32, copy=False)
         tensors[key] = arr.reshape(shape)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    stored_dtype = FLOAT_NAMES[max(sizes, key=lambda d: sizes[d])] if sizes else "float32"
+    return tensors, {str(k): str(v) for k, v in metadata.items()}, stored_dtype
 
 
 def read_tensor_file(path: Path, allow_pickle: bool = False) -> TensorFile:
@@ -105,8 +119,8 @@ def read_tensor_file(path: Path, allow_pickle: bool = False) -> TensorFile:
         data = path.read_bytes()
     except OSError as e:
         raise CorruptFileError(path, f"cannot be read ({e.strerror})") from None
-    tensors, metadata = parse_safetensors(data, path)
-    return TensorFile(path, tensors, metadata, hashlib.sha256(data).hexdigest())
+    tensors, metadata, dtype = parse_safetensors(data, path)
+    return TensorFile(path, tensors, metadata, hashlib.sha256(data).hexdigest(), dtype)
 
 
 def header_bytes(data: bytes | memoryview) -> bytes | None:
@@ -135,15 +149,29 @@ def _read_pickle(path: Path) -> TensorFile:
     return TensorFile(path, tensors, {}, hashlib.sha256(data).hexdigest())
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
-    """Write tensors atomically (temp file, fsync, rename). Returns the file's sha256."""
+def write_safetensors(
+    path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str], dtype: str = "float32"
+) -> str:
+    """Write tensors atomically (temp file, fsync, rename) in `dtype` (float32, float16, bfloat16; scalars such
+    as kohya's alphas stay float32, as kohya writes them). Returns the file's sha256."""
     import hashlib
 
-    from safetensors.numpy import save
-
-    data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=metadata)
+    data = safetensors_bytes(tensors, metadata, dtype)
     atomic_write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str], dtype: str = "float32") -> bytes:
+    """The bytes of a safetensors file holding `tensors` (float32 arrays) cast to `dtype`."""
+    import torch
+    from safetensors.torch import save
+
+    tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    out = {}
+    for k, v in tensors.items():
+        t = torch.from_numpy(np.array(v, dtype=np.float32, copy=True, order="C"))
+        out[k] = t if t.ndim == 0 else t.to(tdtype)  # round to nearest even, as torch casts
+    return save(out, metadata=metadata)
 
 
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
