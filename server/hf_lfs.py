@@ -17,13 +17,11 @@ import secrets
 import time
 from urllib.parse import quote
 
-import anyio.from_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from registry.hubs.store import RepoNotFound
-from server import access
+from server import access, body_stream
 from server.errors import HubHTTPError, repo_not_found
 from server.hf_common import json_object, repo_id_of
 from server.state import ServerState
@@ -102,9 +100,9 @@ def build_router(state: ServerState) -> APIRouter:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) != size:
             raise HubHTTPError(400, f"the upload has {declared} bytes, not the {size} announced")
-        chunks = _SyncChunks(request)
         try:
-            await run_in_threadpool(state.store.put_stream, chunks, oid, size)
+            # limit size + 1: a longer body reaches put_stream, which says so
+            await body_stream.in_thread(request, lambda batches: state.store.put_stream(batches, oid, size), size + 1)
             state.store.mark_lfs(repo_id, oid)
         except RepoNotFound:
             raise repo_not_found(repo_id) from None
@@ -125,19 +123,3 @@ def build_router(state: ServerState) -> APIRouter:
         return _lfs({})
 
     return r
-
-
-class _SyncChunks:
-    """The request body as a plain iterator for a worker thread (each chunk awaited on the event loop)."""
-
-    def __init__(self, request: Request):
-        self._stream = request.stream().__aiter__()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return anyio.from_thread.run(self._stream.__anext__)
-        except StopAsyncIteration:
-            raise StopIteration from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from registry.hubs.staging import clean_incoming
 from registry.hubs.store import RepoStore
 from registry.registry import Registry
 from server.accounts import Accounts
@@ -30,3 +31,4 @@ class ServerState:
 
     def __post_init__(self):
         self.store = RepoStore(self.registry.paths.repos)
+        clean_incoming(self.store)  # what commits of a server that died left half-received

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from served import LiveServer, hub_client_online
+from served import LiveServer, ServeProcess, hub_client_online
 
 from registry.registry import Registry
 from server.accounts import Accounts
@@ -459,6 +459,67 @@ def test_lfs_batch_upload_streams_verifies_and_indexes(lfs_hub, loras, tmp_path)
     theirs = {"operation": "upload", "objects": [{"oid": info["data.bin"].lfs.sha256, "size": len(blob)}]}
     out = server.request("POST", "/bob/claim.git/info/lfs/objects/batch", theirs, token=BOB)[2]
     assert "upload" in out["objects"][0]["actions"]  # no hint that another repo holds it
+
+
+def test_a_big_upload_of_the_default_client_streams_to_disk(tmp_path):
+    """huggingface_hub with hf_xet (its default) sends every file here base64-encoded in the commit body (it
+    would send "lfs" files to Xet, so preupload answers "regular"): the server parses the body as it arrives,
+    decoding the content straight to disk, so its memory does not grow with the file (it held ~6.6x the file
+    before). The bound: what the server holds by design is a few 1 MiB batches of the body and one 1 MiB line
+    (server.body_stream, server.commit_body), well under 32 MiB; the file is 48 MiB and its body 64 MiB."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    server = ServeProcess(tmp_path / "reg", ALICE)
+    try:
+        api = HfApi(endpoint=server.url, token=ALICE)
+        api.create_repo("team/big")
+        src = tmp_path / "big.bin"
+        src.write_bytes(os.urandom(48 << 20))
+        server.reset_peak()
+        idle = server.rss()
+        api.upload_file(path_or_fileobj=str(src), path_in_repo="big.bin", repo_id="team/big")
+        grew = server.peak_rss() - idle
+        assert grew < 32 << 20, f"the server's memory grew by {grew >> 20} MiB for a 48 MiB file"
+        info = api.get_paths_info("team/big", ["big.bin"])[0]  # kept in LFS, as the Hub keeps files >= 10 MB
+        assert info.lfs.sha256 == hashlib.sha256(src.read_bytes()).hexdigest() and info.size == 48 << 20
+        server.reset_peak()
+        idle = server.rss()
+        got = hf_hub_download("team/big", "big.bin", endpoint=server.url, token=ALICE, cache_dir=tmp_path / "c")
+        assert Path(got).read_bytes() == src.read_bytes()
+        grew = server.peak_rss() - idle
+        assert grew < 32 << 20, f"the server's memory grew by {grew >> 20} MiB to send a 48 MiB file"
+    finally:
+        server.stop()
+
+
+def test_the_upload_limit_is_on_decoded_bytes_and_a_refused_commit_leaves_nothing(tmp_path):
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+
+    reg = Registry.init(tmp_path / "r")
+    server = LiveServer(create_app(reg, {ALICE: "alice"}, max_upload=1 << 20))
+    objects = reg.paths.repos / "objects"
+
+    def stored() -> set[str]:
+        return {p.name for p in objects.rglob("*") if p.is_file()}
+
+    try:
+        api = hf(server, ALICE)
+        api.create_repo("alice/lim")
+        near = os.urandom(900_000)  # its body (base64: 1.2 MB) is over the 1 MiB limit, the file is not
+        api.upload_file(path_or_fileobj=near, path_in_repo="near.bin", repo_id="alice/lim")
+        kept = stored()
+        two = [CommitOperationAdd("a.bin", os.urandom(600_000)), CommitOperationAdd("b.bin", os.urandom(600_000))]
+        with pytest.raises(HfHubHTTPError) as e:  # each passes preupload; together they are over
+            api.create_commit("alice/lim", two, commit_message="too much")
+        assert e.value.response.status_code == 413 and "--max-upload-mb" in str(e.value), e.value
+        assert stored() == kept and not any((reg.paths.repos / "incoming").iterdir())  # nothing half-written
+        assert api.list_repo_files("alice/lim") == [".gitattributes", "near.bin"]
+        with pytest.raises(HfHubHTTPError) as e:  # one file over the limit: refused at preupload
+            api.upload_file(path_or_fileobj=os.urandom((1 << 20) + 1), path_in_repo="x.bin", repo_id="alice/lim")
+        assert e.value.response.status_code == 413
+    finally:
+        server.stop()
 
 
 def test_a_card_changed_while_the_server_was_down_is_caught_up_at_start(tmp_path, loras):
