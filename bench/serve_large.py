@@ -12,12 +12,14 @@ huggingface_hub, each in its own process. Sides, on the same random file of --si
                   batch API (multipart for big files), then the commit
   download        hf_hub_download of it into an empty cache
 Each row: seconds, MB/s, copy time / side time (1.0 = as fast as a copy; the target is >= 0.5), and the
-server's peak RSS during that side (the target is < 300 MB whatever the file size).
+server's peak RSS during that side (the target is < 300 MB whatever the file size), and the CPU seconds the
+server and the client used (on a machine shared with other work, wall time is noisy; CPU time less so).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -91,11 +93,25 @@ def _client_env(url: str, lfs: bool) -> dict:
     return env
 
 
-def _timed(server: Server, cmd: list[str], env: dict) -> tuple[float, int]:
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: /proc/PID/stat fields 14 and 15, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(server: Server, cmd: list[str], env: dict) -> dict:
+    """Wall seconds, the server's peak RSS, and the CPU seconds of the server and of the client."""
     _reset_peak(server.proc.pid)
+    cpu0, client0 = _cpu(server.proc.pid), _children_cpu()
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0, _peak_rss(server.proc.pid)
+    return {"s": time.perf_counter() - t0, "peak_rss": _peak_rss(server.proc.pid),
+            "server_cpu": _cpu(server.proc.pid) - cpu0, "client_cpu": _children_cpu() - client0}  # fmt: skip
 
 
 DOWNLOAD = (
@@ -113,16 +129,16 @@ def run_path(tmp: Path, src: Path, lfs: bool, size_mb: int) -> list[dict]:
         env = _client_env(server.url, lfs)
         subprocess.run([str(BIN / "hf"), "repos", "create", REPO], env=env, check=True, stdout=subprocess.DEVNULL)
         idle = _peak_rss(server.proc.pid)
-        up, up_rss = _timed(server, [str(BIN / "hf"), "upload", REPO, str(src), "big.bin"], env)
-        down, down_rss = _timed(server, [sys.executable, "-c", DOWNLOAD, REPO, "big.bin", str(root / "cache")], env)
+        up = _timed(server, [str(BIN / "hf"), "upload", REPO, str(src), "big.bin"], env)
+        down = _timed(server, [sys.executable, "-c", DOWNLOAD, REPO, "big.bin", str(root / "cache")], env)
         got = next((root / "cache").rglob("snapshots/*/big.bin"))
         assert got.stat().st_size == src.stat().st_size, "the download is not the file"
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
     return [
-        {"path": name, "side": "upload (hf upload)", "s": up, "peak_rss": up_rss, "idle_rss": idle},
-        {"path": name, "side": "download (hf_hub_download)", "s": down, "peak_rss": down_rss, "idle_rss": idle},
+        {"path": name, "side": "upload (hf upload)", "idle_rss": idle, **up},
+        {"path": name, "side": "download (hf_hub_download)", "idle_rss": idle, **down},
     ]
 
 
@@ -137,11 +153,15 @@ def main(args) -> None:
         shutil.copyfile(src, tmp / "copy.bin")
         copy = time.perf_counter() - t0
         (tmp / "copy.bin").unlink()
-        rows = [{"path": "-", "side": "copy (shutil.copyfile)", "s": copy, "peak_rss": None, "idle_rss": None}]
+        rows = [{"path": "-", "side": "copy (shutil.copyfile)", "s": copy, "idle_rss": None}]
         for lfs in {"default": [False], "lfs": [True], "both": [False, True]}[args.path]:
             log(f"{'lfs' if lfs else 'default'} path: server, upload, download")
             rows += run_path(tmp, src, lfs, args.size_mb)
     mb = size / 1e6
+
+    def cell(r: dict, key: str, scale: float = 1.0):
+        return r[key] / scale if r.get(key) is not None else None
+
     table = [
         (
             r["path"],
@@ -149,10 +169,14 @@ def main(args) -> None:
             r["s"],
             mb / r["s"],
             copy / r["s"],
-            None if r["peak_rss"] is None else f"{r['peak_rss'] / 1e6:.0f} MB",
+            cell(r, "peak_rss", 1e6),
+            cell(r, "server_cpu"),
+            cell(r, "client_cpu"),
         )  # fmt: skip
         for r in rows
     ]
-    print_table(["client path", "side", "seconds", "MB/s", "x copy speed", "server peak RSS"], table,
-                title=f"{args.size_mb} MB file (idle server RSS {rows[-1]['idle_rss'] / 1e6:.0f} MB)")  # fmt: skip
+    heads = ["client path", "side", "seconds", "MB/s", "x copy speed", "server peak RSS MB", "server CPU s",
+             "client CPU s"]  # fmt: skip
+    idle = rows[-1]["idle_rss"] / 1e6
+    print_table(heads, table, title=f"{args.size_mb} MB file (server RSS at rest {idle:.0f} MB)")
     emit_result({"bench": "serve_large", "size_mb": args.size_mb, "rows": rows, "env": env_info()})

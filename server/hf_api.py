@@ -20,14 +20,24 @@ from urllib.parse import parse_qs
 
 import yaml
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from registry.hubs.store import BRANCH, Commit, FileEntry, lfs_pointer
 from registry.model_card import parse_front_matter
 from registry.nesting import loads_json
 from server import access, hf_commit, hf_lfs, hf_refs, hf_repos, indexing, safe_serving
 from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
-from server.hf_common import SMALL_BODY, iso, raw_rest, read_limited, repo_id_of, resolve, revision_and_path, valid_path
+from server.hf_common import (
+    SMALL_BODY,
+    ObjectResponse,
+    iso,
+    raw_rest,
+    read_limited,
+    repo_id_of,
+    resolve,
+    revision_and_path,
+    valid_path,
+)
 from server.state import ServerState
 
 log = logging.getLogger("w2wreg.serve")
@@ -277,7 +287,7 @@ def build_router(state: ServerState) -> APIRouter:
         }
         if entry.lfs:  # as the Hub: the client names its cached copy by the sha256
             headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
-        return FileResponse(
+        return ObjectResponse(
             state.store.object_path(entry.sha256),
             headers=headers,
             media_type=media_type,

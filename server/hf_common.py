@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from urllib.parse import quote, unquote
 
 from fastapi import Request
+from fastapi.responses import FileResponse
 
 from registry.hubs import validate_repo_id
 from registry.hubs.store import Commit, RepoNotFound, RevisionNotFound, validate_path
@@ -18,6 +19,13 @@ from server.state import ServerState
 from w2w.errors import HubError
 
 SMALL_BODY = 1 << 20  # create-repo, settings, refs and validate-yaml bodies: kilobytes
+
+
+class ObjectResponse(FileResponse):
+    """A stored file sent as Starlette's FileResponse does (Content-Length, Range, HEAD), in 1 MiB reads:
+    its 64 KiB reads cost a thread hop each, which made downloads several times slower than a file copy."""
+
+    chunk_size = 1 << 20
 
 
 def repo_id_of(ns: str, name: str) -> str:

@@ -402,6 +402,9 @@ def test_hffilesystem_and_snapshot_download_at_a_revision(hub, alice, tmp_path):
     assert (got / "c.txt").read_bytes() == b"c" and (got / "a" / "b.txt").read_bytes() == b"bb"
 
 
+PART = 256 << 10
+
+
 @pytest.fixture
 def lfs_hub(tmp_path, monkeypatch):
     """A server that answers 'lfs' at preupload, and a client without Xet (HF_HUB_DISABLE_XET=1)."""
@@ -409,7 +412,9 @@ def lfs_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(c, "HF_HUB_DISABLE_XET", True)
     reg = Registry.init(tmp_path / "lfs-reg")
-    server = LiveServer(create_app(reg, Accounts(tokens={ALICE: "alice", BOB: "bob"}), lfs=True, max_upload=1 << 20))
+    app = create_app(reg, Accounts(tokens={ALICE: "alice", BOB: "bob"}), lfs=True, max_upload=1 << 20)
+    app.state.w2w.lfs_part_size = PART  # objects over it go up in parts (the multipart transfer)
+    server = LiveServer(app)
     yield server, reg
     server.stop()
 
@@ -459,6 +464,76 @@ def test_lfs_batch_upload_streams_verifies_and_indexes(lfs_hub, loras, tmp_path)
     theirs = {"operation": "upload", "objects": [{"oid": info["data.bin"].lfs.sha256, "size": len(blob)}]}
     out = server.request("POST", "/bob/claim.git/info/lfs/objects/batch", theirs, token=BOB)[2]
     assert "upload" in out["objects"][0]["actions"]  # no hint that another repo holds it
+
+
+def _batch(server, repo: str, operation: str, oid: str, size: int, token=ALICE, transfers=("basic", "multipart")):
+    body = {"operation": operation, "transfers": list(transfers), "objects": [{"oid": oid, "size": size}]}
+    status, _, out = server.request("POST", f"/{repo}.git/info/lfs/objects/batch", body, token=token)
+    return status, out["objects"][0] if status == 200 else out
+
+
+def test_lfs_multipart_upload_checks_every_part_and_the_whole(lfs_hub, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    server, reg = lfs_hub
+    api = hf(server, ALICE)
+    api.create_repo("alice/parts")
+    blob = os.urandom(3 * PART - 1000)  # three parts, the last one short
+    api.upload_file(path_or_fileobj=blob, path_in_repo="w.bin", repo_id="alice/parts")  # the client's multipart
+    info = api.get_paths_info("alice/parts", ["w.bin"])[0]
+    assert info.lfs.sha256 == hashlib.sha256(blob).hexdigest() and info.lfs.size == len(blob)
+    got = hf_hub_download("alice/parts", "w.bin", endpoint=server.url, token=ALICE, cache_dir=tmp_path / "c")
+    assert Path(got).read_bytes() == blob
+    # what the batch API answers: a chunk size and a link per part, the upload href being the completion
+    other = os.urandom(2 * PART + 1)
+    oid = hashlib.sha256(other).hexdigest()
+    _, obj = _batch(server, "alice/parts", "upload", oid, len(other))
+    header, done = obj["actions"]["upload"]["header"], obj["actions"]["upload"]["href"].removeprefix(server.url)
+    assert header["chunk_size"] == str(PART) and sorted(k for k in header if k.isdigit()) == ["1", "2", "3"]
+    basic = _batch(server, "alice/parts", "upload", oid, len(other), transfers=["basic"])[1]
+    assert "header" not in basic["actions"]["upload"]  # a client that offers no multipart gets one PUT
+    part = {n: header[str(n)].removeprefix(server.url) for n in (1, 2, 3)}
+    pieces = {1: other[:PART], 2: other[PART : 2 * PART], 3: other[2 * PART :]}
+    assert server.request("PUT", part[1], pieces[1] + b"x")[0] == 400  # longer than the part
+    assert server.request("PUT", part[3], b"\0" * len(pieces[3]))[0] == 200  # wrong content: seen at the end
+    etags = {n: server.request("PUT", part[n], pieces[n])[1]["etag"] for n in (2, 1)}  # out of order
+    parts = [{"partNumber": n, "etag": etags.get(n, '"x"')} for n in (1, 2, 3)]
+    assert server.request("POST", done, {"oid": oid, "parts": parts})[0] == 400  # part 3's etag is not the one given
+    assert not reg.paths.repos.joinpath("objects", oid[:2], oid).exists()
+    _, obj = _batch(server, "alice/parts", "upload", oid, len(other))  # a new upload, from the start
+    part = {n: obj["actions"]["upload"]["header"][str(n)].removeprefix(server.url) for n in (1, 2, 3)}
+    done = obj["actions"]["upload"]["href"].removeprefix(server.url)
+    etags = {n: server.request("PUT", part[n], b"\1" * len(pieces[n]) if n == 3 else pieces[n])[1]["etag"]
+             for n in (1, 2, 3)}  # fmt: skip
+    status, _, out = server.request("POST", done, {"oid": oid, "parts": [{"partNumber": n, "etag": e}
+                                                                         for n, e in etags.items()]})  # fmt: skip
+    assert status == 400 and "are not" in out["error"], out  # the whole is not the announced sha256
+    assert not reg.paths.repos.joinpath("objects", oid[:2], oid).exists()
+    assert not any((reg.paths.repos / "incoming").iterdir())  # the parts are gone too
+    assert server.request("PUT", part[1], pieces[1])[0] == 200  # a new upload
+    assert server.request("PUT", part[1].replace("part=1", "part=2"), pieces[2])[0] == 401  # links are per part
+
+
+def test_lfs_download_through_the_batch_api_and_ranges(lfs_hub):
+    server, reg = lfs_hub
+    api = hf(server, ALICE)
+    api.create_repo("alice/dl", private=True)
+    blob = os.urandom(100_000)
+    api.upload_file(path_or_fileobj=blob, path_in_repo="d.bin", repo_id="alice/dl")
+    oid = hashlib.sha256(blob).hexdigest()
+    status, obj = _batch(server, "alice/dl", "download", oid, len(blob))
+    href = obj["actions"]["download"]["href"].removeprefix(server.url)
+    status, headers, got = server.request("GET", href)  # a signed link: no token needed
+    assert status == 200 and got == blob and headers["content-length"] == str(len(blob))
+    assert server.request("GET", href.replace("expires=", "expires=1"))[0] == 401
+    assert _batch(server, "alice/dl", "download", oid, len(blob), token=BOB)[0] == 404  # not a reader: no repo
+    bob = hf(server, BOB)
+    bob.create_repo("bob/other")
+    assert _batch(server, "bob/other", "download", oid, len(blob), token=BOB)[1]["error"]["code"] == 404
+    # plain resolve GETs of LFS files take ranges (the client resumes a download so)
+    status, headers, got = server.request("GET", "/alice/dl/resolve/main/d.bin", token=ALICE,
+                                          headers={"Range": "bytes=10-19"})  # fmt: skip
+    assert status == 206 and got == blob[10:20] and headers["content-range"] == f"bytes 10-19/{len(blob)}"
 
 
 def test_a_big_upload_of_the_default_client_streams_to_disk(tmp_path):

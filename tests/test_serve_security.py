@@ -399,13 +399,31 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
                 "POST",
                 f"/{repo}.git/info/lfs/objects/batch",
                 {"operation": "upload", "objects": [{"oid": "a" * 64, "size": 1}]},
-            )
+            ),
+            (
+                "POST",
+                f"/{repo}.git/info/lfs/objects/batch",
+                {"operation": "download", "objects": [{"oid": "a" * 64, "size": 1}]},
+            ),
         ],
         ("/{ns}/{name}.git/info/lfs/objects/verify", "POST"): [
             ("POST", f"/{repo}.git/info/lfs/objects/verify", {"oid": "a" * 64, "size": 1})
         ],
         ("/api/lfs-upload/{ns}/{name}/{oid}", "PUT"): [
-            ("PUT", f"/api/lfs-upload/{repo}/{'a' * 64}?size=1&expires=9999999999&sig=forged", b"x")
+            ("PUT", f"/api/lfs-upload/{repo}/{'a' * 64}?size=1&expires=9999999999&part=0&chunk=0&sig=forged", b"x")
+        ],
+        ("/api/lfs-part/{ns}/{name}/{oid}", "PUT"): [
+            ("PUT", f"/api/lfs-part/{repo}/{'a' * 64}?size=9&expires=9999999999&part=1&chunk=5&sig=forged", b"x")
+        ],
+        ("/api/lfs-complete/{ns}/{name}/{oid}", "POST"): [
+            (
+                "POST",
+                f"/api/lfs-complete/{repo}/{'a' * 64}?size=9&expires=9999999999&part=0&chunk=5&sig=forged",
+                {"oid": "a" * 64, "parts": []},
+            )  # fmt: skip
+        ],
+        ("/api/lfs-download/{ns}/{name}/{oid}", "GET"): [
+            ("GET", f"/api/lfs-download/{repo}/{'a' * 64}?size=1&expires=9999999999&part=0&chunk=0&sig=forged", None)
         ],
         # destructive: on a repo of its own name (missing unless it is the hidden one), never the walk's repos
         ("/api/repos/delete", "DELETE"): [("DELETE", "/api/repos/delete", {"name": _other(repo)})],
@@ -484,8 +502,9 @@ def test_every_route_with_three_identities_leaks_no_private_model(world):
                     status, _, out = _call(server, m, path, body, token)
                     assert ("team/secret" in {r["id"] for r in out}) == (who == "owner") or status == 401
                 elif who == "owner":
-                    if not writes:
-                        assert _call(server, m, path, body, token)[0] in (200, 404), path  # tree/main/sub: 404
+                    if not writes:  # tree/main/sub: 404; a forged LFS link: 401 (the link is the permission)
+                        signed = (401,) if route.startswith("/api/lfs-") else ()
+                        assert _call(server, m, path, body, token)[0] in (200, 404, *signed), path
                 elif "{ns}" in route or route.startswith("/api/repos/"):
                     _same_or_forbidden(world, m, path, body, token)
                 checked += 1

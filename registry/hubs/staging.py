@@ -13,10 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from registry.hubs.store import FileEntry, RepoStore, git_blob_oid, lfs_pointer, sync_filesystem
+from w2w.errors import HubError
 
 INCOMING = "incoming"
 READ_BLOCK = 1 << 22
@@ -117,6 +120,89 @@ class Staging:
 
     def __exit__(self, *exc) -> None:
         self.discard()  # after publish(): only what was dropped as known
+
+
+class PartedFile:
+    """An LFS object of known sha256 and size uploaded in parts of `part_size` (the Hub's multipart transfer),
+    written in place in incoming/ in any order (a part sent again overwrites itself). Parts that come in
+    order are hashed as they stream; otherwise the file is hashed once more at the end. finish() keeps it
+    only when it is whole with the announced sha256."""
+
+    def __init__(self, store: RepoStore, sha256: str, size: int, part_size: int):
+        self.store, self.sha256, self.size, self.part_size = store, sha256, size, part_size
+        self.parts = max(1, -(-size // part_size))
+        self.folder = store.root / INCOMING / f"{os.getpid()}-lfs-{uuid.uuid4().hex}"
+        self.folder.mkdir(parents=True)
+        self.path = self.folder / "data"
+        with open(self.path, "wb") as f:
+            f.truncate(size)
+        self.done: dict[int, str] = {}  # part number -> the etag given for it
+        self._sha = hashlib.sha256()
+        self._hashed = 0  # parts hashed in order so far (1..hashed)
+        self._in_order = True  # False once a part came out of order or again: hash the whole at the end
+        self._lock = threading.Lock()
+
+    def part_length(self, n: int) -> int:
+        return min(self.part_size, self.size - (n - 1) * self.part_size)
+
+    def write_part(self, n: int, batches: Iterable[bytes]) -> str:
+        """Write part n (1-based) from the body's batches; its etag."""
+        if not 1 <= n <= self.parts:
+            raise HubError(f"part {n} is not one of the {self.parts} parts of this upload")
+        with self._lock:
+            hashing = self._in_order and n == self._hashed + 1
+            if not hashing:
+                self._in_order = False
+        sha = self._sha.copy() if hashing else None
+        want, got = self.part_length(n), 0
+        with open(self.path, "r+b") as f:
+            f.seek((n - 1) * self.part_size)
+            for batch in batches:
+                got += len(batch)
+                if got > want:
+                    raise HubError(f"part {n} is longer than its {want} bytes")
+                if sha is not None:
+                    sha.update(batch)
+                f.write(batch)
+        if got != want:
+            raise HubError(f"part {n} has {got} bytes, not {want}")
+        with self._lock:
+            if sha is not None and self._in_order and self._hashed == n - 1:
+                self._sha, self._hashed = sha, n
+            self.done[n] = etag = uuid.uuid4().hex
+        return etag
+
+    def finish(self, etags: dict[int, str]) -> None:
+        """Check the parts the client names against those received, the size and the sha256, then move the
+        file into objects/ (flushed). HubError, the file left in place, when anything is off."""
+        if etags != self.done or len(etags) != self.parts:
+            raise HubError(f"the parts named ({len(etags)}) are not the {self.parts} parts received")
+        if self._in_order and self._hashed == self.parts:
+            sha = self._sha
+        else:
+            sha = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                while block := f.read(READ_BLOCK):
+                    sha.update(block)
+        if sha.hexdigest() != self.sha256:
+            raise HubError(f"the parts put together are not {self.sha256} (sha256 {sha.hexdigest()})")
+        with open(self.path, "rb") as f:
+            os.fsync(f.fileno())
+        target = self.store.object_path(self.sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, target)
+        _fsync_dir(target.parent)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def clean_incoming(store: RepoStore) -> int:

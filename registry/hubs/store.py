@@ -496,6 +496,8 @@ class RepoStore:
                 if not self.object_path(e.sha256).exists():
                     raise HubError(f"{p!r}: its content was not uploaded")
                 files[p] = e
+                if e.lfs:  # the repo holds it: its LFS downloads and copies (lfsFile) may name it
+                    self.mark_lfs(repo_id, e.sha256)
             commit = self._write_commit(repo_id, head.oid, files, message, description, author)
             atomic_write_bytes(self._ref_file(repo_id, "refs", branch), commit.oid.encode())
             return commit
