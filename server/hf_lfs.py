@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -39,7 +40,12 @@ from server.hf_common import ObjectResponse, json_object, repo_id_of
 from server.state import ServerState
 from w2w.errors import HubError
 
+log = logging.getLogger("w2wreg.serve")
 LFS_JSON = "application/vnd.git-lfs+json"
+XET_REFUSED = (
+    "this hub does not speak Xet: set HF_HUB_DISABLE_XET=1 for huggingface_hub to use Git LFS (w2wreg serve --lfs), "
+    "or serve without --lfs (files then go in the commit itself)"
+)
 LINK_TTL = 3600  # seconds a link stays valid
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -236,5 +242,13 @@ def build_router(state: ServerState) -> APIRouter:
         if not state.store.repo_has_lfs(repo_id, oid, size):
             raise HubHTTPError(404, f"the LFS object {oid} ({size} bytes) was not uploaded")
         return _lfs({})
+
+    @r.get("/api/models/{ns}/{name}/xet-{kind}-token/{revision:path}")
+    def xet_token(ns: str, name: str, kind: str, revision: str, request: Request):
+        # huggingface_hub with hf_xet sends every file preupload calls "lfs" through Xet (no fallback to LFS)
+        # and hf_xet shows the status and this URL, not the message: the operator's log says it too
+        access.require_repo_read(state, access.identity(state, request), repo_id_of(ns, name))
+        log.warning("a client asked for Xet (%s/%s): %s", ns, name, XET_REFUSED)
+        raise HubHTTPError(501, XET_REFUSED)
 
     return r

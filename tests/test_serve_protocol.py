@@ -536,6 +536,28 @@ def test_lfs_download_through_the_batch_api_and_ranges(lfs_hub):
     assert status == 206 and got == blob[10:20] and headers["content-range"] == f"bytes 10-19/{len(blob)}"
 
 
+def test_xet_is_refused_with_what_to_do(tmp_path):
+    """huggingface_hub 2.4 with hf_xet (its default) sends a file preupload calls "lfs" through Xet and never
+    falls back to LFS: against `serve --lfs` its upload fails on the Xet token (hf_xet shows the status and
+    the URL); HF_HUB_DISABLE_XET=1 is what a team sets (test_lfs_*), or it serves without --lfs."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    reg = Registry.init(tmp_path / "r")
+    server = LiveServer(create_app(reg, {ALICE: "alice"}, lfs=True))
+    try:
+        api = hf(server, ALICE)
+        api.create_repo("alice/x")
+        status, _, out = server.request("GET", "/api/models/alice/x/xet-write-token/main", token=ALICE)
+        assert status == 501 and "HF_HUB_DISABLE_XET=1" in out["error"]
+        if is_xet_available():  # the client as installed by default
+            with pytest.raises((HfHubHTTPError, ConnectionError)) as e:
+                api.upload_file(path_or_fileobj=b"\0" * 100, path_in_repo="a.bin", repo_id="alice/x")
+            assert "501" in str(e.value) and "xet-write-token" in str(e.value)
+    finally:
+        server.stop()
+
+
 def test_a_big_upload_of_the_default_client_streams_to_disk(tmp_path):
     """huggingface_hub with hf_xet (its default) sends every file here base64-encoded in the commit body (it
     would send "lfs" files to Xet, so preupload answers "regular"): the server parses the body as it arrives,

@@ -422,6 +422,9 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
                 {"oid": "a" * 64, "parts": []},
             )  # fmt: skip
         ],
+        ("/api/models/{ns}/{name}/xet-{kind}-token/{revision:path}", "GET"): [
+            ("GET", f"/api/models/{repo}/xet-write-token/main", None)
+        ],
         ("/api/lfs-download/{ns}/{name}/{oid}", "GET"): [
             ("GET", f"/api/lfs-download/{repo}/{'a' * 64}?size=1&expires=9999999999&part=0&chunk=0&sig=forged", None)
         ],
@@ -503,8 +506,8 @@ def test_every_route_with_three_identities_leaks_no_private_model(world):
                     assert ("team/secret" in {r["id"] for r in out}) == (who == "owner") or status == 401
                 elif who == "owner":
                     if not writes:  # tree/main/sub: 404; a forged LFS link: 401 (the link is the permission)
-                        signed = (401,) if route.startswith("/api/lfs-") else ()
-                        assert _call(server, m, path, body, token)[0] in (200, 404, *signed), path
+                        other = (401,) if route.startswith("/api/lfs-") else (501,) if "xet-" in route else ()
+                        assert _call(server, m, path, body, token)[0] in (200, 404, *other), path
                 elif "{ns}" in route or route.startswith("/api/repos/"):
                     _same_or_forbidden(world, m, path, body, token)
                 checked += 1
