@@ -5,7 +5,7 @@ get_paths_info, list_repo_commits, whoami, validate-yaml, and HEAD / GET of `/{r
 (hf_hub_download, snapshot_download, diffusers' load_lora_weights). Writing files: server.hf_commit;
 branches and tags: server.hf_refs; create / delete / move / settings / auth-check: server.hf_repos. A
 revision is a branch, a tag (`refs/heads/..`, `refs/tags/..` too) or a commit. Git LFS uploads: server.hf_lfs.
-Not covered: Xet, pull requests, datasets and Spaces; those requests get a clear 4xx.
+Not covered: Xet, pull requests, datasets and Spaces; those requests get a clear 4xx (server.hf_unsupported).
 
 Errors carry `X-Error-Code` / `X-Error-Message` as the Hub's do, so the client raises its own
 RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError. Who may read and write which repo is
@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from registry.hubs.store import BRANCH, Commit, FileEntry, lfs_pointer
 from registry.model_card import parse_front_matter
 from registry.nesting import loads_json
-from server import access, hf_commit, hf_lfs, hf_refs, hf_repos, indexing, safe_serving
+from server import access, hf_commit, hf_lfs, hf_refs, hf_repos, hf_unsupported, indexing, safe_serving
 from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
 from server.hf_common import (
     SMALL_BODY,
@@ -107,6 +107,7 @@ def _filter_tags(info: dict) -> set[str]:
 
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)  # the OpenAPI description is the w2w API's; this one is the Hub's
+    r.include_router(hf_unsupported.build_router())  # first: /datasets/NS/NAME/resolve/... is no model's file
     for module in (hf_repos, hf_commit, hf_refs, hf_lfs):
         r.include_router(module.build_router(state))
 

@@ -434,6 +434,12 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
             ("POST", "/api/repos/move", {"fromRepo": _other(repo), "toRepo": _other(repo) + "-moved"})
         ],
     }
+    for kind in ("datasets", "spaces", "kernels"):  # server.hf_unsupported: refused whatever they name
+        for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"):
+            table[(f"/api/{kind}{{rest:path}}", m)] = [(m, f"/api/{kind}/{repo}", None)]
+            table[(f"/{kind}/{{rest:path}}", m)] = [(m, f"/{kind}/{repo}/resolve/main/README.md", None)]
+            discussions = [(m, f"/api/models/{repo}/discussions", None)]
+            table[("/api/models/{ns}/{name}/discussions{rest:path}", m)] = discussions
     return table[(route, method)]
 
 
@@ -493,7 +499,7 @@ def test_every_route_with_three_identities_leaks_no_private_model(world):
             )
             for m, path, body in hub_requests(route, method, "team/pub0" if not writes else "lab/bobpub", who):
                 status, _, out = _call(server, m, path, body, token)
-                assert status < 500, (who, path, status, out)
+                assert status < 500 or status == 501 and "xet-" in route, (who, path, status, out)  # Xet: 501
                 if who != "owner" and route != "/api/models":  # the list: team/child's own card names its parent
                     assert not world.leaks(out), (who, path, world.leaks(out))
                 if route == "/api/models" and status == 200 and path == "/api/models":
