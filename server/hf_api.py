@@ -15,6 +15,7 @@ server.access's rule; files are served as server.safe_serving says (never as a p
 from __future__ import annotations
 
 import logging
+import re
 from email.utils import formatdate
 from urllib.parse import parse_qs
 
@@ -31,6 +32,7 @@ from server.hf_common import (
     SMALL_BODY,
     ObjectResponse,
     iso,
+    page,
     raw_rest,
     read_limited,
     repo_id_of,
@@ -64,10 +66,32 @@ def model_info_json(state: ServerState, repo_id: str, commit: Commit, base_url: 
         "tags": [str(t) for t in tags],
         "pipeline_tag": card.get("pipeline_tag"),
         "cardData": card or None,
-        "siblings": [{"rfilename": p, "size": e.size, "blobId": e.oid} for p, e in commit.files.items()],
+        "siblings": [_sibling(p, e) for p, e in commit.files.items()],
         "usedStorage": sum(e.size for e in commit.files.values()),
         "url": f"{base_url}/{repo_id}",
     }
+
+
+def _sibling(path: str, e: FileEntry) -> dict:
+    out = {"rfilename": path, "size": e.size, "blobId": e.oid}
+    if e.lfs:  # model_info(files_metadata=True) reads it as the file's BlobLfsInfo
+        out["lfs"] = {"sha256": e.sha256, "size": e.size, "pointerSize": len(lfs_pointer(e.sha256, e.size))}
+    return out
+
+
+_EXPAND_NAME = re.compile(r"[A-Za-z][A-Za-z_-]{0,63}")
+
+
+def expanded(info: dict, request: Request) -> dict:
+    """model_info / list_models with `expand=`: only the properties asked for (and the id), as the Hub
+    answers; a property this hub does not keep (downloadsAllTime, gguf, ...) is left out."""
+    wanted = request.query_params.getlist("expand") + request.query_params.getlist("expand[]")
+    if not wanted:
+        return info
+    bad = [w for w in wanted if not _EXPAND_NAME.fullmatch(w)]
+    if bad:
+        raise HubHTTPError(400, f"expand: {bad[0]!r} is not a property name")
+    return {k: v for k, v in info.items() if k in ("_id", "id") or k in wanted}
 
 
 # list_models' sort= (the client's names): the field sorted on, and whether the largest comes first
@@ -155,6 +179,7 @@ def build_router(state: ServerState) -> APIRouter:
         if sort not in SORTS:
             raise HubHTTPError(400, f"sort must be one of {', '.join(k for k in SORTS if k)}, not {sort!r}")
         wanted = set(request.query_params.getlist("filter"))
+        wanted_props = set(request.query_params.getlist("expand") + request.query_params.getlist("expand[]"))
         base = str(request.base_url).rstrip("/")
         out = []
         for repo_id in state.store.list_repos():
@@ -176,11 +201,11 @@ def build_router(state: ServerState) -> APIRouter:
         out = [info for info, _ in out]
         out = out[:limit] if limit else out
         for info in out:  # as the Hub: files and the card only when asked for
-            if not _yes(full):
+            if not _yes(full) and "siblings" not in wanted_props:
                 info.pop("siblings")
-            if not (_yes(full) or _yes(cardData)):
+            if not (_yes(full) or _yes(cardData)) and "cardData" not in wanted_props:
                 info.pop("cardData")
-        return out
+        return page(request, [expanded(info, request) for info in out])
 
     def readable(ns: str, name: str, request: Request) -> str:
         repo_id = repo_id_of(ns, name)
@@ -190,7 +215,7 @@ def build_router(state: ServerState) -> APIRouter:
     def info(ns: str, name: str, revision: str, request: Request) -> dict:
         repo_id = readable(ns, name, request)
         commit = resolve(state, repo_id, revision)
-        return model_info_json(state, repo_id, commit, str(request.base_url).rstrip("/"))
+        return expanded(model_info_json(state, repo_id, commit, str(request.base_url).rstrip("/")), request)
 
     @r.get("/api/models/{ns}/{name}")
     def model_info(ns: str, name: str, request: Request):
@@ -223,7 +248,7 @@ def build_router(state: ServerState) -> APIRouter:
         if prefix and not entries and not folders:
             raise HubHTTPError(404, f"{path!r} is not in {repo_id} at {commit.oid[:12]}", "EntryNotFound")
         dirs = [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
-        return dirs + entries
+        return page(request, dirs + entries)
 
     @r.post("/api/models/{ns}/{name}/paths-info/{revision:path}")
     async def paths_info(ns: str, name: str, revision: str, request: Request):
@@ -259,16 +284,19 @@ def build_router(state: ServerState) -> APIRouter:
         revision = raw_rest(request, 5)  # as sent: see hf_common.raw_tail
         repo_id = readable(ns, name, request)
         resolve(state, repo_id, revision)  # 404s as the Hub's
-        return [
-            {
-                "id": c.oid,
-                "authors": [{"user": c.author or "w2wreg"}],
-                "date": iso(c.created),
-                "title": c.message,
-                "message": c.description,
-            }
-            for c in state.store.history(repo_id, revision)
-        ]
+        return page(
+            request,
+            [
+                {
+                    "id": c.oid,
+                    "authors": [{"user": c.author or "w2wreg"}],
+                    "date": iso(c.created),
+                    "title": c.message,
+                    "message": c.description,
+                }
+                for c in state.store.history(repo_id, revision)
+            ],
+        )
 
     @r.api_route("/{ns}/{name}/resolve/{rest:path}", methods=["GET", "HEAD"])
     def resolve_file(ns: str, name: str, rest: str, request: Request):

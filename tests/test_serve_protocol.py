@@ -319,6 +319,43 @@ def test_list_models_filters(hub, alice, bob):
     ]
 
 
+def test_listings_page_through_link_headers_and_expand(hub, alice, monkeypatch):
+    from huggingface_hub import CommitOperationAdd
+
+    from server import hf_common
+
+    server, _ = hub
+    for i in range(3):
+        alice.create_repo(f"alice/paged-{i}")
+    repo = "alice/paged-0"
+    for i in range(4):
+        alice.upload_file(path_or_fileobj=f"{i}".encode(), path_in_repo=f"f{i}.txt", repo_id=repo)
+    alice.create_commit(repo, [CommitOperationAdd("w.bin", b"\0" * (10 << 20))], commit_message="big")  # an LFS file
+    whole = {
+        "models": sorted(m.id for m in alice.list_models(search="paged")),
+        "tree": [f.path for f in alice.list_repo_tree(repo)],
+        "commits": [c.commit_id for c in alice.list_repo_commits(repo)],
+    }
+    monkeypatch.setattr(hf_common, "PAGE", 2)  # the client follows the Link header from page to page
+    assert (
+        sorted(m.id for m in alice.list_models(search="paged"))
+        == whole["models"]
+        == [f"alice/paged-{i}" for i in range(3)]
+    )
+    assert [f.path for f in alice.list_repo_tree(repo)] == whole["tree"] and len(whole["tree"]) == 6
+    assert [c.commit_id for c in alice.list_repo_commits(repo)] == whole["commits"] and len(whole["commits"]) == 6
+    status, headers, out = server.request("GET", f"/api/models/{repo}/commits/main", token=ALICE)
+    assert len(out) == 2 and 'cursor=2>; rel="next"' in headers["link"]
+    assert server.request("GET", f"/api/models/{repo}/commits/main?cursor=x", token=ALICE)[0] == 400
+    monkeypatch.undo()
+    info = alice.model_info(repo, expand=["sha", "private"])
+    assert info.sha == whole["commits"][0] and info.private is False and info.tags is None and info.siblings is None
+    listed = next(iter(alice.list_models(search="paged-0", expand=["cardData", "siblings"])))
+    assert listed.siblings and listed.downloads is None
+    files = {f.rfilename: f for f in alice.model_info(repo, files_metadata=True).siblings}
+    assert files["w.bin"].lfs.size == 10 << 20 and files["f0.txt"].lfs is None
+
+
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory) -> list[bytes]:
     from test_registry import BASE, SMALL
