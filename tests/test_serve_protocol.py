@@ -671,6 +671,32 @@ def test_a_card_changed_while_the_server_was_down_is_caught_up_at_start(tmp_path
     assert reg.get("team.late").attributes == {"age": 70.0} and len(reg.ls()) == n  # updated, not re-added
 
 
+def test_a_delete_or_move_cut_off_from_its_index_update_is_finished_at_start(tmp_path, loras):
+    """The server writes what a delete or move will make the index do before the store does it
+    (server.indexing.intend); a server that died between the two finishes it at its next start."""
+    from registry.hubs.store import RepoStore
+    from server import indexing
+
+    reg = Registry.init(tmp_path / "r")
+    store = RepoStore(reg.paths.repos)
+    for repo, lora in (("team/gone", loras[0]), ("team/old", loras[1]), ("team/kept", loras[2])):
+        store.create(repo)
+        store.commit(repo, store.put_objects({LORA: lora}), message="lora")
+    LiveServer(create_app(reg, {ALICE: "alice"})).stop()  # indexed at start
+    # what a server killed right after the store's change leaves: the intent, the store changed, the index not
+    indexing.intend(store, {"op": "delete", "repo": "team/gone", "private": False})
+    store.delete("team/gone")
+    indexing.intend(store, {"op": "move", "src": "team/old", "dst": "team/new"})
+    store.move("team/old", "team/new")
+    indexing.intend(store, {"op": "delete", "repo": "team/kept", "private": False})  # died before the store did it
+    assert reg.get("team.gone").source.startswith("hub:serve/team/gone@")  # stale
+    LiveServer(create_app(reg, {ALICE: "alice"})).stop()
+    assert reg.get("team.gone").source.startswith("hub:serve-deleted/team/gone@")
+    assert reg.get("team.old").source.startswith("hub:serve/team/new@")
+    assert reg.get("team.kept").source.startswith("hub:serve/team/kept@") and store.exists("team/kept")
+    assert not list((reg.paths.repos / "intents").iterdir())
+
+
 def test_index_branches_indexes_a_lora_pushed_to_another_branch(tmp_path, loras):
     from huggingface_hub import CommitOperationAdd
 
