@@ -61,7 +61,7 @@ async def in_thread(request: Request, work: Callable[[Iterator[bytes]], T], limi
             if parts and not dropping:
                 await queue.put(b"".join(parts))
             item = _END
-        except BaseException as e:  # the client hung up, the body is too large: the work sees it
+        except Exception as e:  # the client hung up, the body is too large: the work sees it
             item = e
         if not dropping:
             await queue.put(item)

@@ -7,11 +7,14 @@ Real clients only: the unmodified huggingface_hub HfApi and the `hf` CLI (a subp
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -652,6 +655,26 @@ def test_the_upload_limit_is_on_decoded_bytes_and_a_refused_commit_leaves_nothin
         with pytest.raises(HfHubHTTPError) as e:  # one file over the limit: refused at preupload
             api.upload_file(path_or_fileobj=os.urandom((1 << 20) + 1), path_in_repo="x.bin", repo_id="alice/lim")
         assert e.value.response.status_code == 413
+        # a client that hangs up in the middle of a file's content: nothing kept, the server goes on
+        line = json.dumps({"key": "file", "value": {"content": base64.b64encode(os.urandom(600_000)).decode(),
+                                                    "path": "cut.bin"}})  # fmt: skip
+        body = (json.dumps({"key": "header", "value": {"summary": "cut"}}) + "\n" + line).encode()
+        incoming = reg.paths.repos / "incoming"
+
+        def wait_until(done) -> None:
+            deadline = time.monotonic() + 20
+            while not done() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /api/models/alice/lim/commit/main HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + ALICE.encode() + b"\r\nContent-Type: application/x-ndjson\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])  # fmt: skip
+            wait_until(lambda: any(incoming.iterdir()))  # the commit has begun: its staging is there
+            assert any(incoming.iterdir())
+        wait_until(lambda: not any(incoming.iterdir()))  # hung up: the staging goes
+        assert stored() == kept and not any((reg.paths.repos / "incoming").iterdir())
+        assert api.list_repo_files("alice/lim") == [".gitattributes", "near.bin"]
     finally:
         server.stop()
 
