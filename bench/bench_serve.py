@@ -2,6 +2,7 @@
 the same file, and a pull (hf_hub_download) against reading the file from disk, side by side.
 
     python bench/bench_serve.py [--n 100]
+    python bench/bench_serve.py --large [--size-mb 2048] [--path default|lfs|both]   (bench/serve_large.py)
 
 Data: the first n of bench/out/loras-2000-style w2w LoRA files (diffusers format, D = 99,648, 400 KB
 each; made once by common.ensure_loras). The server runs in this process on a loopback port (uvicorn in a
@@ -37,7 +38,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--pool", type=int, default=2000, help="the LoRA folder to take them from (loras-POOL)")
+    ap.add_argument("--large", action="store_true", help="one big file up and down instead (bench/serve_large.py)")
+    ap.add_argument("--size-mb", type=int, default=2048, help="--large: the file's size")
+    ap.add_argument("--path", choices=["default", "lfs", "both"], default="both", help="--large: the client's path")
+    ap.add_argument("--dir", type=Path, default=None, help="--large: where the file and the hub go (default: temp)")
     args = ap.parse_args()
+    if args.large:
+        import serve_large
+
+        return serve_large.main(args)
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
     import uvicorn

@@ -34,10 +34,16 @@ from cli.errors import fail
     "--lfs",
     is_flag=True,
     help="Answer 'lfs' at preupload for large and binary files, as the Hub does (clients then use the Git LFS "
-    "batch API: streamed to disk). Only for clients without hf_xet or with HF_HUB_DISABLE_XET=1: others would "
-    "go to Xet, which this server does not speak.",
+    "batch API, multipart for big files). Only for clients with HF_HUB_DISABLE_XET=1 (or without hf_xet): "
+    "huggingface_hub with hf_xet sends such files through Xet, which this server does not speak (501).",
 )
-@click.option("--max-upload-mb", type=click.IntRange(1), default=1024, show_default=True, help="Largest request body.")
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Largest upload: the files of one commit (decoded), or one LFS object.",
+)
 @click.option(
     "--registry",
     "registry_dir",

@@ -5,7 +5,7 @@ get_paths_info, list_repo_commits, whoami, validate-yaml, and HEAD / GET of `/{r
 (hf_hub_download, snapshot_download, diffusers' load_lora_weights). Writing files: server.hf_commit;
 branches and tags: server.hf_refs; create / delete / move / settings / auth-check: server.hf_repos. A
 revision is a branch, a tag (`refs/heads/..`, `refs/tags/..` too) or a commit. Git LFS uploads: server.hf_lfs.
-Not covered: Xet, pull requests, datasets and Spaces; those requests get a clear 4xx.
+Not covered: Xet, pull requests, datasets and Spaces; those requests get a clear 4xx (server.hf_unsupported).
 
 Errors carry `X-Error-Code` / `X-Error-Message` as the Hub's do, so the client raises its own
 RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError. Who may read and write which repo is
@@ -15,19 +15,31 @@ server.access's rule; files are served as server.safe_serving says (never as a p
 from __future__ import annotations
 
 import logging
+import re
 from email.utils import formatdate
 from urllib.parse import parse_qs
 
 import yaml
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from registry.hubs.store import BRANCH, Commit, FileEntry, lfs_pointer
 from registry.model_card import parse_front_matter
 from registry.nesting import loads_json
-from server import access, hf_commit, hf_lfs, hf_refs, hf_repos, indexing, safe_serving
+from server import access, hf_commit, hf_lfs, hf_refs, hf_repos, hf_unsupported, indexing, safe_serving
 from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
-from server.hf_common import SMALL_BODY, iso, raw_rest, read_limited, repo_id_of, resolve, revision_and_path, valid_path
+from server.hf_common import (
+    SMALL_BODY,
+    ObjectResponse,
+    iso,
+    page,
+    raw_rest,
+    read_limited,
+    repo_id_of,
+    resolve,
+    revision_and_path,
+    valid_path,
+)
 from server.state import ServerState
 
 log = logging.getLogger("w2wreg.serve")
@@ -54,10 +66,32 @@ def model_info_json(state: ServerState, repo_id: str, commit: Commit, base_url: 
         "tags": [str(t) for t in tags],
         "pipeline_tag": card.get("pipeline_tag"),
         "cardData": card or None,
-        "siblings": [{"rfilename": p, "size": e.size, "blobId": e.oid} for p, e in commit.files.items()],
+        "siblings": [_sibling(p, e) for p, e in commit.files.items()],
         "usedStorage": sum(e.size for e in commit.files.values()),
         "url": f"{base_url}/{repo_id}",
     }
+
+
+def _sibling(path: str, e: FileEntry) -> dict:
+    out = {"rfilename": path, "size": e.size, "blobId": e.oid}
+    if e.lfs:  # model_info(files_metadata=True) reads it as the file's BlobLfsInfo
+        out["lfs"] = {"sha256": e.sha256, "size": e.size, "pointerSize": len(lfs_pointer(e.sha256, e.size))}
+    return out
+
+
+_EXPAND_NAME = re.compile(r"[A-Za-z][A-Za-z_-]{0,63}")
+
+
+def expanded(info: dict, request: Request) -> dict:
+    """model_info / list_models with `expand=`: only the properties asked for (and the id), as the Hub
+    answers; a property this hub does not keep (downloadsAllTime, gguf, ...) is left out."""
+    wanted = request.query_params.getlist("expand") + request.query_params.getlist("expand[]")
+    if not wanted:
+        return info
+    bad = [w for w in wanted if not _EXPAND_NAME.fullmatch(w)]
+    if bad:
+        raise HubHTTPError(400, f"expand: {bad[0]!r} is not a property name")
+    return {k: v for k, v in info.items() if k in ("_id", "id") or k in wanted}
 
 
 # list_models' sort= (the client's names): the field sorted on, and whether the largest comes first
@@ -97,6 +131,7 @@ def _filter_tags(info: dict) -> set[str]:
 
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)  # the OpenAPI description is the w2w API's; this one is the Hub's
+    r.include_router(hf_unsupported.build_router())  # first: /datasets/NS/NAME/resolve/... is no model's file
     for module in (hf_repos, hf_commit, hf_refs, hf_lfs):
         r.include_router(module.build_router(state))
 
@@ -144,6 +179,7 @@ def build_router(state: ServerState) -> APIRouter:
         if sort not in SORTS:
             raise HubHTTPError(400, f"sort must be one of {', '.join(k for k in SORTS if k)}, not {sort!r}")
         wanted = set(request.query_params.getlist("filter"))
+        wanted_props = set(request.query_params.getlist("expand") + request.query_params.getlist("expand[]"))
         base = str(request.base_url).rstrip("/")
         out = []
         for repo_id in state.store.list_repos():
@@ -165,11 +201,11 @@ def build_router(state: ServerState) -> APIRouter:
         out = [info for info, _ in out]
         out = out[:limit] if limit else out
         for info in out:  # as the Hub: files and the card only when asked for
-            if not _yes(full):
+            if not _yes(full) and "siblings" not in wanted_props:
                 info.pop("siblings")
-            if not (_yes(full) or _yes(cardData)):
+            if not (_yes(full) or _yes(cardData)) and "cardData" not in wanted_props:
                 info.pop("cardData")
-        return out
+        return page(request, [expanded(info, request) for info in out])
 
     def readable(ns: str, name: str, request: Request) -> str:
         repo_id = repo_id_of(ns, name)
@@ -179,7 +215,7 @@ def build_router(state: ServerState) -> APIRouter:
     def info(ns: str, name: str, revision: str, request: Request) -> dict:
         repo_id = readable(ns, name, request)
         commit = resolve(state, repo_id, revision)
-        return model_info_json(state, repo_id, commit, str(request.base_url).rstrip("/"))
+        return expanded(model_info_json(state, repo_id, commit, str(request.base_url).rstrip("/")), request)
 
     @r.get("/api/models/{ns}/{name}")
     def model_info(ns: str, name: str, request: Request):
@@ -212,7 +248,7 @@ def build_router(state: ServerState) -> APIRouter:
         if prefix and not entries and not folders:
             raise HubHTTPError(404, f"{path!r} is not in {repo_id} at {commit.oid[:12]}", "EntryNotFound")
         dirs = [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
-        return dirs + entries
+        return page(request, dirs + entries)
 
     @r.post("/api/models/{ns}/{name}/paths-info/{revision:path}")
     async def paths_info(ns: str, name: str, revision: str, request: Request):
@@ -248,16 +284,19 @@ def build_router(state: ServerState) -> APIRouter:
         revision = raw_rest(request, 5)  # as sent: see hf_common.raw_tail
         repo_id = readable(ns, name, request)
         resolve(state, repo_id, revision)  # 404s as the Hub's
-        return [
-            {
-                "id": c.oid,
-                "authors": [{"user": c.author or "w2wreg"}],
-                "date": iso(c.created),
-                "title": c.message,
-                "message": c.description,
-            }
-            for c in state.store.history(repo_id, revision)
-        ]
+        return page(
+            request,
+            [
+                {
+                    "id": c.oid,
+                    "authors": [{"user": c.author or "w2wreg"}],
+                    "date": iso(c.created),
+                    "title": c.message,
+                    "message": c.description,
+                }
+                for c in state.store.history(repo_id, revision)
+            ],
+        )
 
     @r.api_route("/{ns}/{name}/resolve/{rest:path}", methods=["GET", "HEAD"])
     def resolve_file(ns: str, name: str, rest: str, request: Request):
@@ -277,7 +316,7 @@ def build_router(state: ServerState) -> APIRouter:
         }
         if entry.lfs:  # as the Hub: the client names its cached copy by the sha256
             headers |= {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)}
-        return FileResponse(
+        return ObjectResponse(
             state.store.object_path(entry.sha256),
             headers=headers,
             media_type=media_type,

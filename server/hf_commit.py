@@ -15,10 +15,12 @@ import logging
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from registry.hubs.staging import Staging
 from registry.hubs.store import BRANCH, Commit, ParentMismatch, RevisionNotFound
 from registry.nesting import loads_json
-from server import access, indexing
+from server import access, body_stream, indexing
 from server.accounts import Identity
+from server.commit_body import LFS_SIZE, CommitOps, parse_commit
 from server.errors import HubHTTPError
 from server.gitignore import GitIgnore
 from server.hf_common import (
@@ -49,9 +51,6 @@ def _gitignore_of(state: ServerState, head: Commit, sent: object) -> GitIgnore |
         return GitIgnore(sent)
     entry = head.files.get(".gitignore")
     return GitIgnore(state.store.read(entry).decode("utf-8", "replace")) if entry else None
-
-
-LFS_SIZE = 10 * 1000 * 1000  # the Hub sends files of 10 MB and more through LFS
 
 
 def _lfs_rules_of(state: ServerState, head: Commit) -> GitIgnore | None:
@@ -122,63 +121,31 @@ def build_router(state: ServerState) -> APIRouter:
         access.require_repo_write(state, who, request, repo_id)
         _no_pr(request)
         branch = branch_of(state, repo_id, revision)
-        body = await read_limited(request, state.max_upload)  # a client that hangs up mid-body stops here
         base = str(request.base_url).rstrip("/")
-        return await run_in_threadpool(_commit, state, repo_id, branch, body, who, base)
+        staging = Staging(state.store)
+        try:
+            # parsed as it arrives: file contents go to the staging, not to memory (server.commit_body)
+            ops = await body_stream.in_thread(
+                request, lambda batches: parse_commit(batches, staging, state.max_upload), body_limit(state.max_upload)
+            )
+            return await run_in_threadpool(_commit, state, repo_id, branch, ops, staging, who, base)
+        finally:
+            await run_in_threadpool(staging.discard)  # what was not published: a refused commit leaves nothing
 
     return r
 
 
-def _parse_commit(body: bytes) -> tuple[dict, dict[str, bytes], dict, list[str], list[str]]:
-    header: dict = {}
-    added: dict[str, bytes] = {}
-    lfs: dict[str, tuple[str, int | None]] = {}  # path -> (sha256, size) of a file uploaded through LFS
-    deleted: list[str] = []
-    deleted_folders: list[str] = []
-    for n, line in enumerate(body.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = loads_json(line, f"commit line {n}")
-            key, value = item["key"], item["value"]
-        except (ValueError, KeyError, TypeError) as e:
-            why = f" ({e})" if isinstance(e, ValueError) else ""
-            raise HubHTTPError(400, f"commit line {n}: not a JSON object with 'key' and 'value'{why}") from None
-        if not isinstance(value, dict):
-            raise HubHTTPError(400, f"commit line {n}: 'value' must be a JSON object")
-        if key == "header":
-            header = value
-        elif key == "file":
-            path = valid_path(str(value.get("path", "")))
-            if value.get("encoding", "base64") != "base64":
-                raise HubHTTPError(400, f"commit line {n}: {path}: only base64 content is taken")
-            try:
-                added[path] = base64.b64decode(value.get("content", ""), validate=True)
-            except (binascii.Error, ValueError):
-                raise HubHTTPError(400, f"commit line {n}: {path}: content is not valid base64") from None
-        elif key == "deletedFile":
-            deleted.append(valid_path(str(value.get("path", ""))))
-        elif key == "deletedFolder":
-            deleted_folders.append(valid_path(str(value.get("path", "")).rstrip("/")))
-        elif key == "lfsFile":
-            path = valid_path(str(value.get("path", "")))
-            oid, size = value.get("oid"), value.get("size")
-            # a copy of an LFS file names its oid only (the client's CommitOperationCopy)
-            if value.get("algo", "sha256") != "sha256" or not isinstance(oid, str) or not isinstance(size, int | None):
-                raise HubHTTPError(400, f"commit line {n}: {path}: an lfsFile needs algo sha256, oid and size")
-            lfs[path] = (oid, size)
-        elif key == "copyFile":
-            raise HubHTTPError(400, f"commit line {n}: copyFile is not supported (the client copies through lfsFile)")
-        else:
-            raise HubHTTPError(400, f"commit line {n}: unknown operation {key!r}")
-    if not header.get("summary"):
-        raise HubHTTPError(400, "the commit has no header with a summary (commit message)")
-    return header, added, lfs, deleted, deleted_folders
+def body_limit(max_upload: int) -> int:
+    """The largest commit body: its files' decoded content is at most `max_upload` (server.commit_body), and
+    base64 makes 4 characters of 3 bytes; the rest is the JSON of each operation."""
+    return max_upload * 3 // 2 + (16 << 20)
 
 
-def _commit(state: ServerState, repo_id: str, branch: str, body: bytes, who: Identity, base_url: str) -> dict:
+def _commit(
+    state: ServerState, repo_id: str, branch: str, ops: CommitOps, staging: Staging, who: Identity, base_url: str
+) -> dict:
     user = who.name or ""
-    header, added, lfs, deleted, deleted_folders = _parse_commit(body)
+    header, added, lfs, deleted, deleted_folders = ops.header, ops.added, ops.lfs, ops.deleted, ops.deleted_folders
     for p, (oid, size) in lfs.items():
         if not state.store.repo_has_lfs(repo_id, oid, size):
             raise HubHTTPError(400, f"{p}: the LFS object {oid} was not uploaded to {repo_id} (batch API first)")
@@ -197,14 +164,14 @@ def _commit(state: ServerState, repo_id: str, branch: str, body: bytes, who: Ide
     new_card = indexed and not brings_lora and lora is not None and ("README.md" in added or "README.md" in deleted)
     if brings_lora:
         cfg_path = (lora.rsplit("/", 1)[0] + "/" if "/" in lora else "") + "adapter_config.json"
-        cfg = added.get(cfg_path) or (state.store.read(head.files[cfg_path]) if cfg_path in head.files else None)
-        data = added[lora] if lora in added else state.store.read(lfs_entries[lora])
+        cfg_entry = added.get(cfg_path) or head.files.get(cfg_path)
+        cfg = staging.read(cfg_entry) if cfg_entry else None
+        data = staging.read(added.get(lora) or lfs_entries[lora])
         try:
             indexing.read_lora_bytes(lora, data, cfg)
         except W2WError as e:
             raise HubHTTPError(422, str(e)) from None
-    entries = state.store.put_objects(added)  # one flush for all of them, before the commit names them
-    entries |= lfs_entries
+    entries = added | lfs_entries
     try:
         commit = state.store.commit(
             repo_id,
@@ -216,6 +183,7 @@ def _commit(state: ServerState, repo_id: str, branch: str, body: bytes, who: Ide
             parent=header["parentCommit"] if isinstance(header.get("parentCommit"), str) else None,
             author=user,
             branch=branch,
+            staged=staging,  # published (one flush) only once the commit is known to be good
         )
     except ParentMismatch as e:
         raise HubHTTPError(412, str(e)) from None

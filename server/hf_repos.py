@@ -59,21 +59,30 @@ def _delete(state: ServerState, repo_id: str) -> None:
     with state.lock:  # the registry's models and the repo change together for every reader
         try:
             private = bool(state.store.meta(repo_id).get("private"))
-            state.store.delete(repo_id)
         except RepoNotFound:
             raise repo_not_found(repo_id) from None
+        intent = indexing.intend(state.store, {"op": "delete", "repo": repo_id, "private": private})
+        try:
+            state.store.delete(repo_id)
+        except RepoNotFound:
+            intent.unlink()
+            raise repo_not_found(repo_id) from None
         indexing.repo_deleted(state.registry, repo_id, private)
+        intent.unlink()  # kept if the index update failed: the next start replays it
 
 
 def _move(state: ServerState, src: str, dst: str) -> None:
     with state.lock:
+        intent = indexing.intend(state.store, {"op": "move", "src": src, "dst": dst})
         try:
             state.store.move(src, dst)
-        except RepoNotFound:
+        except (RepoNotFound, RepoExists) as e:
+            intent.unlink()
+            if isinstance(e, RepoExists):
+                raise HubHTTPError(409, str(e)) from None
             raise repo_not_found(src) from None
-        except RepoExists as e:
-            raise HubHTTPError(409, str(e)) from None
         indexing.repo_moved(state.registry, src, dst)
+        intent.unlink()  # kept if the index update failed: the next start replays it
 
 
 def build_router(state: ServerState) -> APIRouter:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from registry.model_card import parse_front_matter
 from registry.registry import NewModel, Registry, validate_attributes
 from w2w.errors import HubError, W2WError
 from w2w.formats.fastread import VectorRead, read_vector
+from w2w.formats.tensorfile import atomic_write_bytes
 
 log = logging.getLogger("w2wreg.serve")
 
@@ -225,9 +227,45 @@ def _models_by_source(reg: Registry) -> dict[str, int]:
     return {s: i for s, i in rows}
 
 
+INTENTS = "intents"  # <repos>/intents/ID.json: a delete or move whose index update may not have happened
+
+
+def intend(store: RepoStore, record: dict) -> Path:
+    """Write down what a repo delete or move is about to make the index do, before the store does it; the
+    caller removes the file once the index follows. A server that dies in between leaves it, and the next
+    start replays it (replay_intents), so the index never keeps naming a repo that moved or is gone."""
+    path = store.root / INTENTS / f"{uuid.uuid4().hex}.json"
+    atomic_write_bytes(path, json.dumps(record).encode())
+    return path
+
+
+def replay_intents(reg: Registry, store: RepoStore) -> list[dict]:
+    """Finish the index updates of deletes and moves that the store made but the index did not (both are
+    idempotent: a repo's models are found by the source that names it); the records done."""
+    folder = store.root / INTENTS
+    done = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            rec = json.loads(path.read_text())
+            if rec["op"] == "delete" and not store.exists(rec["repo"]):
+                repo_deleted(reg, rec["repo"], bool(rec["private"]))
+            elif rec["op"] == "move" and not store.exists(rec["src"]) and store.exists(rec["dst"]):
+                repo_moved(reg, rec["src"], rec["dst"])
+            # else: the store did not do it (it failed or died first): nothing to follow
+        except (ValueError, KeyError, TypeError) as e:
+            log.error("%s: not an intent record (%s); left for the operator", path, e)
+            continue
+        path.unlink()
+        done.append(rec)
+    return done
+
+
 def catch_up(reg: Registry, store: RepoStore) -> list[tuple[str, IndexResult]]:
     """Index the head of every repo whose head is not registered yet (after a crash, or an old store); a head
-    whose LoRA is indexed but whose card changed meanwhile gives the model the card's attributes."""
+    whose LoRA is indexed but whose card changed meanwhile gives the model the card's attributes. First the
+    deletes and moves a crash cut off from their index update (replay_intents)."""
+    for rec in replay_intents(reg, store):
+        log.info("index caught up with a %s cut short: %s", rec["op"], rec)
     done = _models_by_source(reg)
     out = []
     for repo_id in store.list_repos():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from registry.hubs.staging import clean_incoming
 from registry.hubs.store import RepoStore
 from registry.registry import Registry
 from server.accounts import Accounts
@@ -22,6 +23,7 @@ class ServerState:
     # preupload answers "lfs" as the Hub does (server.hf_lfs). Off by default: a client with hf_xet installed
     # (huggingface_hub's default) sends every "lfs" file through Xet, which this server does not speak.
     lfs: bool = False
+    lfs_part_size: int = 64 << 20  # an LFS object bigger than this goes up in parts of it (multipart transfer)
     store: RepoStore = field(init=False)
     # The catalog's caches and DuckDB connections are not made for concurrent threads: registry work is
     # serialized (a team hub's requests are short; downloads of repo files do not take this lock).
@@ -30,3 +32,4 @@ class ServerState:
 
     def __post_init__(self):
         self.store = RepoStore(self.registry.paths.repos)
+        clean_incoming(self.store)  # what commits of a server that died left half-received

@@ -97,3 +97,51 @@ def chromium(prefs: dict | None = None, size: str = "1300,900"):
         yield driver
     finally:
         driver.quit()
+
+
+class ServeProcess:
+    """`w2wreg serve` in a process of its own (its memory measurable: /proc/PID/status) until stop()."""
+
+    def __init__(self, registry, token: str, *args: str):
+        import os
+        import socket
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).parent / "w2wreg"
+        cmd = [str(exe), "--registry", str(registry), "serve", "--port", str(self.port), "--token", token, *args]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("w2wreg serve did not start") from None
+                time.sleep(0.1)
+
+    def _status(self, field: str) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
+
+    def rss(self) -> int:
+        return self._status("VmRSS")
+
+    def peak_rss(self) -> int:
+        """The most memory the process held since it started or since reset_peak()."""
+        return self._status("VmHWM")
+
+    def reset_peak(self) -> None:
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+            f.write("5")  # Linux: the peak starts again from the memory held now
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

@@ -7,15 +7,18 @@ Real clients only: the unmodified huggingface_hub HfApi and the `hf` CLI (a subp
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from served import LiveServer, hub_client_online
+from served import LiveServer, ServeProcess, hub_client_online
 
 from registry.registry import Registry
 from server.accounts import Accounts
@@ -319,6 +322,43 @@ def test_list_models_filters(hub, alice, bob):
     ]
 
 
+def test_listings_page_through_link_headers_and_expand(hub, alice, monkeypatch):
+    from huggingface_hub import CommitOperationAdd
+
+    from server import hf_common
+
+    server, _ = hub
+    for i in range(3):
+        alice.create_repo(f"alice/paged-{i}")
+    repo = "alice/paged-0"
+    for i in range(4):
+        alice.upload_file(path_or_fileobj=f"{i}".encode(), path_in_repo=f"f{i}.txt", repo_id=repo)
+    alice.create_commit(repo, [CommitOperationAdd("w.bin", b"\0" * (10 << 20))], commit_message="big")  # an LFS file
+    whole = {
+        "models": sorted(m.id for m in alice.list_models(search="paged")),
+        "tree": [f.path for f in alice.list_repo_tree(repo)],
+        "commits": [c.commit_id for c in alice.list_repo_commits(repo)],
+    }
+    monkeypatch.setattr(hf_common, "PAGE", 2)  # the client follows the Link header from page to page
+    assert (
+        sorted(m.id for m in alice.list_models(search="paged"))
+        == whole["models"]
+        == [f"alice/paged-{i}" for i in range(3)]
+    )
+    assert [f.path for f in alice.list_repo_tree(repo)] == whole["tree"] and len(whole["tree"]) == 6
+    assert [c.commit_id for c in alice.list_repo_commits(repo)] == whole["commits"] and len(whole["commits"]) == 6
+    status, headers, out = server.request("GET", f"/api/models/{repo}/commits/main", token=ALICE)
+    assert len(out) == 2 and 'cursor=2>; rel="next"' in headers["link"]
+    assert server.request("GET", f"/api/models/{repo}/commits/main?cursor=x", token=ALICE)[0] == 400
+    monkeypatch.undo()
+    info = alice.model_info(repo, expand=["sha", "private"])
+    assert info.sha == whole["commits"][0] and info.private is False and info.tags is None and info.siblings is None
+    listed = next(iter(alice.list_models(search="paged-0", expand=["cardData", "siblings"])))
+    assert listed.siblings and listed.downloads is None
+    files = {f.rfilename: f for f in alice.model_info(repo, files_metadata=True).siblings}
+    assert files["w.bin"].lfs.size == 10 << 20 and files["f0.txt"].lfs is None
+
+
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory) -> list[bytes]:
     from test_registry import BASE, SMALL
@@ -402,6 +442,9 @@ def test_hffilesystem_and_snapshot_download_at_a_revision(hub, alice, tmp_path):
     assert (got / "c.txt").read_bytes() == b"c" and (got / "a" / "b.txt").read_bytes() == b"bb"
 
 
+PART = 256 << 10
+
+
 @pytest.fixture
 def lfs_hub(tmp_path, monkeypatch):
     """A server that answers 'lfs' at preupload, and a client without Xet (HF_HUB_DISABLE_XET=1)."""
@@ -409,7 +452,9 @@ def lfs_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(c, "HF_HUB_DISABLE_XET", True)
     reg = Registry.init(tmp_path / "lfs-reg")
-    server = LiveServer(create_app(reg, Accounts(tokens={ALICE: "alice", BOB: "bob"}), lfs=True, max_upload=1 << 20))
+    app = create_app(reg, Accounts(tokens={ALICE: "alice", BOB: "bob"}), lfs=True, max_upload=1 << 20)
+    app.state.w2w.lfs_part_size = PART  # objects over it go up in parts (the multipart transfer)
+    server = LiveServer(app)
     yield server, reg
     server.stop()
 
@@ -461,6 +506,179 @@ def test_lfs_batch_upload_streams_verifies_and_indexes(lfs_hub, loras, tmp_path)
     assert "upload" in out["objects"][0]["actions"]  # no hint that another repo holds it
 
 
+def _batch(server, repo: str, operation: str, oid: str, size: int, token=ALICE, transfers=("basic", "multipart")):
+    body = {"operation": operation, "transfers": list(transfers), "objects": [{"oid": oid, "size": size}]}
+    status, _, out = server.request("POST", f"/{repo}.git/info/lfs/objects/batch", body, token=token)
+    return status, out["objects"][0] if status == 200 else out
+
+
+def test_lfs_multipart_upload_checks_every_part_and_the_whole(lfs_hub, tmp_path):
+    from huggingface_hub import hf_hub_download
+
+    server, reg = lfs_hub
+    api = hf(server, ALICE)
+    api.create_repo("alice/parts")
+    blob = os.urandom(3 * PART - 1000)  # three parts, the last one short
+    api.upload_file(path_or_fileobj=blob, path_in_repo="w.bin", repo_id="alice/parts")  # the client's multipart
+    info = api.get_paths_info("alice/parts", ["w.bin"])[0]
+    assert info.lfs.sha256 == hashlib.sha256(blob).hexdigest() and info.lfs.size == len(blob)
+    got = hf_hub_download("alice/parts", "w.bin", endpoint=server.url, token=ALICE, cache_dir=tmp_path / "c")
+    assert Path(got).read_bytes() == blob
+    # what the batch API answers: a chunk size and a link per part, the upload href being the completion
+    other = os.urandom(2 * PART + 1)
+    oid = hashlib.sha256(other).hexdigest()
+    _, obj = _batch(server, "alice/parts", "upload", oid, len(other))
+    header, done = obj["actions"]["upload"]["header"], obj["actions"]["upload"]["href"].removeprefix(server.url)
+    assert header["chunk_size"] == str(PART) and sorted(k for k in header if k.isdigit()) == ["1", "2", "3"]
+    basic = _batch(server, "alice/parts", "upload", oid, len(other), transfers=["basic"])[1]
+    assert "header" not in basic["actions"]["upload"]  # a client that offers no multipart gets one PUT
+    part = {n: header[str(n)].removeprefix(server.url) for n in (1, 2, 3)}
+    pieces = {1: other[:PART], 2: other[PART : 2 * PART], 3: other[2 * PART :]}
+    assert server.request("PUT", part[1], pieces[1] + b"x")[0] == 400  # longer than the part
+    assert server.request("PUT", part[3], b"\0" * len(pieces[3]))[0] == 200  # wrong content: seen at the end
+    etags = {n: server.request("PUT", part[n], pieces[n])[1]["etag"] for n in (2, 1)}  # out of order
+    parts = [{"partNumber": n, "etag": etags.get(n, '"x"')} for n in (1, 2, 3)]
+    assert server.request("POST", done, {"oid": oid, "parts": parts})[0] == 400  # part 3's etag is not the one given
+    assert not reg.paths.repos.joinpath("objects", oid[:2], oid).exists()
+    _, obj = _batch(server, "alice/parts", "upload", oid, len(other))  # a new upload, from the start
+    part = {n: obj["actions"]["upload"]["header"][str(n)].removeprefix(server.url) for n in (1, 2, 3)}
+    done = obj["actions"]["upload"]["href"].removeprefix(server.url)
+    etags = {n: server.request("PUT", part[n], b"\1" * len(pieces[n]) if n == 3 else pieces[n])[1]["etag"]
+             for n in (1, 2, 3)}  # fmt: skip
+    status, _, out = server.request("POST", done, {"oid": oid, "parts": [{"partNumber": n, "etag": e}
+                                                                         for n, e in etags.items()]})  # fmt: skip
+    assert status == 400 and "are not" in out["error"], out  # the whole is not the announced sha256
+    assert not reg.paths.repos.joinpath("objects", oid[:2], oid).exists()
+    assert not any((reg.paths.repos / "incoming").iterdir())  # the parts are gone too
+    assert server.request("PUT", part[1], pieces[1])[0] == 200  # a new upload
+    assert server.request("PUT", part[1].replace("part=1", "part=2"), pieces[2])[0] == 401  # links are per part
+
+
+def test_lfs_download_through_the_batch_api_and_ranges(lfs_hub):
+    server, reg = lfs_hub
+    api = hf(server, ALICE)
+    api.create_repo("alice/dl", private=True)
+    blob = os.urandom(100_000)
+    api.upload_file(path_or_fileobj=blob, path_in_repo="d.bin", repo_id="alice/dl")
+    oid = hashlib.sha256(blob).hexdigest()
+    status, obj = _batch(server, "alice/dl", "download", oid, len(blob))
+    href = obj["actions"]["download"]["href"].removeprefix(server.url)
+    status, headers, got = server.request("GET", href)  # a signed link: no token needed
+    assert status == 200 and got == blob and headers["content-length"] == str(len(blob))
+    assert server.request("GET", href.replace("expires=", "expires=1"))[0] == 401
+    assert _batch(server, "alice/dl", "download", oid, len(blob), token=BOB)[0] == 404  # not a reader: no repo
+    bob = hf(server, BOB)
+    bob.create_repo("bob/other")
+    assert _batch(server, "bob/other", "download", oid, len(blob), token=BOB)[1]["error"]["code"] == 404
+    # plain resolve GETs of LFS files take ranges (the client resumes a download so)
+    status, headers, got = server.request("GET", "/alice/dl/resolve/main/d.bin", token=ALICE,
+                                          headers={"Range": "bytes=10-19"})  # fmt: skip
+    assert status == 206 and got == blob[10:20] and headers["content-range"] == f"bytes 10-19/{len(blob)}"
+
+
+def test_xet_is_refused_with_what_to_do(tmp_path):
+    """huggingface_hub 2.4 with hf_xet (its default) sends a file preupload calls "lfs" through Xet and never
+    falls back to LFS: against `serve --lfs` its upload fails on the Xet token (hf_xet shows the status and
+    the URL); HF_HUB_DISABLE_XET=1 is what a team sets (test_lfs_*), or it serves without --lfs."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    reg = Registry.init(tmp_path / "r")
+    server = LiveServer(create_app(reg, {ALICE: "alice"}, lfs=True))
+    try:
+        api = hf(server, ALICE)
+        api.create_repo("alice/x")
+        status, _, out = server.request("GET", "/api/models/alice/x/xet-write-token/main", token=ALICE)
+        assert status == 501 and "HF_HUB_DISABLE_XET=1" in out["error"]
+        if is_xet_available():  # the client as installed by default
+            with pytest.raises((HfHubHTTPError, ConnectionError)) as e:
+                api.upload_file(path_or_fileobj=b"\0" * 100, path_in_repo="a.bin", repo_id="alice/x")
+            assert "501" in str(e.value) and "xet-write-token" in str(e.value)
+    finally:
+        server.stop()
+
+
+def test_a_big_upload_of_the_default_client_streams_to_disk(tmp_path):
+    """huggingface_hub with hf_xet (its default) sends every file here base64-encoded in the commit body (it
+    would send "lfs" files to Xet, so preupload answers "regular"): the server parses the body as it arrives,
+    decoding the content straight to disk, so its memory does not grow with the file (it held ~6.6x the file
+    before). The bound: what the server holds by design is a few 1 MiB batches of the body and one 1 MiB line
+    (server.body_stream, server.commit_body), well under 32 MiB; the file is 48 MiB and its body 64 MiB."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    server = ServeProcess(tmp_path / "reg", ALICE)
+    try:
+        api = HfApi(endpoint=server.url, token=ALICE)
+        api.create_repo("team/big")
+        src = tmp_path / "big.bin"
+        src.write_bytes(os.urandom(48 << 20))
+        server.reset_peak()
+        idle = server.rss()
+        api.upload_file(path_or_fileobj=str(src), path_in_repo="big.bin", repo_id="team/big")
+        grew = server.peak_rss() - idle
+        assert grew < 32 << 20, f"the server's memory grew by {grew >> 20} MiB for a 48 MiB file"
+        info = api.get_paths_info("team/big", ["big.bin"])[0]  # kept in LFS, as the Hub keeps files >= 10 MB
+        assert info.lfs.sha256 == hashlib.sha256(src.read_bytes()).hexdigest() and info.size == 48 << 20
+        server.reset_peak()
+        idle = server.rss()
+        got = hf_hub_download("team/big", "big.bin", endpoint=server.url, token=ALICE, cache_dir=tmp_path / "c")
+        assert Path(got).read_bytes() == src.read_bytes()
+        grew = server.peak_rss() - idle
+        assert grew < 32 << 20, f"the server's memory grew by {grew >> 20} MiB to send a 48 MiB file"
+    finally:
+        server.stop()
+
+
+def test_the_upload_limit_is_on_decoded_bytes_and_a_refused_commit_leaves_nothing(tmp_path):
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+
+    reg = Registry.init(tmp_path / "r")
+    server = LiveServer(create_app(reg, {ALICE: "alice"}, max_upload=1 << 20))
+    objects = reg.paths.repos / "objects"
+
+    def stored() -> set[str]:
+        return {p.name for p in objects.rglob("*") if p.is_file()}
+
+    try:
+        api = hf(server, ALICE)
+        api.create_repo("alice/lim")
+        near = os.urandom(900_000)  # its body (base64: 1.2 MB) is over the 1 MiB limit, the file is not
+        api.upload_file(path_or_fileobj=near, path_in_repo="near.bin", repo_id="alice/lim")
+        kept = stored()
+        two = [CommitOperationAdd("a.bin", os.urandom(600_000)), CommitOperationAdd("b.bin", os.urandom(600_000))]
+        with pytest.raises(HfHubHTTPError) as e:  # each passes preupload; together they are over
+            api.create_commit("alice/lim", two, commit_message="too much")
+        assert e.value.response.status_code == 413 and "--max-upload-mb" in str(e.value), e.value
+        assert stored() == kept and not any((reg.paths.repos / "incoming").iterdir())  # nothing half-written
+        assert api.list_repo_files("alice/lim") == [".gitattributes", "near.bin"]
+        with pytest.raises(HfHubHTTPError) as e:  # one file over the limit: refused at preupload
+            api.upload_file(path_or_fileobj=os.urandom((1 << 20) + 1), path_in_repo="x.bin", repo_id="alice/lim")
+        assert e.value.response.status_code == 413
+        # a client that hangs up in the middle of a file's content: nothing kept, the server goes on
+        line = json.dumps({"key": "file", "value": {"content": base64.b64encode(os.urandom(600_000)).decode(),
+                                                    "path": "cut.bin"}})  # fmt: skip
+        body = (json.dumps({"key": "header", "value": {"summary": "cut"}}) + "\n" + line).encode()
+        incoming = reg.paths.repos / "incoming"
+
+        def wait_until(done) -> None:
+            deadline = time.monotonic() + 20
+            while not done() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /api/models/alice/lim/commit/main HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + ALICE.encode() + b"\r\nContent-Type: application/x-ndjson\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])  # fmt: skip
+            wait_until(lambda: any(incoming.iterdir()))  # the commit has begun: its staging is there
+            assert any(incoming.iterdir())
+        wait_until(lambda: not any(incoming.iterdir()))  # hung up: the staging goes
+        assert stored() == kept and not any((reg.paths.repos / "incoming").iterdir())
+        assert api.list_repo_files("alice/lim") == [".gitattributes", "near.bin"]
+    finally:
+        server.stop()
+
+
 def test_a_card_changed_while_the_server_was_down_is_caught_up_at_start(tmp_path, loras):
     from registry.hubs.store import RepoStore
 
@@ -474,6 +692,32 @@ def test_a_card_changed_while_the_server_was_down_is_caught_up_at_start(tmp_path
     n = len(reg.ls())
     LiveServer(create_app(reg, {ALICE: "alice"})).stop()
     assert reg.get("team.late").attributes == {"age": 70.0} and len(reg.ls()) == n  # updated, not re-added
+
+
+def test_a_delete_or_move_cut_off_from_its_index_update_is_finished_at_start(tmp_path, loras):
+    """The server writes what a delete or move will make the index do before the store does it
+    (server.indexing.intend); a server that died between the two finishes it at its next start."""
+    from registry.hubs.store import RepoStore
+    from server import indexing
+
+    reg = Registry.init(tmp_path / "r")
+    store = RepoStore(reg.paths.repos)
+    for repo, lora in (("team/gone", loras[0]), ("team/old", loras[1]), ("team/kept", loras[2])):
+        store.create(repo)
+        store.commit(repo, store.put_objects({LORA: lora}), message="lora")
+    LiveServer(create_app(reg, {ALICE: "alice"})).stop()  # indexed at start
+    # what a server killed right after the store's change leaves: the intent, the store changed, the index not
+    indexing.intend(store, {"op": "delete", "repo": "team/gone", "private": False})
+    store.delete("team/gone")
+    indexing.intend(store, {"op": "move", "src": "team/old", "dst": "team/new"})
+    store.move("team/old", "team/new")
+    indexing.intend(store, {"op": "delete", "repo": "team/kept", "private": False})  # died before the store did it
+    assert reg.get("team.gone").source.startswith("hub:serve/team/gone@")  # stale
+    LiveServer(create_app(reg, {ALICE: "alice"})).stop()
+    assert reg.get("team.gone").source.startswith("hub:serve-deleted/team/gone@")
+    assert reg.get("team.old").source.startswith("hub:serve/team/new@")
+    assert reg.get("team.kept").source.startswith("hub:serve/team/kept@") and store.exists("team/kept")
+    assert not list((reg.paths.repos / "intents").iterdir())
 
 
 def test_index_branches_indexes_a_lora_pushed_to_another_branch(tmp_path, loras):

@@ -27,6 +27,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from filelock import FileLock
@@ -34,6 +35,9 @@ from filelock import FileLock
 from registry.hubs import validate_repo_id
 from w2w.errors import HubError
 from w2w.formats.tensorfile import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from registry.hubs.staging import Staging
 
 BRANCH = "main"
 MAX_PATH = 1000
@@ -461,9 +465,11 @@ class RepoStore:
         parent: str | None = None,
         author: str = "",
         branch: str = BRANCH,
+        staged: Staging | None = None,
     ) -> Commit:
         """A new commit on `branch`: its head's files, less the deleted ones, plus the added entries (whose
-        objects must be stored already, see put_object). `parent`, when given, must be the head."""
+        objects must be stored already, see put_object, or be in `staged`: moved into objects/ only once the
+        commit is known to be good). `parent`, when given, must be the head."""
         for p in [*added, *deleted, *deleted_folders]:
             validate_path(p)
         with self.lock(repo_id):
@@ -484,10 +490,14 @@ class RepoStore:
             for folder in deleted_folders:
                 prefix = folder.rstrip("/") + "/"
                 files = {p: e for p, e in files.items() if not p.startswith(prefix)}
+            if staged is not None:
+                staged.publish()
             for p, e in added.items():
                 if not self.object_path(e.sha256).exists():
                     raise HubError(f"{p!r}: its content was not uploaded")
                 files[p] = e
+                if e.lfs:  # the repo holds it: its LFS downloads and copies (lfsFile) may name it
+                    self.mark_lfs(repo_id, e.sha256)
             commit = self._write_commit(repo_id, head.oid, files, message, description, author)
             atomic_write_bytes(self._ref_file(repo_id, "refs", branch), commit.oid.encode())
             return commit

@@ -1,0 +1,204 @@
+"""`python bench/bench_serve.py --large`: one big file through `w2wreg serve`, against a plain local copy.
+
+    python bench/bench_serve.py --large [--size-mb 2048] [--path default|lfs|both] [--dir DIR]
+
+The server is a `w2wreg serve` subprocess (so its memory is its own: peak RSS from /proc/PID/status VmHWM,
+reset before each side through /proc/PID/clear_refs); the clients are the unmodified `hf` CLI and
+huggingface_hub, each in its own process. Sides, on the same random file of --size-mb:
+  copy            shutil.copyfile of the file to another file of the same folder (what `cp` does): the
+                  comparison, timed just before and just after each side (mean of the two)
+  upload          `hf upload NS/NAME FILE`: preupload, then (default path) the file base64-encoded in the
+                  NDJSON commit body, or (lfs path: `serve --lfs` and HF_HUB_DISABLE_XET=1) the Git LFS
+                  batch API (multipart for big files), then the commit
+  download        hf_hub_download of it into an empty cache
+Each row: seconds, MB/s, copy time / side time (1.0 = as fast as a copy; the target is >= 0.5), and the
+server's peak RSS during that side (the target is < 300 MB whatever the file size), and the CPU seconds the
+server and the client used (on a machine shared with other work, wall time is noisy; CPU time less so).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import emit_result, env_info, log, print_table
+
+TOKEN = "bench-large-token-0123"
+REPO = "bench/large"
+BIN = Path(sys.executable).parent  # the venv's `w2wreg` and `hf`
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _random_file(path: Path, size: int) -> None:
+    block = os.urandom(1 << 24)
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, len(block))
+            f.write(block[:n])
+            block = block[1:] + block[:1]  # not the same 16 MB over and over (no dedup anywhere helps)
+            left -= n
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux: the peak RSS starts again from the current RSS
+
+
+class Server:
+    def __init__(self, root: Path, lfs: bool, max_upload_mb: int):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(BIN / "w2wreg"), "--registry", str(root / "hub"), "serve", "--port", str(self.port),
+               "--token", TOKEN, "--max-upload-mb", str(max_upload_mb), "--log-level", "warning"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd + (["--lfs"] if lfs else []), stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("w2wreg serve did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def _client_env(url: str, lfs: bool) -> dict:
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    if lfs:
+        env["HF_HUB_DISABLE_XET"] = "1"  # the client's LFS path (with hf_xet it would go to Xet)
+    return env
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: /proc/PID/stat fields 14 and 15, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+CLIENT_COPIES = 6  # huggingface_hub's commit of a "regular" file: the bytes, base64, its str, the JSON, its bytes
+
+
+def _available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _copy_seconds(src: Path) -> float:
+    """One plain copy of the file (then removed): the comparison, made next to each side so that both meet the
+    same page cache and the same load (this VM's first touch of fresh memory is slow: copies vary 5x)."""
+    dst = src.with_name("copy.bin")
+    t0 = time.perf_counter()
+    shutil.copyfile(src, dst)
+    took = time.perf_counter() - t0
+    dst.unlink()
+    return took
+
+
+def _timed(server: Server, cmd: list[str], env: dict, src: Path) -> dict:
+    """Wall seconds, the server's peak RSS, the CPU seconds of the server and of the client, and the mean of
+    a plain copy's seconds just before and just after."""
+    before = _copy_seconds(src)
+    _reset_peak(server.proc.pid)
+    cpu0, client0 = _cpu(server.proc.pid), _children_cpu()
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    took = time.perf_counter() - t0
+    out = {"s": took, "peak_rss": _peak_rss(server.proc.pid), "server_cpu": _cpu(server.proc.pid) - cpu0,
+           "client_cpu": _children_cpu() - client0}  # fmt: skip
+    return out | {"copy_s": (before + _copy_seconds(src)) / 2}
+
+
+DOWNLOAD = (
+    "import sys; from huggingface_hub import hf_hub_download; "
+    "print(hf_hub_download(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3]))"
+)
+
+
+def run_path(tmp: Path, src: Path, lfs: bool, size_mb: int) -> list[dict]:
+    name = "lfs" if lfs else "default"
+    root = tmp / name
+    root.mkdir()
+    server = Server(root, lfs=lfs, max_upload_mb=size_mb + 64)
+    try:
+        env = _client_env(server.url, lfs)
+        subprocess.run([str(BIN / "hf"), "repos", "create", REPO], env=env, check=True, stdout=subprocess.DEVNULL)
+        idle = _peak_rss(server.proc.pid)
+        up = _timed(server, [str(BIN / "hf"), "upload", REPO, str(src), "big.bin"], env, src)
+        down = _timed(server, [sys.executable, "-c", DOWNLOAD, REPO, "big.bin", str(root / "cache")], env, src)
+        got = next((root / "cache").rglob("snapshots/*/big.bin"))
+        assert got.stat().st_size == src.stat().st_size, "the download is not the file"
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return [
+        {"path": name, "side": "upload (hf upload)", "idle_rss": idle, **up},
+        {"path": name, "side": "download (hf_hub_download)", "idle_rss": idle, **down},
+    ]
+
+
+def main(args) -> None:
+    size = args.size_mb << 20
+    with tempfile.TemporaryDirectory(prefix="bench-serve-large-", dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        src = tmp / "big.bin"
+        log(f"writing {args.size_mb} MB of random bytes to {src}")
+        _random_file(src, size)
+        rows = []
+        for lfs in {"default": [False], "lfs": [True], "both": [False, True]}[args.path]:
+            if not lfs and _available() < CLIENT_COPIES * size:
+                need, have = CLIENT_COPIES * size >> 20, _available() >> 20
+                log(f"skipping the default path: its client would hold ~{need} MB, {have} MB are free")
+                continue
+            log(f"{'lfs' if lfs else 'default'} path: server, upload, download")
+            rows += run_path(tmp, src, lfs, args.size_mb)
+    mb = size / 1e6
+    table = [
+        (
+            r["path"],
+            r["side"],
+            r["s"],
+            mb / r["s"],
+            r["copy_s"],
+            r["copy_s"] / r["s"],
+            r["peak_rss"] / 1e6,
+            r["server_cpu"],
+            r["client_cpu"],
+        )  # fmt: skip
+        for r in rows
+    ]
+    heads = ["client path", "side", "seconds", "MB/s", "copy s", "x copy speed", "server peak RSS MB",
+             "server CPU s", "client CPU s"]  # fmt: skip
+    idle = rows[-1]["idle_rss"] / 1e6
+    print_table(heads, table, title=f"{args.size_mb} MB file (server RSS at rest {idle:.0f} MB)")
+    emit_result({"bench": "serve_large", "size_mb": args.size_mb, "rows": rows, "env": env_info()})
