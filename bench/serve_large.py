@@ -69,16 +69,20 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(BIN / "w2wreg"), "--registry", str(root / "hub"), "serve", "--port", str(self.port),
                "--token", TOKEN, "--max-upload-mb", str(max_upload_mb), "--log-level", "warning"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd + (["--lfs"] if lfs else []), stderr=subprocess.DEVNULL)
+        self.log = root / f"serve-{self.port}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd + (["--lfs"] if lfs else []), stderr=log)
         deadline = time.monotonic() + 120
-        while True:
+        while True:  # listening, and done loading its preview base (not to be counted as the transfer's memory)
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
+                if "preview base models" in self.log.read_text(errors="replace"):
+                    break
             except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("w2wreg serve did not start") from None
-                time.sleep(0.2)
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("w2wreg serve did not start") from None
+            time.sleep(0.2)
 
     def stop(self) -> None:
         self.proc.terminate()

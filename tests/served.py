@@ -115,17 +115,23 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).parent / "w2wreg"
         cmd = [str(exe), "--registry", str(registry), "serve", "--port", str(self.port), "--token", token, *args]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        deadline = time.monotonic() + 60
+        self.log = Path(registry).parent / f"serve-{self.port}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stderr=log, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # ready = listening and done loading its preview base (which would otherwise count as the memory of
+        # whatever a test measures first)
+        deadline = time.monotonic() + 120
         while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                if "preview base models" in self.log.read_text(errors="replace"):
+                    return
             except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("w2wreg serve did not start") from None
-                time.sleep(0.1)
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"w2wreg serve did not start: {self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.1)
 
     def _status(self, field: str) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
