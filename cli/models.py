@@ -207,6 +207,7 @@ def show(ctx, model, as_json):
             "models": space.n_models,
         },
         "lineage": reg.catalog.lineage(m.id),
+        "near_copies": reg.catalog.near_copies(m.id),
         "hub": reg.catalog.hub_files(m.id),
         "projection": wspace.projection_info(reg, m.id),
     }
@@ -222,6 +223,8 @@ def show(ctx, model, as_json):
     click.echo(f"  added       {m.created}")
     for k, v in m.attributes.items():
         click.echo(f"  attribute   {k} = {v}")
+    for n in info["near_copies"]:
+        click.echo(f"  near copy   of {n['of']}: relative dW distance {n['relative_distance']:.2e} ({n['guess']})")
     for l in info["lineage"]:
         parent = f" of {l['parent'] or l['parent_id']}" if l["parent_id"] is not None else ""
         click.echo(f"  lineage     {l['operation']}{parent}  {json.dumps(l['params'], separators=(',', ':'))}")

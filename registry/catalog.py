@@ -591,6 +591,16 @@ class Catalog:
             for pid, pname, op, params in rows
         ]
 
+    def near_copies(self, model_id: int) -> list[dict]:
+        """The registered models this one was found a near copy of when it was added (registry.sketches)."""
+        with self.connect() as con:
+            rows = con.execute(
+                "SELECT p.name, n.rel_distance, n.kind FROM near_copies n JOIN models p ON p.id = n.of_id "
+                "WHERE n.model_id = ? ORDER BY n.rel_distance",
+                [model_id],
+            ).fetchall()
+        return [{"of": name, "relative_distance": rel, "guess": kind} for name, rel, kind in rows]
+
     def made_by(self, operation: str, **params) -> list[tuple[int, str, dict]]:
         """(id, name, params) of the models an operation made whose lineage params hold every given value."""
         with self.connect() as con:

@@ -277,7 +277,7 @@ class _AddSession:
         near = self.near_copy(m, v)
         model_id, row = self.next_id, self.committed[sid] + self.staged_rows[sid]
         if near is not None:
-            self.near_rows.append((model_id, near[0], near[1], sketches.guess(near[1])))
+            self.near_rows.append((model_id, *near))
         self.staged_at[model_id] = (sid, row, m.name)
         if m.sketch is not None:
             self.delta_rows.append((model_id, family, m.delta_sq_norm, m.sketch.astype("<f4").tobytes()))
@@ -333,8 +333,8 @@ class _AddSession:
         _, layout = self.spaces[sid], Layout.from_json(self.spaces[sid].layout_json)
         return Factors.of(unflatten(v, layout))
 
-    def near_copy(self, m: NewModel, v: np.ndarray) -> tuple[int, float] | None:
-        """(model id, relative dW distance) of the nearest registered or staged model within the near-copy
+    def near_copy(self, m: NewModel, v: np.ndarray) -> tuple[int, float, str] | None:
+        """(model id, relative dW distance, guess) of the nearest registered or staged model within the near-copy
         threshold of m, in any layout of its family; raises DuplicateModelError when such copies are skipped."""
         if m.sketch is None or self.near_threshold <= 0:
             return None
@@ -352,16 +352,20 @@ class _AddSession:
             return None
         of_id, rel = found[0]
         staged = self.staged_at.get(of_id)
-        of_name = staged[2] if staged else self.reg.catalog.model_table().model(of_id).name
+        if staged:
+            of_name, of_space = staged[2], staged[0]
+        else:
+            row = self.reg.catalog.model_table().model(of_id)
+            of_name, of_space = row.name, row.space_id
+        other_ranks = sketches.ranks(m.layout) != sketches.ranks(Layout.from_json(self.spaces[of_space].layout_json))
+        what = sketches.guess(rel, other_ranks)
         keep = self.on_near_copy == "keep"
-        self.near_copies.append(
-            {"name": m.name, "of": of_name, "relative_distance": rel, "guess": sketches.guess(rel), "kept": keep}
-        )
+        self.near_copies.append({"name": m.name, "of": of_name, "relative_distance": rel, "guess": what, "kept": keep})
         if not keep:
             raise DuplicateModelError(
-                m.source or m.name, of_name, f"near copy ({rel:.2e} relative dW distance, {sketches.guess(rel)}) of"
+                m.source or m.name, of_name, f"near copy ({rel:.2e} relative dW distance, {what}) of"
             )
-        return of_id, rel
+        return of_id, rel, what
 
     def flush(self, sid: str) -> None:
         """Hand the buffered rows to the writer thread (writes release the GIL: staging goes on meanwhile)."""

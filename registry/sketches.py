@@ -163,14 +163,20 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
     return label, family, [(i, d) for d, i in scored[:k]]
 
 
-def guess(rel: float) -> str:
-    """What a near copy at relative dW distance `rel` probably is."""
+def guess(rel: float, other_ranks: bool = False) -> str:
+    """What a near copy at relative dW distance `rel` probably is (`other_ranks`: the two differ in rank)."""
     if rel <= SAME_DW:
         return "same dW: another format or spelling?"
+    if other_ranks:
+        return "a resize (another rank)?"
     for name, limit in DTYPE_COPY:
         if rel <= limit:
             return f"{name} copy?"
-    return "a resize or a light fine-tune?"
+    return "a light fine-tune?"
+
+
+def ranks(layout: Layout) -> dict[str, int]:
+    return {e.module: e.rank for e in layout.entries}
 
 
 def near(
@@ -251,12 +257,21 @@ def _family_dupes(reg, family: str, threshold: float) -> list[dict]:
                 "models": [{"id": i, "name": table.model(i).name} for i in sorted(ids)],
                 "max_relative_distance": max(inside.values()),
                 "pairs": [
-                    {"a": table.model(a).name, "b": table.model(b).name, "relative_distance": r, "guess": guess(r)}
+                    {
+                        "a": table.model(a).name,
+                        "b": table.model(b).name,
+                        "relative_distance": r,
+                        "guess": guess(r, _ranks_of(reg, table, a) != _ranks_of(reg, table, b)),
+                    }
                     for (a, b), r in inside.items()
                 ],
             }
         )
     return groups
+
+
+def _ranks_of(reg, table, model_id: int) -> dict[str, int]:
+    return ranks(reg._space_and_layout(table.model(model_id).space_id)[1])
 
 
 def backfill(reg) -> int:
