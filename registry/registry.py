@@ -29,6 +29,7 @@ from registry.paths import RegistryPaths, default_root
 from registry.search import knn
 from registry.vectors import VectorStore, rows_per_shard_for
 from w2w import family as wfamily
+from w2w.delta import one_blas_thread
 from w2w.errors import (
     AttributeInputError,
     DuplicateModelError,
@@ -123,7 +124,6 @@ class NewModel:
         """Compute the vector's sha256, squared norm, family, ||dW||^2 and dW sketch now (hashing and the
         sketch's products release the GIL: call it on a thread)."""
         from registry import sketches
-        from w2w import family as wfamily
 
         v = np.ascontiguousarray(self.vector, dtype=np.float32)
         self.vector, self.vector_sha256 = v, vector_sha256(v)
@@ -132,7 +132,8 @@ class NewModel:
         if self.family is None:
             self.family = wfamily.detect(self.layout, self.base_model, self.meta)
         if self.sketch is None and v.shape == (self.layout.dim,) and math.isfinite(self.sq_norm):
-            self.delta_sq_norm, self.sketch = sketches.record(unflatten(v, self.layout))
+            with one_blas_thread():
+                self.delta_sq_norm, self.sketch = sketches.record(unflatten(v, self.layout))
         return self
 
     @classmethod
@@ -317,12 +318,12 @@ class _AddSession:
             self.families[family] = sketches.read_family(self.reg, family)
         return self.families[family]
 
-    def factors_of(self, model_id: int):
+    def factors_of(self, model_id: int, sq_norm: float | None = None):
         """Factors of a committed or staged model (a staged one's row is read back from its buffer or store)."""
         from w2w.delta import Factors
 
         if model_id not in self.staged_at:
-            return sketches.factors(self.reg, model_id)
+            return sketches.factors(self.reg, model_id, sq_norm)
         sid, row, _ = self.staged_at[model_id]
         first_buffered = self.committed[sid] + self.written.get(sid, 0)
         if row >= first_buffered:
@@ -331,7 +332,7 @@ class _AddSession:
             self.drain()  # its row was handed to the writer: wait for it, then read it back
             v = self.store(sid).read_one(row)
         _, layout = self.spaces[sid], Layout.from_json(self.spaces[sid].layout_json)
-        return Factors.of(unflatten(v, layout))
+        return Factors.of(unflatten(v, layout), sq_norm)
 
     def near_copy(self, m: NewModel, v: np.ndarray) -> tuple[int, float, str] | None:
         """(model id, relative dW distance, guess) of the nearest registered or staged model within the near-copy
@@ -534,7 +535,8 @@ class Registry:
                         report.errors.append((item.what, str(item.error)))
                         continue
                     try:
-                        model_id = session.stage(item)
+                        with one_blas_thread():  # the near-copy check's Grams
+                            model_id = session.stage(item)
                         report.added.append((item.name, model_id))
                     except DuplicateModelError as e:
                         report.skipped.append((item.source or item.name, str(e)))
@@ -693,7 +695,8 @@ class Registry:
 
     def _search(self, query, k, where, metric, base_model, exact) -> SearchResult:
         if metric in sketches.FAMILY_METRICS:  # dW metrics: every layout of the query's family
-            label, family, found = sketches.search(self, query, k, where, metric, base_model)
+            with one_blas_thread():
+                label, family, found = sketches.search(self, query, k, where, metric, base_model)
             table = self.catalog.model_table()
             return SearchResult(label, f"family:{family}", metric, [Hit(table.model(i), d) for i, d in found], family)
         if not exact:
@@ -771,7 +774,7 @@ class Registry:
 
     def dupes(self, threshold: float = sketches.NEAR_THRESHOLD) -> list[dict]:
         """Groups of near copies in the registry (registry.sketches.dupes)."""
-        with self.catalog.session():
+        with self.catalog.session(), one_blas_thread():
             return sketches.dupes(self, threshold)
 
     # --- getting models out ----------------------------------------------------------------------

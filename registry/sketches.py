@@ -98,7 +98,7 @@ def load(reg, family: str) -> FamilySketches:
 FAMILY_METRICS = tuple(wdelta.METRICS)
 
 
-def factors(reg, model_id: int) -> wdelta.Factors:
+def factors(reg, model_id: int, sq_norm: float | None = None) -> wdelta.Factors:
     """A registered model's dW factors, its row read through the kept memory maps (no catalog query)."""
     from registry.search import MappedStore
 
@@ -106,7 +106,7 @@ def factors(reg, model_id: int) -> wdelta.Factors:
     space, layout = reg._space_and_layout(sid)
     key = ("mapped", sid)
     vectors = reg._cache.get(key) or reg._cache.setdefault(key, MappedStore(reg.store(space)))
-    return wdelta.Factors.of(unflatten(vectors.row(row), layout))
+    return wdelta.Factors.of(unflatten(vectors.row(row), layout), sq_norm)
 
 
 def model_family(reg, model_id: int) -> str:
@@ -144,7 +144,7 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
     measure = wdelta.METRICS[metric]
     label, family, self_id, lora = _query(reg, query, base_model)
     fam = load(reg, family)
-    q = wdelta.Factors.of(lora) if lora is not None else factors(reg, self_id)
+    q = wdelta.Factors.of(lora) if lora is not None else factors(reg, self_id, fam.sq_norms.get(self_id))
     allowed = fam.ids
     if where and where.strip():
         allowed = np.intersect1d(allowed, reg.catalog.filter_ids_cached(where, None))
@@ -159,7 +159,7 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
             cand = coeff_index.search(fam.unit_index, _unit(sk[None, :])[0], n, allowed=allowed)
         else:
             cand = coeff_index.search(fam.index, sk, n, allowed=allowed)
-    scored = sorted((measure(q, factors(reg, int(i))), int(i)) for i in cand)
+    scored = sorted((measure(q, factors(reg, int(i), fam.sq_norms[int(i)])), int(i)) for i in cand)
     return label, family, [(i, d) for d, i in scored[:k]]
 
 
@@ -204,7 +204,7 @@ def near(
         scale = max(qn, np.sqrt(fam.sq_norms[i]))
         if np.sqrt(max(d2, 0.0)) > NEAR_SLACK * threshold * scale:
             continue
-        rel = wdelta.relative_distance(q_factors(), load_factors(i))
+        rel = wdelta.relative_distance(q_factors(), load_factors(i, fam.sq_norms[i]))
         if rel <= threshold:
             out.append((i, rel))
     return sorted(out, key=lambda t: t[1])
@@ -230,11 +230,11 @@ def _family_dupes(reg, family: str, threshold: float) -> list[dict]:
 
     cache: dict[int, wdelta.Factors] = {}
 
-    def get(i: int) -> wdelta.Factors:
+    def get(i: int, sq_norm: float | None = None) -> wdelta.Factors:
         if i not in cache:
             if len(cache) > 64:  # bound memory: factors are kept only while a few neighbours are compared
                 cache.clear()
-            cache[i] = factors(reg, i)
+            cache[i] = factors(reg, i, fam.sq_norms[i])
         return cache[i]
 
     pairs: dict[tuple[int, int], float] = {}

@@ -17,6 +17,8 @@ the cross terms at zero mean).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,6 +30,22 @@ from w2w.lora import LoRA
 SKETCH_SIDE = 32  # sketch = side x side = 1,024 floats (4 KB) per model
 
 
+@lru_cache(maxsize=1)
+def _blas():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the many small products here on one BLAS thread: OpenBLAS threads on (r x out) @ (out x r)
+    products cost more than they give, and on a loaded machine (or under the importer's reader threads)
+    they made a model's sketch take 0.3-3 s instead of 20 ms."""
+    with _blas().limit(limits=1, user_api="blas"):
+        yield
+
+
 @dataclass
 class Factors:
     """A LoRA's updates as float64 (B scaled by s, A) per module: float32 factors widen exactly, so the
@@ -37,15 +55,17 @@ class Factors:
     sq_norm: float
 
     @classmethod
-    def of(cls, lora: LoRA) -> Factors:
+    def of(cls, lora: LoRA, sq_norm: float | None = None) -> Factors:
+        """The factors of `lora`; `sq_norm`, when known (stored), saves computing its Grams."""
         parts = {}
         total = 0.0
         for name, l in lora.layers.items():
             B = l.b2d().astype(np.float64) * l.scale
             A = l.a2d().astype(np.float64)
             parts[name] = (B, A)
-            total += float(np.sum((B.T @ B) * (A @ A.T)))
-        return cls(parts, total)
+            if sq_norm is None:
+                total += float(np.sum((B.T @ B) * (A @ A.T)))
+        return cls(parts, total if sq_norm is None else sq_norm)
 
 
 def _module_inner(x: tuple[np.ndarray, np.ndarray], y: tuple[np.ndarray, np.ndarray], name: str) -> float:
