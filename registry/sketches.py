@@ -25,6 +25,7 @@ from w2w.lora import LoRA
 
 EXACT_MAX = 64  # matching models below which every one is compared exactly (cheaper than a candidate step)
 CANDIDATES_MIN, CANDIDATES_FACTOR = 30, 3  # sketch candidates re-ranked exactly: max(MIN, FACTOR * k)
+STOP_FACTOR = 0.5  # see _rerank
 # A near-copy candidate's sketch distance may exceed the true distance: the sketch of a difference
 # concentrated in one rank-1 module scales its squared norm by chi2(32)/32 * chi2(32)/32, which exceeds
 # 16 (4x in distance) with probability far below 1e-9; spread over modules it is within ~10%.
@@ -151,16 +152,30 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
     if self_id is not None:
         allowed = allowed[allowed != self_id]
     if len(allowed) <= max(EXACT_MAX, k):
-        cand = allowed
-    else:
-        sk = wdelta.sketch(lora) if lora is not None else fam.sketch_of(self_id)
-        n = max(CANDIDATES_MIN, CANDIDATES_FACTOR * k)
-        if metric == "delta-cosine":  # on unit sketches, L2^2 = 2 - 2 cos: nearest in angle
-            cand = coeff_index.search(fam.unit_index, _unit(sk[None, :])[0], n, allowed=allowed)
-        else:
-            cand = coeff_index.search(fam.index, sk, n, allowed=allowed)
-    scored = sorted((measure(q, factors(reg, int(i), fam.sq_norms[int(i)])), int(i)) for i in cand)
-    return label, family, [(i, d) for d, i in scored[:k]]
+        scored = sorted((measure(q, factors(reg, int(i), fam.sq_norms[int(i)])), int(i)) for i in allowed)
+        return label, family, [(i, d) for d, i in scored[:k]]
+    sk = wdelta.sketch(lora) if lora is not None else fam.sketch_of(self_id)
+    n = max(CANDIDATES_MIN, CANDIDATES_FACTOR * k)
+    if metric == "delta-cosine":  # on unit sketches, L2^2 = 2 - 2 cos: nearest in angle
+        cand = coeff_index.search(fam.unit_index, _unit(sk[None, :])[0], n, allowed=allowed)
+        return label, family, _rerank(reg, fam, q, cand, k, measure, None)
+    cand = coeff_index.search(fam.index, sk, n, allowed=allowed)
+    estimates = np.linalg.norm(np.stack([fam.sketch_of(int(i)) for i in cand]) - sk, axis=1) if len(cand) else []
+    return label, family, _rerank(reg, fam, q, cand, k, measure, estimates)
+
+
+def _rerank(reg, fam: FamilySketches, q, cand, k: int, measure, estimates) -> list[tuple[int, float]]:
+    """The k best candidates by exact distance, compared in the sketch's order. With `estimates` (sketch
+    distances), stop once the next candidate's estimate, shrunk by STOP_FACTOR, exceeds the k-th exact
+    distance: a sketch overestimates a distance 2x when its squared ratio (a mix of chi2(>= 32)/32 terms)
+    exceeds 4, which does not happen in practice; near-ties are still all compared."""
+    best: list[tuple[float, int]] = []
+    for pos, i in enumerate(cand.tolist()):
+        if estimates is not None and len(best) >= k and STOP_FACTOR * estimates[pos] > best[k - 1][0]:
+            break
+        best.append((measure(q, factors(reg, i, fam.sq_norms[i])), i))
+        best.sort()
+    return [(i, d) for d, i in best[:k]]
 
 
 def guess(rel: float, other_ranks: bool = False) -> str:
