@@ -8,7 +8,8 @@ attention to_q/to_k/to_v/to_out.0 of attn1 and attn2 in the first `--blocks` of 
 3x3 convs (LoCon-style); ranks 4-64 (log-uniform), alphas 1..rank, written as diffusers, kohya and PEFT.
 Models come from 50 "concepts": a model's dW is its concept's (spectrum 0.5^j, floor 3e-4) with singular vectors
 perturbed by 10-30%, so same-concept models are neighbours but no two are within 1%. Planted near copies
-(~8% of n): fp16 and bf16 files of a model, its rank-8 resize (truncated SVD; <= 0.3% error), and
+(~8% of n): fp16 and bf16 files of a model, its resize (truncated SVD to the smallest of ranks 8, 12, 16,
+24, 32 whose dW error is < 0.5%, as kohya resize_lora's sv_fro does), and
 the same dW with another alpha in another format. Measures:
   * import: `import_paths` of every file vs safetensors.torch.load_file of every file (the floor);
   * near copies: the copies `add` reported against the planted ones (recall, precision);
@@ -146,8 +147,9 @@ def generate(n: int, blocks: int, folder: Path, seed: int = 0) -> tuple[list[Pat
         name = f"c{j:05d}-{kind}-of-{src_name}"
         if kind in ("fp16", "bf16"):
             files.append(write_in(src, folder / f"{name}.safetensors", "kohya", kind))
-        elif kind == "resize":
-            files.append(write_in(truncate(src, 8)[0], folder / f"{name}.safetensors", "diffusers"))
+        elif kind == "resize":  # like kohya resize_lora's sv_fro: the smallest rank keeping all but 0.5% of dW
+            resized, err = next((t, e) for r in (8, 12, 16, 24, 32, 64) for t, e in [truncate(src, r)] if e < 0.005)
+            files.append(write_in(resized, folder / f"{name}.safetensors", "diffusers"))
         else:
             other = type(src)({k: type(l)(l.A, l.B * (l.alpha / 1.0), 1.0) for k, l in src.layers.items()})
             files.append(write_in(other, folder / f"{name}.safetensors", "peft"))

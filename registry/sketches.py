@@ -99,15 +99,20 @@ def load(reg, family: str) -> FamilySketches:
 FAMILY_METRICS = tuple(wdelta.METRICS)
 
 
-def factors(reg, model_id: int, sq_norm: float | None = None) -> wdelta.Factors:
-    """A registered model's dW factors, its row read through the kept memory maps (no catalog query)."""
+def mapped_lora(reg, model_id: int) -> LoRA:
+    """A registered model as a LoRA of views into its memory-mapped vector row (no copy, no catalog query)."""
     from registry.search import MappedStore
 
     _, _, sid, row = reg.catalog.model_table().rows[model_id][:4]
     space, layout = reg._space_and_layout(sid)
     key = ("mapped", sid)
     vectors = reg._cache.get(key) or reg._cache.setdefault(key, MappedStore(reg.store(space)))
-    return wdelta.Factors.of(unflatten(vectors.row(row), layout), sq_norm)
+    return unflatten(vectors.row(row), layout)
+
+
+def factors(reg, model_id: int, sq_norm: float | None = None) -> wdelta.Factors:
+    """A registered model's dW factors (float64), read through the kept memory maps."""
+    return wdelta.Factors.of(mapped_lora(reg, model_id), sq_norm)
 
 
 def model_family(reg, model_id: int) -> str:
@@ -142,29 +147,35 @@ def _query(reg, query, base_model: str | None) -> tuple[str, str, int | None, Lo
 
 def search(reg, query, k: int, where: str | None, metric: str, base_model: str | None):
     """(label, family, [(model id, distance)]) of the k models nearest the query's dW in its whole family."""
-    measure = wdelta.METRICS[metric]
     label, family, self_id, lora = _query(reg, query, base_model)
     fam = load(reg, family)
-    q = wdelta.Factors.of(lora) if lora is not None else factors(reg, self_id, fam.sq_norms.get(self_id))
+    if lora is None:
+        lora, q_sq = mapped_lora(reg, self_id), fam.sq_norms[self_id]
+    else:
+        q_sq = wdelta.Factors.of(lora).sq_norm
+
+    def measure(i: int) -> float:
+        return wdelta.search_distance(metric, lora, mapped_lora(reg, i), q_sq, fam.sq_norms[i])
+
     allowed = fam.ids
     if where and where.strip():
         allowed = np.intersect1d(allowed, reg.catalog.filter_ids_cached(where, None))
     if self_id is not None:
         allowed = allowed[allowed != self_id]
     if len(allowed) <= max(EXACT_MAX, k):
-        scored = sorted((measure(q, factors(reg, int(i), fam.sq_norms[int(i)])), int(i)) for i in allowed)
+        scored = sorted((measure(int(i)), int(i)) for i in allowed)
         return label, family, [(i, d) for d, i in scored[:k]]
     sk = wdelta.sketch(lora) if lora is not None else fam.sketch_of(self_id)
     n = max(CANDIDATES_MIN, CANDIDATES_FACTOR * k)
     if metric == "delta-cosine":  # on unit sketches, L2^2 = 2 - 2 cos: nearest in angle
         cand = coeff_index.search(fam.unit_index, _unit(sk[None, :])[0], n, allowed=allowed)
-        return label, family, _rerank(reg, fam, q, cand, k, measure, None)
+        return label, family, _rerank(cand, k, measure, None)
     cand = coeff_index.search(fam.index, sk, n, allowed=allowed)
     estimates = np.linalg.norm(np.stack([fam.sketch_of(int(i)) for i in cand]) - sk, axis=1) if len(cand) else []
-    return label, family, _rerank(reg, fam, q, cand, k, measure, estimates)
+    return label, family, _rerank(cand, k, measure, estimates)
 
 
-def _rerank(reg, fam: FamilySketches, q, cand, k: int, measure, estimates) -> list[tuple[int, float]]:
+def _rerank(cand: np.ndarray, k: int, measure, estimates) -> list[tuple[int, float]]:
     """The k best candidates by exact distance, compared in the sketch's order. With `estimates` (sketch
     distances), stop once the next candidate's estimate, shrunk by STOP_FACTOR, exceeds the k-th exact
     distance: a sketch overestimates a distance 2x when its squared ratio (a mix of chi2(>= 32)/32 terms)
@@ -173,7 +184,7 @@ def _rerank(reg, fam: FamilySketches, q, cand, k: int, measure, estimates) -> li
     for pos, i in enumerate(cand.tolist()):
         if estimates is not None and len(best) >= k and STOP_FACTOR * estimates[pos] > best[k - 1][0]:
             break
-        best.append((measure(q, factors(reg, i, fam.sq_norms[i])), i))
+        best.append((measure(i), i))
         best.sort()
     return [(i, d) for d, i in best[:k]]
 

@@ -101,6 +101,39 @@ def relative_distance(x: Factors, y: Factors) -> float:
 METRICS = {"delta": distance, "delta-cosine": cosine_distance}
 
 
+def inner32(x: LoRA, y: LoRA) -> float:
+    """<dW_x, dW_y>_F from float32 Grams of the factors as stored (no copies), summed in float64.
+
+    ~7x faster than `inner` on Factors (no float64 copies); each Gram entry carries float32 rounding,
+    ~sqrt(n) 6e-8 relative, so the result is within ~1e-6 of ||dW_x|| ||dW_y||: enough to rank, not to
+    measure distances far below the norms (near copies: see `search_distance`)."""
+    total = 0.0
+    for name in x.layers.keys() & y.layers.keys():
+        lx, ly = x.layers[name], y.layers[name]
+        bx, by, ax, ay = lx.b2d(), ly.b2d(), lx.a2d(), ly.a2d()
+        if bx.shape[0] != by.shape[0] or ax.shape[1] != ay.shape[1]:
+            _module_inner((bx, ax), (by, ay), name)  # raises the shape error
+        g = (bx.T @ by) * (ax @ ay.T)  # (rx, ry)
+        total += float(np.add.reduce(g, axis=None, dtype=np.float64)) * lx.scale * ly.scale
+    return total
+
+
+# below this share of ||dW_x||^2 + ||dW_y||^2, a float32 distance is mostly rounding: recompute in float64
+CANCELLATION = 1e-3
+
+
+def search_distance(metric: str, x: LoRA, y: LoRA, x_sq: float, y_sq: float) -> float:
+    """`metric` between two LoRAs with known ||dW||^2: float32 Grams, float64 where they would cancel."""
+    ip = inner32(x, y)
+    d2 = x_sq + y_sq - 2.0 * ip
+    if d2 < CANCELLATION * (x_sq + y_sq):
+        fx, fy = Factors.of(x, x_sq), Factors.of(y, y_sq)
+        return METRICS[metric](fx, fy)
+    if metric == "delta":
+        return float(np.sqrt(d2))
+    return 1.0 - ip / max(np.sqrt(x_sq * y_sq), 1e-300)
+
+
 @lru_cache(maxsize=8192)
 def _maps(module: str, out: int, inn: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     """(G_L (side, out), G_R^T (in, side)): standard normal, seeded by the module's name and shape."""
