@@ -99,15 +99,15 @@ def load(reg, family: str) -> FamilySketches:
 FAMILY_METRICS = tuple(wdelta.METRICS)
 
 
-def mapped_lora(reg, model_id: int) -> LoRA:
-    """A registered model as a LoRA of views into its memory-mapped vector row (no copy, no catalog query)."""
+def mapped_lora(reg, model_id: int) -> wdelta.Views:
+    """A registered model's layers as views into its memory-mapped vector row (no copy, no catalog query)."""
     from registry.search import MappedStore
 
     _, _, sid, row = reg.catalog.model_table().rows[model_id][:4]
     space, layout = reg._space_and_layout(sid)
     key = ("mapped", sid)
     vectors = reg._cache.get(key) or reg._cache.setdefault(key, MappedStore(reg.store(space)))
-    return unflatten(vectors.row(row), layout)
+    return wdelta.Views.of(vectors.row(row), layout)
 
 
 def factors(reg, model_id: int, sq_norm: float | None = None) -> wdelta.Factors:

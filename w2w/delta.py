@@ -25,7 +25,8 @@ from functools import lru_cache
 import numpy as np
 
 from w2w.errors import LayoutMismatchError
-from w2w.lora import LoRA
+from w2w.layout import Layout
+from w2w.lora import LoRA, LoRALayer
 
 SKETCH_SIDE = 32  # sketch = side x side = 1,024 floats (4 KB) per model
 
@@ -55,7 +56,7 @@ class Factors:
     sq_norm: float
 
     @classmethod
-    def of(cls, lora: LoRA, sq_norm: float | None = None) -> Factors:
+    def of(cls, lora: LoRA | Views, sq_norm: float | None = None) -> Factors:
         """The factors of `lora`; `sq_norm`, when known (stored), saves computing its Grams."""
         parts = {}
         total = 0.0
@@ -101,7 +102,24 @@ def relative_distance(x: Factors, y: Factors) -> float:
 METRICS = {"delta": distance, "delta-cosine": cosine_distance}
 
 
-def inner32(x: LoRA, y: LoRA) -> float:
+@dataclass
+class Views:
+    """A LoRA's layers as views into its flat vector: no copy and no re-sorting, for the many reads of a search."""
+
+    layers: dict[str, LoRALayer]
+
+    @classmethod
+    def of(cls, vector: np.ndarray, layout: Layout) -> Views:
+        layers = {}
+        for e, start in zip(layout.entries, layout.offsets, strict=True):
+            mid = start + e.a_size
+            layers[e.module] = LoRALayer(
+                vector[start:mid].reshape(e.a_shape), vector[mid : start + e.size].reshape(e.b_shape), e.alpha
+            )
+        return cls(layers)
+
+
+def inner32(x: LoRA | Views, y: LoRA | Views) -> float:
     """<dW_x, dW_y>_F from float32 Grams of the factors as stored (no copies), summed in float64.
 
     ~7x faster than `inner` on Factors (no float64 copies); each Gram entry carries float32 rounding,
@@ -122,7 +140,7 @@ def inner32(x: LoRA, y: LoRA) -> float:
 CANCELLATION = 1e-3
 
 
-def search_distance(metric: str, x: LoRA, y: LoRA, x_sq: float, y_sq: float) -> float:
+def search_distance(metric: str, x: LoRA | Views, y: LoRA | Views, x_sq: float, y_sq: float) -> float:
     """`metric` between two LoRAs with known ||dW||^2: float32 Grams, float64 where they would cancel."""
     ip = inner32(x, y)
     d2 = x_sq + y_sq - 2.0 * ip
