@@ -174,11 +174,17 @@ def edit(
     type=click.Choice(edits.MODES),
     default="auto",
     show_default=True,
-    help="auto: coefficient space when a subspace exists, else raw vectors.",
+    help="auto: coefficient space when a subspace exists, else raw vectors; models of different layouts "
+    "(or --rank): factors, exact in dW by factor concatenation.",
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(1),
+    help="Truncate the result to this rank per module (exact truncated SVD from the factors); prints the error.",
 )
 @json_option
 @click.pass_context
-def mix(ctx, expression, name, mode, as_json):
+def mix(ctx, expression, name, mode, rank, as_json):
     """Make a model from arithmetic on models and directions.
 
     Names are models or directions (a direction counts one standard deviation of its score); quote names
@@ -190,11 +196,19 @@ def mix(ctx, expression, name, mode, as_json):
     w2wreg mix "alice + 0.8*beard"
     w2wreg mix "lerp(alice, bob, 0.3)" --name alice-bob-30
     w2wreg mix "alice - bob + carol" --in raw
+    w2wreg mix "0.5*rank8_style + 0.5*rank32_style" --rank 16
     """
     reg = open_registry(ctx)
-    out = edits.mix(reg, expression, name, mode)
+    out = edits.mix(reg, expression, name, mode, rank)
     if as_json:
         emit_json(out)
+        return
+    if out["mode"] == "factors":
+        ranks = "/".join(map(str, out["ranks"]))
+        click.echo(f"added {out['name']} (id {out['id']}) by factor concatenation from {', '.join(out['parents'])}")
+        click.echo(f"  rank per module {ranks}")
+        if out["rank_error"] is not None:
+            click.echo(f"  truncated to rank {rank}: relative dW error {out['rank_error']:.3e}")
     else:
         click.echo(f"added {out['name']} (id {out['id']}) in {out['mode']} space from {', '.join(out['parents'])}")
 

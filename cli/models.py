@@ -14,6 +14,7 @@ from ingest.importer import import_paths
 from registry import wspace
 from registry.hubs import open_hub
 from registry.registry import Registry
+from registry.sketches import NEAR_THRESHOLD
 from w2w.formats import FORMATS, target_files
 from w2w.formats.names import known_module
 from w2w.formats.tensorfile import DTYPE_CHOICES
@@ -71,16 +72,44 @@ def init(ctx: click.Context) -> None:
 )
 @drop_text_encoder_option
 @click.option("--skip-errors", is_flag=True, help="Add the good LoRAs even when some inputs are bad.")
+@click.option(
+    "--on-near-copy",
+    type=click.Choice(["keep", "skip"]),
+    default="keep",
+    show_default=True,
+    help="A near copy of a registered model (fp16 copy, resize, renaming): add it anyway, or skip it. "
+    "Either way it is reported and, when kept, recorded (see `w2wreg dupes`).",
+)
+@click.option(
+    "--near-copy-threshold",
+    type=click.FloatRange(0, 1),
+    default=NEAR_THRESHOLD,
+    show_default=True,
+    help="Relative dW distance (||dW1 - dW2|| / ||dW||) below which a model is a near copy; 0 turns the check off.",
+)
 @hub_option
 @json_option
 @click.pass_context
 def add(
-    ctx, paths, name, attrs, attrs_csv, base_model, allow_pickle, drop_text_encoder, skip_errors, hub_spec, as_json
+    ctx,
+    paths,
+    name,
+    attrs,
+    attrs_csv,
+    base_model,
+    allow_pickle,
+    drop_text_encoder,
+    skip_errors,
+    on_near_copy,
+    near_copy_threshold,
+    hub_spec,
+    as_json,
 ):
     """Add LoRA files, PEFT adapter folders, folders of them, or hub repos (hub:NAMESPACE/NAME[@REV]).
 
     Nothing is added unless every input is good (or --skip-errors); a LoRA already in the
-    registry (same file or same weights) is skipped.
+    registry (same file or same weights) is skipped. A near copy of a registered model (relative dW
+    distance below --near-copy-threshold, in any rank, targets or format of its family) is reported.
 
     \b
     w2wreg add alice.safetensors --attr beard=true --attr age=31
@@ -100,6 +129,8 @@ def add(
         drop_text_encoder=drop_text_encoder,
         skip_errors=skip_errors,
         progress=not as_json,
+        on_near_copy=on_near_copy,
+        near_threshold=near_copy_threshold,
     )
     if as_json:
         emit_json(report.to_json())
@@ -108,6 +139,13 @@ def add(
             click.echo(f"warning: {w}", err=True)
         for _, why in report.skipped:
             click.echo(f"skipped: {why}", err=True)
+        for n in report.near_copies:
+            if n["kept"]:
+                click.echo(
+                    f"{n['name']}: near copy of {n['of']}: relative dW distance {n['relative_distance']:.2%}: "
+                    f"{n['guess']} (kept; --on-near-copy skip to skip such copies)",
+                    err=True,
+                )
         for _, err in report.errors:
             click.echo(f"error: {err}", err=True)
         if report.committed:
@@ -171,12 +209,14 @@ def show(ctx, model, as_json):
             "space": {
                 "id": space.id,
                 "base_model": space.base_model,
+                "family": space.family,
                 "layout": reg.layout(space.id).describe(),
                 "layout_fingerprint": space.layout_fingerprint,
                 "dim": space.dim,
                 "models": space.n_models,
             },
             "lineage": reg.catalog.lineage(m.id),
+            "near_copies": reg.catalog.near_copies(m.id),
             "hub": reg.catalog.hub_files(m.id),
             "projection": wspace.projection_info(reg, m.id),
         }
@@ -186,6 +226,7 @@ def show(ctx, model, as_json):
         return
     click.echo(f"{m.name}  (id {m.id}, {m.kind})")
     click.echo(f"  space       {space.id}  {info['space']['layout']}  base model: {space.base_model or 'unknown'}")
+    click.echo(f"  family      {m.family or 'unknown'}  (base model {m.base_model or 'not named'})")
     kind_dtype = ", ".join(v for v in (info["source_kind"], info["source_dtype"]) if v)
     click.echo(f"  source      {m.source or '-'}  ({m.source_format or '-'}{', ' + kind_dtype if kind_dtype else ''})")
     click.echo(f"  sha256      file {m.source_sha256 or '-'}")
@@ -193,6 +234,8 @@ def show(ctx, model, as_json):
     click.echo(f"  added       {m.created}")
     for k, v in m.attributes.items():
         click.echo(f"  attribute   {k} = {v}")
+    for n in info["near_copies"]:
+        click.echo(f"  near copy   of {n['of']}: relative dW distance {n['relative_distance']:.2e} ({n['guess']})")
     for l in info["lineage"]:
         parent = f" of {l['parent'] or l['parent_id']}" if l["parent_id"] is not None else ""
         click.echo(f"  lineage     {l['operation']}{parent}  {json.dumps(l['params'], separators=(',', ':'))}")

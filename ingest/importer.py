@@ -6,6 +6,7 @@ Registry.add_models in order; nothing is written until every input has been read
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from ingest.attributes import read_csv
 from registry.registry import AddReport, Failure, NewModel, Registry
+from registry.sketches import NEAR_THRESHOLD
 from w2w.errors import AttributeInputError, HubError, W2WError
 from w2w.formats import discover
 from w2w.formats import peft as peft_format
@@ -69,6 +71,8 @@ def import_paths(
     skip_errors: bool = False,
     progress: bool = False,
     workers: int = 4,
+    on_near_copy: str = "keep",
+    near_threshold: float = NEAR_THRESHOLD,
 ) -> AddReport:
     """Import LoRAs from files and folders. `hub:NS/NAME[@REV]` entries import from the local hub."""
     hub_refs = [str(p) for p in paths if str(p).startswith(HUB_PREFIX)]
@@ -99,7 +103,7 @@ def import_paths(
             model_name = name or default
             item = NewModel(
                 model_name, vr.vector, vr.layout, vr.base_model, source=hub_source or str(path),
-                source_format=vr.format, source_sha256=vr.sha256,
+                source_format=vr.format, source_sha256=vr.sha256, meta={**header_metadata(path), **vr.meta},
                 source_dtype=vr.meta.get("source_dtype"), source_kind=vr.meta.get("source_kind"),
                 attributes={**table.get(model_name, {}), **(attributes or {})},
             )  # fmt: skip
@@ -122,9 +126,31 @@ def import_paths(
 
     bar = tqdm(total=len(sources), unit="lora", desc="adding", disable=not progress, leave=False, delay=0.5)
     try:
-        return registry.add_models(items(), skip_errors=skip_errors, on_item=lambda: bar.update(1))
+        return registry.add_models(
+            items(),
+            skip_errors=skip_errors,
+            on_item=lambda: bar.update(1),
+            on_near_copy=on_near_copy,
+            near_threshold=near_threshold,
+        )
     finally:
         bar.close()
+
+
+def header_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's header metadata (kohya ss_*, modelspec.*: they name the base-model family);
+    {} for folders and other files. Reads the header only."""
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100_000_000:
+                return {}
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return {}  # the reader has already judged the file; metadata is only a hint
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def _hub_source(registry: Registry, spec: str) -> tuple[Path, str, str]:

@@ -703,10 +703,11 @@ def import_basis(
     imported into, so that project, sample, edit and invert work in exactly the paper's space without a fit.
     The coefficient Gaussians and singular values come from the release's models in the registry."""
     from registry import wspace
-    from registry.registry import space_id_for
+    from registry.registry import find_space
+    from w2w import family as wfamily
 
     release = read_release(folder, trust_pickle=trust_pickle)
-    space_id = space_id_for(base_model, release.layout)
+    space_id = find_space(reg.spaces(), wfamily.detect(release.layout, base_model), release.layout) or ""
     with reg.catalog.connect() as con:
         ids = [
             r[0]

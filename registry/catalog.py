@@ -24,7 +24,7 @@ from w2w.errors import FilterError, RegistryLockedError, UnknownModelError
 
 SCHEMA_VERSION = "1"
 CACHE_KEYS = 64  # values kept by Catalog.cached (per process and catalog file)
-RESERVED_COLUMNS = ("id", "name", "space", "kind", "base_model", "source_format", "created")
+RESERVED_COLUMNS = ("id", "name", "space", "kind", "base_model", "family", "source_format", "created")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -92,9 +92,20 @@ CREATE TABLE IF NOT EXISTS hub_files (
 );
 ALTER TABLE models ADD COLUMN IF NOT EXISTS source_dtype VARCHAR;
 ALTER TABLE models ADD COLUMN IF NOT EXISTS source_kind VARCHAR;
+ALTER TABLE spaces ADD COLUMN IF NOT EXISTS family VARCHAR;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS family VARCHAR;
+CREATE TABLE IF NOT EXISTS deltas (
+    model_id BIGINT PRIMARY KEY, family VARCHAR NOT NULL, sq_norm DOUBLE NOT NULL, sketch BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS near_copies (
+    model_id BIGINT NOT NULL, of_id BIGINT NOT NULL, rel_distance DOUBLE NOT NULL, kind VARCHAR NOT NULL,
+    created TIMESTAMP DEFAULT current_timestamp
+);
 """
 # source_dtype: float32/float16/bfloat16 of an imported file (export's default); source_kind: lora/locon/loha/lokr.
 # Read apart from MODEL_COLUMNS (Catalog.source_info) so that a registry made before them reads unchanged.
+# family columns of spaces and models (issue 15): registries made before them gain them on first write,
+# and `Catalog.migrate` fills them in (FAMILY_MIGRATION)
 
 MODEL_COLUMNS = (
     "id",
@@ -109,6 +120,7 @@ MODEL_COLUMNS = (
     "source_sha256",
     "base_model",
     "created",
+    "family",
 )
 
 
@@ -122,6 +134,7 @@ class Space:
     rows_per_shard: int
     layout_json: str
     n_models: int = 0
+    family: str | None = None
 
 
 @dataclass
@@ -138,6 +151,7 @@ class ModelRow:
     source_sha256: str | None
     base_model: str | None
     created: object = None
+    family: str | None = None
     attributes: dict[str, float | bool] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -327,6 +341,34 @@ class Catalog:
                 time.sleep(0.05)
         return con
 
+    def needs_migration(self) -> bool:
+        """Whether this catalog predates base-model families (issue 15): no family columns, or spaces without one."""
+        with self.connect() as con:
+            cols = con.execute(
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'spaces' AND column_name = 'family'"
+            ).fetchone()[0]
+            if not cols:
+                return True
+            return con.execute("SELECT count(*) FROM spaces WHERE family IS NULL").fetchone()[0] > 0
+
+    def migrate(self) -> None:
+        """Give every space and model a family: from its layout and base-model string (w2w.family.detect).
+        Space ids stay as they are (old ids came from the base-model string; new spaces' from the family)."""
+        from w2w import family as wfamily
+        from w2w.layout import Layout
+
+        with self.connect(write=True) as con:  # the write connection adds the columns (SCHEMA)
+            rows = con.execute("SELECT id, base_model, layout_json FROM spaces WHERE family IS NULL").fetchall()
+            con.execute("BEGIN TRANSACTION")
+            for sid, base, layout_json in rows:
+                fam = wfamily.detect(Layout.from_json(layout_json), base)
+                con.execute("UPDATE spaces SET family = ? WHERE id = ?", [fam, sid])
+            con.execute(
+                "UPDATE models SET family = (SELECT s.family FROM spaces s WHERE s.id = models.space_id) "
+                "WHERE family IS NULL"
+            )
+            con.execute("COMMIT")
+
     def create(self) -> None:
         with self.connect(write=True) as con:
             con.execute(SCHEMA)
@@ -337,7 +379,7 @@ class Catalog:
     def spaces(self, con=None) -> list[Space]:
         sql = (
             "SELECT s.id, s.base_model, s.layout_fingerprint, s.dim, s.n_modules, s.rows_per_shard, s.layout_json, "
-            "(SELECT count(*) FROM models m WHERE m.space_id = s.id) FROM spaces s ORDER BY s.created, s.id"
+            "(SELECT count(*) FROM models m WHERE m.space_id = s.id), s.family FROM spaces s ORDER BY s.created, s.id"
         )
         if con is None:
             with self.connect() as c:
@@ -528,10 +570,10 @@ class Catalog:
             agg = f"max(a.value) FILTER (WHERE a.key = '{key.replace(chr(39), chr(39) * 2)}')"
             cols.append(f"{'CAST(' + agg + ' AS BOOLEAN)' if kind == 'bool' else agg} AS {_quote(key)}")
         view = (
-            "SELECT m.id, m.name, m.space_id AS space, m.kind, m.base_model, m.source_format, m.created"
+            "SELECT m.id, m.name, m.space_id AS space, m.kind, m.base_model, m.family, m.source_format, m.created"
             + "".join(", " + c for c in cols)
             + " FROM models m LEFT JOIN attributes a ON a.model_id = m.id"
-            + " GROUP BY m.id, m.name, m.space_id, m.kind, m.base_model, m.source_format, m.created"
+            + " GROUP BY m.id, m.name, m.space_id, m.kind, m.base_model, m.family, m.source_format, m.created"
         )
         conds, params = [], []
         if space_id:
@@ -561,6 +603,16 @@ class Catalog:
             {"parent_id": pid, "parent": pname, "operation": op, "params": json.loads(params) if params else None}
             for pid, pname, op, params in rows
         ]
+
+    def near_copies(self, model_id: int) -> list[dict]:
+        """The registered models this one was found a near copy of when it was added (registry.sketches)."""
+        with self.connect() as con:
+            rows = con.execute(
+                "SELECT p.name, n.rel_distance, n.kind FROM near_copies n JOIN models p ON p.id = n.of_id "
+                "WHERE n.model_id = ? ORDER BY n.rel_distance",
+                [model_id],
+            ).fetchall()
+        return [{"of": name, "relative_distance": rel, "guess": kind} for name, rel, kind in rows]
 
     def made_by(self, operation: str, **params) -> list[tuple[int, str, dict]]:
         """(id, name, params) of the models an operation made whose lineage params hold every given value."""

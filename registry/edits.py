@@ -19,7 +19,7 @@ from w2w import directions as dirs
 from w2w import expr
 from w2w.errors import DirectionError, SpaceMismatchError, UnknownModelError, W2WError
 
-MODES = ("auto", "subspace", "raw")
+MODES = ("auto", "subspace", "raw", "factors")
 
 
 def _labelled(reg, sm: wspace.SpaceModel, attribute: str) -> tuple[list[int], np.ndarray]:
@@ -170,8 +170,11 @@ def edit(reg, model: str, strengths: dict[str, float], name: str | None = None) 
 _SAFE_NAME = re.compile(r"[^\w.+-]+")
 
 
-def mix(reg, text: str, name: str | None = None, mode: str = "auto") -> dict:
-    """A new model from an expression over models and directions, e.g. "alice + 0.8*beard"."""
+def mix(reg, text: str, name: str | None = None, mode: str = "auto", rank: int | None = None) -> dict:
+    """A new model from an expression over models and directions, e.g. "alice + 0.8*beard".
+
+    Models of different layouts (ranks, alphas, targets) of one family, mode "factors", or a `rank` mix
+    by factor concatenation (mix_factors), exact in dW."""
     if mode not in MODES:
         raise W2WError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     node = expr.parse(text)
@@ -185,8 +188,8 @@ def mix(reg, text: str, name: str | None = None, mode: str = "auto") -> dict:
     if not models:
         raise W2WError(f"{text!r} names no model of the registry (names: {', '.join(used)})")
     spaces = {m.space_id for m in models.values()}
-    if len(spaces) > 1:
-        raise SpaceMismatchError(f"{text!r} mixes models of different spaces ({', '.join(sorted(spaces))})")
+    if len(spaces) > 1 or mode == "factors" or rank is not None:
+        return mix_factors(reg, text, node, models, direction_names, name, rank)
     space_id = spaces.pop()
     sm = wspace.current(reg, space_id)
     in_subspace = mode == "subspace" or (mode == "auto" and sm is not None)
@@ -236,4 +239,58 @@ def mix(reg, text: str, name: str | None = None, mode: str = "auto") -> dict:
         "parents": list(models),
         "directions": list(ds),
         "coefficients": terms,
+    }
+
+
+def mix_factors(reg, text: str, node, models: dict, direction_names: list[str], name: str | None, rank: int | None):
+    """A linear expression over models of one family in any layouts, by factor concatenation: the result's dW is
+    the expression's dW exactly (rank per module = sum of the ranks); with `rank`, its best rank-`rank`
+    approximation per module (truncated SVD from the factors) and the relative error that costs."""
+    from registry.registry import NewModel
+    from w2w import factor_mix
+
+    if direction_names:
+        raise W2WError(
+            f"{text!r}: {direction_names[0]!r} is not a model; a mix across layouts takes models only "
+            "(directions live in one space's subspace)"
+        )
+    terms = expr.linear_terms(node)
+    if terms is None:
+        raise W2WError(
+            f"{text!r}: models of different layouts mix only linearly (a + 0.5*b, lerp); slerp needs one space"
+        )
+    families = {m.family or "unknown" for m in models.values()}
+    if len(families) > 1:
+        raise SpaceMismatchError(
+            f"{text!r} mixes models of different base-model families ({', '.join(sorted(families))}): "
+            "their updates apply to different UNets"
+        )
+    family = families.pop()
+    lora = factor_mix.concat([(terms[n], reg.lora(m)) for n, m in models.items() if terms.get(n)])
+    error = None
+    if rank is not None:
+        lora, error = factor_mix.truncate(lora, rank)
+    params = {"expression": text, "mode": "factors", "coefficients": terms, "rank": rank, "rank_error": error}
+    lineage = [(m.id, "mix", params | {"weight": terms.get(n)}) for n, m in models.items()]
+    new_name = name or "mix-" + _SAFE_NAME.sub("_", text.replace(" ", ""))[:80]
+    bases = {m.base_model for m in models.values()}
+    item = NewModel.from_lora(
+        new_name, lora, base_model=bases.pop() if len(bases) == 1 else None, family=family, kind="mix",
+        source="w2wreg mix", lineage=lineage,
+    )  # fmt: skip
+    report = reg.add_models([item])
+    problems = [e for _, e in report.errors] + [r for _, r in report.skipped]
+    if problems:
+        raise W2WError(problems[0])
+    ranks = sorted({l.rank for l in lora.layers.values()})
+    return {
+        "id": report.added[0][1],
+        "name": new_name,
+        "mode": "factors",
+        "parents": list(models),
+        "directions": [],
+        "coefficients": terms,
+        "ranks": ranks,
+        "rank_error": error,
+        "near_copies": report.near_copies,
     }

@@ -107,6 +107,19 @@ def verify(reg: Registry) -> VerifyReport:
     for space in spaces:
         report.findings += _check_subspace(reg, space, by_space.get(space.id, []))
     with reg.catalog.connect() as con:
+        no_delta = con.execute(
+            "SELECT count(*) FROM models m LEFT JOIN deltas d ON d.model_id = m.id WHERE d.model_id IS NULL"
+        ).fetchone()[0]
+    if no_delta:
+        report.findings.append(
+            Finding(
+                "stale",
+                "deltas",
+                f"{no_delta} models have no dW sketch (--metric delta and near-copy checks miss them)",
+                fixable=True,
+            )
+        )
+    with reg.catalog.connect() as con:
         fitted = {r[0] for r in con.execute("SELECT id FROM subspaces").fetchall()}
     sroot = reg.root / "subspaces"
     if sroot.exists():
@@ -271,6 +284,10 @@ def repair(reg: Registry) -> list[str]:
                 if sm is not None:
                     wspace._reindex(reg, sm)
                     done.append(f"{f.what}: coefficient index and neighbour lists rebuilt from the coefficients")
+            elif f.kind == "stale" and f.what == "deltas":
+                from registry import sketches
+
+                done.append(f"deltas: {sketches.backfill(reg)} dW sketches computed from the vectors")
             elif f.kind == "orphan" and f.fixable:
                 Path(reg.root / f.what).unlink(missing_ok=True)
                 done.append(f"{f.what}: removed")

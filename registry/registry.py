@@ -21,12 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from registry import sketches
 from registry.catalog import RESERVED_COLUMNS, Catalog, ModelRow, Space
 from registry.hubs.local import LocalHub
 from registry.lock import writer_lock
 from registry.paths import RegistryPaths, default_root
 from registry.search import knn
 from registry.vectors import VectorStore, rows_per_shard_for
+from w2w import family as wfamily
+from w2w.delta import one_blas_thread
 from w2w.errors import (
     AttributeInputError,
     DuplicateModelError,
@@ -77,8 +80,18 @@ def validate_attributes(attrs: dict) -> dict[str, float | bool]:
     return out
 
 
-def space_id_for(base_model: str | None, layout: Layout) -> str:
-    return hashlib.sha256(f"{base_model or ''}|{layout.fingerprint}".encode()).hexdigest()[:12]
+def space_id_for(family: str, layout: Layout) -> str:
+    """The id of a new space: from the base-model family and the layout, not the free-text base model, so the
+    same LoRAs named "runwayml/stable-diffusion-v1-5" by a PEFT config and nothing by a kohya file share it.
+    (Spaces made before families have ids from the base-model string; they keep them, see find_space.)"""
+    return hashlib.sha256(f"family:{family}|{layout.fingerprint}".encode()).hexdigest()[:12]
+
+
+def find_space(spaces: Iterable[Space], family: str, layout: Layout) -> str | None:
+    """The id of the existing space of this family and layout (the oldest when a registry made before
+    families holds several, one per base-model string), else None."""
+    fp = layout.fingerprint
+    return next((s.id for s in spaces if s.layout_fingerprint == fp and (s.family or "unknown") == family), None)
 
 
 def vector_sha256(v: np.ndarray) -> str:
@@ -103,18 +116,31 @@ class NewModel:
     lineage: list[tuple[int | None, str, dict]] = field(default_factory=list)
     vector_sha256: str | None = None  # computed on the importer's threads when it can; else when staged
     sq_norm: float | None = None
+    family: str | None = None  # detected from the layout, base model and `meta` when not given
+    meta: dict = field(default_factory=dict)  # the file's metadata (kohya ss_*, modelspec.*), for the family
+    delta_sq_norm: float | None = None  # ||dW||^2 and the dW sketch (registry.sketches), computed with digest
+    sketch: np.ndarray | None = None
 
     def digest(self) -> NewModel:
-        """Compute the vector's sha256 and squared norm now (hashing releases the GIL: call it on a thread)."""
+        """Compute the vector's sha256, squared norm, family, ||dW||^2 and dW sketch now (hashing and the
+        sketch's products release the GIL: call it on a thread)."""
+        from registry import sketches
+
         v = np.ascontiguousarray(self.vector, dtype=np.float32)
         self.vector, self.vector_sha256 = v, vector_sha256(v)
         # squares in float32, summed in float64: 35 us; v64 @ v64 goes through threaded BLAS (ms per call here)
         self.sq_norm = float(np.add.reduce(v * v, dtype=np.float64))
+        if self.family is None:
+            self.family = wfamily.detect(self.layout, self.base_model, self.meta)
+        if self.sketch is None and v.shape == (self.layout.dim,) and math.isfinite(self.sq_norm):
+            with one_blas_thread():
+                self.delta_sq_norm, self.sketch = sketches.record(unflatten(v, self.layout))
         return self
 
     @classmethod
     def from_lora(cls, name: str, lora: LoRA, **kw) -> NewModel:
         layout = lora.layout()
+        kw.setdefault("meta", dict(lora.meta))
         return cls(name, flatten(lora, layout), layout, base_model=kw.pop("base_model", lora.base_model), **kw)
 
 
@@ -133,10 +159,12 @@ class AddReport:
     errors: list[tuple[str, str]] = field(default_factory=list)
     committed: bool = False
     warnings: list[str] = field(default_factory=list)
+    near_copies: list[dict] = field(default_factory=list)  # {name, of, relative_distance, guess, kept}
 
     def to_json(self) -> dict:
         return {
             "added": [{"name": n, "id": i} for n, i in self.added],
+            "near_copies": self.near_copies,
             "skipped": [{"what": w, "reason": r} for w, r in self.skipped],
             "errors": [{"what": w, "error": e} for w, e in self.errors],
             "committed": self.committed,
@@ -156,11 +184,13 @@ class SearchResult:
     space_id: str
     metric: str
     hits: list[Hit]
+    family: str | None = None  # set for the dW metrics, which search a whole family
 
     def to_json(self) -> dict:
         return {
             "query": self.query,
             "space": self.space_id,
+            "family": self.family,
             "metric": self.metric,
             "results": [
                 {"id": h.model.id, "name": h.model.name, "distance": h.distance, "attributes": h.model.attributes}
@@ -172,8 +202,14 @@ class SearchResult:
 class _AddSession:
     """State of one add: what exists, what is staged, and the rows written but not yet committed."""
 
-    def __init__(self, reg: Registry, con):
+    def __init__(self, reg: Registry, con, on_near_copy: str = "keep", near_threshold: float = 0.01):
         self.reg = reg
+        self.on_near_copy, self.near_threshold = on_near_copy, near_threshold
+        self.families: dict[str, object] = {}  # family -> sketches.FamilySketches: committed + staged models
+        self.delta_rows: list[tuple] = []
+        self.near_rows: list[tuple] = []
+        self.near_copies: list[dict] = []
+        self.staged_at: dict[int, tuple[str, int, str]] = {}  # model id -> (space, vector row, name)
         self.spaces: dict[str, Space] = {s.id: s for s in reg.catalog.spaces(con)}
         self.committed = {sid: s.n_models for sid, s in self.spaces.items()}
         self.staged_rows = dict.fromkeys(self.spaces, 0)
@@ -207,11 +243,12 @@ class _AddSession:
         v = np.ascontiguousarray(m.vector, dtype=np.float32)
         if v.shape != (m.layout.dim,):
             raise W2WError(f"{m.name}: vector of shape {v.shape} does not fit its layout (D={m.layout.dim})")
-        if m.vector_sha256 is None or m.sq_norm is None:
+        if m.vector_sha256 is None or m.sq_norm is None or m.family is None:
             m.digest()
         if not math.isfinite(m.sq_norm):  # a NaN or Inf anywhere makes the sum of squares non-finite
             raise W2WError(f"{m.name}: vector holds NaN or Inf values (or values too large for float32 math)")
-        sid = space_id_for(m.base_model, m.layout)
+        family = m.family
+        sid = find_space(self.spaces.values(), family, m.layout) or space_id_for(family, m.layout)
         if sid not in self.spaces:
             space = Space(
                 sid,
@@ -221,6 +258,7 @@ class _AddSession:
                 len(m.layout),
                 rows_per_shard_for(m.layout.dim),
                 m.layout.to_json(),
+                family=family,
             )
             self.spaces[sid], self.new_spaces[sid] = space, (space, m.layout)
             self.committed[sid] = self.staged_rows[sid] = 0
@@ -238,7 +276,14 @@ class _AddSession:
                 raise AttributeInputError(f"{m.name}: attribute {key!r} holds {known} values elsewhere, got {value!r}")
             if not known:
                 self.new_attr_kinds[key] = kind
+        near = self.near_copy(m, v)
         model_id, row = self.next_id, self.committed[sid] + self.staged_rows[sid]
+        if near is not None:
+            self.near_rows.append((model_id, *near))
+        self.staged_at[model_id] = (sid, row, m.name)
+        if m.sketch is not None:
+            self.delta_rows.append((model_id, family, m.delta_sq_norm, m.sketch.astype("<f4").tobytes()))
+            self.family_index(family).add(model_id, m.delta_sq_norm, m.sketch)
         self.next_id += 1
         self.staged_rows[sid] += 1
         self.names.add(m.name)
@@ -260,6 +305,7 @@ class _AddSession:
                 m.base_model,
                 m.source_dtype,
                 m.source_kind,
+                family,
             )
         )
         self.attr_rows += [(model_id, k, float(val)) for k, val in attrs.items()]
@@ -268,6 +314,62 @@ class _AddSession:
         if len(self.buffers[sid]) >= FLUSH_ROWS:
             self.flush(sid)
         return model_id
+
+    def family_index(self, family: str):
+        """The family's sketches, committed and staged in this add (a copy: the cached one stays as committed)."""
+        if family not in self.families:
+            self.families[family] = sketches.read_family(self.reg, family)
+        return self.families[family]
+
+    def factors_of(self, model_id: int, sq_norm: float | None = None):
+        """Factors of a committed or staged model (a staged one's row is read back from its buffer or store)."""
+        from w2w.delta import Factors
+
+        if model_id not in self.staged_at:
+            return sketches.factors(self.reg, model_id, sq_norm)
+        sid, row, _ = self.staged_at[model_id]
+        first_buffered = self.committed[sid] + self.written.get(sid, 0)
+        if row >= first_buffered:
+            v = self.buffers[sid][row - first_buffered]
+        else:
+            self.drain()  # its row was handed to the writer: wait for it, then read it back
+            v = self.store(sid).read_one(row)
+        _, layout = self.spaces[sid], Layout.from_json(self.spaces[sid].layout_json)
+        return Factors.of(unflatten(v, layout), sq_norm)
+
+    def near_copy(self, m: NewModel, v: np.ndarray) -> tuple[int, float, str] | None:
+        """(model id, relative dW distance, guess) of the nearest registered or staged model within the near-copy
+        threshold of m, in any layout of its family; raises DuplicateModelError when such copies are skipped."""
+        if m.sketch is None or self.near_threshold <= 0:
+            return None
+        from w2w.delta import Factors
+
+        found = sketches.near(
+            self.family_index(m.family),
+            m.delta_sq_norm,
+            m.sketch,
+            self.near_threshold,
+            lambda: Factors.of(unflatten(v, m.layout)),
+            self.factors_of,
+        )
+        if not found:
+            return None
+        of_id, rel = found[0]
+        staged = self.staged_at.get(of_id)
+        if staged:
+            of_name, of_space = staged[2], staged[0]
+        else:
+            row = self.reg.catalog.model_table().model(of_id)
+            of_name, of_space = row.name, row.space_id
+        other_ranks = sketches.ranks(m.layout) != sketches.ranks(Layout.from_json(self.spaces[of_space].layout_json))
+        what = sketches.guess(rel, other_ranks)
+        keep = self.on_near_copy == "keep"
+        self.near_copies.append({"name": m.name, "of": of_name, "relative_distance": rel, "guess": what, "kept": keep})
+        if not keep:
+            raise DuplicateModelError(
+                m.source or m.name, of_name, f"near copy ({rel:.2e} relative dW distance, {what}) of"
+            )
+        return of_id, rel, what
 
     def flush(self, sid: str) -> None:
         """Hand the buffered rows to the writer thread (writes release the GIL: staging goes on meanwhile)."""
@@ -318,7 +420,7 @@ class _AddSession:
             for space, _ in self.new_spaces.values():
                 con.execute(
                     "INSERT INTO spaces (id, base_model, layout_fingerprint, dim, n_modules, rows_per_shard, "
-                    "layout_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "layout_json, family) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         space.id,
                         space.base_model,
@@ -327,6 +429,7 @@ class _AddSession:
                         space.n_modules,
                         space.rows_per_shard,
                         space.layout_json,
+                        space.family,
                     ],
                 )
             if self.new_attr_kinds:
@@ -334,11 +437,14 @@ class _AddSession:
             _bulk_insert(
                 con,
                 "models (id, name, space_id, row_idx, vector_sha256, sq_norm, kind, source, source_format, "
-                "source_sha256, base_model, source_dtype, source_kind)",
+                "source_sha256, base_model, source_dtype, source_kind, family)",
                 self.model_rows,
                 ["BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "VARCHAR", "DOUBLE", "VARCHAR", "VARCHAR", "VARCHAR",
-                 "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"],
+                 "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"],
             )  # fmt: skip
+            _bulk_insert(con, "deltas", self.delta_rows, ["BIGINT", "VARCHAR", "DOUBLE", "BLOB"])
+            _bulk_insert(con, "near_copies (model_id, of_id, rel_distance, kind)", self.near_rows,
+                         ["BIGINT", "BIGINT", "DOUBLE", "VARCHAR"])  # fmt: skip
             _bulk_insert(con, "attributes", self.attr_rows, ["BIGINT", "VARCHAR", "DOUBLE"])
             _bulk_insert(con, "lineage", self.lineage_rows, ["BIGINT", "BIGINT", "VARCHAR", "VARCHAR"])
             con.execute("COMMIT")
@@ -391,6 +497,10 @@ class Registry:
         reg = cls(root)
         if not reg.paths.catalog.exists():
             raise RegistryNotFoundError(reg.root)
+        if reg.catalog.needs_migration():  # a registry made before base-model families (issue 15)
+            with reg.writing():
+                reg.catalog.migrate()
+                sketches.backfill(reg)
         return reg
 
     def writing(self):
@@ -403,15 +513,21 @@ class Registry:
         items: Iterable[NewModel | Failure],
         skip_errors: bool = False,
         on_item: Callable[[], None] | None = None,
+        on_near_copy: str = "keep",
+        near_threshold: float = sketches.NEAR_THRESHOLD,
     ) -> AddReport:
         """Register models. Duplicates are skipped; any other error aborts the whole add unless skip_errors.
 
+        A near copy (within `near_threshold` relative dW distance of a registered or just-added model of its
+        family, in any layout) is reported and recorded, then kept or skipped (`on_near_copy`).
         Either every accepted model is committed (vectors and catalog rows together) or none is.
         """
+        if on_near_copy not in ("keep", "skip"):
+            raise W2WError(f"on_near_copy must be 'keep' or 'skip', got {on_near_copy!r}")
         report = AddReport()
         with self.writing():
             with self.catalog.connect() as con:
-                session = _AddSession(self, con)
+                session = _AddSession(self, con, on_near_copy, near_threshold)
             for sid, n in session.committed.items():
                 session.store(sid).truncate(n)  # drop a tail a crashed writer left behind
             try:
@@ -422,13 +538,15 @@ class Registry:
                         report.errors.append((item.what, str(item.error)))
                         continue
                     try:
-                        model_id = session.stage(item)
+                        with one_blas_thread():  # the near-copy check's Grams
+                            model_id = session.stage(item)
                         report.added.append((item.name, model_id))
                     except DuplicateModelError as e:
                         report.skipped.append((item.source or item.name, str(e)))
                     except W2WError as e:
                         report.errors.append((item.source or item.name, str(e)))
                 session.sync()
+                report.near_copies = session.near_copies
                 if report.errors and not skip_errors:
                     session.rollback()
                     report.added = []
@@ -527,8 +645,9 @@ class Registry:
             # a file, an adapter folder, or a folder holding one LoRA: what `add` takes, read as `add` reads it
             rr = read_lora(discover_one(Path(query)), base_model=base_model, drop_text_encoder=drop_text_encoder)
             layout = rr.lora.layout()
-            sid = space_id_for(rr.lora.base_model, layout)
             spaces = self.spaces()
+            family = wfamily.detect(layout, rr.lora.base_model, rr.lora.meta)
+            sid = find_space(spaces, family, layout) or ""
             if sid not in {s.id for s in spaces}:
                 same = [s.id for s in spaces if s.layout_fingerprint == layout.fingerprint]
                 if len(same) != 1:
@@ -538,7 +657,7 @@ class Registry:
                         + (
                             "; several spaces share the layout, pass --base-model to choose"
                             if same
-                            else "; models in other layouts cannot be compared with it"
+                            else "; compare it with the other layouts of its family: --metric delta"
                         )
                         + (
                             "; pass --drop-text-encoder to compare its UNet part alone"
@@ -583,6 +702,11 @@ class Registry:
             return self._search(query, k, where, metric, base_model, exact, drop_text_encoder)
 
     def _search(self, query, k, where, metric, base_model, exact, drop_text_encoder=False) -> SearchResult:
+        if metric in sketches.FAMILY_METRICS:  # dW metrics: every layout of the query's family
+            with one_blas_thread():
+                label, family, found = sketches.search(self, query, k, where, metric, base_model, drop_text_encoder)
+            table = self.catalog.model_table()
+            return SearchResult(label, f"family:{family}", metric, [Hit(table.model(i), d) for i, d in found], family)
         if not exact:
             from registry.index import single_thread
 
@@ -655,6 +779,11 @@ class Registry:
         table = self.catalog.model_table()
         hits = [Hit(table.model(by_row[r]), float(d)) for r, d in zip(found_rows.tolist(), dists.tolist(), strict=True)]
         return SearchResult(label, sid, metric, hits)
+
+    def dupes(self, threshold: float = sketches.NEAR_THRESHOLD) -> list[dict]:
+        """Groups of near copies in the registry (registry.sketches.dupes)."""
+        with self.catalog.session(), one_blas_thread():
+            return sketches.dupes(self, threshold)
 
     # --- getting models out ----------------------------------------------------------------------
 

@@ -526,7 +526,11 @@ def project_new(reg, model_ids: list[int]) -> None:
     by_space: dict[str, list[ModelRow]] = {}
     for m in reg.catalog.models_by_ids(model_ids):
         by_space.setdefault(m.space_id, []).append(m)
+    with reg.catalog.connect() as con:  # one query, not one per space: a hub's add touches hundreds of layouts
+        fitted = {r[0] for r in con.execute("SELECT DISTINCT space_id FROM subspaces").fetchall()}
     for space_id, models in by_space.items():
+        if space_id not in fitted:
+            continue
         sm = current(reg, space_id)
         if sm is None:
             continue
@@ -624,6 +628,7 @@ def register_derived(reg, space_id: str, items: list[tuple[str, np.ndarray, str,
             vec.astype(np.float32),
             layout,
             base_model=space.base_model,
+            family=space.family,
             kind=kind,
             source=f"w2wreg {kind}",
             lineage=lineage,

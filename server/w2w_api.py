@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from registry import edits, wspace
 from registry.catalog import ModelRow
 from registry.search import METRICS
+from registry.sketches import FAMILY_METRICS
 from server import access
 from server.accounts import Identity
 from server.state import ServerState
@@ -27,7 +28,7 @@ from server.where_guard import check_where
 from w2w import expr
 from w2w.errors import FilterError, UnknownModelError, W2WError
 
-Metric = Literal[METRICS]  # type: ignore[valid-type]
+Metric = Literal[tuple(dict.fromkeys(METRICS + FAMILY_METRICS))]  # type: ignore[valid-type]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -40,6 +41,7 @@ class ModelOut(BaseModel):
     source: str | None
     created: str | None
     attributes: dict[str, float | bool]
+    family: str | None = Field(None, description="The base-model family (sd15, sd2, sdxl, toy, unknown).")
     repo: str | None = Field(None, description="The repo of this hub the model was pushed to, if it was.")
 
     @classmethod
@@ -51,6 +53,7 @@ class ModelOut(BaseModel):
             kind=m.kind,
             space_id=m.space_id,
             base_model=m.base_model,
+            family=m.family,
             source=m.source,
             created=str(m.created) if m.created is not None else None,
             attributes=m.attributes,

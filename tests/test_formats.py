@@ -757,8 +757,8 @@ def _dense_distance(l1: LoRA, l2: LoRA) -> float:
         b = l2.layers[name]
         d1 = a.scale * (a.b2d().astype(np.float64) @ a.a2d().astype(np.float64))
         d2 = b.scale * (b.b2d().astype(np.float64) @ b.a2d().astype(np.float64))
-        total += float(np.linalg.norm(d1 - d2))
-    return total
+        total += float(np.sum((d1 - d2) ** 2))
+    return float(np.sqrt(total))  # ||dW1 - dW2||_F over all layers (w2w.distance, w2w.delta)
 
 
 def test_delta_distances_match_brute_force(layout):

@@ -1,8 +1,9 @@
-"""The factorization-invariant distance between LoRAs: sum over layers of ||dW1 - dW2||_F.
+"""The factorization-invariant distance between two LoRAs of one layout: ||dW1 - dW2||_F over all layers.
 
 dW = s * B @ A with s = alpha / r. It never builds dW: with Gram matrices of the factors,
   <s1 B1 A1, s2 B2 A2>_F = s1 s2 tr((B1^T B2)(A2 A1^T))      (r1 x r2 products only)
-so a layer costs O((in + out) * r1 * r2) instead of O(in * out).
+so a layer costs O((in + out) * r1 * r2) instead of O(in * out). The same distance across layouts (other
+ranks, alphas, targets) is w2w.delta.distance; this one works on flat vectors of one layout in batches.
 Two factorizations of the same update (B M, M^-1 A) are at distance 0, unlike in raw vector space.
 """
 
@@ -40,6 +41,5 @@ def delta_distances(q: np.ndarray, X: np.ndarray, layout: Layout) -> np.ndarray:
         qq = float(np.sum((qb.T @ qb) * (qa @ qa.T)))
         xx = np.einsum("nrs,nrs->n", bb, aa)
         xq = np.einsum("nrs,nrs->n", bq, aq)
-        sq = s * s * (xx + qq - 2.0 * xq)
-        out += np.sqrt(np.maximum(sq, 0.0))
-    return out
+        out += s * s * (xx + qq - 2.0 * xq)
+    return np.sqrt(np.maximum(out, 0.0))

@@ -1,0 +1,319 @@
+"""Every model's dW in its family's space: the `deltas` table (exact ||dW||^2 and a fixed-size sketch per
+model), a FAISS index of a family's sketches, cross-layout search, and near copies.
+
+A search with a dW metric (`delta`, `delta-cosine`) spans every layout of the query's family: FAISS
+proposes candidates from the sketches (w2w.delta.sketch, whose L2 distances estimate the dW Frobenius
+distances), restricted to the models matching `--where` by an ID selector, and each candidate is then
+compared exactly from its factors (w2w.delta). Families of at most EXACT_MAX matching models are
+compared exactly with every model. Sketches live in the catalog (4 KB per model, written in the
+model's own transaction), so they are as atomic as the model rows and need no folder of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from registry import index as coeff_index
+from w2w import delta as wdelta
+from w2w.flatten import unflatten
+from w2w.layout import Layout
+from w2w.lora import LoRA
+
+EXACT_MAX = 64  # matching models below which every one is compared exactly (cheaper than a candidate step)
+CANDIDATES_MIN, CANDIDATES_FACTOR = 30, 3  # sketch candidates re-ranked exactly: max(MIN, FACTOR * k)
+STOP_FACTOR = 0.5  # see _rerank
+# A near-copy candidate's sketch distance may exceed the true distance: the sketch of a difference
+# concentrated in one rank-1 module scales its squared norm by chi2(32)/32 * chi2(32)/32, which exceeds
+# 16 (4x in distance) with probability far below 1e-9; spread over modules it is within ~10%.
+NEAR_SLACK = 4.0
+NEAR_THRESHOLD = 0.01
+# Relative dW distances of a copy rounded to a smaller float: each factor entry is rounded to within its
+# unit roundoff u (2^-11 fp16, 2^-8 bf16), rms u/sqrt(3); B A carries both factors' errors, ~sqrt(2) u/sqrt(3)
+# = 0.82 u in rms. Up to 2 u counts as "that dtype's copy"; below 1e-6 it is the same dW (float32 math).
+SAME_DW = 1e-6
+DTYPE_COPY = (("fp16", 2 * 2.0**-11), ("bf16", 2 * 2.0**-8))
+
+
+@dataclass
+class FamilySketches:
+    """A family's committed models: ids, exact squared dW norms, and FAISS indexes of their sketches and of
+    their unit-length sketches (for delta-cosine): IndexIDMap over flat L2 indexes, external ids = model ids."""
+
+    family: str
+    ids: np.ndarray
+    sq_norms: dict[int, float]
+    index: faiss.Index
+    unit_index: faiss.Index
+
+    @classmethod
+    def build(cls, family: str, ids: np.ndarray, sq_norms: np.ndarray, sketches: np.ndarray) -> FamilySketches:
+        d = sketches.shape[1] if len(sketches) else wdelta.SKETCH_SIDE**2
+        index, unit = faiss.IndexIDMap(faiss.IndexFlatL2(d)), faiss.IndexIDMap(faiss.IndexFlatL2(d))
+        if len(ids):
+            sk = np.ascontiguousarray(sketches, dtype=np.float32)
+            index.add_with_ids(sk, ids.astype(np.int64))
+            unit.add_with_ids(_unit(sk), ids.astype(np.int64))
+        return cls(family, ids, dict(zip(ids.tolist(), sq_norms.tolist(), strict=True)), index, unit)
+
+    def sketch_of(self, model_id: int) -> np.ndarray:
+        row = int(np.searchsorted(self.ids, model_id))  # ids are sorted (read in id order)
+        return self.index.index.reconstruct(row)
+
+    def add(self, model_id: int, sq_norm: float, sk: np.ndarray) -> None:
+        row, mid = sk[None, :].astype(np.float32), np.array([model_id], dtype=np.int64)
+        self.index.add_with_ids(row, mid)
+        self.unit_index.add_with_ids(_unit(row), mid)
+        self.sq_norms[model_id] = sq_norm
+
+
+def _unit(X: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30), dtype=np.float32)
+
+
+def record(lora: LoRA) -> tuple[float, np.ndarray]:
+    """(||dW||^2, sketch) of a LoRA: what the `deltas` table keeps per model."""
+    return wdelta.Factors.of(lora).sq_norm, wdelta.sketch(lora)
+
+
+def read_family(reg, family: str) -> FamilySketches:
+    """The family's committed models' sketches, read now (a fresh object: callers may add to it)."""
+    with reg.catalog.connect() as con:
+        rows = con.execute(
+            "SELECT model_id, sq_norm, sketch FROM deltas WHERE family = ? ORDER BY model_id", [family]
+        ).fetchall()
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    sq = np.array([r[1] for r in rows], dtype=np.float64)
+    sk = np.stack([np.frombuffer(r[2], dtype="<f4") for r in rows]) if rows else np.zeros((0, 1), np.float32)
+    return FamilySketches.build(family, ids, sq, sk)
+
+
+def load(reg, family: str) -> FamilySketches:
+    """The family's sketch index, built once per catalog version (Catalog.cached): never add to it."""
+    return reg.catalog.cached(("family-sketches", family), lambda: read_family(reg, family))
+
+
+FAMILY_METRICS = tuple(wdelta.METRICS)
+
+
+def mapped_lora(reg, model_id: int) -> wdelta.Views:
+    """A registered model's layers as views into its memory-mapped vector row (no copy, no catalog query)."""
+    from registry.search import MappedStore
+
+    _, _, sid, row = reg.catalog.model_table().rows[model_id][:4]
+    space, layout = reg._space_and_layout(sid)
+    key = ("mapped", sid)
+    vectors = reg._cache.get(key) or reg._cache.setdefault(key, MappedStore(reg.store(space)))
+    return wdelta.Views.of(vectors.row(row), layout)
+
+
+def factors(reg, model_id: int, sq_norm: float | None = None) -> wdelta.Factors:
+    """A registered model's dW factors (float64), read through the kept memory maps."""
+    return wdelta.Factors.of(mapped_lora(reg, model_id), sq_norm)
+
+
+def model_family(reg, model_id: int) -> str:
+    return reg.catalog.model_table().model(model_id).family or "unknown"
+
+
+def _query(
+    reg, query, base_model: str | None, drop_text_encoder: bool = False
+) -> tuple[str, str, int | None, LoRA | None]:
+    """(label, family, model id or None, LoRA of a file or None) of a model reference or a LoRA file/folder."""
+    from registry.catalog import ModelRow
+    from w2w import family as wfamily
+
+    if not isinstance(query, ModelRow) and isinstance(query, (str, Path)) and Path(query).exists():
+        from w2w.formats import discover_one, read_lora
+
+        # what `add` takes, read as `add` reads it: text-encoder modules take part as modules of their own
+        rr = read_lora(discover_one(Path(query)), base_model=base_model, drop_text_encoder=drop_text_encoder)
+        lora = rr.lora
+        return str(query), wfamily.detect(lora.layout(), lora.base_model, lora.meta), None, lora
+    table = reg.catalog.model_table()
+    model_id = query.id if isinstance(query, ModelRow) else table.find(query)
+    if model_id is None:
+        reg.get(query)  # raises UnknownModelError with suggestions
+    m = table.model(model_id)
+    return m.name, m.family or "unknown", m.id, None
+
+
+def search(reg, query, k: int, where: str | None, metric: str, base_model: str | None, drop_text_encoder: bool = False):
+    """(label, family, [(model id, distance)]) of the k models nearest the query's dW in its whole family."""
+    label, family, self_id, lora = _query(reg, query, base_model, drop_text_encoder)
+    fam = load(reg, family)
+    if lora is None:
+        lora, q_sq = mapped_lora(reg, self_id), fam.sq_norms[self_id]
+    else:
+        q_sq = wdelta.Factors.of(lora).sq_norm
+
+    def measure(i: int) -> float:
+        return wdelta.search_distance(metric, lora, mapped_lora(reg, i), q_sq, fam.sq_norms[i])
+
+    allowed = fam.ids
+    if where and where.strip():
+        allowed = np.intersect1d(allowed, reg.catalog.filter_ids_cached(where, None))
+    if self_id is not None:
+        allowed = allowed[allowed != self_id]
+    if len(allowed) <= max(EXACT_MAX, k):
+        scored = sorted((measure(int(i)), int(i)) for i in allowed)
+        return label, family, [(i, d) for d, i in scored[:k]]
+    sk = wdelta.sketch(lora) if lora is not None else fam.sketch_of(self_id)
+    n = max(CANDIDATES_MIN, CANDIDATES_FACTOR * k)
+    if metric == "delta-cosine":  # on unit sketches, L2^2 = 2 - 2 cos: nearest in angle
+        cand = coeff_index.search(fam.unit_index, _unit(sk[None, :])[0], n, allowed=allowed)
+        return label, family, _rerank(cand, k, measure, None)
+    cand = coeff_index.search(fam.index, sk, n, allowed=allowed)
+    estimates = np.linalg.norm(np.stack([fam.sketch_of(int(i)) for i in cand]) - sk, axis=1) if len(cand) else []
+    return label, family, _rerank(cand, k, measure, estimates)
+
+
+def _rerank(cand: np.ndarray, k: int, measure, estimates) -> list[tuple[int, float]]:
+    """The k best candidates by exact distance, compared in the sketch's order. With `estimates` (sketch
+    distances), stop once the next candidate's estimate, shrunk by STOP_FACTOR, exceeds the k-th exact
+    distance: a sketch overestimates a distance 2x when its squared ratio (a mix of chi2(>= 32)/32 terms)
+    exceeds 4, which does not happen in practice; near-ties are still all compared."""
+    best: list[tuple[float, int]] = []
+    for pos, i in enumerate(cand.tolist()):
+        if estimates is not None and len(best) >= k and STOP_FACTOR * estimates[pos] > best[k - 1][0]:
+            break
+        best.append((measure(i), i))
+        best.sort()
+    return [(i, d) for d, i in best[:k]]
+
+
+def guess(rel: float, other_ranks: bool = False) -> str:
+    """What a near copy at relative dW distance `rel` probably is (`other_ranks`: the two differ in rank)."""
+    if rel <= SAME_DW:
+        return "same dW: another format or spelling?"
+    if other_ranks:
+        return "a resize (another rank)?"
+    for name, limit in DTYPE_COPY:
+        if rel <= limit:
+            return f"{name} copy?"
+    return "a light fine-tune?"
+
+
+def ranks(layout: Layout) -> dict[str, int]:
+    return {e.module: e.rank for e in layout.entries}
+
+
+def near(
+    fam: FamilySketches,
+    q_sq_norm: float,
+    sk: np.ndarray,
+    threshold: float,
+    q_factors,
+    load_factors,
+    exclude: int | None = None,
+) -> list[tuple[int, float]]:
+    """(model id, relative dW distance) of the family's models within `threshold` of a model q, nearest first.
+
+    q is given by its ||dW||^2 and sketch; its factors (`q_factors()`) are computed only when a sketch
+    neighbour is close enough to be checked exactly, as are the neighbour's (`load_factors(id)`)."""
+    if fam.index.ntotal == 0:
+        return []
+    n = min(8, fam.index.ntotal)
+    dist, ids = fam.index.search(np.ascontiguousarray(sk[None, :], dtype=np.float32), n)
+    out = []
+    qn = np.sqrt(q_sq_norm)
+    for d2, i in zip(dist[0].tolist(), ids[0].tolist(), strict=True):
+        if i < 0 or i == exclude:
+            continue
+        scale = max(qn, np.sqrt(fam.sq_norms[i]))
+        if np.sqrt(max(d2, 0.0)) > NEAR_SLACK * threshold * scale:
+            continue
+        rel = wdelta.relative_distance(q_factors(), load_factors(i, fam.sq_norms[i]))
+        if rel <= threshold:
+            out.append((i, rel))
+    return sorted(out, key=lambda t: t[1])
+
+
+def dupes(reg, threshold: float = NEAR_THRESHOLD) -> list[dict]:
+    """Groups of near copies (models within `threshold` relative dW distance, transitively), per family."""
+    with reg.catalog.connect() as con:
+        families = [r[0] for r in con.execute("SELECT DISTINCT family FROM deltas ORDER BY family").fetchall()]
+    return [g for family in families for g in _family_dupes(reg, family, threshold)]
+
+
+def _family_dupes(reg, family: str, threshold: float) -> list[dict]:
+    fam = load(reg, family)
+    table = reg.catalog.model_table()
+    parent = {int(i): int(i) for i in fam.ids}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    cache: dict[int, wdelta.Factors] = {}
+
+    def get(i: int, sq_norm: float | None = None) -> wdelta.Factors:
+        if i not in cache:
+            if len(cache) > 64:  # bound memory: factors are kept only while a few neighbours are compared
+                cache.clear()
+            cache[i] = factors(reg, i, fam.sq_norms[i])
+        return cache[i]
+
+    pairs: dict[tuple[int, int], float] = {}
+    sketches = fam.index.index.reconstruct_n(0, fam.index.ntotal) if fam.index.ntotal else None
+    for row, i in enumerate(fam.ids.tolist()):
+        for j, rel in near(fam, fam.sq_norms[i], sketches[row], threshold, lambda i=i: get(i), get, exclude=i):
+            pairs[(min(i, j), max(i, j))] = rel
+            parent[root(i)] = root(j)
+    members: dict[int, list[int]] = {}
+    for i in parent:
+        members.setdefault(root(i), []).append(i)
+    groups = []
+    for ids in members.values():
+        if len(ids) < 2:
+            continue
+        inside = {(a, b): r for (a, b), r in sorted(pairs.items()) if a in ids}
+        groups.append(
+            {
+                "family": family,
+                "models": [{"id": i, "name": table.model(i).name} for i in sorted(ids)],
+                "max_relative_distance": max(inside.values()),
+                "pairs": [
+                    {
+                        "a": table.model(a).name,
+                        "b": table.model(b).name,
+                        "relative_distance": r,
+                        "guess": guess(r, _ranks_of(reg, table, a) != _ranks_of(reg, table, b)),
+                    }
+                    for (a, b), r in inside.items()
+                ],
+            }
+        )
+    return groups
+
+
+def _ranks_of(reg, table, model_id: int) -> dict[str, int]:
+    return ranks(reg._space_and_layout(table.model(model_id).space_id)[1])
+
+
+def backfill(reg) -> int:
+    """Compute the `deltas` rows a registry made before them lacks (under the writer lock). Returns how many."""
+    from w2w import family as wfamily
+
+    with reg.catalog.connect() as con:
+        missing = con.execute(
+            "SELECT m.id, m.space_id, m.row_idx, m.base_model FROM models m "
+            "LEFT JOIN deltas d ON d.model_id = m.id WHERE d.model_id IS NULL ORDER BY m.id"
+        ).fetchall()
+    if not missing:
+        return 0
+    rows = []
+    for mid, sid, row, base in missing:
+        space = reg.space(sid)
+        layout = Layout.from_json(space.layout_json)
+        lora = unflatten(reg.store(space).read_one(row), layout, base)
+        sq, sk = record(lora)
+        rows.append((mid, space.family or wfamily.detect(layout, base), sq, sk.astype("<f4").tobytes()))
+    with reg.catalog.connect(write=True) as con:
+        con.executemany("INSERT OR IGNORE INTO deltas VALUES (?, ?, ?, ?)", rows)
+    return len(rows)
