@@ -179,7 +179,9 @@ def main() -> None:
     for n in sizes:
         sub, C = fit(world, n)
         e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets)
+        log(f"N = {n}: edits {e}")
         s = samples(world, n, sub, C, args.samples)
+        log(f"N = {n}: samples {s}")
         inv = inversions(world, sub, C, args.invert) if args.invert else None
         fid = fidelity(world, n, args.targets)
         data["sizes"][n] = {"edits": e, "samples": s, "inversion_agreement": inv, "lora_fidelity": fid}

@@ -13,7 +13,6 @@ import numpy as np
 
 EDITS = ("glasses", "beard", "smile", "hat")
 # identities: trained live, beside the shipped toy population (ingest/toy_population.py) that carries the
-# statistics; steps None: the recipe's
 # statistics; steps None: the recipe's. targets: identities lacking an attribute edited per direction (the live
 # ones first); samples: models drawn from the space, their attribute rates compared with the population's.
 FULL = {"identities": 16, "images": 8, "steps": None, "held_out": 10, "invert_steps": 100, "targets": 12, "samples": 24}
