@@ -204,6 +204,9 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
 
     # the sheet's rows: (label, [(what the cell shows, image), ...]); pairs fill the sheet's 2-column groups
     def pair(left: str, right: str) -> list:
+        for name in (left, right):  # a registered identity not drawn yet (e.g. a population's nearest)
+            if name not in look_up:
+                look_up[name] = look(reg.lora(name))
         return [(left, look_up[left]), (right, look_up[right])]
 
     look_up = dict(gen)
