@@ -43,13 +43,17 @@ def test_asset_is_small_and_records_how_it_was_made(pop):
 
 @pytest.mark.slow
 def test_first_identities_are_what_the_recorded_command_trains(pop):
-    """Two identities retrained now (a batch of 2, not the asset's 16: batched training equals one at a time,
-    tests/test_trainer.py) equal the stored ones up to fp16 storage: |x| 2^-11, plus that test's 2e-5 margin."""
+    """Two identities retrained now (a batch of 2, not the asset's 16) match the stored ones. Not to the bit: a
+    batch of another size sums in another order, and 150 AdamW steps amplify that (an element whose gradient
+    rounds across zero steps ~lr the other way; tests/test_trainer.py's 2e-5 holds for 4 steps). Observed: at
+    most 1.1e-3 apart per element, against entries up to ~2; another identity differs by its own size (~1)."""
     from ingest.basemodel import load_base
 
     faces = toy_population.population_faces(2)
     V = toy_population.train_chunk(load_base(None), faces, 0, get_recipe("toy"))
-    np.testing.assert_allclose(pop.vectors[:2], V, rtol=2**-11, atol=2e-5)
+    for i in range(2):
+        assert np.abs(pop.vectors[i] - V[i]).max() < 1e-2
+        assert np.linalg.norm(pop.vectors[i] - V[i]) < 0.01 * np.linalg.norm(pop.vectors[i] - V[1 - i])
 
 
 def test_import_registers_identities_with_attributes_and_lineage(pop, tmp_path):
