@@ -103,6 +103,36 @@ def detect(paths: tuple[Path, ...], as_json: bool) -> None:
     )
 
 
+@toyfaces.command()
+@click.option("--limit", type=click.IntRange(1), help="Import only the first N identities  [default: all]")
+@json_option
+@click.pass_context
+def population(ctx: click.Context, limit: int | None, as_json: bool) -> None:
+    """Register the shipped toy population: identity LoRAs trained once on the embedded base model.
+
+    The toy world's equivalent of the paper's 64,974-model release (see ingest/toy_population.py for the
+    command that made it): each identity is registered as a trained model named pop-NNNN with its
+    attributes, so a space fitted afterwards is the population's. A rerun skips those already registered.
+
+    \b
+    w2wreg toyfaces population && w2wreg fit
+    """
+    from ingest import toy_population
+    from registry.registry import Registry
+
+    reg = Registry.init(ctx.obj)
+    pop = toy_population.load()
+    report = toy_population.import_into(reg, pop, limit)
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(
+            f"registered {report['added']} of the toy population's {report['identities']} identities"
+            + (f" ({report['skipped']} already there)" if report["skipped"] else "")
+            + f" from {toy_population.ASSET.name} (sha256 {report['sha256'][:12]})"
+        )
+
+
 def _native_size(path: Path) -> int:
     from PIL import Image
 

@@ -45,6 +45,7 @@ class Recipe:
     prior_weight: float = 0.0  # prior preservation: 0 turns it off
     class_images: int = 0  # generated once by the base model and cached
     weight_decay: float = 1e-2
+    train_a: bool = True  # False: A stays at the shared initialisation and only B learns (LoRA-FA)
 
     def describe(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -280,7 +281,10 @@ def _train_batched(base, identities, recipe, class_latents, on_step) -> list[Tra
     layers = {
         m: BatchedLoRALinear(unet.get_submodule(m), n, A0[m].to(base.device), recipe.alpha / recipe.rank) for m in names
     }
-    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+    params = [p for layer in layers.values() for p in ((layer.A, layer.B) if recipe.train_a else (layer.B,))]
+    if not recipe.train_a:
+        for layer in layers.values():
+            layer.A.requires_grad_(False)
     opt = _optimizer(params, recipe)
     gens = [torch.Generator().manual_seed(recipe.seed) for _ in identities]
     enc = _prompts(base, recipe).repeat(n, 1, 1)
@@ -346,8 +350,11 @@ def _train_peft(base, ident, recipe, class_latents, on_step) -> TrainResult:
                 mod.lora_B[adapter].weight.zero_()
         params = [p for n, p in unet.named_parameters() if adapter in n]
         for p in params:
-            p.requires_grad_(True)
             p.data = p.data.float()  # LoRA factors train in float32 whatever the base's dtype
+        if not recipe.train_a:
+            params = [p for n, p in unet.named_parameters() if adapter in n and "lora_B" in n]
+        for p in params:
+            p.requires_grad_(True)
         opt = _optimizer(params, recipe)
         g = torch.Generator().manual_seed(recipe.seed)
         enc = _prompts(base, recipe)

@@ -19,20 +19,29 @@ from ingest.toyfaces import PAD
 def test_reduced_demo_runs_end_to_end(tmp_path):
     res = CliRunner().invoke(
         cli,
-        ["demo", "--quick", "--identities", "6", "--images", "2", "--steps", "4", "-B", "3", "--out", str(tmp_path)],
+        ["demo", "--quick", "--identities", "6", "--images", "2", "--steps", "4", "-B", "3", "--population", "16"]
+        + ["--out", str(tmp_path)],
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["identities"] == 6  # given values win over --quick's
+    assert summary["population_identities"] == 16  # the shipped population, beside the live identities
     assert summary["inversion_steps"] == QUICK["invert_steps"]  # and --quick's fill the rest
     assert set(summary["edit_success_rate"]) <= {"glasses", "beard", "smile", "hat"}  # those with a direction
     assert 0.0 <= summary["inversion_attribute_agreement"] <= 1.0
     assert all(0.0 <= v <= 1.0 for v in summary["lora_attribute_fidelity"].values())
+    assert set(summary["edit_targets"]) == set(summary["edit_success_rate"])
+    assert all(n == QUICK["targets"] for n in summary["edit_targets"].values())
+    # samples: their attribute rates beside the registered identities' rates, and the largest gap between them
+    assert summary["samples"] == QUICK["samples"] and summary["inversion_faces"] == QUICK["held_out"]
+    rates, pop = summary["samples_attributes"], summary["population_attributes"]
+    assert set(rates) == set(pop) == {"glasses", "beard", "smile", "hat"}
+    assert summary["samples_largest_gap"] == pytest.approx(max(abs(rates[a] - pop[a]) for a in rates), abs=1e-3)
     # the sheet shows like next to like: an identity before | after each edit, samples | their nearest trained
     # identity, held-out faces | their inversion; plus a strength ramp of one identity per direction
     sheet = {r["row"]: r["cells"] for r in summary["sheet"]}
-    names = [f"face-{i:04d}" for i in range(6)]
+    names = [f"face-{i:04d}" for i in range(6)] + [f"pop-{i:04d}" for i in range(16)]
     for a in summary["edit_success_rate"]:
         (row,) = [c for label, c in sheet.items() if label.startswith(f"identity | +{a} ")]
         assert 2 <= len(row) <= 2 * PAIRS and row[1::2] == [f"{n}.demo+{a}" for n in row[0::2]]

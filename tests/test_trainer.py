@@ -122,3 +122,19 @@ def test_trained_lora_loads_in_diffusers_and_changes_the_output(base, tmp_path):
     assert (after - before).abs().max() > 1e-3  # the LoRA's effect (~0.15), far above UNet rounding (~7e-6)
     loaded.unload_lora_weights()
     assert torch.allclose(unet_out(loaded.unet), before, atol=1e-6)  # the same weights again: the same run
+
+
+def test_frozen_a_stays_at_the_shared_initialisation_both_ways(base):
+    """train_a=False (LoRA-FA): only B learns, so every identity keeps the same A, batched or through PEFT."""
+    from ingest.trainer import initial_factors, target_modules
+
+    recipe = replace(get_recipe("toy"), steps=3, batch_size=2, lr=1e-2, train_a=False)
+    ids = identities(2)
+    batched = train_batch(base, ids, recipe)
+    alone = train_batch(base, ids[:1], recipe)[0]
+    A0 = initial_factors(base.unet, target_modules(base.unet, recipe.targets), recipe.rank, recipe.seed)
+    for r in (*batched, alone):
+        for m, layer in r.lora.layers.items():
+            np.testing.assert_array_equal(layer.A, A0[m].numpy())
+    assert_same_loras(batched[0], alone)
+    assert any(np.abs(layer.B).max() > 0 for layer in alone.lora.layers.values())  # B did learn

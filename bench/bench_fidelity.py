@@ -1,0 +1,211 @@
+"""Do the w2w phenomena appear in the toy world, and from how many identities? Edits, samples, inversions.
+
+    python bench/bench_fidelity.py [--sizes 24,100,300,1000] [--targets 12] [--samples 24] [--invert 4]
+                                   [--strengths 1.5,2.5,4,6] [--methods mean_diff,lstsq] [--population FILE]
+
+The identities are the shipped toy population (ingest/assets/toy-population.safetensors, made by
+`python -m ingest.toy_population`). For each size N the space is fitted on the population's first N
+identities (k = min(1000, N - 1), as `w2wreg demo` fits), each attribute's direction on their labels, and the
+attribute detector reads images generated from one noise (seed 2) of:
+  edits     the first --targets identities lacking the attribute, moved by +S std of its score: how often the
+            attribute appears ("success"), how often the other three stay as the unedited LoRA shows them;
+  samples   --samples models drawn from the space (each coefficient from its Gaussian): each attribute's rate
+            against its rate among the N identities (the largest gap is printed);
+  inverted  --invert held-out faces (not in the population) inverted into the space as the demo does (100
+            steps, nearest start, 4 timesteps a step): the share of their attributes the detector agrees on;
+  fidelity  the edited identities' own LoRAs: how often they show their identity's attributes (a ceiling).
+One table varies N at the defaults (`cli.demo.STRENGTH`, w2w.directions.DEFAULT_METHOD); at the largest N
+one varies the strength and one the method (each with and without debiasing against the other three
+attributes), so a reader sees why the defaults are what they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import emit_result, env_info, log, print_table  # noqa: E402
+
+SEED = 2  # the demo's generation seed
+
+
+class World:
+    """The population, the base model, and a cache of each identity's own (unedited) image."""
+
+    def __init__(self, population_path: Path | None):
+        from ingest import toy_population
+        from ingest.basemodel import load_base
+
+        self.pop = toy_population.load(population_path or toy_population.ASSET)
+        self.base = load_base(None)
+        self.layout = toy_population.toy_layout(self.base)
+        self._own: dict[int, dict[str, bool]] = {}
+
+    def look(self, vectors: np.ndarray) -> dict[str, np.ndarray]:
+        """The detector's verdicts (bool per attribute) on one image per vector."""
+        from ingest import detector
+        from ingest.generate import generate_each
+        from w2w.flatten import unflatten
+
+        loras = [unflatten(np.asarray(v, dtype=np.float32), self.layout) for v in vectors]
+        return detector.detect_bool(generate_each(self.base, loras, seed=SEED))
+
+    def own(self, idx: list[int]) -> dict[int, dict[str, bool]]:
+        todo = [i for i in idx if i not in self._own]
+        if todo:
+            found = self.look(self.pop.vectors[todo])
+            for j, i in enumerate(todo):
+                self._own[i] = {a: bool(v[j]) for a, v in found.items()}
+        return {i: self._own[i] for i in idx}
+
+
+def fit(world: World, n: int):
+    from w2w import subspace
+
+    V = world.pop.vectors[:n]
+    sub = subspace.fit(subspace.ArraySource(V), subspace.FitConfig(components=min(1000, n - 1)))
+    return sub, sub.project(V).astype(np.float64)
+
+
+def edits(
+    world: World, n: int, sub, C: np.ndarray, strength: float, method: str, targets: int, debias: bool = False
+) -> dict:
+    from ingest.toyfaces import ATTRIBUTES
+    from w2w import directions
+
+    Y_all = world.pop.attributes[:n].astype(np.float64)
+    ds = [directions.fit_direction(C, Y_all[:, i], method, a) for i, a in enumerate(ATTRIBUTES)]
+    if debias:  # each direction made orthogonal to the other three (`w2wreg direction fit A --debias B,C,D`)
+        ds = [directions.debias(d, [o for o in ds if o is not d], C) for d in ds]
+    out = {}
+    for i, (a, d) in enumerate(zip(ATTRIBUTES, ds, strict=True)):
+        Y = world.pop.attributes[:n, i]
+        idx = [j for j in range(n) if not Y[j]][:targets]
+        step = (sub.components.astype(np.float64) @ d.step(strength)) * sub.std
+        after = world.look(world.pop.vectors[idx] + step)
+        before = world.own(idx)
+        kept = [after[b][j] == before[i_][b] for j, i_ in enumerate(idx) for b in ATTRIBUTES if b != a]
+        out[a] = {"success": float(after[a].mean()), "kept": float(np.mean(kept)), "targets": len(idx)}
+    return out
+
+
+def samples(world: World, n: int, sub, C: np.ndarray, count: int) -> dict:
+    from ingest.toyfaces import ATTRIBUTES
+
+    rng = np.random.default_rng(0)
+    Cs = C.mean(0) + C.std(0) * rng.standard_normal((count, C.shape[1]))
+    found = world.look(sub.reconstruct(Cs.astype(np.float32)))
+    return {
+        a: {"rate": float(found[a].mean()), "population": float(world.pop.attributes[:n, i].mean())}
+        for i, a in enumerate(ATTRIBUTES)
+    }
+
+
+def inversions(world: World, sub, C: np.ndarray, faces: int, steps: int = 100) -> float:
+    """The demo's inversion (cli.demo._invert_held_out) without a registry: nearest start among the N models."""
+    from ingest import toyfaces
+    from ingest.invert import InvertConfig, Inverter, invert, shortlist_by_loss
+    from ingest.trainer import to_tensor
+
+    base, layout, V = world.base, world.layout, sub.components
+    cfg = InvertConfig(components=sub.k, steps=steps, batch_timesteps=4, init="nearest", first_pass_steps=20)
+    first = InvertConfig(**{**cfg.describe(), "steps": cfg.first_pass_steps, "init": "mean"})
+    agree = []
+    for i, face in enumerate(toyfaces.random_faces(1000 + faces, seed=0)[1000:]):
+        x = to_tensor(toyfaces.render(face, 32, np.random.default_rng(1000 + i))[None], base.resolution)
+        inv = Inverter(base, layout, sub.mean, sub.std, V)
+        est, _ = invert(base, layout, sub.mean, sub.std, V, x, first, inv=inv)
+        near = np.argsort(((C - est) ** 2).sum(1))[: cfg.shortlist]
+        cands = C[near].astype(np.float32)
+        c0 = cands[shortlist_by_loss(base, layout, sub.mean, sub.std, V, x, cfg, cands, inv=inv)]
+        c, _ = invert(base, layout, sub.mean, sub.std, V, x, cfg, None, c0, inv=inv)
+        found = world.look(sub.reconstruct(c[None]))
+        agree.append(np.mean([bool(found[a][0]) == face.has(a) for a in toyfaces.ATTRIBUTES]))
+    return float(np.mean(agree)) if agree else float("nan")
+
+
+def fidelity(world: World, n: int, targets: int) -> float:
+    from ingest.toyfaces import ATTRIBUTES
+
+    idx = sorted({j for i in range(len(ATTRIBUTES)) for j in np.flatnonzero(~world.pop.attributes[:n, i])[:targets]})
+    own = world.own(idx)
+    return float(np.mean([own[j][a] == world.pop.attributes[j, i] for j in idx for i, a in enumerate(ATTRIBUTES)]))
+
+
+def row(label, e: dict, s: dict | None, inv: float | None, fid: float | None) -> tuple:
+    gap = max(abs(v["rate"] - v["population"]) for v in s.values()) if s else None
+    return (
+        label,
+        " ".join(f"{100 * v['success']:.0f}" for v in e.values()),
+        min(v["success"] for v in e.values()),
+        " ".join(f"{100 * v['kept']:.0f}" for v in e.values()),
+        min(v["kept"] for v in e.values()),
+        " ".join(f"{100 * v['rate']:.0f}/{100 * v['population']:.0f}" for v in s.values()) if s else "-",
+        gap,
+        inv,
+        fid,
+    )
+
+
+HEADERS = ["", "edit success % (g b s h)", "min", "kept % (g b s h)", "min", "samples %/pop %", "max gap",
+           "inverted agree", "LoRA fidelity"]  # fmt: skip
+
+
+def main() -> None:
+    from cli.demo import STRENGTH
+    from w2w.directions import DEFAULT_METHOD
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="24,100,300,1000")
+    ap.add_argument("--targets", type=int, default=12, help="identities edited per attribute")
+    ap.add_argument("--samples", type=int, default=24)
+    ap.add_argument("--invert", type=int, default=4, help="held-out faces inverted per size (0: none)")
+    ap.add_argument("--strengths", default="1.5,2.5,4,6")
+    ap.add_argument("--methods", default="mean_diff,lstsq,ridge")
+    ap.add_argument("--population", type=Path)
+    args = ap.parse_args()
+    torch.set_grad_enabled(True)
+    world = World(args.population)
+    total = len(world.pop.vectors)
+    sizes = sorted({min(int(s), total) for s in args.sizes.split(",")})
+    log(f"population: {total} identities ({world.pop.sha256[:12]}); sizes {sizes}")
+    rows, data = [], {"sizes": {}, "strengths": {}, "methods": {}}
+    for n in sizes:
+        sub, C = fit(world, n)
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets)
+        log(f"N = {n}: edits {e}")
+        s = samples(world, n, sub, C, args.samples)
+        log(f"N = {n}: samples {s}")
+        inv = inversions(world, sub, C, args.invert) if args.invert else None
+        fid = fidelity(world, n, args.targets)
+        data["sizes"][n] = {"edits": e, "samples": s, "inversion_agreement": inv, "lora_fidelity": fid}
+        rows.append(row(f"N = {n}", e, s, inv, fid))
+        log(f"N = {n}: {rows[-1]}")
+    print_table(HEADERS, rows, title=f"by population size (k = min(1000, N - 1); +{STRENGTH:g} std; {DEFAULT_METHOD})")
+    n = sizes[-1]
+    sub, C = fit(world, n)
+    rows = []
+    for st in (float(x) for x in args.strengths.split(",")):
+        e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets)
+        data["strengths"][st] = e
+        rows.append(row(f"+{st:g} std", e, None, None, None))
+    print_table(HEADERS[:5], [r[:5] for r in rows], title=f"by edit strength (N = {n}, {DEFAULT_METHOD})")
+    rows = []
+    for m in args.methods.split(","):
+        for debias in (False, True):
+            e = edits(world, n, sub, C, STRENGTH, m, args.targets, debias)
+            label = m + (" + debias" if debias else "")
+            data["methods"][label] = e
+            rows.append(row(label, e, None, None, None))
+    print_table(HEADERS[:5], [r[:5] for r in rows], title=f"by direction method (N = {n}, +{STRENGTH:g} std)")
+    emit_result({"bench": "fidelity", "population": world.pop.sha256, **data, "env": env_info()})
+
+
+if __name__ == "__main__":
+    main()
