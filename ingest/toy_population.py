@@ -149,7 +149,7 @@ def load(path: Path = ASSET) -> Population:
     except OSError as e:
         raise DatasetError(path, f"cannot be read ({e.strerror})", hint) from None
     try:
-        arrays, meta = parse_safetensors(data, path)
+        arrays, meta, _ = parse_safetensors(data, path)
         V, Y = arrays["vectors"], arrays["attributes"]
     except (W2WError, KeyError) as e:
         raise DatasetError(path, f"is not a toy population ({e})", hint) from None
