@@ -6,7 +6,9 @@ Everything here is tiny and built in code: no download, no network.
 from __future__ import annotations
 
 import copy
+import json
 import string
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -147,3 +149,19 @@ PLANTED_LAYOUT = Layout(
         for i in range(12)
     )
 )
+
+
+def w2wreg(reg: Path, *args: str, code: int = 0):
+    """`w2wreg --registry REG ARGS...` through click's runner; asserts its exit code."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    result = CliRunner().invoke(cli, ["--registry", str(reg), *args], catch_exceptions=False)
+    assert result.exit_code == code, f"exit {result.exit_code} != {code}\n{result.output}"
+    return result
+
+
+def w2wreg_json(reg: Path, *args: str):
+    """The parsed `--json` output of a w2wreg command."""
+    return json.loads(w2wreg(reg, *args, "--json").stdout)

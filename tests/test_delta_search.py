@@ -3,16 +3,15 @@ force, --where, near copies at add, `dupes`, and mix across ranks (exact, and --
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import w2wreg as run
+from helpers import w2wreg_json as as_json
 from sd_shapes import SD15, dense, dense_distance, lora_on, resize, rounded
 
-from cli.main import cli
 from registry import sketches
 from registry.registry import NewModel, Registry
 from w2w import delta
@@ -23,16 +22,6 @@ ATTN = {k: v for k, v in SD15.items() if "attn" in k}
 NARROW = {k: v for k, v in SD15.items() if v[0] == 320}  # the 320-channel modules: dense SVDs stay cheap
 # a spectrum whose rank-4 truncation loses 1e-3 of dW per module: ranks 5-8 hold 1e-3 / sqrt(4) each
 SPECTRUM = np.array([1.0, 0.8, 0.6, 0.5, 5e-4, 5e-4, 5e-4, 5e-4])
-
-
-def run(reg: Path, *args: str, code: int = 0):
-    result = CliRunner().invoke(cli, ["--registry", str(reg), *args], catch_exceptions=False)
-    assert result.exit_code == code, f"exit {result.exit_code} != {code}\n{result.output}"
-    return result
-
-
-def as_json(reg: Path, *args: str):
-    return json.loads(run(reg, *args, "--json").stdout)
 
 
 # Tolerance of factor-vs-dense distances: both sum float64 products of the same float32 values, each

@@ -3,27 +3,14 @@ spaces keyed by (family, layout) so PEFT folders naming a base model and bare fi
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from click.testing import CliRunner
+from helpers import w2wreg as run
+from helpers import w2wreg_json as as_json
 from safetensors.numpy import load_file, save_file
 from sd_shapes import MID_ONLY, SD2_CROSS, SD2_PROJ, SD15, SDXL_BLOCKS, SDXL_CROSS, lora_on
 
-from cli.main import cli
 from w2w import family
 from w2w.formats import write_lora
-
-
-def run(reg: Path, *args: str, code: int = 0):
-    result = CliRunner().invoke(cli, ["--registry", str(reg), *args], catch_exceptions=False)
-    assert result.exit_code == code, f"exit {result.exit_code} != {code}\n{result.output}"
-    return result
-
-
-def as_json(reg: Path, *args: str):
-    return json.loads(run(reg, *args, "--json").stdout)
 
 
 @pytest.mark.parametrize(

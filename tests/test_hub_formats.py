@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import w2wreg
 from hubfiles import (
     SD15_LIKE,
     kohya_file,
@@ -28,7 +28,6 @@ from hubfiles import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cli.main import cli
 from w2w.errors import UnknownFormatError
 from w2w.formats import names, read_lora, write_lora
 
@@ -321,12 +320,6 @@ def test_diffusers_sdxl_file_with_both_text_encoders(sdxl, tmp_path):
 # --- the registry: add, show, export in each format and dtype ----------------------------------------------------
 
 
-def _run(reg, *args):
-    result = CliRunner().invoke(cli, ["--registry", str(reg), *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
-
-
 def _dtypes(path, but: str = "\0") -> set[str]:
     with safe_open(str(path), "pt") as f:
         return {f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith(but)}  # noqa: SIM118 (no dict)
@@ -335,19 +328,19 @@ def _dtypes(path, but: str = "\0") -> set[str]:
 def test_add_then_export_each_format_loads_with_the_same_delta(sdxl, tmp_path):
     path, want = _kohya_case(sdxl, "sgm", "fp16", tmp_path, sdxl=True)
     reg = tmp_path / "reg"
-    _run(reg, "init")
-    _run(reg, "add", str(path), "--name", "xl")
-    info = json.loads(_run(reg, "show", "xl", "--json").output)
+    w2wreg(reg, "init")
+    w2wreg(reg, "add", str(path), "--name", "xl")
+    info = json.loads(w2wreg(reg, "show", "xl", "--json").output)
     assert (info["source_kind"], info["source_dtype"]) == ("locon", "float16")
-    assert "locon, float16" in _run(reg, "show", "xl").output
+    assert "locon, float16" in w2wreg(reg, "show", "xl").output
     for fmt in ("diffusers", "kohya"):
         out = tmp_path / f"x-{fmt}.safetensors"
-        _run(reg, "export", "xl", "--format", fmt, "-o", str(out))
+        w2wreg(reg, "export", "xl", "--format", fmt, "-o", str(out))
         # the model's own dtype by default: an fp16 file stays fp16 (kohya's alphas are float32 scalars)
         assert _dtypes(out, but=".alpha") == {"F16"}
         _assert_deltas(_loaded(sdxl, tmp_path, out.name, fmt), want, LOADED_C, f"{fmt} export of the registry")
     out = tmp_path / "x-bf16.safetensors"
-    _run(reg, "export", "xl", "--dtype", "bf16", "-o", str(out))
+    w2wreg(reg, "export", "xl", "--dtype", "bf16", "-o", str(out))
     assert _dtypes(out) == {"BF16"}
 
 
@@ -363,8 +356,8 @@ def test_add_reads_every_lycoris_file_of_one_header_exactly(sd15, tmp_path):
         t = {k: v * (i + 1) for k, v in safe_open_all(paths[-1]).items()}
         save_file(t, str(paths[-1]), metadata={"ss_base_model_version": "sd_v1"})
     reg = tmp_path / "reg"
-    _run(reg, "init")
-    _run(reg, "add", *map(str, paths))
+    w2wreg(reg, "init")
+    w2wreg(reg, "add", *map(str, paths))
     r = Registry.open(reg)
     for i, p in enumerate(paths):
         want = read_lora(p).lora
@@ -413,9 +406,9 @@ def test_export_warns_of_modules_no_pipeline_has(tmp_path):
         str(tmp_path / "o.safetensors"),
     )
     reg = tmp_path / "reg"
-    _run(reg, "init")
-    _run(reg, "add", str(tmp_path / "o.safetensors"))
-    result = _run(reg, "export", "o", "-o", str(tmp_path / "out"))
+    w2wreg(reg, "init")
+    w2wreg(reg, "add", str(tmp_path / "o.safetensors"))
+    result = w2wreg(reg, "export", "o", "-o", str(tmp_path / "out"))
     assert "input.blocks.4.1.proj_in" in result.stderr and "Re-add" in result.stderr
 
 
@@ -427,16 +420,16 @@ def test_a_registry_made_before_the_dtype_columns_reads_and_gains_them(tmp_path)
         t = {f"{m}.lora_A.weight": torch.ones(2, 8), f"{m}.lora_B.weight": torch.full((8, 2), ord(name) / 100)}
         save_file(t, str(tmp_path / f"{name}.safetensors"))
     reg = tmp_path / "reg"
-    _run(reg, "init")
-    _run(reg, "add", str(tmp_path / "a.safetensors"))
+    w2wreg(reg, "init")
+    w2wreg(reg, "add", str(tmp_path / "a.safetensors"))
     con = duckdb.connect(str(reg / "catalog.duckdb"))  # as an older w2wreg left it
     con.execute("ALTER TABLE models DROP COLUMN source_dtype")
     con.execute("ALTER TABLE models DROP COLUMN source_kind")
     con.close()
-    assert json.loads(_run(reg, "show", "a", "--json").output)["source_dtype"] is None
-    _run(reg, "export", "a", "-o", str(tmp_path / "out"))  # float32 when the catalog does not say
-    _run(reg, "add", str(tmp_path / "b.safetensors"))  # the first write adds the columns
-    assert json.loads(_run(reg, "show", "b", "--json").output)["source_dtype"] == "float32"
+    assert json.loads(w2wreg(reg, "show", "a", "--json").output)["source_dtype"] is None
+    w2wreg(reg, "export", "a", "-o", str(tmp_path / "out"))  # float32 when the catalog does not say
+    w2wreg(reg, "add", str(tmp_path / "b.safetensors"))  # the first write adds the columns
+    assert json.loads(w2wreg(reg, "show", "b", "--json").output)["source_dtype"] == "float32"
 
 
 def test_sd15_like_config_matches_the_real_block_structure():

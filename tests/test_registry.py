@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import w2wreg as run
+from helpers import w2wreg_json as as_json
 
 from cli.main import cli
 from ingest.synthetic import Population
@@ -30,16 +32,6 @@ SMALL = Layout(
     )
 )
 BASE = "tiny/base"
-
-
-def run(reg: Path, *args: str, code: int = 0):
-    result = CliRunner().invoke(cli, ["--registry", str(reg), *args], catch_exceptions=False)
-    assert result.exit_code == code, f"exit {result.exit_code} != {code}\n{result.output}"
-    return result
-
-
-def as_json(reg: Path, *args: str):
-    return json.loads(run(reg, *args, "--json").stdout)
 
 
 @pytest.fixture(scope="module")
