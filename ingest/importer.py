@@ -6,7 +6,6 @@ Registry.add_models in order; nothing is written until every input has been read
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +102,7 @@ def import_paths(
             model_name = name or default
             item = NewModel(
                 model_name, vr.vector, vr.layout, vr.base_model, source=hub_source or str(path),
-                source_format=vr.format, source_sha256=vr.sha256, meta={**header_metadata(path), **vr.meta},
+                source_format=vr.format, source_sha256=vr.sha256, meta=vr.meta,
                 source_dtype=vr.meta.get("source_dtype"), source_kind=vr.meta.get("source_kind"),
                 attributes={**table.get(model_name, {}), **(attributes or {})},
             )  # fmt: skip
@@ -135,22 +134,6 @@ def import_paths(
         )
     finally:
         bar.close()
-
-
-def header_metadata(path: Path) -> dict[str, str]:
-    """A .safetensors file's header metadata (kohya ss_*, modelspec.*: they name the base-model family);
-    {} for folders and other files. Reads the header only."""
-    if path.is_dir() or path.suffix.lower() != ".safetensors":
-        return {}
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= 100_000_000:
-                return {}
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, ValueError):
-        return {}  # the reader has already judged the file; metadata is only a hint
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def _hub_source(registry: Registry, spec: str) -> tuple[Path, str, str]:
