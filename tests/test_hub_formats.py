@@ -266,6 +266,35 @@ def test_lycoris_converted_exactly_and_loads(sd15, algo, tmp_path):
     _assert_deltas(_loaded(sd15, tmp_path / "out", written.name, algo), want, LOADED_C, "diffusers export")
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+@pytest.mark.parametrize("cross_width, conv", [(768, True), (1024, False)])
+def test_flattened_proj_in_is_a_1x1_conv_when_the_shapes_say_sd1(algo, cross_width, conv, tmp_path):
+    """LoHa/LoKr store a 1x1 conv's update flattened; with no metadata, SD 1.x (proj_in a conv) is told from
+    SD 2.x (a Linear) by the cross-attention width alone (768 vs 1024): real widths, channel count 320."""
+    g = torch.Generator().manual_seed(3)
+    block = "down_blocks.0.attentions.0"
+    mods = {
+        f"{block}.transformer_blocks.0.attn2.to_k": torch.nn.Linear(cross_width, 320, bias=False),
+        f"{block}.proj_in": torch.nn.Conv2d(320, 320, 1) if conv else torch.nn.Linear(320, 320),
+    }
+    tensors, want = {}, {}
+    for m, mod in mods.items():
+        stem = names.kohya_stem(m, sdxl_text=False)
+        t, w = loha_tensors(mod, stem, g, 2, 1.0, False) if algo == "loha" else lokr_tensors(mod, stem, g, "full", 1.0)
+        tensors |= t
+        want[m] = w
+    save_file(tensors, str(tmp_path / "x.safetensors"))  # no metadata at all
+    lora = read_lora(tmp_path / "x.safetensors").lora
+    proj = lora.layers[f"{block}.proj_in"]
+    assert proj.A.ndim == (4 if conv else 2)
+    _assert_deltas(_ours(lora), want, OURS_C, "read")
+    (written,) = write_lora(lora, tmp_path / "out", "kohya")
+    with safe_open(str(written), "np") as f:
+        assert f.get_tensor(f"{names.kohya_stem(f'{block}.proj_in', sdxl_text=False)}.lora_down.weight").ndim == (
+            4 if conv else 2
+        )
+
+
 def test_tucker_locon(sd15, tmp_path):
     conv = lora_targets(sd15)["down_blocks.1.resnets.0.conv1"]
     out, inp = conv.weight.shape[:2]
