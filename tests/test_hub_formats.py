@@ -191,16 +191,19 @@ def test_half_precision_exports_keep_their_dtype_and_values(sd15, fmt, dtype, tm
                for m, l in lora.layers.items())  # fmt: skip
 
 
-def test_peft_export_loads_with_peft_unet_and_text_encoder(sd15, tmp_path):
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_peft_export_loads_with_peft_unet_and_text_encoder(request, model, tmp_path):
     from peft import PeftModel
 
-    path, want = _kohya_case(sd15, "diffusers", "fp32", tmp_path, sdxl=False)
+    pipe = request.getfixturevalue(model)
+    path, want = _kohya_case(pipe, "sgm" if model == "sdxl" else "diffusers", "fp32", tmp_path, sdxl=model == "sdxl")
     lora = read_lora(path).lora
     files = write_lora(lora, tmp_path / "peft", "peft")
-    assert tmp_path / "peft" / "text_encoder" / "adapter_config.json" in files
+    encoders = ["text_encoder"] + (["text_encoder_2"] if model == "sdxl" else [])
+    assert all(tmp_path / "peft" / e / "adapter_config.json" in files for e in encoders)
     got = {}
-    for comp, folder in (("unet", tmp_path / "peft"), ("text_encoder", tmp_path / "peft" / "text_encoder")):
-        model = PeftModel.from_pretrained(copy.deepcopy(getattr(sd15, comp)), str(folder), adapter_name="p")
+    for comp, folder in [("unet", tmp_path / "peft")] + [(e, tmp_path / "peft" / e) for e in encoders]:
+        model = PeftModel.from_pretrained(copy.deepcopy(getattr(pipe, comp)), str(folder), adapter_name="p")
         shim = type("P", (), {comp: model.base_model.model})()
         got |= pipeline_deltas(shim, "p")
     _assert_deltas(got, want, LOADED_C, "peft export")
