@@ -12,6 +12,7 @@ model's own transaction), so they are as atomic as the model rows and need no fo
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,7 +31,8 @@ EXACT_MAX = 64  # matching models below which every one is compared exactly (che
 CANDIDATES_MIN, CANDIDATES_FACTOR = 30, 3  # sketch candidates re-ranked exactly: max(MIN, FACTOR * k)
 # The re-rank's stop rule (see _rerank_sketched): a candidate is compared exactly unless its sketch distance times a
 # floor on (sketch distance / exact distance) exceeds the k-th exact distance found. That ratio is the square
-# root of a weighted mean of chi2(32)/32 x chi2(32)/32 terms, one per module and direction of the difference:
+# root of a weighted mean of chi2(32)/32 x chi2(32)/32 terms, one per module and singular direction of the
+# difference (plus zero-mean cross terms):
 # its spread runs from ~0.2 (a difference in one rank-1 module) to ~0.03 (hub LoRAs, 30+ modules). So the
 # floor is taken from the pairs already compared in this query (at least k, all of the family at the query's
 # scale): their smallest ratio less RATIO_SIGMAS of their spread, within [STOP_MIN, STOP_MAX]. Selection makes
@@ -38,6 +40,7 @@ CANDIDATES_MIN, CANDIDATES_FACTOR = 30, 3  # sketch candidates re-ranked exactly
 STOP_MIN, STOP_MAX, RATIO_SIGMAS = 0.5, 0.9, 4.0
 # exact comparisons run on this many threads: numpy's products release the GIL, and each is on one BLAS thread
 WORKERS = max(1, min(4, os.cpu_count() or 1))
+VIEWS_KEPT = 4096  # models whose layer views are kept between searches (see mapped_lora)
 # A near-copy candidate's sketch distance may exceed the true distance: the sketch of a difference
 # concentrated in one rank-1 module scales its squared norm by chi2(32)/32 * chi2(32)/32, which exceeds
 # 16 (4x in distance) with probability far below 1e-9; spread over modules it is within ~10%.
@@ -116,10 +119,19 @@ def mapped_lora(reg, model_id: int) -> wdelta.Views:
     from registry.search import MappedStore
 
     _, _, sid, row = reg.catalog.model_table().rows[model_id][:4]
+    # a search compares a model's views with many queries: kept (views of a kept map: ~30 small objects each)
+    lru = reg._cache.get("views") or reg._cache.setdefault("views", OrderedDict())
+    hit = lru.get((sid, row))
+    if hit is not None:
+        lru.move_to_end((sid, row))
+        return hit
     space, layout = reg._space_and_layout(sid)
     key = ("mapped", sid)
     vectors = reg._cache.get(key) or reg._cache.setdefault(key, MappedStore(reg.store(space)))
-    return wdelta.Views.of(vectors.row(row), layout)
+    views = lru[(sid, row)] = wdelta.Views.of(vectors.row(row), layout)
+    if len(lru) > VIEWS_KEPT:
+        lru.popitem(last=False)
+    return views
 
 
 def factors(reg, model_id: int, sq_norm: float | None = None) -> wdelta.Factors:
