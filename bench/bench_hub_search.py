@@ -1,26 +1,33 @@
 """A hub of SD 1.5 LoRAs in every layout: cross-layout dW search, near copies, import speed.
 
-    python bench/bench_hub_search.py [--n 1000] [--blocks 4] [--queries 20] [--out DIR] [--keep]
+    python bench/bench_hub_search.py [--n 1000] [--blocks 4] [--queries 20] [--chunk 500] [--out DIR] [--keep]
+    python bench/bench_hub_search.py --n 10000 --blocks 2 --keep      # then, on a quiet machine:
+    python bench/bench_hub_search.py --n 10000 --blocks 2 --reuse     # times the searches again
 
 Builds, seeded, n LoRAs on real SD 1.5 UNet modules and shapes (from the UNet config on the meta device):
 attention to_q/to_k/to_v/to_out.0 of attn1 and attn2 in the first `--blocks` of the 16 transformer blocks
 (16 = all), plus for some models ff.net.0.proj/ff.net.2, proj_in/proj_out (1x1 convs) or the resnets'
 3x3 convs (LoCon-style); ranks 4-64 (log-uniform), alphas 1..rank, written as diffusers, kohya and PEFT.
-Models come from 50 "concepts": a model's dW is its concept's (spectrum 0.5^j, floor 3e-4) with singular vectors
-perturbed by 10-30%, so same-concept models are neighbours but no two are within 1%. Planted near copies
-(~8% of n): fp16 and bf16 files of a model, its resize (truncated SVD to the smallest of ranks 8, 12, 16,
-24, 32 whose dW error is < 0.5%, as kohya resize_lora's sv_fro does), and
-the same dW with another alpha in another format. Measures:
+Models come from max(50, n/20) "concepts" (~18 models each at any n): a model's dW is its concept's (spectrum
+0.5^j, floor 3e-4) with singular vectors perturbed by 10-30%, so same-concept models are neighbours but no two
+are within 1%. Planted near copies (~8% of n): fp16 and bf16 files of a model, its resize (truncated SVD to the
+smallest of ranks 8, 12, 16, 24, 32 whose dW error is < 0.5%, as kohya resize_lora's sv_fro does), and the same
+dW with another alpha in another format. Files are made and imported `--chunk` at a time (each model has a seeded
+generator of its own, so a copy's original is made again rather than kept): the disk holds one chunk of files
+and the registry. Measures:
   * import: `import_paths` of every file vs safetensors.torch.load_file of every file (the floor);
   * near copies: the copies `add` reported against the planted ones (recall, precision);
-  * search: `search --metric delta -k 10` (sketch candidates + exact re-rank) vs an exhaustive exact scan
-    over all models (recall@10), p50/p95 latency; and the factor distances vs dense dW on sampled pairs.
-The issue's full size is --n 10000 --blocks 16 (~150 GB of fp32 files: more than this machine's disk).
+  * search: `search --metric delta -k 10` (sketch candidates + exact re-rank), each query run once to warm the
+    caches and then timed, vs an exhaustive exact float64 scan over all models (recall@10), p50/p95 latency;
+    and the factor distances vs dense dW on sampled pairs.
+Sizes: 1,000 models at --blocks 4 make a 4.6 GB registry; all 16 blocks at n = 10,000 would be ~150 GB, more
+than this machine's disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -32,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DEFAULT_OUT, emit_result, env_info, log, pct, print_table, rounded  # noqa: E402
 
-CONCEPTS = 50
+CONCEPTS = 50  # at least; and one per PER_CONCEPT models, so a query has ~20 same-concept neighbours at any n
+PER_CONCEPT = 20
 COPY_SHARE = 0.08
 TARGET_RECALL, TARGET_P50_MS, TARGET_NEAR_RECALL, TARGET_NEAR_PRECISION = 1.0, 10.0, 1.0, 0.99
 
@@ -117,44 +125,103 @@ def write_in(lora, path: Path, fmt: str, dtype: str = "fp32") -> Path:
     return path
 
 
-def generate(n: int, blocks: int, folder: Path, seed: int = 0) -> tuple[list[Path], dict[str, str]]:
-    """Files of n models (originals and planted copies, in name order) and {copy name: original name}."""
+def _params(seed: int, i: int, concepts: int):
+    """(rng, rank, alpha, target group, concept) of original model i: a generator of its own, so any model can be
+    made again (a copy's original) without keeping thousands in memory."""
+    rng = np.random.default_rng([seed, i])
+    rank = int(np.clip(round(np.exp(rng.uniform(np.log(4), np.log(64)))), 4, 64))
+    alpha = float(rng.choice([1.0, rank / 2, rank]))
+    extra = int(rng.integers(0, 4))  # attention only / + ff / + proj / + convs
+    return rng, rank, alpha, extra, int(rng.integers(concepts))
+
+
+def original(seed: int, i: int, groups, concepts: int):
+    rng, rank, alpha, extra, concept = _params(seed, i, concepts)
+    modules = dict(groups["attn"]) | [{}, groups["ff"], groups["proj"], groups["conv"]][extra]
+    return make_model(i, modules, concept, rank, alpha, rng)
+
+
+def write_copy(j: int, seed: int, made: int, groups, concepts: int, folder: Path) -> tuple[str, str, Path]:
+    """Planted copy j of one of the first `made` originals: (copy name, original name, file)."""
     from w2w.factor_mix import truncate
 
+    rng = np.random.default_rng([seed, 10**9 + j])
+    kind = ("fp16", "bf16", "resize", "alpha")[j % 4]
+    while True:
+        i = int(rng.integers(made))
+        if kind != "resize" or _params(seed, i, concepts)[1] >= 12:
+            break
+    src, src_name = original(seed, i, groups, concepts), f"m{i:05d}"
+    name = f"c{j:05d}-{kind}-of-{src_name}"
+    if kind in ("fp16", "bf16"):
+        return name, src_name, write_in(src, folder / f"{name}.safetensors", "kohya", kind)
+    if kind == "resize":  # like kohya resize_lora's sv_fro: the smallest rank keeping all but 0.5% of dW
+        resized = next(t for r in (8, 12, 16, 24, 32, 64) for t, e in [truncate(src, r)] if e < 0.005)
+        return name, src_name, write_in(resized, folder / f"{name}.safetensors", "diffusers")
+    other = type(src)({k: type(l)(l.A, l.B * (l.alpha / 1.0), 1.0) for k, l in src.layers.items()})
+    return name, src_name, write_in(other, folder / f"{name}.safetensors", "peft")
+
+
+def chunks(n: int, chunk: int, blocks: int, folder: Path, seed: int = 0):
+    """Yield (files, {copy: original}) chunk by chunk: originals m00000... and the planted copies (~8%) of
+    originals made so far, spread evenly, so the files on disk at once stay bounded."""
     groups = sd15_modules(blocks)
-    rng = np.random.default_rng(seed)
+    concepts = max(CONCEPTS, n // PER_CONCEPT)
     n_copies = int(round(n * COPY_SHARE))
     n_orig = n - n_copies
-    files, planted, originals = [], {}, []
     formats = ("diffusers", "kohya", "peft")
-    for i in range(n_orig):
-        rank = int(np.clip(round(np.exp(rng.uniform(np.log(4), np.log(64)))), 4, 64))
-        alpha = float(rng.choice([1.0, rank / 2, rank]))
-        modules = dict(groups["attn"])
-        extra = rng.integers(0, 4)  # attention only / + ff / + proj / + convs
-        modules |= [{}, groups["ff"], groups["proj"], groups["conv"]][extra]
-        lora = make_model(i, modules, int(rng.integers(CONCEPTS)), rank, alpha, rng)
-        name = f"m{i:05d}"
-        files.append(write_in(lora, folder / f"{name}.safetensors", formats[i % 3]))
-        originals.append((name, lora))
-        if (i + 1) % 100 == 0:
-            log(f"generated {i + 1}/{n_orig} models")
-    kinds = ("fp16", "bf16", "resize", "alpha")
-    for j in range(n_copies):
-        kind = kinds[j % 4]
-        cands = [o for o in originals if kind != "resize" or next(iter(o[1].layers.values())).rank >= 12]
-        src_name, src = cands[int(rng.integers(len(cands)))]
-        name = f"c{j:05d}-{kind}-of-{src_name}"
-        if kind in ("fp16", "bf16"):
-            files.append(write_in(src, folder / f"{name}.safetensors", "kohya", kind))
-        elif kind == "resize":  # like kohya resize_lora's sv_fro: the smallest rank keeping all but 0.5% of dW
-            resized, err = next((t, e) for r in (8, 12, 16, 24, 32, 64) for t, e in [truncate(src, r)] if e < 0.005)
-            files.append(write_in(resized, folder / f"{name}.safetensors", "diffusers"))
-        else:
-            other = type(src)({k: type(l)(l.A, l.B * (l.alpha / 1.0), 1.0) for k, l in src.layers.items()})
-            files.append(write_in(other, folder / f"{name}.safetensors", "peft"))
-        planted[name] = src_name
-    return files, planted
+    j = 0
+    for lo in range(0, n_orig, chunk):
+        hi = min(lo + chunk, n_orig)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        files, planted = [], {}
+        for i in range(lo, hi):
+            lora = original(seed, i, groups, concepts)
+            files.append(write_in(lora, folder / f"m{i:05d}.safetensors", formats[i % 3]))
+        while j < n_copies and j * n_orig < hi * n_copies:
+            name, src, path = write_copy(j, seed, hi, groups, concepts, folder)
+            files.append(path)
+            planted[name] = src
+            j += 1
+        log(f"generated {hi}/{n_orig} models and {j}/{n_copies} copies")
+        yield files, planted
+
+
+def build(work: Path, args) -> dict:
+    """Generate and import the hub chunk by chunk; what the measures need of it (JSON-able)."""
+    from safetensors.torch import load_file  # numpy cannot hold the bf16 copies
+
+    from ingest.importer import import_paths
+    from registry.registry import Registry
+
+    shutil.rmtree(work, ignore_errors=True)
+    reg = Registry.init(work / "registry")
+    folder = work / "loras"
+    state = {"planted": {}, "added": [], "near_copies": [], "skipped": [], "bytes": 0, "files": 0, "truth": {}}
+    state |= {"read_s": 0.0, "import_s": 0.0, "generate_s": 0.0}
+    t0 = time.perf_counter()
+    for files, planted in chunks(args.n, args.chunk, args.blocks, folder):
+        state["generate_s"] += time.perf_counter() - t0
+        state["bytes"] += sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.iterdir()))
+        t0 = time.perf_counter()
+        for p in files:
+            load_file(str(p if p.is_file() else p / "adapter_model.safetensors"))
+        state["read_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = import_paths(reg, [folder], progress=True)
+        state["import_s"] += time.perf_counter() - t0
+        assert not report.errors, report.errors[:3]
+        state["planted"] |= planted
+        state["added"] += [name for name, _ in report.added]
+        state["near_copies"] += [(c["name"], c["of"]) for c in report.near_copies]
+        state["skipped"] += [Path(w).stem for w, _ in report.skipped]
+        state["files"] += len(files)
+        t0 = time.perf_counter()
+    shutil.rmtree(folder, ignore_errors=True)
+    log(f"generated {state['files']} files ({state['bytes'] / 1e9:.2f} GB) in {state['generate_s']:.0f} s, imported "
+        f"in {state['import_s']:.0f} s (safetensors read: {state['read_s']:.0f} s)")  # fmt: skip
+    return state
 
 
 def main() -> None:
@@ -163,41 +230,31 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4, help="transformer blocks (of 16) the models target")
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--keep", action="store_true", help="keep the files and registry (under --out)")
+    ap.add_argument("--chunk", type=int, default=500, help="files generated and imported at a time (bounds the disk)")
+    ap.add_argument("--keep", action="store_true", help="keep the registry (under --out)")
+    ap.add_argument("--reuse", action="store_true", help="time the searches again on a kept registry of the same size")
     args = ap.parse_args()
 
-    from safetensors.torch import load_file  # numpy cannot hold the bf16 copies
-
-    from ingest.importer import import_paths
     from registry import sketches
     from registry.registry import Registry
     from w2w import delta
 
     work = args.out / f"hub-{args.n}-{args.blocks}"
-    shutil.rmtree(work, ignore_errors=True)
-    folder = work / "loras"
-    folder.mkdir(parents=True)
-    t0 = time.perf_counter()
-    files, planted = generate(args.n, args.blocks, folder)
-    size = sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.iterdir()))
-    log(f"generated {len(files)} files ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")
-
-    weight_files = [p if p.is_file() else p / "adapter_model.safetensors" for p in files]
-    t0 = time.perf_counter()
-    for f in weight_files:
-        load_file(str(f))
-    floor_s = time.perf_counter() - t0
-    reg = Registry.init(work / "registry")
-    t0 = time.perf_counter()
-    report = import_paths(reg, [folder], progress=True)
-    import_s = time.perf_counter() - t0
-    assert not report.errors, report.errors[:3]
-    log(f"imported {len(report.added)} in {import_s:.0f} s (safetensors read: {floor_s:.0f} s)")
+    state_path = work / "state.json"
+    if args.reuse and state_path.exists():  # the registry of an earlier run: only the searches are timed again
+        state = json.loads(state_path.read_text())
+        reg = Registry.open(work / "registry")
+    else:
+        state = build(work, args)
+        state_path.write_text(json.dumps(state))
+        reg = Registry.open(work / "registry")
+    planted, size, n_files = state["planted"], state["bytes"], state["files"]
+    floor_s, import_s = state["read_s"], state["import_s"]
 
     # near copies: a planted copy counts as found when reported as a copy of its original or of another copy of it
-    group = {name: planted.get(name, name) for name, _ in report.added} | {s: planted.get(s, s) for s in planted}
-    reported = {(n["name"], n["of"]) for n in report.near_copies}
-    skipped = {Path(w).stem for w, _ in report.skipped}
+    group = {name: planted.get(name, name) for name in state["added"]} | {s: planted.get(s, s) for s in planted}
+    reported = {(a, b) for a, b in state["near_copies"]}
+    skipped = set(state["skipped"])
     # files import in name order: a copy (c...) may come before its original (m...), which is then the one
     # reported, so a pair counts in either direction
     right = {(a, b) for a, b in reported if group.get(a) == group.get(b)}
@@ -212,16 +269,20 @@ def main() -> None:
     table = reg.catalog.model_table()
     ids = sorted(table.rows)
     rng = np.random.default_rng(1)
-    queries = [int(q) for q in rng.choice(ids, size=min(args.queries, len(ids)), replace=False)]
+    queries = [int(q) for q in state["truth"]][: args.queries]  # those of an earlier run first (their truth is kept)
+    queries += [int(q) for q in rng.permutation(ids) if str(q) not in state["truth"]][: args.queries - len(queries)]
     lat, recalls = [], []
     for q in queries:
         reg.search(q, k=10, metric="delta")  # warm the caches (the family index, the memory maps)
         t0 = time.perf_counter()
         got = reg.search(q, k=10, metric="delta")
         lat.append(time.perf_counter() - t0)
-        fq = sketches.factors(reg, q)
-        exact = sorted((delta.distance(fq, sketches.factors(reg, j)), j) for j in ids if j != q)[:10]
-        truth = {j for _, j in exact}
+        if str(q) not in state["truth"]:  # kept in state.json: a --reuse run does not scan again
+            fq = sketches.factors(reg, q)
+            exact = sorted((delta.distance(fq, sketches.factors(reg, j)), j) for j in ids if j != q)[:10]
+            state["truth"][str(q)] = [j for _, j in exact]
+            state_path.write_text(json.dumps(state))
+        truth = set(state["truth"][str(q)])
         recalls.append(len(truth & {h.model.id for h in got.hits}) / 10)
         log(f"query {len(recalls)}/{len(queries)}: recall {recalls[-1]:.2f}, {lat[-1] * 1e3:.1f} ms")
     # the factor distances against dense dW on a few pairs
@@ -239,7 +300,7 @@ def main() -> None:
     print_table(
         ["measure", "value", "target / comparison"],
         [
-            ("import (files/s)", rounded(len(files) / import_s), f"safetensors read {rounded(len(files) / floor_s)}/s"),
+            ("import (files/s)", rounded(n_files / import_s), f"safetensors read {rounded(n_files / floor_s)}/s"),
             ("import / read ratio", rounded(floor_s / import_s), "-"),
             ("near-copy recall", rounded(near_recall), TARGET_NEAR_RECALL),
             ("near-copy precision", rounded(near_precision), f">= {TARGET_NEAR_PRECISION}"),
@@ -256,8 +317,8 @@ def main() -> None:
             "blocks": args.blocks,
             "planted": len(planted),
             "layouts": len(reg.spaces()),
-            "import_files_per_s": len(files) / import_s,
-            "read_files_per_s": len(files) / floor_s,
+            "import_files_per_s": n_files / import_s,
+            "read_files_per_s": n_files / floor_s,
             "near_recall": near_recall,
             "near_precision": near_precision,
             "recall_at_10": float(np.mean(recalls)),

@@ -11,7 +11,11 @@ model's own transaction), so they are as atomic as the model rows and need no fo
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import faiss
@@ -25,7 +29,18 @@ from w2w.lora import LoRA
 
 EXACT_MAX = 64  # matching models below which every one is compared exactly (cheaper than a candidate step)
 CANDIDATES_MIN, CANDIDATES_FACTOR = 30, 3  # sketch candidates re-ranked exactly: max(MIN, FACTOR * k)
-STOP_FACTOR = 0.5  # see _rerank
+# The re-rank's stop rule (see _rerank_sketched): a candidate is compared exactly unless its sketch distance times a
+# floor on (sketch distance / exact distance) exceeds the k-th exact distance found. That ratio is the square
+# root of a weighted mean of chi2(32)/32 x chi2(32)/32 terms, one per module and singular direction of the
+# difference (plus zero-mean cross terms):
+# its spread runs from ~0.2 (a difference in one rank-1 module) to ~0.03 (hub LoRAs, 30+ modules). So the
+# floor is taken from the pairs already compared in this query (at least k, all of the family at the query's
+# scale): their smallest ratio less RATIO_SIGMAS of their spread, within [STOP_MIN, STOP_MAX]. Selection makes
+# the compared ratios low rather than high (small estimates are compared first), so the floor errs low.
+STOP_MIN, STOP_MAX, RATIO_SIGMAS = 0.5, 0.9, 4.0
+# exact comparisons run on this many threads: numpy's products release the GIL, and each is on one BLAS thread
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+VIEWS_KEPT = 4096  # models whose layer views are kept between searches (see mapped_lora)
 # A near-copy candidate's sketch distance may exceed the true distance: the sketch of a difference
 # concentrated in one rank-1 module scales its squared norm by chi2(32)/32 * chi2(32)/32, which exceeds
 # 16 (4x in distance) with probability far below 1e-9; spread over modules it is within ~10%.
@@ -104,10 +119,19 @@ def mapped_lora(reg, model_id: int) -> wdelta.Views:
     from registry.search import MappedStore
 
     _, _, sid, row = reg.catalog.model_table().rows[model_id][:4]
+    # a search compares a model's views with many queries: kept (views of a kept map: ~30 small objects each)
+    lru = reg._cache.get("views") or reg._cache.setdefault("views", OrderedDict())
+    hit = lru.get((sid, row))
+    if hit is not None:
+        lru.move_to_end((sid, row))
+        return hit
     space, layout = reg._space_and_layout(sid)
     key = ("mapped", sid)
     vectors = reg._cache.get(key) or reg._cache.setdefault(key, MappedStore(reg.store(space)))
-    return wdelta.Views.of(vectors.row(row), layout)
+    views = lru[(sid, row)] = wdelta.Views.of(vectors.row(row), layout)
+    if len(lru) > VIEWS_KEPT:
+        lru.popitem(last=False)
+    return views
 
 
 def factors(reg, model_id: int, sq_norm: float | None = None) -> wdelta.Factors:
@@ -150,8 +174,11 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
     else:
         q_sq = wdelta.Factors.of(lora).sq_norm
 
-    def measure(i: int) -> float:
-        return wdelta.search_distance(metric, lora, mapped_lora(reg, i), q_sq, fam.sq_norms[i])
+    def measure(i: int):
+        """The exact distance to model i as a call for a worker thread: the catalog is read here, in the
+        caller's thread (a search holds the catalog's lock: see Catalog.pinned), the math there."""
+        other, o_sq = mapped_lora(reg, i), fam.sq_norms[i]
+        return lambda: wdelta.search_distance(metric, lora, other, q_sq, o_sq)
 
     allowed = fam.ids
     if where and where.strip():
@@ -159,30 +186,78 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
     if self_id is not None:
         allowed = allowed[allowed != self_id]
     if len(allowed) <= max(EXACT_MAX, k):
-        scored = sorted((measure(int(i)), int(i)) for i in allowed)
-        return label, family, [(i, d) for d, i in scored[:k]]
+        return label, family, _rerank(allowed, k, measure)
     sk = wdelta.sketch(lora) if lora is not None else fam.sketch_of(self_id)
     n = max(CANDIDATES_MIN, CANDIDATES_FACTOR * k)
     if metric == "delta-cosine":  # on unit sketches, L2^2 = 2 - 2 cos: nearest in angle
         cand = coeff_index.search(fam.unit_index, _unit(sk[None, :])[0], n, allowed=allowed)
-        return label, family, _rerank(cand, k, measure, None)
-    cand = coeff_index.search(fam.index, sk, n, allowed=allowed)
-    estimates = np.linalg.norm(np.stack([fam.sketch_of(int(i)) for i in cand]) - sk, axis=1) if len(cand) else []
-    return label, family, _rerank(cand, k, measure, estimates)
+        return label, family, _rerank(cand, k, measure)
+
+    def fetch(n: int) -> tuple[np.ndarray, np.ndarray]:
+        cand = coeff_index.search(fam.index, sk, n, allowed=allowed)
+        est = np.linalg.norm(np.stack([fam.sketch_of(int(i)) for i in cand]) - sk, axis=1) if len(cand) else []
+        return cand, np.asarray(est, dtype=np.float64)
+
+    return label, family, _rerank_sketched(fetch, n, len(allowed), k, measure)
 
 
-def _rerank(cand: np.ndarray, k: int, measure, estimates) -> list[tuple[int, float]]:
-    """The k best candidates by exact distance, compared in the sketch's order. With `estimates` (sketch
-    distances), stop once the next candidate's estimate, shrunk by STOP_FACTOR, exceeds the k-th exact
-    distance: a sketch overestimates a distance 2x when its squared ratio (a mix of chi2(>= 32)/32 terms)
-    exceeds 4, which does not happen in practice; near-ties are still all compared."""
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(WORKERS, thread_name_prefix="w2w-rerank")
+
+
+def _run(pool: ThreadPoolExecutor, calls: list) -> list[float]:
+    return list(pool.map(lambda f: f(), calls)) if len(calls) > 1 else [f() for f in calls]
+
+
+def _stop_floor(ratios: list[float]) -> float:
+    if len(ratios) < 3:
+        return STOP_MIN
+    r = np.asarray(ratios)
+    return float(np.clip(r.min() - RATIO_SIGMAS * r.std(), STOP_MIN, STOP_MAX))
+
+
+def _rerank(cand: np.ndarray, k: int, measure) -> list[tuple[int, float]]:
+    """The k best of `cand` by exact distance, every one compared (`measure(i)`: a call that computes it)."""
+    ids = cand.tolist()
+    scored = sorted(zip(_run(_pool(), [measure(i) for i in ids]), ids, strict=True))
+    return [(i, d) for d, i in scored[:k]]
+
+
+def _rerank_sketched(fetch, n: int, total: int, k: int, measure) -> list[tuple[int, float]]:
+    """The k best by exact distance of the candidates `fetch(n)` proposes (ids, sketch distances ascending).
+
+    The first k are compared, then the next ones in waves of WORKERS while a candidate's estimate times the
+    stop floor (see STOP_MIN) does not exceed the k-th exact distance found. When the candidates run out
+    before that rule stops (near-ties: many models at almost the k-th distance), 4x more are fetched."""
     best: list[tuple[float, int]] = []
-    for pos, i in enumerate(cand.tolist()):
-        if estimates is not None and len(best) >= k and STOP_FACTOR * estimates[pos] > best[k - 1][0]:
-            break
-        best.append((measure(i), i))
-        best.sort()
-    return [(i, d) for d, i in best[:k]]
+    ratios: list[float] = []
+    done: set[int] = set()
+    while True:
+        cand, est = fetch(n)
+        todo = [(i, e) for i, e in zip(cand.tolist(), est.tolist(), strict=True) if i not in done]
+        pos = 0
+        while pos < len(todo):
+            if len(best) >= k:
+                limit = best[k - 1][0] / _stop_floor(ratios)
+                m = 0
+                while m < WORKERS and pos + m < len(todo) and todo[pos + m][1] <= limit:
+                    m += 1
+                if m == 0:
+                    return [(i, d) for d, i in best[:k]]
+            else:
+                m = k - len(best)
+            wave = todo[pos : pos + m]
+            for (i, e), d in zip(wave, _run(_pool(), [measure(i) for i, _ in wave]), strict=True):
+                best.append((d, i))
+                done.add(i)
+                if d > 0:
+                    ratios.append(e / d)
+            best.sort()
+            pos += m
+        if len(cand) >= total:
+            return [(i, d) for d, i in best[:k]]
+        n *= 4
 
 
 def guess(rel: float, other_ranks: bool = False) -> str:

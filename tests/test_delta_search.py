@@ -204,3 +204,37 @@ def test_sketch_candidates_agree_with_brute_force(tmp_path):
         exact = sorted((delta.distance(facs[q], facs[j]), j) for j in facs if j != q)[:5]
         got = reg.search(q, k=5, metric="delta")
         assert [h.model.id for h in got.hits] == [j for _, j in exact]
+
+
+def test_near_ties_beyond_the_first_candidates_are_still_found(tmp_path):
+    """100 unrelated LoRAs of one shape and scale: every distance is within a few % of every other, so the exact
+    top 10 lies past the first sketch candidates; the re-rank fetches more until its stop rule holds."""
+    reg = Registry.init(tmp_path / "reg")
+    assert not reg.add_models([NewModel.from_lora(f"u{i}", lora_on(SD15, 2, 2.0, 5000 + i)) for i in range(100)]).errors
+    facs = {i: sketches.factors(reg, i) for i in reg.catalog.model_table().rows}
+    for q in list(facs)[:8]:
+        exact = sorted((delta.distance(facs[q], facs[j]), j) for j in facs if j != q)[:10]
+        got = reg.search(q, k=10, metric="delta")
+        assert [h.model.id for h in got.hits] == [j for _, j in exact]
+
+
+def test_rerank_stops_by_its_rule_and_grows_the_candidates_when_they_run_out():
+    rng = np.random.default_rng(0)
+    exact = 1.0 + rng.random(400)  # the k-th within a few % of many others
+    est = exact * (1 + 0.03 * rng.standard_normal(400))  # a sketch's ~3% error
+    order = np.argsort(est)
+    asked: list[int] = []
+
+    def fetch(n):
+        asked.append(n)
+        return order[:n], est[order[:n]]
+
+    measured = []
+
+    def measure(i):
+        measured.append(i)
+        return lambda: float(exact[i])
+
+    got = sketches._rerank_sketched(fetch, 30, 400, 10, measure)
+    assert [i for i, _ in got] == np.argsort(exact)[:10].tolist()
+    assert len(asked) > 1 and len(set(measured)) == len(measured) < 400  # grew; compared each once; stopped

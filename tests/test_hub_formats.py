@@ -191,16 +191,19 @@ def test_half_precision_exports_keep_their_dtype_and_values(sd15, fmt, dtype, tm
                for m, l in lora.layers.items())  # fmt: skip
 
 
-def test_peft_export_loads_with_peft_unet_and_text_encoder(sd15, tmp_path):
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_peft_export_loads_with_peft_unet_and_text_encoder(request, model, tmp_path):
     from peft import PeftModel
 
-    path, want = _kohya_case(sd15, "diffusers", "fp32", tmp_path, sdxl=False)
+    pipe = request.getfixturevalue(model)
+    path, want = _kohya_case(pipe, "sgm" if model == "sdxl" else "diffusers", "fp32", tmp_path, sdxl=model == "sdxl")
     lora = read_lora(path).lora
     files = write_lora(lora, tmp_path / "peft", "peft")
-    assert tmp_path / "peft" / "text_encoder" / "adapter_config.json" in files
+    encoders = ["text_encoder"] + (["text_encoder_2"] if model == "sdxl" else [])
+    assert all(tmp_path / "peft" / e / "adapter_config.json" in files for e in encoders)
     got = {}
-    for comp, folder in (("unet", tmp_path / "peft"), ("text_encoder", tmp_path / "peft" / "text_encoder")):
-        model = PeftModel.from_pretrained(copy.deepcopy(getattr(sd15, comp)), str(folder), adapter_name="p")
+    for comp, folder in [("unet", tmp_path / "peft")] + [(e, tmp_path / "peft" / e) for e in encoders]:
+        model = PeftModel.from_pretrained(copy.deepcopy(getattr(pipe, comp)), str(folder), adapter_name="p")
         shim = type("P", (), {comp: model.base_model.model})()
         got |= pipeline_deltas(shim, "p")
     _assert_deltas(got, want, LOADED_C, "peft export")
@@ -264,6 +267,35 @@ def test_lycoris_converted_exactly_and_loads(sd15, algo, tmp_path):
     _assert_deltas(_ours(lora), want, OURS_C, "read")
     (written,) = write_lora(lora, tmp_path / "out", "diffusers")
     _assert_deltas(_loaded(sd15, tmp_path / "out", written.name, algo), want, LOADED_C, "diffusers export")
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+@pytest.mark.parametrize("cross_width, conv", [(768, True), (1024, False)])
+def test_flattened_proj_in_is_a_1x1_conv_when_the_shapes_say_sd1(algo, cross_width, conv, tmp_path):
+    """LoHa/LoKr store a 1x1 conv's update flattened; with no metadata, SD 1.x (proj_in a conv) is told from
+    SD 2.x (a Linear) by the cross-attention width alone (768 vs 1024): real widths, channel count 320."""
+    g = torch.Generator().manual_seed(3)
+    block = "down_blocks.0.attentions.0"
+    mods = {
+        f"{block}.transformer_blocks.0.attn2.to_k": torch.nn.Linear(cross_width, 320, bias=False),
+        f"{block}.proj_in": torch.nn.Conv2d(320, 320, 1) if conv else torch.nn.Linear(320, 320),
+    }
+    tensors, want = {}, {}
+    for m, mod in mods.items():
+        stem = names.kohya_stem(m, sdxl_text=False)
+        t, w = loha_tensors(mod, stem, g, 2, 1.0, False) if algo == "loha" else lokr_tensors(mod, stem, g, "full", 1.0)
+        tensors |= t
+        want[m] = w
+    save_file(tensors, str(tmp_path / "x.safetensors"))  # no metadata at all
+    lora = read_lora(tmp_path / "x.safetensors").lora
+    proj = lora.layers[f"{block}.proj_in"]
+    assert proj.A.ndim == (4 if conv else 2)
+    _assert_deltas(_ours(lora), want, OURS_C, "read")
+    (written,) = write_lora(lora, tmp_path / "out", "kohya")
+    with safe_open(str(written), "np") as f:
+        assert f.get_tensor(f"{names.kohya_stem(f'{block}.proj_in', sdxl_text=False)}.lora_down.weight").ndim == (
+            4 if conv else 2
+        )
 
 
 def test_tucker_locon(sd15, tmp_path):

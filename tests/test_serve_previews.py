@@ -401,6 +401,7 @@ def test_edit_panel_sliders_redraw_and_save_in_chromium(hub, tmp_path):
         original = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#preview-original[src]")))
         assert data_url_png(original.get_attribute("src")) == hub.png("toy-5", seed=0, steps=20)[2]
         slider = driver.find_element(By.ID, "dir-glasses")
+        assert float(slider.get_attribute("max")) == 5.0  # as far as the server renders (max_strength)
         assert driver.find_element(By.ID, "save-edit").get_attribute("disabled")  # nothing to save yet
         slider.send_keys(*[Keys.ARROW_RIGHT] * 8)  # eight steps of 0.1, as a user's keyboard moves it
         edited = driver.find_element(By.ID, "preview-edited")

@@ -71,6 +71,11 @@ def from_metadata(meta: Mapping[str, str] | None, base_model: str | None = None)
     return None
 
 
+def from_cross_width(width: int) -> str | None:
+    """The family whose UNet cross-attention takes `width`-wide text embeddings, or None."""
+    return _CROSS_WIDTH.get(width)
+
+
 def from_shapes(layout: Layout) -> str | None:
     """The family the module names and shapes settle, or None when they do not."""
     votes: set[str] = set()

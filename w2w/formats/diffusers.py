@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 
 from w2w.errors import UnknownFormatError
 from w2w.formats.common import LayerParts, as_int_if_whole, assemble, pattern_lookup, split_default_and_pattern
@@ -169,8 +170,28 @@ def split_components(lora: LoRA) -> dict[str, LoRA]:
     return {c: LoRA(layers, lora.base_model) for c, layers in out.items()}
 
 
-def without_text_model(part: LoRA) -> LoRA:
-    """A text encoder's part with module names as transformers 5 has them (no leading `text_model.`)."""
+# the CLIP class diffusers' pipelines load for each text encoder (SDXL's second one has the projection)
+_CLIP_CLASS = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+
+
+@lru_cache(maxsize=2)
+def _has_text_model(cls_name: str) -> bool:
+    """Whether the installed transformers' CLIP class nests its layers under `text_model.` (transformers 4 both
+    classes; transformers 5 only CLIPTextModelWithProjection). Built on the meta device: no memory, ~10 ms."""
+    import torch
+    import transformers
+
+    cfg = transformers.CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    with torch.device("meta"):
+        model = getattr(transformers, cls_name)(cfg)
+    return any(n.startswith("text_model.") for n, _ in model.named_modules())
+
+
+def installed_clip_paths(part: LoRA, component: str) -> LoRA:
+    """A text encoder's part with module names as the installed transformers' CLIP class has them (our canonical
+    names keep `text_model.`; PEFT needs a saved key to equal the model's own path)."""
+    if _has_text_model(_CLIP_CLASS.get(component, "CLIPTextModel")):
+        return part
     return LoRA({m.removeprefix("text_model."): l for m, l in part.layers.items()}, part.base_model)
 
 
@@ -182,7 +203,7 @@ def to_tensors(lora: LoRA) -> tuple[dict, dict[str, str]]:
             tensors[f"{comp}.{m}.lora_B.weight"] = l.B
         # PEFT matches target_modules and patterns as suffixes: without CLIP's `text_model.` (which transformers 5
         # dropped from CLIPTextModel) they match text encoders with and without it; diffusers strips the tensors'
-        meta |= {f"{comp}.{k}": v for k, v in adapter_metadata(without_text_model(part)).items()}
+        meta |= {f"{comp}.{k}": v for k, v in adapter_metadata(installed_clip_paths(part, comp)).items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
     if lora.base_model:
         metadata["base_model"] = lora.base_model

@@ -57,7 +57,45 @@ class _Plan:
 
 
 _plans: OrderedDict[tuple, _Plan] = OrderedDict()
+# headers read once: a plan is compiled (a second parse, as long as the first) on a header's second file, since
+# on a hub of mixed LoRAs most headers come once and a plan made for them would never be used
+_seen: OrderedDict[tuple, None] = OrderedDict()
+MAX_SEEN = 4096
 _lock = threading.Lock()
+
+
+def _header_digest(header: bytes) -> bytes:
+    """A digest of a header up to the order of its metadata entries, which safetensors writes in hash-map order
+    (two files of one layout and metadata may differ there alone; their offsets and lengths do not)."""
+    import json
+
+    info = json.loads(header)
+    return hashlib.sha256(json.dumps(info, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+_canonical: OrderedDict[bytes, bytes] = OrderedDict()  # digest of a header's bytes -> _header_digest
+
+
+def _plan_key(header: bytes, base_model: str | None, drop_text_encoder: bool) -> tuple:
+    raw = hashlib.sha256(header).digest()  # ~10 us; the canonical digest parses the JSON (~0.3 ms per 10 KB)
+    canon = _canonical.get(raw)
+    if canon is None:
+        canon = _header_digest(header)
+        with _lock:
+            _canonical[raw] = canon
+            while len(_canonical) > MAX_SEEN:
+                _canonical.popitem(last=False)
+    return (canon, base_model, drop_text_encoder)
+
+
+def _seen_before(key: tuple) -> bool:
+    with _lock:
+        if key in _seen:
+            return True
+        _seen[key] = None
+        while len(_seen) > MAX_SEEN:
+            _seen.popitem(last=False)
+        return False
 
 
 def read_vector(
@@ -77,8 +115,8 @@ def read_vector(
         raise LoRAFileError(path, f"cannot be read ({e.strerror})") from None
     sha = hashlib.sha256(data).hexdigest()
     header = header_bytes(data)
-    key = (header, base_model, drop_text_encoder)
-    plan = _plans.get(key) if header is not None else None
+    key = _plan_key(header, base_model, drop_text_encoder) if header is not None else None
+    plan = _plans.get(key) if key is not None else None
     if plan is not None and len(data) == plan.body_offset + 4 * plan.body_floats:
         body = np.frombuffer(data, dtype=np.float32, offset=plan.body_offset, count=plan.body_floats)
         vector = body[plan.gather]  # (D,) copy, in layout order
@@ -92,7 +130,7 @@ def read_vector(
     check_lora(lora, path)
     layout = lora.layout()
     vector = flatten(lora, layout)
-    if header is not None and fmt != "peft":
+    if header is not None and fmt != "peft" and _seen_before(key):
         new = _compile(data, header, tf, fmt, layout, vector, lora.meta, base_model, drop_text_encoder)
         if new is not None:
             with _lock:

@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from w2w import family as wfamily
 from w2w.errors import UnknownFormatError
 from w2w.formats import lycoris, names
 from w2w.formats.common import LayerParts, assemble
@@ -64,18 +65,32 @@ def looks_like(keys: list[str]) -> bool:
     return any(k.startswith(tuple(names.KOHYA_PREFIXES)) for k in keys)
 
 
-def _kernel(module: str, metadata: dict[str, str]) -> tuple[int, int] | None:
+def _kernel(module: str, sd1: bool) -> tuple[int, int] | None:
     """The conv kernel of a module, from its name; proj_in/out are 1x1 convs in SD 1.x only (Linear later)."""
     if module.endswith(_CONV3):
         return (3, 3)
     if module.endswith("conv_shortcut"):
         return (1, 1)
     if module.endswith(("proj_in", "proj_out")) and not names.is_text_encoder(module):
-        sd1 = metadata.get("ss_base_model_version", "").startswith("sd_v1") or metadata.get(
-            "modelspec.architecture", ""
-        ).startswith("stable-diffusion-v1")
         return (1, 1) if sd1 else None
     return None
+
+
+def _sd1(groups: dict[str, dict[str, np.ndarray]], metadata: dict[str, str], path) -> bool:
+    """Whether the file is for SD 1.x, whose proj_in/out are 1x1 convs that LoHa/LoKr store flattened: from
+    the metadata, else from the cross-attention input width (SD 1.x 768, SD 2.x 1024, SDXL 2048)."""
+    if metadata.get("ss_base_model_version", "").startswith("sd_v1") or metadata.get(
+        "modelspec.architecture", ""
+    ).startswith("stable-diffusion-v1"):
+        return True
+    for module, g in groups.items():
+        if module.endswith(("attn2.to_k", "attn2.to_v")) and not names.is_text_encoder(module):
+            g = {k: v for k, v in g.items() if k != "alpha"}
+            A = g.get("lora_down.weight")
+            if A is None:
+                A = lycoris.to_lora(g, None, None, module, path)[0]
+            return wfamily.from_cross_width(A.reshape(A.shape[0], -1).shape[1]) == "sd15"
+    return False
 
 
 def parse(tf: TensorFile, base_model: str | None = None, drop_text_encoder: bool = False) -> LoRA:
@@ -98,6 +113,7 @@ def parse(tf: TensorFile, base_model: str | None = None, drop_text_encoder: bool
         groups.setdefault(module, {})[suffix] = t
     parts: dict[str, LayerParts] = {}
     kinds = set()
+    sd1 = _sd1(groups, tf.metadata, tf.path)
     for module, g in groups.items():
         p = parts[module] = LayerParts()
         alpha = float(np.asarray(g.pop("alpha")).reshape(-1)[0]) if "alpha" in g else None
@@ -107,7 +123,7 @@ def parse(tf: TensorFile, base_model: str | None = None, drop_text_encoder: bool
             if p.A is not None and p.A.ndim == 4 and p.A.shape[2:] != (1, 1):
                 kind = "locon"
         else:
-            p.A, p.B, p.alpha = lycoris.to_lora(g, alpha, _kernel(module, tf.metadata), module, tf.path)
+            p.A, p.B, p.alpha = lycoris.to_lora(g, alpha, _kernel(module, sd1), module, tf.path)
             kind = "locon" if kind == "lora" else kind
         kinds.add(kind)
     lora = assemble(parts, tf.path, None, None, base_model)

@@ -30,6 +30,7 @@ attention, so its upsampler is output_blocks.2.1.conv, a case diffusers' own map
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 # Multi-word names, longest first so that greedy matching takes the whole name.
 _COMPOUNDS = sorted(
@@ -122,6 +123,7 @@ TEXT_MODULE = re.compile(
 )
 
 
+@lru_cache(maxsize=16384)  # every file of a hub spells the same few hundred modules
 def demangle(name: str) -> str:
     """Undo kohya's mangling: down_blocks_0_attentions_0_..._attn1_to_q -> down_blocks.0.attentions.0....attn1.to_q"""
     toks = name.split("_")

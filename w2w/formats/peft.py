@@ -103,7 +103,7 @@ def to_folders(lora: LoRA) -> dict[str, tuple[dict, dict[str, str], dict]]:
     parts = dfmt.split_components(lora)
     return {
         ("" if comp == "unet" or len(parts) == 1 else comp): to_files(
-            part if comp == "unet" else dfmt.without_text_model(part)  # the installed transformers' CLIP paths
+            part if comp == "unet" else dfmt.installed_clip_paths(part, comp)
         )
         for comp, part in parts.items()
     }
