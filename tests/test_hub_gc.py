@@ -124,6 +124,13 @@ def test_gc_frees_what_no_revision_names_and_every_revision_still_reads(hub):
     assert "ok" in run(hub.reg.root, "verify").stdout
     again = collect(hub.store, grace=0)
     assert again.bytes_freed == 0 and again.objects.count == 0
+    # temp files: an interrupted upload's (hours old) goes; one being written now stays, even with --grace 0
+    shard = hub.store.object_path(hashlib.sha256(kept).hexdigest()).parent
+    for name, age in ((".upload-old", 2 * 3600), (".upload-now", 0)):
+        (shard / name).write_bytes(b"x" * 10)
+        os.utime(shard / name, (time.time() - age, time.time() - age))
+    assert collect(hub.store, grace=0).leftovers == Removed(1, 10)
+    assert [p.name for p in shard.glob(".upload-*")] == [".upload-now"]
     # and the repos take commits as before
     hub.upload("op/squash", "f.bin", squashed)
     assert api.hf_hub_download("op/squash", "f.bin") and hub.has(squashed)

@@ -5,7 +5,8 @@ Removed, once older than the grace period:
   refused after its record was written); until then they stay readable by oid, as after a squash;
 - objects no remaining commit names: the files of deleted repos, of squashed history and deleted branches,
   LFS objects uploaded but never committed (the grace period covers an upload whose commit is still to come);
-- leftovers of interrupted writes: temp files in objects/ and in repo folders, trash/ of interrupted deletes.
+- leftovers of interrupted writes: temp files in objects/ and in repo folders (once an hour old, whatever the
+  grace period: an LFS upload streams into one outside any lock), trash/ of interrupted deletes.
 Removed at once: incoming/ folders of processes that no longer run and expired multipart uploads
 (registry.hubs.staging.stale_incoming), and the LFS markers of objects that are gone.
 
@@ -34,6 +35,9 @@ from registry.hubs.store import RepoStore
 from w2w.errors import HubError
 
 DEFAULT_GRACE = 3600.0  # seconds
+# a temp file may belong to a write in flight outside any lock (an LFS upload streaming into objects/, a repo's
+# LFS marker): removed only once this old, whatever the grace period
+TEMP_AGE = 3600.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -172,7 +176,7 @@ def _sweep_commits(folder: Path, kept: set[str], cutoff: float, report: GcReport
             for e in it:
                 st = e.stat()
                 if e.name.startswith("."):  # an interrupted atomic write's temp file
-                    if st.st_mtime < cutoff:
+                    if st.st_mtime < min(cutoff, time.time() - TEMP_AGE):
                         report.leftovers.add(st.st_size)
                         _remove(Path(e.path), dry_run)
                 elif sub == "commits" and e.name.endswith(".json") and e.name[:-5] not in kept:
@@ -200,7 +204,7 @@ def _sweep_objects(store: RepoStore, live: set[str], cutoff: float, report: GcRe
                         continue
                     report.objects.add(st.st_size)
                     removed.add(e.name)
-                elif st.st_mtime < cutoff:  # an interrupted upload's or write's temp file
+                elif st.st_mtime < min(cutoff, time.time() - TEMP_AGE):  # an interrupted upload's temp file
                     report.leftovers.add(st.st_size)
                 else:
                     continue
