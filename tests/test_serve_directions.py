@@ -145,3 +145,12 @@ def test_a_direction_that_cannot_be_fitted_over_what_a_caller_reads_is_missing_f
             "POST", "/api/w2w/edit", {"model": "alice.pub1", "directions": {"hat": 1}}, BOB
         )
         assert status == 400 and "no direction 'hat'" in out["error"], out
+
+
+def test_a_private_server_lists_directions_to_token_holders_only(hub):
+    server = LiveServer(create_app(hub.reg, {ALICE: "alice"}, private=True))
+    try:
+        assert server.request("GET", "/api/w2w/directions")[0] == 401
+        assert server.request("GET", "/api/w2w/directions", token=ALICE)[0] == 200
+    finally:
+        server.stop()
