@@ -146,19 +146,21 @@ def test_a_commit_in_flight_is_safe(hub):
     api.delete_repo("op/old")  # reused is now unreferenced
     api.create_repo("op/new")
 
-    pad = content("pad", 800_000)  # the server hands the body on in batches of 1 MiB: this one fills the first
+    # the server hands the body on in batches of >= 1 MiB (the rest waits for more): 3.2 MB make at least two
+    # batches, so the lines before the second pad (ending at 1.1 MB) are read whole while the body is held
+    pad, pad2 = content("pad", 800_000), content("pad2", 1_500_000)
 
     def line(path: str, data: bytes) -> str:
         return json.dumps({"key": "file", "value": {"content": base64.b64encode(data).decode(), "path": path,
                                                     "encoding": "base64"}}) + "\n"  # fmt: skip
 
     header = json.dumps({"key": "header", "value": {"summary": "slow"}}) + "\n"
-    first = (header + line("r.bin", reused) + line("pad.bin", pad)).encode()
+    first = (header + line("r.bin", reused) + line("pad.bin", pad) + line("pad2.bin", pad2)).encode()
     release, answer = threading.Event(), {}
 
     def body():
         yield first
-        release.wait(30)
+        release.wait(120)
         yield b""  # the end of the body comes only once the collector ran
 
     def send():
@@ -171,15 +173,15 @@ def test_a_commit_in_flight_is_safe(hub):
     sender = threading.Thread(target=send)
     sender.start()
     incoming = hub.store.root / "incoming"
-    deadline = time.monotonic() + 30
-    while not any(f.is_file() and f.stat().st_size == len(pad) for f in incoming.rglob("*")):  # both lines read
+    deadline = time.monotonic() + 120  # a machine under load is slow
+    while not any(f.is_file() and f.stat().st_size == len(pad) for f in incoming.rglob("*")):  # r.bin's read
         assert time.monotonic() < deadline, "the commit's content was not staged"
         time.sleep(0.02)
     report = collect(hub.store, grace=0)  # the commit is still receiving: it holds no lock
     assert report.objects.count == 1 and not hub.has(reused)  # the stored copy went ...
     assert report.leftovers.count == 0  # ... the staged one of a live process did not
     release.set()
-    sender.join(30)
+    sender.join(120)
     assert answer["status"] == 200, answer
     assert hub.has(reused) and Path(api.hf_hub_download("op/new", "r.bin")).read_bytes() == reused
 
