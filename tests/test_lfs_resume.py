@@ -34,7 +34,7 @@ class StopsBeforePart2(io.BufferedReader):
     def read(self, size: int | None = -1) -> bytes:
         if self.hashed and self.tell() >= PART and not self.go.is_set():
             self.reached.set()
-            assert self.go.wait(120), "the server was not restarted"
+            assert self.go.wait(300), "the server was not restarted"
         data = super().read(size)
         self.hashed |= not data  # the first pass ended
         return data
@@ -64,7 +64,7 @@ def test_a_multipart_upload_resumes_after_the_server_restarts(tmp_path, monkeypa
         client = threading.Thread(target=upload)
         client.start()
         try:
-            assert source.reached.wait(120), errors
+            assert source.reached.wait(300), errors
             incoming = reg / "repos" / "incoming"
             (upload_dir,) = incoming.iterdir()
             assert [p.name for p in upload_dir.glob("part-*")] == ["part-1"]  # part 1 was received
@@ -72,7 +72,7 @@ def test_a_multipart_upload_resumes_after_the_server_restarts(tmp_path, monkeypa
             server = ServeProcess(reg, TOKEN, "--lfs", "--lfs-part-mb", "1", port=server.port)
         finally:
             source.go.set()
-            client.join(120)
+            client.join(300)
         assert not errors, errors
         info = api.get_paths_info("op/big", ["w.bin"])[0]
         assert info.lfs.sha256 == hashlib.sha256(blob).hexdigest() and info.lfs.size == len(blob)
