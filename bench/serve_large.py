@@ -11,6 +11,9 @@ huggingface_hub, each in its own process. Sides, on the same random file of --si
                   NDJSON commit body, or (lfs path: `serve --lfs` and HF_HUB_DISABLE_XET=1) the Git LFS
                   batch API (multipart for big files), then the commit
   download        hf_hub_download of it into an empty cache
+  plain download  the same GET of `resolve` read by http.client into an 8 MiB buffer and written to a file:
+                  a client that does no more than a copy does, so this row is the server's own speed (the
+                  difference to the hf_hub_download row is the client's)
 Each row: seconds, MB/s, copy time / side time (1.0 = as fast as a copy; the target is >= 0.5), and the
 server's peak RSS during that side (the target is < 300 MB whatever the file size), and the CPU seconds the
 server and the client used (on a machine shared with other work, wall time is noisy; CPU time less so).
@@ -147,6 +150,18 @@ DOWNLOAD = (
     "import sys; from huggingface_hub import hf_hub_download; "
     "print(hf_hub_download(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3]))"
 )
+PLAIN_DOWNLOAD = """
+import http.client, os, sys
+port, repo, path, out = sys.argv[1:]
+conn = http.client.HTTPConnection("127.0.0.1", int(port))
+conn.request("GET", f"/{repo}/resolve/main/{path}", headers={"Authorization": "Bearer " + os.environ["HF_TOKEN"]})
+resp = conn.getresponse()
+assert resp.status == 200, resp.status
+buf = bytearray(8 << 20)
+with open(out, "wb", buffering=0) as f:
+    while n := resp.readinto(buf):
+        f.write(memoryview(buf)[:n])
+"""
 
 
 def run_path(tmp: Path, src: Path, lfs: bool, size_mb: int) -> list[dict]:
@@ -162,12 +177,17 @@ def run_path(tmp: Path, src: Path, lfs: bool, size_mb: int) -> list[dict]:
         down = _timed(server, [sys.executable, "-c", DOWNLOAD, REPO, "big.bin", str(root / "cache")], env, src)
         got = next((root / "cache").rglob("snapshots/*/big.bin"))
         assert got.stat().st_size == src.stat().st_size, "the download is not the file"
+        got.unlink()  # (the blob it links to stays: a file system of the size of two copies is enough)
+        plain_cmd = [sys.executable, "-c", PLAIN_DOWNLOAD, str(server.port), REPO, "big.bin", str(root / "plain.bin")]
+        plain = _timed(server, plain_cmd, env, src)
+        assert (root / "plain.bin").stat().st_size == src.stat().st_size, "the download is not the file"
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
     return [
         {"path": name, "side": "upload (hf upload)", "idle_rss": idle, **up},
         {"path": name, "side": "download (hf_hub_download)", "idle_rss": idle, **down},
+        {"path": name, "side": "download (plain HTTP)", "idle_rss": idle, **plain},
     ]
 
 

@@ -43,6 +43,7 @@ def _register() -> None:
     from cli import (
         demo,
         edits,
+        hub,
         ingest,
         invert,
         maintenance,
@@ -55,7 +56,7 @@ def _register() -> None:
         toyfaces,
     )
 
-    for module in (models, ingest, invert, search, space, edits, render, maintenance, serve, demo, tour, toyfaces):
+    for module in (models, ingest, invert, search, space, edits, render, maintenance, serve, hub, demo, tour, toyfaces):
         for command in module.COMMANDS:
             cli.add_command(command)
 

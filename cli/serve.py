@@ -38,6 +38,13 @@ from cli.errors import fail
     "huggingface_hub with hf_xet sends such files through Xet, which this server does not speak (501).",
 )
 @click.option(
+    "--lfs-part-mb",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="With --lfs: an LFS object bigger than this goes up in parts of this size (the multipart transfer).",
+)
+@click.option(
     "--max-upload-mb",
     type=click.IntRange(1),
     default=1024,
@@ -86,6 +93,7 @@ def serve(
     private,
     index_branches,
     lfs,
+    lfs_part_mb,
     max_upload_mb,
     registry_dir,
     render_base,
@@ -155,6 +163,7 @@ def serve(
         renderer=previewer,
         render_limits=limits,
     )
+    app.state.w2w.lfs_part_size = lfs_part_mb << 20
     # the base models load while the server starts answering: the first preview need not wait for them
     threading.Thread(target=warm, args=(previewer,), daemon=True, name="warm-previews").start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")

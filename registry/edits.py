@@ -10,7 +10,7 @@ vectors (`--in raw`).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -20,9 +20,13 @@ from w2w import expr
 from w2w.errors import DirectionError, SpaceMismatchError, UnknownModelError, W2WError
 
 MODES = ("auto", "subspace", "raw", "factors")
+# (registry, subspace, attribute) -> the direction, None when there is none: the stored one (load_direction), or
+# one a caller may see (the server fits directions over the models a caller may read)
+Loader = Callable[..., "dirs.Direction | None"]
 
 
-def _labelled(reg, sm: wspace.SpaceModel, attribute: str) -> tuple[list[int], np.ndarray]:
+def labelled(reg, sm: wspace.SpaceModel, attribute: str) -> tuple[list[int], np.ndarray]:
+    """(model ids, labels) of the models of subspace `sm` that have `attribute`, by id: what a fit uses."""
     with reg.catalog.connect() as con:
         known = con.execute("SELECT 1 FROM attribute_keys WHERE key = ?", [attribute]).fetchone()
         rows = con.execute(
@@ -35,23 +39,43 @@ def _labelled(reg, sm: wspace.SpaceModel, attribute: str) -> tuple[list[int], np
     return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.float64)
 
 
+def compute_direction(
+    reg,
+    sm: wspace.SpaceModel,
+    attribute: str,
+    method: str | None = None,
+    debias: Sequence[str] = (),
+    keep: Callable[[int], bool] | None = None,
+) -> dirs.Direction:
+    """The direction of `attribute` in subspace `sm` (optionally debiased), fitted over the labelled models
+    `keep` accepts (all of them by default), without storing it."""
+
+    def fit(name: str, how: str) -> tuple[dirs.Direction, np.ndarray]:
+        ids, y = labelled(reg, sm, name)
+        if keep is not None:
+            kept = [i for i, mid in enumerate(ids) if keep(mid)]
+            ids, y = [ids[i] for i in kept], y[kept]
+        C = wspace.coefficients(reg, sm, ids)  # (n, k)
+        return dirs.fit_direction(C, y, how, name), C
+
+    d, C = fit(attribute, method or dirs.DEFAULT_METHOD)
+    if debias:
+        others = []
+        for other in debias:
+            if other == attribute:
+                raise DirectionError(f"cannot debias {attribute!r} against itself")
+            others.append(fit(other, d.method)[0])
+        d = dirs.debias(d, others, C)
+    return d
+
+
 def fit_direction(
     reg, attribute: str, method: str | None = None, debias: tuple[str, ...] = (), space_id: str | None = None
 ) -> dict:
     """Fit and store the direction of `attribute` in the current subspace (optionally debiased)."""
     space_id = wspace.pick_space(reg, space_id)
     sm = wspace.require(reg, space_id)
-    ids, y = _labelled(reg, sm, attribute)
-    C = wspace.coefficients(reg, sm, ids)
-    d = dirs.fit_direction(C, y, method or dirs.DEFAULT_METHOD, attribute)
-    if debias:
-        others = []
-        for other in debias:
-            if other == attribute:
-                raise DirectionError(f"cannot debias {attribute!r} against itself")
-            oid, oy = _labelled(reg, sm, other)
-            others.append(dirs.fit_direction(wspace.coefficients(reg, sm, oid), oy, d.method, other))
-        d = dirs.debias(d, others, C)
+    d = compute_direction(reg, sm, attribute, method, debias)
     with reg.writing(), reg.catalog.connect(write=True) as con:
         con.execute(
             "INSERT OR REPLACE INTO directions (subspace_id, attribute, method, debiased_against, vector, "
@@ -83,6 +107,7 @@ def direction_info(d: dirs.Direction, subspace_id: str) -> dict:
 
 
 def load_direction(reg, sm: wspace.SpaceModel, attribute: str) -> dirs.Direction | None:
+    """The stored direction of `attribute` in subspace `sm` (None when it was not fitted)."""
     with reg.catalog.connect() as con:
         row = con.execute(
             "SELECT method, vector, score_mean, score_std, n_models, debiased_against FROM directions "
@@ -97,7 +122,8 @@ def load_direction(reg, sm: wspace.SpaceModel, attribute: str) -> dirs.Direction
     )
 
 
-def list_directions(reg, space_id: str | None = None) -> list[dict]:
+def list_directions(reg, space_id: str | None = None, load: Loader = load_direction) -> list[dict]:
+    """The directions of each space's current subspace (as `load` gives them: one it gives None is left out)."""
     out = []
     for space in reg.spaces():
         if space_id and space.id != space_id:
@@ -112,12 +138,13 @@ def list_directions(reg, space_id: str | None = None) -> list[dict]:
                     "SELECT attribute FROM directions WHERE subspace_id = ? ORDER BY attribute", [sm.id]
                 ).fetchall()
             ]
-        out += [direction_info(load_direction(reg, sm, a), sm.id) for a in names]
+        found = ((a, load(reg, sm, a)) for a in names)
+        out += [direction_info(d, sm.id) for a, d in found if d is not None]
     return out
 
 
-def _require_direction(reg, sm: wspace.SpaceModel, attribute: str) -> dirs.Direction:
-    d = load_direction(reg, sm, attribute)
+def _require_direction(reg, sm: wspace.SpaceModel, attribute: str, load: Loader) -> dirs.Direction:
+    d = load(reg, sm, attribute)
     if d is None:
         raise DirectionError(
             f"no direction {attribute!r} in subspace {sm.id}; fit it with `w2wreg direction fit {attribute}`"
@@ -136,28 +163,30 @@ def _score_report(ds: dict[str, dirs.Direction], c_before: np.ndarray, c_after: 
     }
 
 
-def edit_vectors(reg, model, strengths: dict[str, float], multiples: Sequence[float] = (1.0,)) -> list[np.ndarray]:
+def edit_vectors(
+    reg, model, strengths: dict[str, float], multiples: Sequence[float] = (1.0,), load: Loader = load_direction
+) -> list[np.ndarray]:
     """The vectors (float64) of `model` moved by t * strength standard deviations along each named direction,
     for each t in `multiples` (0: the model itself), without registering them: what `edit` saves at t = 1."""
     if not strengths:
         raise DirectionError("give at least one --direction ATTRIBUTE=STRENGTH")
     m = reg.get(model)
     sm = wspace.require(reg, m.space_id)
-    ds = {a: _require_direction(reg, sm, a) for a in strengths}
+    ds = {a: _require_direction(reg, sm, a, load) for a in strengths}
     dc = sum(d.step(strengths[a]) for a, d in ds.items())  # (k,)
     w = reg.vector(m).astype(np.float64)
     step = (sm.sub.components.astype(np.float64) @ dc) * sm.sub.std
     return [w + t * step for t in multiples]  # keeps what the subspace does not explain
 
 
-def edit(reg, model: str, strengths: dict[str, float], name: str | None = None) -> dict:
+def edit(reg, model: str, strengths: dict[str, float], name: str | None = None, load: Loader = load_direction) -> dict:
     """A new model: `model` moved by strength standard deviations along each named direction."""
     m = reg.get(model)
     sm = wspace.require(reg, m.space_id)
-    ds = {a: _require_direction(reg, sm, a) for a in strengths}
+    ds = {a: _require_direction(reg, sm, a, load) for a in strengths}
     c = wspace.coefficients(reg, sm, [m.id])[0].astype(np.float64)  # (k,)
     dc = sum(d.step(strengths[a]) for a, d in ds.items())  # (k,)
-    (w_new,) = edit_vectors(reg, m, strengths)
+    (w_new,) = edit_vectors(reg, m, strengths, load=load)
     label = ",".join(f"{a}{s:+g}" for a, s in strengths.items())
     new_name = name or f"{m.name}.{label.replace(',', '.')}"
     params = {"subspace": sm.id, "directions": strengths, "methods": {a: d.method for a, d in ds.items()}}
@@ -170,7 +199,9 @@ def edit(reg, model: str, strengths: dict[str, float], name: str | None = None) 
 _SAFE_NAME = re.compile(r"[^\w.+-]+")
 
 
-def mix(reg, text: str, name: str | None = None, mode: str = "auto", rank: int | None = None) -> dict:
+def mix(
+    reg, text: str, name: str | None = None, mode: str = "auto", rank: int | None = None, load: Loader = load_direction
+) -> dict:
     """A new model from an expression over models and directions, e.g. "alice + 0.8*beard".
 
     Models of different layouts (ranks, alphas, targets) of one family, mode "factors", or a `rank` mix
@@ -197,7 +228,7 @@ def mix(reg, text: str, name: str | None = None, mode: str = "auto", rank: int |
         raise wspace.NoSubspaceError(space_id)
     ds = {}
     for n in direction_names:
-        d = load_direction(reg, sm, n)
+        d = load(reg, sm, n)
         if d is None:
             raise UnknownModelError(n, None)
         ds[n] = d

@@ -22,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import threading
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
@@ -55,14 +57,34 @@ def _sign(secret: bytes, what: str, repo_id: str, oid: str, size: int, expires: 
     return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
 
 
+def _secret(root: Path) -> bytes:
+    """The key links are signed with, made once per store (readable by its owner only)."""
+    path = root / "lfs-links.key"
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+        path.unlink()  # a key whose writing was interrupted: a new one (links signed with it are refused)
+        return _secret(root)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+        f.flush()
+        os.fsync(f.fileno())
+    return path.read_bytes()
+
+
 def _lfs(body: dict, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=LFS_JSON)
 
 
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)
-    secret = secrets.token_bytes(32)  # per process: links of a server that restarted are refused (the client retries)
-    # multipart uploads in progress: (repo, oid, size, part size) -> the file and when its links expire
+    secret = _secret(state.store.root)  # kept: links stay good across a restart (a multipart upload resumes)
+    # multipart uploads in progress: (repo, oid, size, part size) -> the file and when its links expire (the
+    # files outlive the process: a restarted server takes them up, registry.hubs.staging.PartedFile)
     uploads: dict[tuple, tuple[PartedFile, float]] = {}
     uploads_lock = threading.Lock()
 
@@ -137,10 +159,12 @@ def build_router(state: ServerState) -> APIRouter:
                     entry["actions"] = {"download": {"href": href, "expires_in": LINK_TTL}}
                 else:  # as missing when another repo holds it: no telling
                     entry["error"] = {"code": 404, "message": f"{repo_id} has no LFS object {oid}"}
+            elif held:  # the client skips the upload: the GC keeps the object for the commit to come
+                state.store.freshen(oid)
             elif size > state.max_upload:
                 why = {"code": 413, "message": f"{size} bytes is over this hub's limit of {state.max_upload}"}
                 entry["error"] = why
-            elif not held:  # held: the client skips the upload
+            else:
                 verify = {"href": f"{base}/{quote(repo_id)}.git/info/lfs/objects/verify"}
                 if size > part_size and "multipart" in transfers or "basic" not in transfers:
                     multipart = True
@@ -176,14 +200,15 @@ def build_router(state: ServerState) -> APIRouter:
         return {}
 
     def parted(key: tuple, create: bool) -> PartedFile:
-        """The multipart upload of `key` (repo, oid, size, part size): one at a time per key."""
+        """The multipart upload of `key` (repo, oid, size, part size), taken up from disk after a restart."""
         with uploads_lock:
             found = uploads.get(key)
             if found is None:
-                if not create:
-                    raise HubHTTPError(404, "no parts of this upload were received (or the server restarted)")
-                repo_id, oid, size, chunk = key
-                found = uploads[key] = (PartedFile(state.store, oid, size, chunk), time.time() + LINK_TTL)
+                upload = PartedFile(state.store, *key)
+                if not create and not upload.done:
+                    upload.discard()
+                    raise HubHTTPError(404, "no parts of this upload were received: send them first")
+                found = uploads[key] = (upload, time.time() + LINK_TTL)
             return found[0]
 
     @r.put("/api/lfs-part/{ns}/{name}/{oid}")

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from registry import edits, wspace
 from server import access
 from server.accounts import Identity
+from server.directions_view import DirectionView
 from server.previews import DEFAULT_PROMPT, Previews, check_size, image_key, parse_edit
 from server.state import ServerState
 from w2w.errors import W2WError
@@ -61,14 +62,15 @@ def build_router(state: ServerState, previews: Previews) -> APIRouter:
     def busy(e: Exception) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": "1"})
 
-    def sliders(m) -> tuple[str | None, list[DirectionSlider]]:
+    def sliders(m, v: access.ModelView) -> tuple[str | None, list[DirectionSlider]]:
         sm = wspace.current(reg, m.space_id)
         if sm is None:
             return None, []
         c = wspace.coefficients(reg, sm, [m.id])[0].astype(np.float64)  # (k,)
         out = []
-        for row in edits.list_directions(reg, m.space_id):
-            d = edits.load_direction(reg, sm, row["attribute"])
+        load = DirectionView(v).load  # fitted over the models the caller may read
+        for row in edits.list_directions(reg, m.space_id, load=load):
+            d = load(reg, sm, row["attribute"])
             score = float((d.scores(c) - d.score_mean) / d.score_std) if d.score_std else None
             out.append(DirectionSlider(attribute=d.attribute, score=score, score_std=d.score_std))
         return sm.id, out
@@ -76,9 +78,10 @@ def build_router(state: ServerState, previews: Previews) -> APIRouter:
     @r.get("/models/{ref}/preview", response_model=PreviewInfo, summary="What this server can draw of a model")
     def preview_info(ref: str, who: Identity = Depends(viewer)):
         with state.lock:
-            m = access.ModelView(state, who).get(ref)
+            v = access.ModelView(state, who)
+            m = v.get(ref)
             lora = reg.lora(m)
-            subspace, directions = sliders(m)
+            subspace, directions = sliders(m, v)
         info = {
             "model": m.name,
             "steps": limits.default_steps,
@@ -119,9 +122,10 @@ def build_router(state: ServerState, previews: Previews) -> APIRouter:
     ):
         strengths = parse_edit(edit, limits.max_strength)
         with state.lock:
-            m = access.ModelView(state, who).get(ref)
+            v = access.ModelView(state, who)
+            m = v.get(ref)
             if strengths:  # an unknown or unfitted direction: DirectionError, a 400 naming it
-                (w,) = edits.edit_vectors(reg, m, strengths)
+                (w,) = edits.edit_vectors(reg, m, strengths, load=DirectionView(v).load)
             else:
                 w = reg.vector(m)
             lora = unflatten(np.asarray(w, dtype=np.float32), reg.layout(m.space_id), m.base_model)

@@ -23,6 +23,7 @@ from registry.search import METRICS
 from registry.sketches import FAMILY_METRICS
 from server import access
 from server.accounts import Identity
+from server.directions_view import DirectionView
 from server.state import ServerState
 from server.where_guard import check_where
 from w2w import expr
@@ -368,9 +369,9 @@ def build_router(state: ServerState) -> APIRouter:
         return MapOut(space=sid, subspace=sm.id, explained=ev, points=pts)
 
     @r.get("/directions", response_model=list[DirectionOut], summary="Fitted attribute directions")
-    def directions():
-        with state.lock:
-            rows = edits.list_directions(reg)
+    def directions(who: Identity = Depends(viewer)):
+        with state.lock:  # fitted over the models the caller may read (server.directions_view)
+            rows = edits.list_directions(reg, load=DirectionView(view(who)).load)
         return [
             DirectionOut(
                 attribute=d["attribute"], subspace=d["subspace"], method=d["method"], score_std=d.get("score_std")
@@ -402,7 +403,7 @@ def build_router(state: ServerState) -> APIRouter:
             v = view(who)
             m = v.get(body.model)  # an edit of a model the caller may not read would show its weights
             with v.redacting():
-                out = edits.edit(reg, m.name, dict(body.directions), body.name)
+                out = edits.edit(reg, m.name, dict(body.directions), body.name, load=DirectionView(v).load)
             return created([out["name"]], {"scores": out["scores"], "by": who.name})
 
     @r.post("/mix", response_model=Created, summary="A model from an expression over models (needs a token)")
@@ -417,7 +418,7 @@ def build_router(state: ServerState) -> APIRouter:
                 if not v.can_read(m.id):
                     raise UnknownModelError(name, None)  # what mix says of a name that is neither
             with v.redacting():
-                out = edits.mix(reg, body.expr, body.name, body.mode)
+                out = edits.mix(reg, body.expr, body.name, body.mode, load=DirectionView(v).load)
             return created([out["name"]], {"mode": out["mode"], "parents": out["parents"], "by": who.name})
 
     return r

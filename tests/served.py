@@ -102,16 +102,18 @@ def chromium(prefs: dict | None = None, size: str = "1300,900"):
 class ServeProcess:
     """`w2wreg serve` in a process of its own (its memory measurable: /proc/PID/status) until stop()."""
 
-    def __init__(self, registry, token: str, *args: str):
+    def __init__(self, registry, token: str, *args: str, port: int | None = None):
         import os
         import socket
         import subprocess
         import sys
         from pathlib import Path
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port  # a port given: a server started again where one was
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).parent / "w2wreg"
         cmd = [str(exe), "--registry", str(registry), "serve", "--port", str(self.port), "--token", token, *args]
@@ -150,4 +152,9 @@ class ServeProcess:
 
     def stop(self) -> None:
         self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        """Stop it as a crash or a power cut would: at once, whatever it was doing."""
+        self.proc.kill()
         self.proc.wait(timeout=30)

@@ -576,6 +576,34 @@ def test_lfs_download_through_the_batch_api_and_ranges(lfs_hub):
     assert status == 206 and got == blob[10:20] and headers["content-range"] == f"bytes 10-19/{len(blob)}"
 
 
+def test_stored_files_are_read_from_the_page_cache_or_in_a_thread(tmp_path):
+    """What a download reads (server.hf_common._CachedReads): the same bytes whether the pages are cached (read
+    in the event loop) or not (a worker thread), from any offset to the end."""
+    import anyio
+
+    from server.hf_common import _CachedReads
+
+    data = os.urandom(3 * (1 << 20) + 123)
+    (tmp_path / "f").write_bytes(data)
+
+    async def read_from(start: int, cached: bool) -> bytes:
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        try:
+            r = _CachedReads(fd)
+            r.nowait &= cached
+            await r.seek(start)
+            out = []
+            while chunk := await r.read(1 << 20):
+                out.append(chunk)
+            return b"".join(out)
+        finally:
+            os.close(fd)
+
+    for cached in (True, False):
+        for start in (0, 1000, len(data) - 1, len(data)):
+            assert anyio.run(read_from, start, cached) == data[start:], (cached, start)
+
+
 def test_xet_is_refused_with_what_to_do(tmp_path):
     """huggingface_hub 2.4 with hf_xet (its default) sends a file preupload calls "lfs" through Xet and never
     falls back to LFS: against `serve --lfs` its upload fails on the Xet token (hf_xet shows the status and

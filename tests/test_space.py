@@ -143,7 +143,7 @@ def test_debiased_direction_is_orthogonal(planted):
     for other in ("glasses", "hat"):
         from w2w.directions import fit_direction
 
-        ids, y = edits._labelled(reg, sm, other)
+        ids, y = edits.labelled(reg, sm, other)
         o = fit_direction(wspace.coefficients(reg, sm, ids), y, smile.method, other)
         assert abs(float(smile.vector @ o.vector)) < 1e-8
     edits.fit_direction(reg, "smile")  # restore the plain one for other tests

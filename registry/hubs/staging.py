@@ -11,17 +11,22 @@ nothing in `objects/`: its folder is removed (at the next start of the server fo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 from registry.hubs.store import FileEntry, RepoStore, git_blob_oid, lfs_pointer, sync_filesystem
 from w2w.errors import HubError
+from w2w.formats.tensorfile import atomic_write_bytes
 
 INCOMING = "incoming"
+MULTIPART = "lfs-"  # incoming/lfs-*: a multipart LFS upload, kept across restarts (PartedFile)
+MULTIPART_IDLE = 3600  # seconds without a part after which a multipart upload is given up (the links' life)
 READ_BLOCK = 1 << 22
 FSYNC_EACH = 16  # up to this many new contents in a commit are fsynced one by one; more: one syncfs
 
@@ -84,9 +89,11 @@ class Staging:
         return FileEntry(sha, git_blob_oid(data), size)
 
     def _keep(self, writer: StagedWriter) -> tuple[str, int]:
-        """Finish a writer; its file is kept unless the content is staged or stored already."""
+        """Finish a writer; its file is kept unless the content is staged already. (Kept even when the store
+        has the content: the garbage collector may remove an unreferenced object before this commit names it;
+        publish() drops the copy under the repo's lock, where the collector cannot run.)"""
         sha, size = writer.finish()
-        if sha in self._files or self.store.object_path(sha).exists():
+        if sha in self._files:
             writer.path.unlink()
         else:
             self._files[sha] = writer.path
@@ -102,20 +109,20 @@ class Staging:
     def publish(self) -> None:
         """Move every staged content into objects/ (one that is there already is dropped), durable on return:
         a few files are fsynced each (with their folders), many with one flush of the whole file system
-        (100,000 small files: one call, not 100,000; a few large ones: not the other programs' writes too)."""
-        if 0 < len(self._files) <= FSYNC_EACH:
-            for path in self._files.values():
+        (100,000 small files: one call, not 100,000; a few large ones: not the other programs' writes too).
+        Called under the repo's lock (RepoStore.commit): no garbage collection runs until the commit is done."""
+        new = {sha: path for sha, path in self._files.items() if not self.store.object_path(sha).exists()}
+        if 0 < len(new) <= FSYNC_EACH:
+            for path in new.values():
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
         moved = set()
-        for sha, path in self._files.items():
+        for sha, path in new.items():
             target = self.store.object_path(sha)
-            if target.exists():
-                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
             moved.add(target.parent)
-        if len(self._files) > FSYNC_EACH:
+        if len(new) > FSYNC_EACH:
             sync_filesystem(self.store.root)
         else:
             for folder in moved | {p.parent for p in moved}:  # the renames, and any new objects/xx folder
@@ -138,21 +145,46 @@ class PartedFile:
     """An LFS object of known sha256 and size uploaded in parts of `part_size` (the Hub's multipart transfer),
     written in place in incoming/ in any order (a part sent again overwrites itself). Parts that come in
     order are hashed as they stream; otherwise the file is hashed once more at the end. finish() keeps it
-    only when it is whole with the announced sha256."""
+    only when it is whole with the announced sha256.
 
-    def __init__(self, store: RepoStore, sha256: str, size: int, part_size: int):
+    The upload outlives the process: its folder (incoming/lfs-<digest of repo, oid, size, part size>) holds
+    the data and, per part received, the ETag given for it, written once the part is on disk. A server
+    restarted between two parts opens the same folder, and the client's retry of the next part, then its
+    completion (naming the ETags of the parts before the restart too), finish the object. A folder idle for
+    MULTIPART_IDLE seconds is stale (stale_incoming)."""
+
+    def __init__(self, store: RepoStore, repo_id: str, sha256: str, size: int, part_size: int):
         self.store, self.sha256, self.size, self.part_size = store, sha256, size, part_size
         self.parts = max(1, -(-size // part_size))
-        self.folder = store.root / INCOMING / f"{os.getpid()}-lfs-{uuid.uuid4().hex}"
-        self.folder.mkdir(parents=True)
+        key = json.dumps([repo_id, sha256, size, part_size])
+        self.folder = store.root / INCOMING / f"{MULTIPART}{hashlib.sha256(key.encode()).hexdigest()[:32]}"
         self.path = self.folder / "data"
-        with open(self.path, "wb") as f:
-            f.truncate(size)
         self.done: dict[int, str] = {}  # part number -> the etag given for it
         self._sha = hashlib.sha256()
         self._hashed = 0  # parts hashed in order so far (1..hashed)
         self._in_order = True  # False once a part came out of order or again: hash the whole at the end
         self._lock = threading.Lock()
+        if self._resume(key):
+            self._in_order = not self.done  # a hash's state does not survive the process: hash at the end
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)  # a folder whose creation was interrupted
+        self.folder.mkdir(parents=True)
+        with open(self.path, "wb") as f:
+            f.truncate(size)
+        atomic_write_bytes(self.folder / "upload.json", key.encode(), fsync=False)  # last: the folder is whole
+
+    def _resume(self, key: str) -> bool:
+        """Take up the parts an earlier process received for this upload; False when there is none."""
+        try:
+            if (self.folder / "upload.json").read_text() != key or self.path.stat().st_size != self.size:
+                return False
+        except FileNotFoundError:
+            return False
+        for f in self.folder.glob("part-*"):
+            n = f.name[len("part-") :]
+            if n.isdigit() and 1 <= int(n) <= self.parts:
+                self.done[int(n)] = f.read_text()
+        return True
 
     def part_length(self, n: int) -> int:
         return min(self.part_size, self.size - (n - 1) * self.part_size)
@@ -165,6 +197,8 @@ class PartedFile:
             hashing = self._in_order and n == self._hashed + 1
             if not hashing:
                 self._in_order = False
+            self.done.pop(n, None)
+        (self.folder / f"part-{n}").unlink(missing_ok=True)  # a part being written again is not received
         sha = self._sha.copy() if hashing else None
         want, got = self.part_length(n), 0
         with open(self.path, "r+b") as f:
@@ -178,10 +212,12 @@ class PartedFile:
                 f.write(batch)
         if got != want:
             raise HubError(f"part {n} has {got} bytes, not {want}")
+        etag = uuid.uuid4().hex
+        atomic_write_bytes(self.folder / f"part-{n}", etag.encode(), fsync=False)  # the part is on disk
         with self._lock:
             if sha is not None and self._in_order and self._hashed == n - 1:
                 self._sha, self._hashed = sha, n
-            self.done[n] = etag = uuid.uuid4().hex
+            self.done[n] = etag
         return etag
 
     def finish(self, etags: dict[int, str]) -> None:
@@ -217,19 +253,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def clean_incoming(store: RepoStore) -> int:
-    """Remove what commits of processes that no longer run left in incoming/; the number removed."""
+def stale_incoming(store: RepoStore) -> list[Path]:
+    """What commits of processes that no longer run left in incoming/, and multipart uploads idle for an hour."""
     base = store.root / INCOMING
     if not base.is_dir():
-        return 0
-    removed = 0
-    for folder in base.iterdir():
+        return []
+    stale = []
+    for folder in sorted(base.iterdir()):
+        if folder.name.startswith(MULTIPART):  # outlives its process; stale once idle
+            if _idle(folder) > MULTIPART_IDLE:
+                stale.append(folder)
+            continue
         pid = folder.name.split("-", 1)[0]
         if pid.isdigit() and _alive(int(pid)):  # this process too: another server of it may be mid-commit
             continue
+        stale.append(folder)
+    return stale
+
+
+def _idle(folder: Path) -> float:
+    """Seconds since anything in `folder` was last written."""
+    try:
+        return time.time() - max(f.stat().st_mtime for f in [folder, *folder.iterdir()])
+    except FileNotFoundError:  # removed meanwhile
+        return 0.0
+
+
+def clean_incoming(store: RepoStore) -> int:
+    """Remove what commits of processes that no longer run left in incoming/, and multipart uploads idle for
+    an hour; the number removed."""
+    stale = stale_incoming(store)
+    for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
-        removed += 1
-    return removed
+    return len(stale)
 
 
 def _alive(pid: int) -> bool:

@@ -8,13 +8,16 @@
 
 A commit writes its new objects, then the commit file, then moves the ref, each by an atomic rename,
 under the repo's lock: a commit interrupted anywhere leaves the ref on the previous revision, and what
-it had written is unreferenced garbage, never a half-visible revision. Commit oids are 40 hex digits
-(sha1 of the commit record), file oids are git blob ids, as the Hugging Face Hub reports them.
+it had written is unreferenced garbage, never a half-visible revision (registry.hubs.gc removes it). Every
+write under a repo's lock also holds `<root>/gc.lock` shared; the garbage collector's sweep holds it
+exclusively, so it never runs while a commit is between naming its objects and moving its ref. Commit oids
+are 40 hex digits (sha1 of the commit record), file oids are git blob ids, as the Hugging Face Hub reports them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -24,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from registry.hubs.staging import Staging
 
 BRANCH = "main"
+GC_LOCK = "gc.lock"
 MAX_PATH = 1000
 _OID = re.compile(r"^[0-9a-f]{7,40}$")
 # control characters (C0, DEL, C1, Unicode's line/paragraph separators), lone surrogates (no UTF-8 for
@@ -189,6 +193,7 @@ class RepoStore:
         self.root = Path(root)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._held = threading.local()  # how many repo locks this thread holds (the GC lock is taken once)
 
     # --- layout ------------------------------------------------------------------------------------
 
@@ -223,8 +228,39 @@ class RepoStore:
             t = self._locks.setdefault(repo_id, threading.Lock())
         path = self._repo(repo_id).with_name(self._repo(repo_id).name + ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with t, FileLock(str(path)):
+        with t, FileLock(str(path)), self._gc_shared():
             yield
+
+    @contextmanager
+    def _gc_shared(self):
+        """The GC lock, shared, once per thread however many repo locks it nests (a second shared request
+        could wait behind a waiting exclusive one: a deadlock)."""
+        depth = getattr(self._held, "depth", 0)
+        self._held.depth = depth + 1
+        try:
+            if depth:
+                yield
+            else:
+                with self._flock(fcntl.LOCK_SH):
+                    yield
+        finally:
+            self._held.depth = depth
+
+    @contextmanager
+    def exclusive(self):
+        """No repo is being written while this is held (in this process or another): the GC's sweep."""
+        with self._flock(fcntl.LOCK_EX):
+            yield
+
+    @contextmanager
+    def _flock(self, mode: int):
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / GC_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)  # released when fd is closed
+            yield
+        finally:
+            os.close(fd)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -411,6 +447,12 @@ class RepoStore:
         if size is not None and stored != size:
             raise HubError(f"the LFS object {sha256} has {stored} bytes, not {size}")
         return FileEntry(sha256, git_blob_oid(lfs_pointer(sha256, stored)), stored, lfs=True)
+
+    def freshen(self, sha256: str) -> None:
+        """Mark a stored object as just used (its mtime): the GC keeps it through its grace period, e.g. an LFS
+        object the batch API told a client not to send again, which the client's commit will name."""
+        with suppress(FileNotFoundError, ValueError):
+            os.utime(self.object_path(sha256))
 
     def has_object(self, sha256: str, size: int) -> bool:
         try:
