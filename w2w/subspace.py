@@ -337,8 +337,8 @@ def fit(
         plan = choose(FitPlan(n, D, k, l, depth, rows, base=rss_bytes()), cfg.out_of_core, cfg.max_memory_gb)
     except ValueError as e:
         raise SubspaceError(str(e)) from None
-    say(plan.describe())
     gram = gram_pass(cfg.device, map_blocks)
+    say(plan.describe())
 
     say("pass 1: column mean and std, and a sketch of the row space")
     n_seen, mean64, m2, sketch, omega_sum = merge_stats(map_blocks(block_stats, source, specs, (cfg.seed, l)))
@@ -429,8 +429,9 @@ def gram_pass(device: str | None, map_blocks: MapBlocks) -> Callable[..., np.nda
     """The Gram pass, P = Z^T Z G (D, l) float32: numpy over `map_blocks` (in process or Dask), or torch on
     a device."""
     if device is not None:
-        from w2w.device_pass import torch_gram_pass
+        from w2w.device_pass import resolve_device, torch_gram_pass
 
+        resolve_device(device)  # a device this machine lacks fails now, not after the first pass
         return lambda source, specs, mean, std, G: torch_gram_pass(source, specs, mean, std, G, device)
     return lambda source, specs, mean, std, G: np.ascontiguousarray(
         sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T
