@@ -5,10 +5,11 @@ D columns, m = depth * l Krylov columns, b data rows per block, c = krylov_basis
 per chunk):
   kept    the computed block columns of M = K^T Z^T Z K and S = K^T K:  2 * 8 * l^2 * depth (depth + 1) / 2
   pass    G, the product's sum, one block's product, two data buffers:  3 * 4 D l + 2 * 4 b D + 4 b l
-  orth    P (reused as R), _orth's two copies, the old G, K^T R, a chunk of K:  4 * 4 D l + 2 * 8 m l + 4 c m
+  orth    P (reused as R), _orth's two copies, the old G, K^T P and K^T R:  4 * 4 D l + 2 * 8 m l
   ritz    M, S and S's Cholesky factor, then the k eigenvectors:  max(3 * 8 m^2, 2 * 8 m^2 + 8 m k)
-  out     Q in float64 and float32, a chunk of K and of V:  12 m k + 4 c m + 4 c k
-In RAM, K (4 D m) is alive in all but the pass phases' start and V (4 D k) at the end; on disk neither is.
+  out     Q in float64 and float32, two chunks of V:  12 m k + 8 c k
+In RAM, K (4 D m) is alive throughout and V (4 D k) at the end. On disk neither is, but a chunk of K's
+read buffers (4 c m) is.
 `base` is the process before the fit (interpreter, libraries), measured, not modelled.
 """
 
@@ -57,12 +58,12 @@ class FitPlan:
         """Bytes alive in each phase (the module docstring's formula)."""
         D, l, m, k, b, c = self.dim, self.block, self.m, self.k, self.rows, chunk_rows(self.m)
         kept = 8 * l * l * self.depth * (self.depth + 1)
-        K, V = (0, 0) if out_of_core else (4 * D * m, 4 * D * k)
+        K, V = (4 * c * m, 0) if out_of_core else (4 * D * m, 4 * D * k)
         return {
             "pass": kept + K + 3 * 4 * D * l + 2 * 4 * b * D + 4 * b * l,
-            "orth": kept + K + 4 * 4 * D * l + 2 * 8 * m * l + 4 * c * m,
+            "orth": kept + K + 4 * 4 * D * l + 2 * 8 * m * l,
             "ritz": K + max(3 * 8 * m * m, 2 * 8 * m * m + 8 * m * k),
-            "out": K + V + 12 * m * k + 4 * c * m + 4 * c * k,
+            "out": K + V + 12 * m * k + 8 * c * k,
         }
 
     def peak(self, out_of_core: bool | None = None) -> int:
