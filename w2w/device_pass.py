@@ -78,6 +78,25 @@ def stream_blocks(source: Any, specs: list[Any], dev: Any) -> Iterator[Any]:
             yield Z
 
 
+def torch_stats_pass(source: Any, specs: list[Any], seed: int, l: int, device: str) -> Iterator[tuple]:
+    """subspace.block_stats of every block, computed on `device`: (count, mean, M2, sketch^T, colsum of
+    Omega) per block as float64 numpy arrays, for subspace.merge_stats. Omega's rows are drawn on the host
+    from (seed, lo) as the numpy pass draws them, so both passes sketch with the same matrix."""
+    import torch
+
+    from w2w.subspace import sketch_rows
+
+    dev = resolve_device(device)
+    for spec, W in zip(specs, stream_blocks(source, specs, dev), strict=True):
+        b = W.shape[0]
+        mean = W.sum(dim=0, dtype=torch.float64) / b  # (D,)
+        omega = torch.from_numpy(sketch_rows(seed, spec, l)).to(dev)  # (b, l)
+        sketch_t = omega.T @ W  # (l, D)
+        W.sub_(mean.float()).square_()
+        m2 = W.sum(dim=0, dtype=torch.float64)
+        yield b, mean.cpu().numpy(), m2.cpu().numpy(), sketch_t.cpu().numpy(), omega.sum(dim=0).double().cpu().numpy()
+
+
 def torch_gram_pass(
     source: Any, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray, device: str
 ) -> np.ndarray:

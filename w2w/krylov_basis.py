@@ -38,8 +38,9 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
 class KrylovBasis:
     """Column blocks of K, in RAM (folder None) or as unlinked temporary files in `folder`."""
 
-    def __init__(self, dim: int, m: int, folder: str | Path | None = None):
+    def __init__(self, dim: int, m: int, folder: str | Path | None = None, device: str | None = None):
         self.dim, self.rows = dim, chunk_rows(m)
+        self.device = device  # None: numpy products here; else torch products on that device
         self.on_disk = folder is not None
         self.folder = Path(folder) if folder is not None else None
         self.blocks: list[np.ndarray] = []  # in RAM: the blocks; on disk: one reused (rows, l_i) buffer each
@@ -98,43 +99,56 @@ class KrylovBasis:
         self.close()
 
     # --- products, each one read of K ------------------------------------------------------------------
+    # The same code runs numpy (device None) or torch on a device: _dev moves an operand there, _host back.
+
+    def _dev(self, a: np.ndarray):
+        if self.device is None:
+            return a
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def _host(self, a) -> np.ndarray:
+        return a if self.device is None else a.cpu().numpy()
+
+    def _zeros(self, shape: tuple[int, int]):
+        if self.device is None:
+            return np.zeros(shape, dtype=np.float64)
+        import torch
+
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
 
     def tdot(self, *Bs: np.ndarray) -> list[np.ndarray]:
         """K^T B for each B (D, b): (used, b) float64, accumulated over chunks of float32 products (D is
         long: float32 sums over it drift)."""
-        outs = [np.zeros((self.used, B.shape[1]), dtype=np.float64) for B in Bs]
+        outs = [self._zeros((self.used, B.shape[1])) for B in Bs]
         for lo, hi, parts in self.chunks():
-            at = 0
-            for part in parts:
+            chunks, at = [self._dev(B[lo:hi]) for B in Bs], 0
+            for part in map(self._dev, parts):
                 b = part.shape[1]
-                for out, B in zip(outs, Bs, strict=True):
-                    out[at : at + b] += part.T @ B[lo:hi]  # (b, b_B)
+                for out, B in zip(outs, chunks, strict=True):
+                    out[at : at + b] += part.T @ B  # (b, b_B)
                 at += b
-        return outs
+        return [self._host(out) for out in outs]
+
+    def _times_chunks(self, C: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(lo, hi, (K @ C)[lo:hi]) for each row chunk of K, C (used, b): the chunk arrays are reused."""
+        C = self._dev(C.astype(np.float32))
+        for lo, hi, parts in self.chunks():
+            acc, at = None, 0
+            for part in map(self._dev, parts):
+                b = part.shape[1]
+                prod = part @ C[at : at + b]  # (c, b)
+                acc = prod if acc is None else acc.__iadd__(prod)
+                at += b
+            yield lo, hi, self._host(acc)
 
     def subtract(self, R: np.ndarray, C: np.ndarray) -> None:
         """R -= K @ C in place, R (D, b), C (used, b)."""
-        C = C.astype(np.float32)
-        for lo, hi, parts in self.chunks():
-            at = 0
-            for part in parts:
-                b = part.shape[1]
-                R[lo:hi] -= part @ C[at : at + b]  # (c, b)
-                at += b
+        for lo, hi, KC in self._times_chunks(C):
+            R[lo:hi] -= KC
 
     def times(self, Q: np.ndarray, write: Callable[[int, int, np.ndarray], None]) -> None:
         """K @ Q (D, k) chunk by chunk: write(lo, hi, rows) gets each (c, k) chunk once, in order."""
-        Q = Q.astype(np.float32)
-        out = np.empty((min(self.rows, self.dim), Q.shape[1]), dtype=np.float32)
-        tmp = np.empty_like(out)
-        for lo, hi, parts in self.chunks():
-            rows, at = out[: hi - lo], 0
-            for i, part in enumerate(parts):
-                b = part.shape[1]
-                if i == 0:
-                    np.matmul(part, Q[at : at + b], out=rows)
-                else:
-                    np.matmul(part, Q[at : at + b], out=tmp[: hi - lo])
-                    rows += tmp[: hi - lo]
-                at += b
-            write(lo, hi, rows)
+        for lo, hi, KQ in self._times_chunks(Q):
+            write(lo, hi, KQ)

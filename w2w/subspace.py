@@ -341,7 +341,13 @@ def fit(
     say(plan.describe())
 
     say("pass 1: column mean and std, and a sketch of the row space")
-    n_seen, mean64, m2, sketch, omega_sum = merge_stats(map_blocks(block_stats, source, specs, (cfg.seed, l)))
+    if cfg.device is None:
+        parts = map_blocks(block_stats, source, specs, (cfg.seed, l))
+    else:
+        from w2w.device_pass import torch_stats_pass
+
+        parts = torch_stats_pass(source, specs, cfg.seed, l, cfg.device)
+    n_seen, mean64, m2, sketch, omega_sum = merge_stats(parts)
     assert n_seen == n, f"blocks held {n_seen} rows, expected {n}"
     std64 = np.sqrt(m2 / max(n - 1, 1))
     std64[std64 < STD_FLOOR] = 1.0  # constant columns: centered they are 0, scaled by 1 they stay 0
@@ -353,7 +359,7 @@ def fit(
     G = _orth(start.astype(np.float32))  # (D, l)
     del start
     workdir = cfg.workdir or tempfile.gettempdir()
-    with KrylovBasis(D, depth * l, workdir if plan.out_of_core else None) as K:
+    with KrylovBasis(D, depth * l, workdir if plan.out_of_core else None, cfg.device) as K:
         # Only the upper block triangle of M = K^T Z^T Z K and S = K^T K is computed (both are symmetric),
         # one block column per Krylov block, so each product P_i is dropped as soon as the next block is
         # made from it: memory is K (or a chunk of it) plus a few D x l arrays, whatever the depth.
