@@ -109,6 +109,11 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
     sub = fit(FileSource(path, n, dim), cfg, progress=lambda msg: marks.append((msg, time.perf_counter())))
     dt = time.perf_counter() - t
     fit_peak = peak_rss_mb()  # before the floor's arrays below
+    gpu = {}
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        gpu = {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu": torch.cuda.get_device_name()}
     plan = next(m for m, _ in marks if m.startswith("plan:"))
     marks = [m for m in marks if not m[0].startswith("plan:")]
     if args.angles:
@@ -116,12 +121,7 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
     # time per pass against the matmul floor of that pass: its flops at the rate a gemm of the same
     # shape reaches here (measured now, on one block)
     l = sub.config["block"]
-    W = np.random.default_rng(0).standard_normal((384, dim), dtype=np.float32)
-    G = np.random.default_rng(1).standard_normal((dim, l), dtype=np.float32)
-    W @ G
-    t0 = time.perf_counter()
-    W.T @ (W @ G)
-    rate = 4 * 384 * dim * l / (time.perf_counter() - t0)  # flop/s of one block's two gemms
+    rate = gemm_rate(dim, l, args.device)
     ends = [m[1] for m in marks[1:]] + [t + dt]
     passes = []
     m = sub.config["depth"] * l
@@ -141,7 +141,30 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
         "plan": plan,
         "predicted_peak_mb": predicted,
         "fit_peak_rss_mb": fit_peak,
+        **gpu,
     }
+
+
+def gemm_rate(dim: int, l: int, device: str | None) -> float:
+    """flop/s of one 384-row block's two gemms (Y = W G, W^T Y) here, numpy or torch on the device."""
+    W = np.random.default_rng(0).standard_normal((384, dim), dtype=np.float32)
+    G = np.random.default_rng(1).standard_normal((dim, l), dtype=np.float32)
+    if not device:
+        W.T @ (W @ G)
+        t0 = time.perf_counter()
+        W.T @ (W @ G)
+        return 4 * 384 * dim * l / (time.perf_counter() - t0)
+    import torch
+
+    Wd, Gd = torch.from_numpy(W).to(device), torch.from_numpy(G).to(device)
+    sync = torch.cuda.synchronize if Wd.is_cuda else (lambda: None)
+    for _ in range(2):  # the first warms up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            Wd.T @ (Wd @ Gd)
+        sync()
+    return 40 * 384 * dim * l / (time.perf_counter() - t0)
 
 
 def components_path(args, side: str) -> Path:

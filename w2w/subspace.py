@@ -333,11 +333,13 @@ def fit(
         l = cfg.block or -(-k // 5) + cfg.oversample
     l = max(1, min(l, D, n))
     rows = max((spec[-1] - spec[-2] for spec in specs), default=1)
+    import scipy.linalg  # noqa: F401 (the final step's; imported before the plan so that it counts in its base)
+
+    gram = gram_pass(cfg.device, map_blocks)  # before the plan: torch's import counts in its base too
     try:
         plan = choose(FitPlan(n, D, k, l, depth, rows, base=rss_bytes()), cfg.out_of_core, cfg.max_memory_gb)
     except ValueError as e:
         raise SubspaceError(str(e)) from None
-    gram = gram_pass(cfg.device, map_blocks)
     say(plan.describe())
 
     say("pass 1: column mean and std, and a sketch of the row space")
