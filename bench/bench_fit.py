@@ -105,6 +105,8 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
                     workdir=str(args.out))  # fmt: skip
     if depth:
         cfg.depth = depth
+    if args.block:
+        cfg.block = args.block
     marks: list[tuple[str, float]] = []
     sub = fit(FileSource(path, n, dim), cfg, progress=lambda msg: marks.append((msg, time.perf_counter())))
     dt = time.perf_counter() - t
@@ -260,7 +262,7 @@ def _ram_bytes() -> int:
 def run_side(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--k", str(args.k), "--dim", str(args.dim),
            "--out", str(args.out), "--depth", str(args.depth), "--niter", str(args.niter),
-           "--latent", str(args.latent), "--decay", str(args.decay)]  # fmt: skip
+           "--latent", str(args.latent), "--decay", str(args.decay), "--block", str(args.block)]  # fmt: skip
     cmd += ["--angles"] * args.angles + (["--device", args.device] if args.device else [])
     cmd += ["--max-memory-gb", str(args.max_memory_gb)] if args.max_memory_gb else []
     path = data_path(args.out, args.n, args.dim, args.latent, args.decay)
@@ -285,6 +287,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=99648)
     ap.add_argument("--depth", type=int, default=0, help="our Krylov depth (Gram passes); 0 = the library default")
+    ap.add_argument("--block", type=int, default=0, help="our Krylov block size l; 0 = the library default")
     ap.add_argument("--niter", type=int, default=2, help="torch.svd_lowrank power iterations")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--no-reference", action="store_true")
