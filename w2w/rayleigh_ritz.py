@@ -5,9 +5,10 @@ K Q orthonormal and Q^T M Q = diag(theta). K is not trusted to be orthonormal to
 from small residuals lose orthogonality in float32), so S is factored: S = R^T R (Cholesky), then
 T = R^-T M R^-1 is a plain symmetric eigenproblem and Q = R^-1 X for its top eigenvectors X.
 
-Memory: T is made in M's buffer, S is freed once factored, and only the k wanted eigenvectors
-are computed (LAPACK's dsyevr with an index range, O(m) workspace): 16 m^2 + 8 m k bytes in all, where
-numpy's eigh of the whole problem would need ~4 m^2 float64 for itself (6.4 GB at m = 14,112).
+Memory: T is made in M's buffer, S is freed once factored, and only the k wanted eigenvectors are
+computed (LAPACK's dsyevr with an index range, O(m) workspace): 24 m^2 bytes while S is factored, then
+16 m^2 + 8 m k, where numpy's eigh of the whole problem would need ~4 m^2 float64 for itself (6.4 GB at
+m = 14,112).
 """
 
 from __future__ import annotations

@@ -309,8 +309,9 @@ def fit(
 
     With `config.out_of_core` (or when the in-RAM estimate passes `config.max_memory_gb`) the Krylov basis
     and the components live on disk (w2w/krylov_basis.py, w2w/fit_plan.py): the components come back as a
-    read-only memory map of an unlinked temporary file. With `config.device` the Gram products run in torch
-    on that device (w2w/device_pass.py)."""
+    read-only memory map of an unlinked temporary file. With `config.device` every product (the stats pass,
+    the Gram passes, the basis products) runs in torch on that device (w2w/device_pass.py); the final
+    eigenproblem stays on the CPU."""
     cfg = config or FitConfig()
     map_blocks = map_blocks or map_in_process
     n, D = source.n, source.dim
