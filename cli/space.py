@@ -38,7 +38,7 @@ from w2w.subspace import FitConfig
 )
 @click.option(
     "--device",
-    help="Run the Gram products in torch on this device (cuda, cuda:1, cpu); default: numpy on the CPU.",
+    help="Run the fit's products in torch on this device (cuda, cuda:1, cpu); default: numpy on the CPU.",
 )
 @click.option(
     "--from-w2w-release",
