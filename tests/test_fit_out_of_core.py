@@ -110,7 +110,7 @@ def open_files() -> list[str]:
 def test_plan_puts_the_basis_on_disk_above_the_budget():
     # the paper's fit: k = 10,000 at N = 64,974, D = 99,648 (l = 2,016, 7 blocks, 384-row data blocks)
     plan = FitPlan(64974, 99648, 10000, 2016, 7, 384)
-    assert plan.peak(False) > 8 * GB > plan.peak(True)
+    assert plan.guarded(False) > 8 * GB > plan.guarded(True)
     assert choose(plan, None, 8.0).out_of_core
     assert not choose(FitPlan(64974, 99648, 10000, 2016, 7, 384), None, None).out_of_core  # no budget: RAM
     with pytest.raises(ValueError, match="even with its Krylov basis on disk"):
