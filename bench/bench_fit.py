@@ -1,15 +1,24 @@
 """Subspace fit: ours (streamed block Krylov) vs torch.svd_lowrank on the in-memory matrix, side by side.
 
     python bench/bench_fit.py [--n 8192] [--k 1000] [--dim 99648] [--out bench/out] [--no-reference]
+    python bench/bench_fit.py --n 8192 --dim 20000 --k 2000 --decay 0.5 --sides ours,ooc --angles
+    python bench/bench_fit.py --n 16384 --device cuda --sides ours,torch      # on a GPU (bench/gpu.sh)
 
 Synthetic low-rank data at the w2w dimension: X = L @ B * scale + noise with a flat latent spectrum, so
-the top k components capture ~97% of the standardized variance (the regime of the issue). The matrix is
-written once to `<out>/fit-<n>x<dim>.f32` and each side runs in its own process, so peak RSS (VmHWM) is
-its own:
-  ours       w2w.subspace.fit streaming the file through np.memmap (never the N x D matrix in memory)
+the top k components capture ~97% of the standardized variance (the regime of the issue); with --decay a
+the latent scales fall as i^-a over --latent latents instead (a slowly decaying spectrum, as real LoRAs).
+The matrix is written once to `<out>/fit-<n>x<dim>[-<latent>l<a>].f32` and each side runs in its own
+process, so peak RSS (VmHWM) is its own:
+  ours       w2w.subspace.fit streaming the file (pread into reused buffers; never the N x D matrix in
+             memory), its Krylov basis in RAM unless --max-memory-gb puts it on disk
+  ooc        the same with the basis and the components on disk (FitConfig(out_of_core=True))
   torch      the official w2w code's approach: load, z-score in memory, torch.svd_lowrank(q=1024, niter=2)
   reference  exact: eigendecomposition of the N x N Gram matrix of the standardized data (float64 eigh)
-Accuracy: mean relative error of the top-k singular values against the reference, and captured variance.
+Accuracy: mean relative error of the top-k singular values against the reference, and captured variance;
+with --angles also the principal angles between each side's components and the exact ones (mean cos^2 and
+the smallest cosine over the top k, and over the top k/2). Our sides print the peak their plan predicted
+(w2w/fit_plan.py's formula) beside the peak measured. --device runs our Gram products and torch's SVD in
+torch on that device.
 Before each side the data file is read once, so every side starts with it in the page cache (otherwise
 the first side pays for the disk and the next ones find it cached); at N = 64,974 it does not fit in RAM.
 """
@@ -29,21 +38,24 @@ import numpy as np
 LATENT = 1000
 
 
-def data_path(out: Path, n: int, dim: int) -> Path:
-    return out / f"fit-{n}x{dim}.f32"
+def data_path(out: Path, n: int, dim: int, latent: int = LATENT, decay: float = 0.0) -> Path:
+    tag = "" if decay == 0 and latent == LATENT else f"-{latent}l{decay:g}"
+    return out / f"fit-{n}x{dim}{tag}.f32"
 
 
-def make_data(path: Path, n: int, dim: int, seed: int = 0) -> None:
+def make_data(path: Path, n: int, dim: int, seed: int = 0, latent: int = LATENT, decay: float = 0.0) -> None:
     if path.exists() and path.stat().st_size == 4 * n * dim:
         return
     rng = np.random.default_rng(seed)
-    B = rng.standard_normal((LATENT, dim), dtype=np.float32) / np.sqrt(LATENT)  # flat spectrum
+    B = rng.standard_normal((latent, dim), dtype=np.float32) / np.sqrt(latent)  # flat spectrum when decay = 0
+    fall = np.arange(1, latent + 1, dtype=np.float64) ** -decay
+    B *= (fall / np.sqrt((fall**2).mean())).astype(np.float32)[:, None]  # the same signal variance as flat
     scale = np.exp(rng.uniform(np.log(1e-3), 0.0, dim)).astype(np.float32)  # per-parameter scales, as LoRAs
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         for lo in range(0, n, 1024):
             b = min(1024, n - lo)
-            L = rng.standard_normal((b, LATENT), dtype=np.float32)
+            L = rng.standard_normal((b, latent), dtype=np.float32)
             X = (L @ B + 0.15 * rng.standard_normal((b, dim), dtype=np.float32)) * scale
             f.write(X.astype(np.float32).tobytes())
     tmp.rename(path)
@@ -85,52 +97,118 @@ class FileSource:
         return out
 
 
-def side_ours(path: Path, n: int, dim: int, k: int, depth: int) -> dict:
+def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_core: bool | None = None) -> dict:
     from w2w.subspace import FitConfig, fit
 
     t = time.perf_counter()
-    cfg = FitConfig(components=k, depth=depth) if depth else FitConfig(components=k)
+    cfg = FitConfig(components=k, max_memory_gb=args.max_memory_gb, out_of_core=out_of_core, device=args.device,
+                    workdir=str(args.out))  # fmt: skip
+    if depth:
+        cfg.depth = depth
+    if args.block:
+        cfg.block = args.block
     marks: list[tuple[str, float]] = []
     sub = fit(FileSource(path, n, dim), cfg, progress=lambda msg: marks.append((msg, time.perf_counter())))
     dt = time.perf_counter() - t
+    fit_peak = peak_rss_mb()  # before the floor's arrays below
+    gpu = {}
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        gpu = {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu": torch.cuda.get_device_name()}
+    plan = next(m for m, _ in marks if m.startswith("plan:"))
+    marks = [m for m in marks if not m[0].startswith("plan:")]
+    if args.angles:
+        save_components(args, "ooc" if out_of_core else "ours", sub.components)
     # time per pass against the matmul floor of that pass: its flops at the rate a gemm of the same
     # shape reaches here (measured now, on one block)
     l = sub.config["block"]
-    W = np.random.default_rng(0).standard_normal((384, dim), dtype=np.float32)
-    G = np.random.default_rng(1).standard_normal((dim, l), dtype=np.float32)
-    W @ G
-    t0 = time.perf_counter()
-    W.T @ (W @ G)
-    rate = 4 * 384 * dim * l / (time.perf_counter() - t0)  # flop/s of one block's two gemms
+    rate = gemm_rate(dim, l, args.device)
     ends = [m[1] for m in marks[1:]] + [t + dt]
     passes = []
+    m = sub.config["depth"] * l
     for (msg, start), end in zip(marks, ends, strict=True):
         flops = (2 if msg.startswith("pass 1") else 4) * n * dim * l
+        if not msg.startswith("pass"):  # the final step: its matmul part is V = K Q (the eigenproblem is not)
+            msg, flops = "final step (Rayleigh-Ritz, V = K Q)", 2 * dim * m * sub.k
         passes.append({"pass": msg.split(":")[0], "seconds": round(end - start, 2),
                        "floor_seconds": round(flops / rate, 2)})  # fmt: skip
+    predicted = float(plan.split("estimated peak ")[1].split(" GB")[0]) * 1e3  # MB
     return {
         "seconds": dt,
         "s": sub.singular_values.tolist(),
         "total": sub.total_variance * (n - 1),
         "config": sub.config,
         "passes": passes,
+        "plan": plan,
+        "predicted_peak_mb": predicted,
+        "fit_peak_rss_mb": fit_peak,
+        **gpu,
     }
 
 
-def side_torch(path: Path, n: int, dim: int, k: int, niter: int) -> dict:
+def gemm_rate(dim: int, l: int, device: str | None) -> float:
+    """flop/s of one 384-row block's two gemms (Y = W G, W^T Y) here, numpy or torch on the device."""
+    W = np.random.default_rng(0).standard_normal((384, dim), dtype=np.float32)
+    G = np.random.default_rng(1).standard_normal((dim, l), dtype=np.float32)
+    if not device:
+        W.T @ (W @ G)
+        t0 = time.perf_counter()
+        W.T @ (W @ G)
+        return 4 * 384 * dim * l / (time.perf_counter() - t0)
+    import torch
+
+    Wd, Gd = torch.from_numpy(W).to(device), torch.from_numpy(G).to(device)
+    sync = torch.cuda.synchronize if Wd.is_cuda else (lambda: None)
+    for _ in range(2):  # the first warms up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            Wd.T @ (Wd @ Gd)
+        sync()
+    return 40 * 384 * dim * l / (time.perf_counter() - t0)
+
+
+def components_path(args, side: str) -> Path:
+    return args.out / f"components-{side}-{args.n}x{args.dim}-k{args.k}.f32"
+
+
+def save_components(args, side: str, V: np.ndarray) -> None:
+    """(D, k) float32 to a file, a row chunk at a time (a memory map of the components stays unread)."""
+    with open(components_path(args, side), "wb") as f:
+        for lo in range(0, V.shape[0], 4096):
+            f.write(np.ascontiguousarray(V[lo : lo + 4096], dtype=np.float32).tobytes())
+
+
+def principal_cosines(args, side: str, upto: int) -> np.ndarray:
+    """Cosines of the principal angles between a side's top `upto` components and the exact ones."""
+    D, k = args.dim, args.k
+    A = np.memmap(components_path(args, side), dtype=np.float32, mode="r", shape=(D, k))
+    B = np.memmap(components_path(args, "reference"), dtype=np.float32, mode="r", shape=(D, k))
+    C = np.zeros((upto, upto))
+    for lo in range(0, D, 8192):
+        C += A[lo : lo + 8192, :upto].astype(np.float64).T @ B[lo : lo + 8192, :upto]
+    return np.linalg.svd(C, compute_uv=False)
+
+
+def side_torch(path: Path, n: int, dim: int, k: int, niter: int, device: str | None) -> dict:
     import torch
 
     t = time.perf_counter()
-    Z = torch.from_numpy(np.fromfile(path, dtype=np.float32).reshape(n, dim))
+    Z = torch.from_numpy(np.fromfile(path, dtype=np.float32).reshape(n, dim)).to(device or "cpu")
     mean, std = Z.mean(0), Z.std(0)
     std[std < 1e-8] = 1
     Z.sub_(mean).div_(std)
     _, S, _ = torch.svd_lowrank(Z, q=max(1024, k + 24), niter=niter)
+    S = S[:k].double().cpu()
     dt = time.perf_counter() - t
-    return {"seconds": dt, "s": S[:k].double().numpy().tolist()}
+    out = {"seconds": dt, "s": S.numpy().tolist()}
+    if Z.is_cuda:
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
-def side_reference(path: Path, n: int, dim: int, k: int) -> dict:
+def side_reference(path: Path, n: int, dim: int, k: int, args) -> dict:
     X = np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
     t = time.perf_counter()
     mean = np.zeros(dim)
@@ -150,16 +228,28 @@ def side_reference(path: Path, n: int, dim: int, k: int) -> dict:
             G[i * 2048 : i * 2048 + len(A), j * 2048 : j * 2048 + len(Zs[j])] = blk
             G[j * 2048 : j * 2048 + len(Zs[j]), i * 2048 : i * 2048 + len(A)] = blk.T
     del Zs
-    evals = np.linalg.eigvalsh(G)[::-1]
-    dt = time.perf_counter() - t
-    return {"seconds": dt, "s": np.sqrt(np.maximum(evals[:k], 0)).tolist(), "total": float(evals.sum())}
+    if not args.angles:
+        evals = np.linalg.eigvalsh(G)[::-1]
+        dt = time.perf_counter() - t
+        return {"seconds": dt, "s": np.sqrt(np.maximum(evals[:k], 0)).tolist(), "total": float(evals.sum())}
+    evals, U = np.linalg.eigh(G)
+    evals, U = evals[::-1], U[:, ::-1][:, :k]
+    dt = time.perf_counter() - t  # the exact components below are for the angles, not part of the time
+    s = np.sqrt(np.maximum(evals[:k], 0))
+    Ut = (U / s).astype(np.float32).T  # (k, N): V = Z^T U S^-1, a column chunk of Z^T at a time
+    V = np.zeros((dim, k), dtype=np.float32)
+    for lo in range(0, n, 2048):
+        V += ((X[lo : lo + 2048] - mean) / std).astype(np.float32).T @ Ut[:, lo : lo + 2048].T
+    save_components(args, "reference", V)
+    return {"seconds": dt, "s": s.tolist(), "total": float(evals.sum())}
 
 
 def child(args) -> None:
-    path = data_path(args.out, args.n, args.dim)
-    fn = {"ours": lambda: side_ours(path, args.n, args.dim, args.k, args.depth),
-          "torch": lambda: side_torch(path, args.n, args.dim, args.k, args.niter),
-          "reference": lambda: side_reference(path, args.n, args.dim, args.k)}[args.child]  # fmt: skip
+    path = data_path(args.out, args.n, args.dim, args.latent, args.decay)
+    fn = {"ours": lambda: side_ours(path, args.n, args.dim, args.k, args.depth, args),
+          "ooc": lambda: side_ours(path, args.n, args.dim, args.k, args.depth, args, out_of_core=True),
+          "torch": lambda: side_torch(path, args.n, args.dim, args.k, args.niter, args.device),
+          "reference": lambda: side_reference(path, args.n, args.dim, args.k, args)}[args.child]  # fmt: skip
     result = fn()
     result["peak_rss_mb"] = peak_rss_mb()
     print("CHILD " + json.dumps(result))
@@ -171,8 +261,15 @@ def _ram_bytes() -> int:
 
 def run_side(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--k", str(args.k), "--dim", str(args.dim),
-           "--out", str(args.out), "--depth", str(args.depth), "--niter", str(args.niter)]  # fmt: skip
-    path = data_path(args.out, args.n, args.dim)
+           "--out", str(args.out), "--depth", str(args.depth), "--niter", str(args.niter),
+           "--latent", str(args.latent), "--decay", str(args.decay), "--block", str(args.block)]  # fmt: skip
+    cmd += ["--angles"] * args.angles + (["--device", args.device] if args.device else [])
+    cmd += ["--max-memory-gb", str(args.max_memory_gb)] if args.max_memory_gb else []
+    path = data_path(args.out, args.n, args.dim, args.latent, args.decay)
+    cached = path.with_name(f"{path.stem}-reference-k{args.k}.json")
+    if name == "reference" and cached.exists() and (components_path(args, name).exists() or not args.angles):
+        print(f"reference: the exact result of an earlier run ({cached.name})", flush=True)
+        return json.loads(cached.read_text())
     if path.stat().st_size < 0.6 * _ram_bytes():  # else the file cannot stay cached: every side reads the disk
         with open(path, "rb") as f:
             while f.read(1 << 24):
@@ -181,8 +278,12 @@ def run_side(name: str, args) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     line = next(l for l in out.splitlines() if l.startswith("CHILD "))
     res = json.loads(line[6:])
+    if name == "reference":  # exact, and the slowest side: kept for the next run on the same data
+        cached.write_text(json.dumps(res))
     stamp = time.strftime("%H:%M:%S")
     print(f"[{stamp}] {name}: {res['seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    if "plan" in res:
+        print(f"  {res['plan']}\n  measured peak of the fit: {res['fit_peak_rss_mb'] / 1e3:.2f} GB", flush=True)
     return res
 
 
@@ -192,21 +293,29 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=99648)
     ap.add_argument("--depth", type=int, default=0, help="our Krylov depth (Gram passes); 0 = the library default")
+    ap.add_argument("--block", type=int, default=0, help="our Krylov block size l; 0 = the library default")
     ap.add_argument("--niter", type=int, default=2, help="torch.svd_lowrank power iterations")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--sides", default="ours,torch")
+    ap.add_argument("--sides", default="ours,torch", help="of ours, ooc, torch")
+    ap.add_argument("--latent", type=int, default=LATENT, help="latent dimensions of the synthetic data")
+    ap.add_argument("--decay", type=float, default=0.0, help="latent scales fall as i^-decay (0: flat)")
+    ap.add_argument("--angles", action="store_true", help="principal angles against the exact components")
+    ap.add_argument("--device", help="our Gram products and torch's SVD in torch on this device (cpu, cuda)")
+    ap.add_argument("--max-memory-gb", type=float, help="our fit's memory budget (the basis goes to disk above it)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    path = data_path(args.out, args.n, args.dim)
+    path = data_path(args.out, args.n, args.dim, args.latent, args.decay)
     t = time.perf_counter()
-    make_data(path, args.n, args.dim)
+    make_data(path, args.n, args.dim, latent=args.latent, decay=args.decay)
     print(f"data: {path} ({path.stat().st_size / 1e9:.1f} GB, made in {time.perf_counter() - t:.0f} s)", flush=True)
     results = {name: run_side(name, args) for name in args.sides.split(",")}
+    if args.angles and args.no_reference:
+        ap.error("--angles needs the reference")
     if not args.no_reference:
         results["reference"] = run_side("reference", args)
     ref = np.array(results["reference"]["s"]) if "reference" in results else None
@@ -218,9 +327,20 @@ def main() -> None:
         err = float(np.mean(np.abs(s - ref) / ref)) if ref is not None else float("nan")
         cap = float((s**2).sum() / total) if total else float("nan")
         r["sv_rel_err"], r["captured"] = err, cap
-        print(f"{name:<10} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} {err:>12.2e} {cap:>9.4f}")
-    for p in results.get("ours", {}).get("passes", []):
-        print(f"  ours {p['pass']}: {p['seconds']:.1f} s (matmul floor {p['floor_seconds']:.1f} s)")
+        print(f"{name:<10} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} {err:>12.2e} {cap:>9.4f}", end="")
+        if "predicted_peak_mb" in r:
+            print(f"   fit peak {r['fit_peak_rss_mb']:.0f} MB, predicted {r['predicted_peak_mb']:.0f} MB", end="")
+        print()
+    if args.angles:
+        print("principal angles against the exact components (cos^2 mean, min cos):")
+        for name in [n for n in ("ours", "ooc") if n in results]:
+            for upto in (args.k, args.k // 2):
+                c = principal_cosines(args, name, upto)
+                results[name][f"angles_top{upto}"] = {"mean_cos2": float((c**2).mean()), "min_cos": float(c.min())}
+                print(f"  {name:<5} top {upto:>5}: {(c**2).mean():.8f}  {c.min():.6f}")
+    for name in ("ours", "ooc"):
+        for p in results.get(name, {}).get("passes", []):
+            print(f"  {name} {p['pass']}: {p['seconds']:.1f} s (matmul floor {p['floor_seconds']:.1f} s)")
     if "ours" in results and "torch" in results:
         speed = results["torch"]["seconds"] / results["ours"]["seconds"]
         mem = results["ours"]["peak_rss_mb"] / results["torch"]["peak_rss_mb"]

@@ -15,3 +15,11 @@ python3 bench/bench_invert_sd15.py --device cuda --dtype bf16 --components 10000
     2>&1 | grep -v -i "deprecat\|kept in float32\|clip_sample" | tee "$out/invert-bf16.log"
 python3 bench/bench_ingest.py --sd15 --device cuda --dtype fp32 --steps 20 --identities 4 --batches 1,4 --rounds 1 \
     2>&1 | grep -v -i "deprecat\|kept in float32\|clip_sample" | tee "$out/ingest-fp32.log"
+# the subspace fit (issue 17), N = 16,384, D = 99,648 (a 6.5 GB file made first, ~1 min): ours with every
+# product on the GPU (blocks streamed from the file through pinned buffers) vs torch.svd_lowrank on the GPU
+# with the whole matrix there; FIT_K10000=1 adds the paper's k = 10,000 (basis on disk, < 8 GB of host RAM)
+python3 bench/bench_fit.py --n 16384 --k 1000 --device cuda --sides ours,torch --no-reference 2>&1 | tee "$out/fit-cuda.log"
+if [ "${FIT_K10000:-0}" = 1 ]; then
+    python3 bench/bench_fit.py --n 16384 --k 10000 --device cuda --max-memory-gb 8 --sides ours,torch --no-reference \
+        2>&1 | tee "$out/fit-cuda-k10000.log"
+fi

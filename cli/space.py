@@ -9,6 +9,8 @@ import click
 from cli.models import open_registry
 from cli.output import emit_json, json_option, table
 from registry import wspace
+from w2w.fit_plan import GB, physical_memory
+from w2w.subspace import FitConfig
 
 
 @click.command(name="fit")
@@ -24,6 +26,21 @@ from registry import wspace
 @click.option("--where", help="Fit on the models matching this condition only (all models are projected).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run the passes on a Dask cluster (e.g. tcp://host:8786).")
 @click.option(
+    "--max-memory-gb",
+    type=click.FloatRange(min=0.1),
+    help="Peak memory budget of the fit: above it the Krylov basis goes to disk (default: 3/4 of this machine's RAM).",
+)
+@click.option(
+    "--out-of-core/--in-memory",
+    "out_of_core",
+    default=None,
+    help="Force the Krylov basis and the components on disk (or in RAM); default: chosen by --max-memory-gb.",
+)
+@click.option(
+    "--device",
+    help="Run the fit's products in torch on this device (cuda, cuda:1, cpu); default: numpy on the CPU.",
+)
+@click.option(
     "--from-w2w-release",
     "release",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -32,27 +49,33 @@ from registry import wspace
 @click.option("--trust-pickle", is_flag=True, help="With --from-w2w-release: see `w2wreg ingest --help`.")
 @json_option
 @click.pass_context
-def fit_cmd(ctx, space_id, components, where, scheduler, release, trust_pickle, as_json):
+def fit_cmd(
+    ctx, space_id, components, where, scheduler, max_memory_gb, out_of_core, device, release, trust_pickle, as_json
+):
     """Fit a new, versioned w2w subspace (z-scored PCA) over a space's models, streaming the vectors.
 
     \b
     w2wreg fit --components 1000
     w2wreg fit --where "kind = 'imported'" --scheduler tcp://127.0.0.1:8786
+    w2wreg fit -k 10000 --max-memory-gb 8 --device cuda  # the paper's k, basis on disk, products on a GPU
     w2wreg fit --from-w2w-release weights2weights/files     # the paper's 10,000 components, as published
     """
     reg = open_registry(ctx)
     if release is not None:
         from ingest.w2w_release import import_basis
 
-        if space_id or where or scheduler:
-            raise click.UsageError("--from-w2w-release takes no --space, --where or --scheduler")
+        if space_id or where or scheduler or device or out_of_core is not None or max_memory_gb:
+            raise click.UsageError("--from-w2w-release takes no --space, --where, --scheduler or fit options")
         given = ctx.get_parameter_source("components") is not click.core.ParameterSource.DEFAULT
         info = import_basis(reg, release, components=components if given else None, trust_pickle=trust_pickle)
         emit_json(info) if as_json else report_basis(info)
         return
-    info = wspace.fit_space(
-        reg, space_id, components, where, scheduler, say=None if as_json else lambda m: click.echo(f"  {m}", err=True)
-    )
+    if device and scheduler:
+        raise click.UsageError("--device runs the passes here: it takes no --scheduler")
+    budget = max_memory_gb if max_memory_gb is not None else 0.75 * physical_memory() / GB
+    cfg = FitConfig(components=components, max_memory_gb=budget, out_of_core=out_of_core, device=device)
+    say = None if as_json else lambda m: click.echo(f"  {m}", err=True)
+    info = wspace.fit_space(reg, space_id, components, where, scheduler, config=cfg, say=say)
     if as_json:
         emit_json(info)
         return

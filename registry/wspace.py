@@ -367,7 +367,10 @@ def fit_space(
     config: FitConfig | None = None,
     say=None,
 ) -> dict:
-    """Fit a new, versioned subspace over the models of a space (those matching `where`) and index them."""
+    """Fit a new, versioned subspace over the models of a space (those matching `where`) and index them.
+
+    An on-disk Krylov basis (config.out_of_core, or a budget the in-RAM fit would pass) lives in the
+    registry's tmp/ folder as unlinked files: nothing is left there whether the fit ends or crashes."""
     say = say or (lambda _: None)
     space_id = pick_space(reg, space_id)
     space = reg.space(space_id)
@@ -375,6 +378,7 @@ def fit_space(
     if len(ids) < 3:
         raise SubspaceError(f"a fit needs at least 3 models, {len(ids)} match in space {space_id}")
     cfg = config or FitConfig(components=components)
+    cfg.workdir = cfg.workdir or str(reg.root / "tmp")
     with reg.catalog.connect() as con:
         rows = dict(con.execute("SELECT id, row_idx FROM models WHERE id IN (SELECT unnest(?))", [ids]).fetchall())
     fit_rows = np.array([rows[i] for i in ids], dtype=np.int64)

@@ -183,3 +183,7 @@ class ReleasePickleError(ReleaseError, ValueError):
 
 class ReleaseDependencyError(ReleaseError, ImportError):
     """Reading a release file needs a package that is not installed (pandas, for identity_df.pt)."""
+
+
+class DeviceError(W2WError, RuntimeError):
+    """A device was asked for that this machine (or this build of torch) does not have."""

@@ -21,6 +21,7 @@ When the Krylov space is at least as large as the data's rank the result is exac
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from w2w.errors import W2WError
+from w2w.fit_plan import FitPlan, choose, rss_bytes
+from w2w.krylov_basis import KrylovBasis
+from w2w.rayleigh_ritz import ritz
 
 STD_FLOOR = 1e-8  # columns whose std is below this are constant: they carry no information
 
@@ -184,6 +188,10 @@ class FitConfig:
     depth: int = 7  # Krylov blocks = Gram passes (bench/bench_fit.py measures the trade-off)
     oversample: int = 16
     seed: int = 0
+    max_memory_gb: float | None = None  # a budget for the fit's peak RSS: above it the basis goes to disk
+    out_of_core: bool | None = None  # force the Krylov basis on disk (True) or in RAM (False)
+    workdir: str | None = None  # where the on-disk basis lives (unlinked temporary files); default: TMPDIR
+    device: str | None = None  # the Gram products in torch on this device ("cpu", "cuda"); None: numpy
 
 
 @dataclass
@@ -297,7 +305,13 @@ def fit(
     map_blocks: MapBlocks | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Subspace:
-    """Fit the w2w subspace of the rows of `source` with 1 stats pass and `depth` Gram passes."""
+    """Fit the w2w subspace of the rows of `source` with 1 stats pass and `depth` Gram passes.
+
+    With `config.out_of_core` (or when the in-RAM estimate passes `config.max_memory_gb`) the Krylov basis
+    and the components live on disk (w2w/krylov_basis.py, w2w/fit_plan.py): the components come back as a
+    read-only memory map of an unlinked temporary file. With `config.device` every product (the stats pass,
+    the Gram passes, the basis products) runs in torch on that device (w2w/device_pass.py); the final
+    eigenproblem stays on the CPU."""
     cfg = config or FitConfig()
     map_blocks = map_blocks or map_in_process
     n, D = source.n, source.dim
@@ -319,9 +333,24 @@ def fit(
         # 8 of k/6 52.9 s, all within ~1e-8 of the exact singular values.
         l = cfg.block or -(-k // 5) + cfg.oversample
     l = max(1, min(l, D, n))
+    rows = max((spec[-1] - spec[-2] for spec in specs), default=1)
+    import scipy.linalg  # noqa: F401 (the final step's; imported before the plan so that it counts in its base)
+
+    gram = gram_pass(cfg.device, map_blocks)  # before the plan: torch's import counts in its base too
+    try:
+        plan = choose(FitPlan(n, D, k, l, depth, rows, base=rss_bytes()), cfg.out_of_core, cfg.max_memory_gb)
+    except ValueError as e:
+        raise SubspaceError(str(e)) from None
+    say(plan.describe())
 
     say("pass 1: column mean and std, and a sketch of the row space")
-    n_seen, mean64, m2, sketch, omega_sum = merge_stats(map_blocks(block_stats, source, specs, (cfg.seed, l)))
+    if cfg.device is None:
+        parts = map_blocks(block_stats, source, specs, (cfg.seed, l))
+    else:
+        from w2w.device_pass import torch_stats_pass
+
+        parts = torch_stats_pass(source, specs, cfg.seed, l, cfg.device)
+    n_seen, mean64, m2, sketch, omega_sum = merge_stats(parts)
     assert n_seen == n, f"blocks held {n_seen} rows, expected {n}"
     std64 = np.sqrt(m2 / max(n - 1, 1))
     std64[std64 < STD_FLOOR] = 1.0  # constant columns: centered they are 0, scaled by 1 they stay 0
@@ -329,69 +358,93 @@ def fit(
     total_variance = float((m2 / std64**2).sum() / max(n - 1, 1))
     # Z^T Omega = S^-1 (W^T Omega - mean 1^T Omega): a start block inside Z's row space, for free
     start = (sketch.T - np.outer(mean64, omega_sum)) / std64[:, None]
+    del sketch
     G = _orth(start.astype(np.float32))  # (D, l)
-    # K holds the Krylov blocks side by side, preallocated: no copies of the D x m basis. Only the upper
-    # block triangle of M = K^T Z^T Z K is computed (M is symmetric), so each product P_i is dropped as soon
-    # as the next block is made from it: memory is K plus one D x l product, whatever the depth.
-    K = np.empty((D, depth * l), dtype=np.float32)
-    M = np.zeros((depth * l, depth * l), dtype=np.float64)
-    used = 0
-    for i in range(depth):
-        say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})")
-        P = np.ascontiguousarray(sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T)  # Z^T Z G
-        b = G.shape[1]
-        K[:, used : used + b] = G
-        used += b
-        KtP = _tdot(K[:, :used], P)  # (used, b) = K^T Z^T Z G_i
-        M[:used, used - b : used] = KtP
-        if i + 1 == depth:
-            break
-        Ku = K[:, :used]
-        R = P - Ku @ KtP.astype(np.float32)  # the first Gram-Schmidt pass reuses K^T P from M
-        R -= Ku @ (Ku.T @ R)  # twice is enough (Kahan/Parlett) to keep K orthonormal in float32
-        scale = np.linalg.norm(P, axis=0).max(initial=0.0)
-        del P
-        R[:, np.linalg.norm(R, axis=0) <= 1e-5 * max(scale, 1e-30)] = 0.0  # what K already spans
-        G = np.ascontiguousarray(_orth(R))
-        del R
-        if G.shape[1] == 0:
-            break  # the Krylov space is invariant: it already holds the whole row space
-    # The rest holds K (D x used) and V (D x k) plus used x used float64 matrices: at k = 10,000 (used =
-    # 14,112) that is 5.6 + 4 + 1.6 GB each, so every temporary is dropped as soon as it is used and V is
-    # made in row blocks (a product with a column slice K[:, :used] of K would first copy it whole).
-    M = M[:used, :used]
-    M = np.triu(M) + np.triu(M, 1).T  # the lower triangle by symmetry
-    # Rayleigh-Ritz on span(K) without trusting K to be orthonormal to the last bit (blocks made from
-    # tiny residuals lose orthogonality in float32): whiten with K^T K, dropping dependent directions.
-    S = _tdot(K[:, :used], K[:, :used])  # (used, used), ~identity
-    S += S.T
-    S /= 2
-    s_vals, s_vecs = np.linalg.eigh(S)
-    del S
-    keep = s_vals > 1e-6 * s_vals.max()
-    Wh = s_vecs[:, keep] / np.sqrt(s_vals[keep])  # (used, r): K @ Wh is orthonormal
-    del s_vecs
-    evals, evecs = np.linalg.eigh(Wh.T @ (M @ Wh))
-    del M
-    order = np.argsort(evals)[::-1][:k]
-    Q = (Wh @ evecs[:, order]).astype(np.float32)  # (used, k)
-    del Wh, evecs
-    V = np.empty((D, len(order)), dtype=np.float32)
-    for lo in range(0, D, 4096):
-        np.matmul(K[lo : lo + 4096, :used], Q, out=V[lo : lo + 4096])
-    del K, Q
-    V = _orth_stable_signs(V)
-    s = np.sqrt(np.maximum(evals[order], 0.0))
-    config = asdict(cfg) | {"block": l, "k": int(V.shape[1])}
+    del start
+    workdir = cfg.workdir or tempfile.gettempdir()
+    with KrylovBasis(D, depth * l, workdir if plan.out_of_core else None, cfg.device) as K:
+        # Only the upper block triangle of M = K^T Z^T Z K and S = K^T K is computed (both are symmetric),
+        # one block column per Krylov block, so each product P_i is dropped as soon as the next block is
+        # made from it: memory is K (or a chunk of it) plus a few D x l arrays, whatever the depth.
+        cols: list[tuple[np.ndarray, np.ndarray]] = []
+        for i in range(depth):
+            say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})")
+            P = gram(source, specs, mean, std, G)  # (D, b) = Z^T Z G
+            K.append(G)
+            KtG, KtP = K.tdot(G, P)  # (used, b) each: S's and M's block columns
+            cols.append((KtP, KtG))
+            if i + 1 == depth:
+                break
+            scale = np.linalg.norm(P, axis=0).max(initial=0.0)
+            R = P  # made in place: the first Gram-Schmidt pass reuses K^T P from M
+            K.subtract(R, KtP)
+            K.subtract(R, K.tdot(R)[0])  # twice is enough (Kahan/Parlett) to keep K orthonormal in float32
+            R[:, np.linalg.norm(R, axis=0) <= 1e-5 * max(scale, 1e-30)] = 0.0  # what K already spans
+            del P, G
+            G = np.ascontiguousarray(_orth(R))
+            del R
+            if G.shape[1] == 0:
+                break  # the Krylov space is invariant: it already holds the whole row space
+        P = G = None  # noqa: F841 (dropped before the m x m matrices are made)
+        say(f"Rayleigh-Ritz on the {K.used}-dimensional Krylov space")
+        theta, Q, method = ritz(_assemble(cols, K.used), k)  # (k,), (used, k)
+        # each component's entries sum to a positive number, so refits of the same data agree in sign
+        # (1^T V = (1^T K) Q: the signs are known before V is made)
+        signs = np.sign(K.colsum @ Q)
+        signs[signs == 0] = 1
+        Q *= signs
+        V = _components(K, Q, plan.out_of_core, workdir)
+        del Q
+    s = np.sqrt(np.maximum(theta, 0.0))
+    config = asdict(cfg) | {"block": l, "depth": depth, "k": int(V.shape[1]), "out_of_core": plan.out_of_core}
+    config["ritz"] = method
     return Subspace(mean, std, V, s, total_variance, n, list(model_ids or []), config)
 
 
-def _tdot(A: np.ndarray, B: np.ndarray, rows: int = 16384) -> np.ndarray:
-    """A^T B in float64 accumulated over row chunks of float32 products (D is long: float32 sums drift)."""
-    out = np.zeros((A.shape[1], B.shape[1]), dtype=np.float64)
-    for lo in range(0, A.shape[0], rows):
-        out += A[lo : lo + rows].T @ B[lo : lo + rows]
+def _assemble(cols: list[tuple[np.ndarray, np.ndarray]], m: int) -> list[np.ndarray]:
+    """[M, S] (m, m) float64 with their upper block triangles filled from the block columns (emptied as they
+    are copied, so the columns and the full matrices are not all alive at once)."""
+    out = []
+    for j in range(2):
+        A = np.zeros((m, m), dtype=np.float64)
+        at = 0
+        for col in cols:
+            c = col[j]
+            A[: c.shape[0], at : at + c.shape[1]] = c
+            at += c.shape[1]
+        del c
+        out.append(A)
+        if j == 0:
+            cols[:] = [(None, c[1]) for c in cols]
+    cols.clear()
     return out
+
+
+def _components(K: KrylovBasis, Q: np.ndarray, on_disk: bool, workdir: str) -> np.ndarray:
+    """V = K Q (D, k) float32: in RAM, or written chunk by chunk to an unlinked temporary file and returned
+    as its read-only memory map (nothing of it is resident until read)."""
+    D, k = K.dim, Q.shape[1]
+    if not on_disk:
+        V = np.empty((D, k), dtype=np.float32)
+        K.times(Q, lambda lo, hi, rows: V.__setitem__(slice(lo, hi), rows))
+        return V
+    with tempfile.TemporaryFile(dir=workdir, prefix="components-") as f:
+        K.times(Q, lambda lo, hi, rows: f.write(memoryview(np.ascontiguousarray(rows).reshape(-1)).cast("B")))
+        f.flush()
+        return np.memmap(f, dtype=np.float32, mode="r", shape=(D, k))  # the map outlives the closed file
+
+
+def gram_pass(device: str | None, map_blocks: MapBlocks) -> Callable[..., np.ndarray]:
+    """The Gram pass, P = Z^T Z G (D, l) float32: numpy over `map_blocks` (in process or Dask), or torch on
+    a device."""
+    if device is not None:
+        from w2w.device_pass import resolve_device, torch_gram_pass
+
+        resolve_device(device)  # a device this machine lacks fails now, not after the first pass
+        return lambda source, specs, mean, std, G: torch_gram_pass(source, specs, mean, std, G, device)
+    return lambda source, specs, mean, std, G: np.ascontiguousarray(
+        sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T
+    )
 
 
 def sum_blocks(parts: Iterable[np.ndarray]) -> np.ndarray:
@@ -399,15 +452,3 @@ def sum_blocks(parts: Iterable[np.ndarray]) -> np.ndarray:
     for p in parts:
         total = p.astype(np.float32, copy=True) if total is None else total.__iadd__(p)
     return total
-
-
-def _orth_stable_signs(V: np.ndarray) -> np.ndarray:
-    """Make each component's entries sum to a positive number, so refits of the same data agree in sign.
-
-    (Not "largest entry positive": |V| of a D x k matrix is a 400 MB temporary and an argmax that cost
-    2 s at k = 1,000.)
-    """
-    signs = np.sign(V.sum(axis=0, dtype=np.float64)).astype(V.dtype)
-    signs[signs == 0] = 1
-    V *= signs
-    return V

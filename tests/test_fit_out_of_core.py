@@ -1,0 +1,208 @@
+"""The fit with its Krylov basis on disk, its memory plan, its in-place Rayleigh-Ritz step and its device pass."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import PLANTED_LAYOUT, w2wreg, w2wreg_json
+
+from ingest.synthetic import Population
+from registry import wspace
+from registry.integrity import verify
+from registry.registry import NewModel, Registry
+from w2w.fit_plan import GB, FitPlan, choose
+from w2w.rayleigh_ritz import ritz
+from w2w.subspace import ArraySource, FitConfig, SubspaceError, fit
+
+# The paths run the same float32 operations on the same values (chunks read back from disk are exact copies
+# of the blocks; torch and numpy both sum float32 products); only the order of the float32 sums may differ
+# (BLAS kernels chosen by alignment, torch summing all blocks into one accumulator). An entry of a product
+# over c terms then moves by at most c u sum|a_i b_i| (u = 2^-24): c <= max(N, D) = 600 gives 3.6e-5 of the
+# entries' scale. Weyl bounds the Ritz values' move by ||dM|| (theta = sigma^2, so sigma moves by half that,
+# relative): RTOL = 3.6e-5. A Ritz vector moves by ||dM|| / gap: the top components' relative gaps in
+# theta are >= 0.15 here (sigma spaced by 10^(2/60) ~ 8%), hence ATOL = 3.6e-5 / 0.15 ~ 2.4e-4 per cosine.
+RTOL, ATOL = 3.6e-5, 2.4e-4
+TOP = 12  # components compared one by one (the tail of a 32-dimensional Krylov space is not converged)
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    """600 x 500 with a decaying spectrum and per-column scales spanning 3 decades (as LoRA weights)."""
+    rng = np.random.default_rng(0)
+    n, D = 600, 500
+    X = (rng.standard_normal((n, 60)) * np.logspace(0, -2, 60)) @ rng.standard_normal((60, D))
+    X += 0.01 * rng.standard_normal((n, D))
+    return (X * np.exp(rng.uniform(np.log(1e-3), 0, D))).astype(np.float32)
+
+
+CFG = {"components": 24, "block": 8, "depth": 4}  # a Krylov fit, not the small-data exact path
+
+
+def assert_same_fit(a, b) -> None:
+    np.testing.assert_allclose(b.singular_values, a.singular_values, rtol=RTOL)
+    cos = np.abs(np.sum(np.asarray(a.components)[:, :TOP] * np.asarray(b.components)[:, :TOP], axis=0))
+    np.testing.assert_allclose(cos, 1.0, atol=ATOL)
+    # the stats: float32 values summed in float64 (N u_64 sum|x| ~ 7e-14 max|x| at N = 600), then rounded to
+    # float32 (half an ulp each, so one ulp apart at most: 2^-23 relative)
+    for x, y in ((a.mean, b.mean), (a.std, b.std)):
+        np.testing.assert_allclose(y, x, rtol=2**-23, atol=1e-13 * np.abs(x).max())
+
+
+def test_out_of_core_fit_equals_the_in_ram_fit(data, tmp_path):
+    ram = fit(ArraySource(data, 64), FitConfig(**CFG))
+    disk = fit(ArraySource(data, 64), FitConfig(**CFG, out_of_core=True, workdir=str(tmp_path)))
+    assert not ram.config["out_of_core"] and disk.config["out_of_core"]
+    assert isinstance(disk.components, np.memmap) and not disk.components.flags.writeable
+    assert_same_fit(ram, disk)
+    assert list(tmp_path.iterdir()) == []  # the basis and the components were unlinked files
+    # and both are as accurate as each other against the exact SVD
+    Z = (data - data.mean(0, dtype=np.float64)) / data.std(0, ddof=1, dtype=np.float64)
+    s = np.linalg.svd(Z, compute_uv=False)[: CFG["components"]]
+    err_ram, err_disk = (np.abs(f.singular_values - s) / s for f in (ram, disk))
+    np.testing.assert_allclose(err_disk, err_ram, atol=RTOL)
+
+
+@pytest.mark.parametrize("out_of_core", [False, True])
+def test_device_pass_on_the_cpu_equals_the_numpy_pass(data, tmp_path, out_of_core):
+    """The torch pass (the code `--device cuda` runs, here on the CPU: no pinning, same path)."""
+    ram = fit(ArraySource(data, 64), FitConfig(**CFG))
+    cfg = FitConfig(**CFG, device="cpu", out_of_core=out_of_core, workdir=str(tmp_path))
+    assert_same_fit(ram, fit(ArraySource(data, 64), cfg))
+
+
+def test_small_data_exact_path_out_of_core(tmp_path):
+    rng = np.random.default_rng(1)
+    X = (rng.standard_normal((40, 5)) @ rng.standard_normal((5, 300)) + 0.01 * rng.standard_normal((40, 300))).astype(
+        np.float32
+    )
+    a = fit(ArraySource(X, 16), FitConfig(components=10))
+    b = fit(ArraySource(X, 16), FitConfig(components=10, out_of_core=True, workdir=str(tmp_path)))
+    np.testing.assert_allclose(b.singular_values, a.singular_values, rtol=RTOL)
+
+
+def test_a_failure_mid_fit_leaves_no_files_and_no_open_basis(data, tmp_path):
+    def stop(msg: str) -> None:
+        if msg.startswith("pass 4"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(ArraySource(data, 64), FitConfig(**CFG, out_of_core=True, workdir=str(tmp_path)), progress=stop)
+    assert list(tmp_path.iterdir()) == []
+    assert not [f for f in open_files() if "krylov-" in f]
+
+
+def open_files() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the descriptor listdir itself used is gone
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return out
+
+
+def test_plan_puts_the_basis_on_disk_above_the_budget():
+    # the paper's fit: k = 10,000 at N = 64,974, D = 99,648 (l = 2,016, 7 blocks, 384-row data blocks)
+    plan = FitPlan(64974, 99648, 10000, 2016, 7, 384)
+    assert plan.guarded(False) > 8 * GB > plan.guarded(True)
+    assert choose(plan, None, 8.0).out_of_core
+    assert not choose(FitPlan(64974, 99648, 10000, 2016, 7, 384), None, None).out_of_core  # no budget: RAM
+    with pytest.raises(ValueError, match="even with its Krylov basis on disk"):
+        choose(FitPlan(64974, 99648, 10000, 2016, 7, 384), None, 2.0)
+    with pytest.raises(ValueError, match="or pass --out-of-core"):
+        choose(FitPlan(64974, 99648, 10000, 2016, 7, 384), False, 8.0)
+
+
+def test_fit_refuses_a_budget_it_cannot_keep(data):
+    with pytest.raises(SubspaceError, match=r"needs ~[\d.]+ GB even with its Krylov basis on disk"):
+        fit(ArraySource(data, 64), FitConfig(**CFG, max_memory_gb=1e-3))
+
+
+def test_ritz_equals_the_generalized_eigenproblem_and_survives_a_dependent_column():
+    from scipy.linalg import eigh
+
+    rng = np.random.default_rng(2)
+    K = rng.standard_normal((300, 40))
+    A = rng.standard_normal((300, 300))
+    A = A @ A.T
+    for dependent in (False, True):
+        if dependent:
+            K[:, 7] = K[:, 3]  # K spans only 39 dimensions: Cholesky of K^T K fails, whitening drops one
+        M, S = K.T @ A @ K, K.T @ K
+        theta, Q, how = ritz([np.triu(M), np.triu(S)], 10)
+        assert how.startswith("whitened" if dependent else "cholesky")
+        V = K @ Q
+        # float64 throughout: a few hundred ulps of ||M|| (cond(S) ~ 10 for Gaussian K when full rank)
+        np.testing.assert_allclose(V.T @ V, np.eye(10), atol=1e-10)
+        np.testing.assert_allclose(V.T @ A @ V, np.diag(theta), atol=1e-10 * theta[0])
+        if not dependent:
+            np.testing.assert_allclose(theta, eigh(M, S, eigvals_only=True)[::-1][:10], rtol=1e-12)
+
+
+# --- through the registry and the CLI -------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_registry(tmp_path) -> Registry:
+    pop = Population(PLANTED_LAYOUT, latent=6, seed=5, noise=0.002)
+    reg = Registry.init(tmp_path / "reg")
+    reg.add_models(NewModel(f"m{i:03d}", pop.vector(i), PLANTED_LAYOUT, "planted/base") for i in range(80))
+    return reg
+
+
+CRASH = """
+import os, signal, sys
+from registry import wspace
+from registry.registry import Registry
+from w2w.subspace import FitConfig
+
+def say(msg):
+    if msg.startswith(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup of any kind runs
+
+cfg = FitConfig(components=12, block=4, depth=4, out_of_core=True)
+wspace.fit_space(Registry.open(sys.argv[1]), components=12, config=cfg, say=say)
+"""
+
+
+@pytest.mark.parametrize("stage", ["pass 3", "Rayleigh-Ritz"])
+def test_a_crash_mid_fit_leaves_no_half_written_subspace(small_registry, stage):
+    reg = small_registry
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CRASH), str(reg.root), stage], capture_output=True, text=True
+    )
+    assert proc.returncode == -9, proc.stderr
+    space = reg.spaces()[0].id
+    assert wspace.current(reg, space) is None
+    assert not (reg.root / "subspaces").exists() or list((reg.root / "subspaces").iterdir()) == []
+    assert list((reg.root / "tmp").iterdir()) == []  # the basis files were unlinked when made
+    report = verify(reg)
+    assert report.ok and report.findings == [], report.findings
+    # and the next fit runs
+    info = w2wreg_json(reg.root, "fit", "-k", "12", "--out-of-core")
+    assert info["k"] == 12 and wspace.current(reg, space) is not None
+
+
+def test_cli_fit_out_of_core_with_a_budget(small_registry):
+    info = w2wreg_json(small_registry.root, "fit", "-k", "12", "--max-memory-gb", "64", "--device", "cpu")
+    sm = wspace.require(small_registry, info["space"])
+    assert sm.sub.k == 12 and sm.sub.config["device"] == "cpu"
+
+
+def test_cli_fit_refuses_an_impossible_budget_in_one_line(small_registry):
+    out = w2wreg(small_registry.root, "fit", "-k", "12", "--max-memory-gb", "0.1", code=1).output
+    assert out.strip().count("\n") == 0 and "even with its Krylov basis on disk (budget 0.1 GB)" in out
+    assert wspace.current(small_registry, small_registry.spaces()[0].id) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: --device cuda runs")
+def test_cli_fit_on_cuda_without_cuda_is_a_one_line_error(small_registry):
+    out = w2wreg(small_registry.root, "fit", "-k", "12", "--device", "cuda", code=1).output
+    assert out.strip().count("\n") == 0 and "sees no CUDA GPU here" in out, out
+    assert not Path(small_registry.root / "subspaces").exists()

@@ -1,0 +1,106 @@
+"""How a fit will run and the memory it will take: block size and depth, basis in RAM or on disk.
+
+The peak is the largest of the fit's phases, each a sum of the arrays alive in it (bytes; f32 = 4, f64 = 8;
+D columns, m = depth * l Krylov columns, b data rows per block, c = krylov_basis.chunk_rows(m) rows of K
+per chunk):
+  kept    the computed block columns of M = K^T Z^T Z K and S = K^T K:  2 * 8 * l^2 * depth (depth + 1) / 2
+  pass    G, the product's sum, one block's product, two data buffers:  3 * 4 D l + 2 * 4 b D + 4 b l
+  orth    P (reused as R), _orth's two copies, the old G, K^T P and K^T R:  4 * 4 D l + 2 * 8 m l
+  ritz    M, S and S's Cholesky factor, then the k eigenvectors:  max(3 * 8 m^2, 2 * 8 m^2 + 8 m k)
+  out     Q in float64 and float32, two chunks of V:  12 m k + 8 c k
+In RAM, K (4 D m) is alive throughout and V (4 D k) at the end. On disk neither is, but a chunk of K's
+read buffers (4 c m) is.
+`base` is the process before the fit (interpreter, libraries), measured, not modelled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from w2w.krylov_basis import chunk_rows
+
+GB = 1e9
+# The process holds more than the arrays the formula counts (allocator slack, library buffers): measured
+# 1.04-1.8x the estimate plus nothing larger than 0.4 GB (README, "The w2w space"). A budget is checked
+# against estimate * SLACK_RATIO + SLACK_BYTES, which covers every measured peak.
+SLACK_RATIO, SLACK_BYTES = 1.2, int(0.4 * GB)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class FitPlan:
+    n: int
+    dim: int
+    k: int
+    block: int  # Krylov block size l
+    depth: int  # Gram passes
+    rows: int  # data rows per block
+    out_of_core: bool = False
+    base: int = 0
+
+    @property
+    def m(self) -> int:
+        return self.depth * self.block
+
+    def phases(self, out_of_core: bool) -> dict[str, int]:
+        """Bytes alive in each phase (the module docstring's formula)."""
+        D, l, m, k, b, c = self.dim, self.block, self.m, self.k, self.rows, chunk_rows(self.m)
+        kept = 8 * l * l * self.depth * (self.depth + 1)
+        K, V = (4 * c * m, 0) if out_of_core else (4 * D * m, 4 * D * k)
+        return {
+            "pass": kept + K + 3 * 4 * D * l + 2 * 4 * b * D + 4 * b * l,
+            "orth": kept + K + 4 * 4 * D * l + 2 * 8 * m * l,
+            "ritz": K + max(3 * 8 * m * m, 2 * 8 * m * m + 8 * m * k),
+            "out": K + V + 12 * m * k + 8 * c * k,
+        }
+
+    def peak(self, out_of_core: bool | None = None) -> int:
+        ooc = self.out_of_core if out_of_core is None else out_of_core
+        return self.base + max(self.phases(ooc).values())
+
+    def guarded(self, out_of_core: bool | None = None) -> int:
+        """The peak a budget is checked against: the estimate with the measured slack."""
+        return int(self.peak(out_of_core) * SLACK_RATIO) + SLACK_BYTES
+
+    def describe(self) -> str:
+        where = "on disk" if self.out_of_core else "in RAM"
+        ph = self.phases(self.out_of_core)
+        parts = ", ".join(f"{name} {v / GB:.2f}" for name, v in ph.items())
+        return (
+            f"plan: l = {self.block}, depth {self.depth} (m = {self.m}), Krylov basis {where}; "
+            f"estimated peak {self.peak() / GB:.2f} GB = {self.base / GB:.2f} now + max({parts}) GB "
+            f"(budgeted as {self.guarded() / GB:.2f} GB with the allocator's slack)"
+        )
+
+
+def choose(plan: FitPlan, out_of_core: bool | None, max_memory_gb: float | None) -> FitPlan:
+    """Decide where the basis lives: as asked, else on disk when the in-RAM peak would pass the budget.
+    Raises ValueError when the chosen path's estimate is over the budget."""
+    budget = None if max_memory_gb is None else max_memory_gb * GB
+    if out_of_core is None:
+        out_of_core = budget is not None and plan.guarded(False) > budget
+    plan.out_of_core = out_of_core
+    if budget is not None and plan.guarded() > budget:
+        raise ValueError(
+            f"a fit of k = {plan.k} over D = {plan.dim:,} needs ~{plan.guarded() / GB:.1f} GB "
+            f"{'even with its Krylov basis on disk' if out_of_core else 'with its Krylov basis in RAM'} "
+            f"(budget {max_memory_gb:g} GB): lower -k, raise --max-memory-gb"
+            + ("" if out_of_core else " or pass --out-of-core")
+        )
+    return plan

@@ -1,0 +1,154 @@
+"""The Krylov basis of a fit, K = [G_0 .. G_q] (D x m float32), in RAM or on disk, and its blocked products.
+
+K is kept as its column blocks G_i (D x l each, row-major). Every product with K is a sum over row chunks
+of K, so when the blocks are on disk only one chunk (c x m) is in memory at a time: the fit's memory is then
+O(D l + m^2), not O(D m). The blocks on disk are unlinked temporary files (`tempfile.TemporaryFile`): the
+OS reclaims them when the process ends, however it ends, so a crash leaves nothing behind.
+
+Chunks are read with pread into buffers that are reused (not a memory map: mapped pages of a multi-GB file
+count in the process's RSS, and the memory budget is about RSS).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_BYTES = 256 << 20  # a chunk of K: large enough for BLAS at full speed, small against the budget
+
+
+def chunk_rows(m: int) -> int:
+    """Rows of K per chunk for a basis of m columns (the formula fit_plan uses too)."""
+    return int(min(16384, max(64, CHUNK_BYTES // (4 * max(m, 1)))))
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    view, done = memoryview(out).cast("B"), 0
+    while done < len(view):  # pread may return fewer bytes than asked
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read of a Krylov block at byte {offset + done}")
+        done += got
+
+
+class KrylovBasis:
+    """Column blocks of K, in RAM (folder None) or as unlinked temporary files in `folder`."""
+
+    def __init__(self, dim: int, m: int, folder: str | Path | None = None, device: str | None = None):
+        self.dim, self.rows = dim, chunk_rows(m)
+        self.device = device  # None: numpy products here; else torch products on that device
+        self.on_disk = folder is not None
+        self.folder = Path(folder) if folder is not None else None
+        self.blocks: list[np.ndarray] = []  # in RAM: the blocks; on disk: one reused (rows, l_i) buffer each
+        self.files: list = []
+        self.widths: list[int] = []
+        self.colsum = np.zeros(0)  # 1^T K in float64, for the sign convention of the components
+
+    @property
+    def used(self) -> int:
+        return sum(self.widths)
+
+    def append(self, G: np.ndarray) -> None:
+        """Add a block (D, b) as the last columns of K."""
+        G = np.ascontiguousarray(G, dtype=np.float32)
+        assert G.shape[0] == self.dim, f"a block of {G.shape[0]} rows for a basis of D = {self.dim}"
+        self.colsum = np.concatenate([self.colsum, G.sum(axis=0, dtype=np.float64)])
+        self.widths.append(G.shape[1])
+        if not self.on_disk:
+            self.blocks.append(G)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = tempfile.TemporaryFile(dir=self.folder, prefix="krylov-")  # noqa: SIM115 (kept open until close())
+        try:
+            f.write(memoryview(G.reshape(-1)).cast("B"))
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        self.files.append(f)
+        self.blocks.append(np.empty((min(self.rows, self.dim), G.shape[1]), dtype=np.float32))
+
+    def chunks(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        """(lo, hi, [G_i[lo:hi] for every block]): the row chunks of K, in order. On disk the arrays are
+        buffers reused by the next chunk."""
+        for lo in range(0, self.dim, self.rows):
+            hi = min(lo + self.rows, self.dim)
+            if not self.on_disk:
+                yield lo, hi, [G[lo:hi] for G in self.blocks]
+                continue
+            parts = []
+            for f, buf, b in zip(self.files, self.blocks, self.widths, strict=True):
+                part = buf[: hi - lo]
+                _pread_into(f.fileno(), part, 4 * lo * b)
+                parts.append(part)
+            yield lo, hi, parts
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()  # unlinked already: closing frees the disk space
+        self.files, self.blocks, self.widths = [], [], []
+
+    def __enter__(self) -> KrylovBasis:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- products, each one read of K ------------------------------------------------------------------
+    # The same code runs numpy (device None) or torch on a device: _dev moves an operand there, _host back.
+
+    def _dev(self, a: np.ndarray):
+        if self.device is None:
+            return a
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def _host(self, a) -> np.ndarray:
+        return a if self.device is None else a.cpu().numpy()
+
+    def _zeros(self, shape: tuple[int, int]):
+        if self.device is None:
+            return np.zeros(shape, dtype=np.float64)
+        import torch
+
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def tdot(self, *Bs: np.ndarray) -> list[np.ndarray]:
+        """K^T B for each B (D, b): (used, b) float64, accumulated over chunks of float32 products (D is
+        long: float32 sums over it drift)."""
+        outs = [self._zeros((self.used, B.shape[1])) for B in Bs]
+        for lo, hi, parts in self.chunks():
+            chunks, at = [self._dev(B[lo:hi]) for B in Bs], 0
+            for part in map(self._dev, parts):
+                b = part.shape[1]
+                for out, B in zip(outs, chunks, strict=True):
+                    out[at : at + b] += part.T @ B  # (b, b_B)
+                at += b
+        return [self._host(out) for out in outs]
+
+    def _times_chunks(self, C: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(lo, hi, (K @ C)[lo:hi]) for each row chunk of K, C (used, b): the chunk arrays are reused."""
+        C = self._dev(C.astype(np.float32))
+        for lo, hi, parts in self.chunks():
+            acc, at = None, 0
+            for part in map(self._dev, parts):
+                b = part.shape[1]
+                prod = part @ C[at : at + b]  # (c, b)
+                acc = prod if acc is None else acc.__iadd__(prod)
+                at += b
+            yield lo, hi, self._host(acc)
+
+    def subtract(self, R: np.ndarray, C: np.ndarray) -> None:
+        """R -= K @ C in place, R (D, b), C (used, b)."""
+        for lo, hi, KC in self._times_chunks(C):
+            R[lo:hi] -= KC
+
+    def times(self, Q: np.ndarray, write: Callable[[int, int, np.ndarray], None]) -> None:
+        """K @ Q (D, k) chunk by chunk: write(lo, hi, rows) gets each (c, k) chunk once, in order."""
+        for lo, hi, KQ in self._times_chunks(Q):
+            write(lo, hi, KQ)
