@@ -79,7 +79,7 @@ RECIPES: dict[str, Recipe] = {
     # The embedded toy-faces base: same targets and rank, fewer steps and a larger rate (its faces are
     # 32 px and the LoRA is tiny), no prior preservation (its class drift costs nothing in the toy world).
     # Registered in the shared frame: at this rate A moves 1-5x its initial norm, so the flattened factors
-    # are no linear frame for means, draws and edits (README, "Why edits failed in the toy world").
+    # are no linear frame for means, draws and edits (README, "Why edits and samples failed in the toy world").
     "toy": Recipe(
         "toy",
         rank=1,

@@ -75,7 +75,7 @@ def shared_frame(lora: LoRA) -> LoRA:
     Every LoRA of a family written so shares its A, so its flattened vector is (the constant A and) dW itself:
     means, differences and Gaussian draws of such vectors are those of the weight updates. Trained rank-r
     factors are not (B A is bilinear, and A moves away from its initialisation in training), which is why
-    the w2w space of the toy world is fitted on this frame (README, "Why edits failed in the toy world").
+    the w2w space of the toy world is fitted on this frame (README, "Why edits and samples failed in the toy world").
     """
     layers = {}
     for name, l in lora.layers.items():
