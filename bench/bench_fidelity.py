@@ -1,7 +1,8 @@
 """Do the w2w phenomena appear in the toy world, and from how many identities? Edits, samples, inversions.
 
-    python bench/bench_fidelity.py [--sizes 24,100,300,1000] [--targets 12] [--samples 24] [--invert 4]
-                                   [--strengths 1.5,2.5,4,6] [--methods mean_diff,lstsq] [--population FILE]
+    python bench/bench_fidelity.py [--sizes 24,64,128,256] [--targets 12] [--samples 24] [--invert 4]
+                                   [--frames shared,factors] [--samplers gaussian,population:0.5]
+                                   [--strengths 2.5,4,6] [--methods mean_diff,lstsq] [--population FILE]
 
 The identities are the shipped toy population (ingest/assets/toy-population.safetensors, made by
 `python -m ingest.toy_population`). For each size N the space is fitted on the population's first N
@@ -9,14 +10,18 @@ identities (k = min(1000, N - 1), as `w2wreg demo` fits), each attribute's direc
 attribute detector reads images generated from one noise (seed 2) of:
   edits     the first --targets identities lacking the attribute, moved by +S std of its score: how often the
             attribute appears ("success"), how often the other three stay as the unedited LoRA shows them;
-  samples   --samples models drawn from the space (each coefficient from its Gaussian): each attribute's rate
-            against its rate among the N identities (the largest gap is printed);
+  samples   --samples models drawn from the space (w2w.sampling: a Gaussian per coefficient, or
+            "population:h", a smoothed bootstrap of bandwidth h): each attribute's rate against its rate among
+            the N identities' labels and among what their own LoRAs show (the same detector on the same
+            noise); novelty: a sample's distance to its nearest identity over the median distance of two;
   inverted  --invert held-out faces (not in the population) inverted into the space as the demo does (100
             steps, nearest start, 4 timesteps a step): the share of their attributes the detector agrees on;
   fidelity  the edited identities' own LoRAs: how often they show their identity's attributes (a ceiling).
-One table varies N at the defaults (`cli.demo.STRENGTH`, w2w.directions.DEFAULT_METHOD); at the largest N
-one varies the strength and one the method (each with and without debiasing against the other three
-attributes), so a reader sees why the defaults are what they are.
+The frame is what the space is fitted on: "shared" (A = I, B = dW, as `w2wreg` registers toy-recipe LoRAs:
+Recipe.frame) or "factors" (the trained rank-1 A and B, flattened). One table varies N at the demo's defaults
+(its frame, `cli.demo.STRENGTH` debiased, `cli.demo.SAMPLE_BANDWIDTH`, w2w.directions.DEFAULT_METHOD); at the
+largest N one varies the frame, one the sampler, one the strength and one the method (each with and without
+debiasing against the other three attributes), so a reader sees why the defaults are what they are.
 """
 
 from __future__ import annotations
@@ -36,15 +41,24 @@ SEED = 2  # the demo's generation seed
 
 
 class World:
-    """The population, the base model, and a cache of each identity's own (unedited) image."""
+    """The population in one frame (its vectors V), the base model, and a cache of each identity's own image.
 
-    def __init__(self, population_path: Path | None):
+    frame "shared": the vectors as `w2wreg` registers toy-recipe LoRAs (A = I, B = dW; Recipe.registered);
+    "factors": the trained rank-1 factors A, B flattened, as the asset stores them.
+    """
+
+    def __init__(self, population_path: Path | None, frame: str = "shared"):
         from ingest import toy_population
         from ingest.basemodel import load_base
 
         self.pop = toy_population.load(population_path or toy_population.ASSET)
         self.base = load_base(None)
-        self.layout = toy_population.toy_layout(self.base)
+        self.frame = frame
+        if frame == "factors":
+            self.layout, self.V = toy_population.trained_layout(self.base), self.pop.vectors
+        else:
+            self.layout = toy_population.toy_layout(self.base)
+            self.V = toy_population.registered_vectors(self.pop.vectors, self.base)
         self._own: dict[int, dict[str, bool]] = {}
 
     def look(self, vectors: np.ndarray) -> dict[str, np.ndarray]:
@@ -59,17 +73,17 @@ class World:
     def own(self, idx: list[int]) -> dict[int, dict[str, bool]]:
         todo = [i for i in idx if i not in self._own]
         if todo:
-            found = self.look(self.pop.vectors[todo])
+            found = self.look(self.V[todo])
             for j, i in enumerate(todo):
                 self._own[i] = {a: bool(v[j]) for a, v in found.items()}
         return {i: self._own[i] for i in idx}
 
 
-def fit(world: World, n: int):
+def fit(world: World, n: int, k: int | None = None):
     from w2w import subspace
 
-    V = world.pop.vectors[:n]
-    sub = subspace.fit(subspace.ArraySource(V), subspace.FitConfig(components=min(1000, n - 1)))
+    V = world.V[:n]
+    sub = subspace.fit(subspace.ArraySource(V), subspace.FitConfig(components=min(k or 1000, n - 1)))
     return sub, sub.project(V).astype(np.float64)
 
 
@@ -88,23 +102,34 @@ def edits(
         Y = world.pop.attributes[:n, i]
         idx = [j for j in range(n) if not Y[j]][:targets]
         step = (sub.components.astype(np.float64) @ d.step(strength)) * sub.std
-        after = world.look(world.pop.vectors[idx] + step)
+        after = world.look(world.V[idx] + step)
         before = world.own(idx)
         kept = [after[b][j] == before[i_][b] for j, i_ in enumerate(idx) for b in ATTRIBUTES if b != a]
         out[a] = {"success": float(after[a].mean()), "kept": float(np.mean(kept)), "targets": len(idx)}
     return out
 
 
-def samples(world: World, n: int, sub, C: np.ndarray, count: int) -> dict:
+def samples(world: World, n: int, sub, C: np.ndarray, count: int, bandwidth: float | None = None) -> dict:
+    """Each attribute's rate among `count` drawn models, against the N identities' labels and what their own
+    LoRAs show (the same detector on the same noise); `novelty`: mean distance of a sample to its nearest
+    identity over the median distance between two identities (coefficients)."""
     from ingest.toyfaces import ATTRIBUTES
+    from w2w.sampling import draw
 
-    rng = np.random.default_rng(0)
-    Cs = C.mean(0) + C.std(0) * rng.standard_normal((count, C.shape[1]))
+    Cs = draw(np.random.default_rng(0), count, C.mean(0), C.std(0), fitted=C, bandwidth=bandwidth)
     found = world.look(sub.reconstruct(Cs.astype(np.float32)))
-    return {
-        a: {"rate": float(found[a].mean()), "population": float(world.pop.attributes[:n, i].mean())}
+    own = world.own(list(range(n)))
+    nearest = np.sqrt(((Cs[:, None] - C[None]) ** 2).sum(-1)).min(1).mean()
+    pair = np.median(np.sqrt(((C[:, None] - C[None]) ** 2).sum(-1))[np.triu_indices(n, 1)])
+    out = {
+        a: {
+            "rate": float(found[a].mean()),
+            "population": float(world.pop.attributes[:n, i].mean()),
+            "shown": float(np.mean([own[j][a] for j in range(n)])),
+        }
         for i, a in enumerate(ATTRIBUTES)
     }
+    return {"attributes": out, "novelty": float(nearest / pair)}
 
 
 def inversions(world: World, sub, C: np.ndarray, faces: int, steps: int = 100) -> float:
@@ -138,72 +163,125 @@ def fidelity(world: World, n: int, targets: int) -> float:
     return float(np.mean([own[j][a] == world.pop.attributes[j, i] for j in idx for i, a in enumerate(ATTRIBUTES)]))
 
 
-def row(label, e: dict, s: dict | None, inv: float | None, fid: float | None) -> tuple:
-    gap = max(abs(v["rate"] - v["population"]) for v in s.values()) if s else None
-    return (
-        label,
-        " ".join(f"{100 * v['success']:.0f}" for v in e.values()),
-        min(v["success"] for v in e.values()),
-        " ".join(f"{100 * v['kept']:.0f}" for v in e.values()),
-        min(v["kept"] for v in e.values()),
-        " ".join(f"{100 * v['rate']:.0f}/{100 * v['population']:.0f}" for v in s.values()) if s else "-",
-        gap,
-        inv,
-        fid,
+def row(label, e: dict | None, s: dict | None, inv: float | None, fid: float | None) -> tuple:
+    e_cols = (
+        (
+            " ".join(f"{100 * v['success']:.0f}" for v in e.values()),
+            min(v["success"] for v in e.values()),
+            " ".join(f"{100 * v['kept']:.0f}" for v in e.values()),
+            min(v["kept"] for v in e.values()),
+        )
+        if e
+        else ("-",) * 4
     )
+    if s:
+        att = s["attributes"].values()
+        s_cols = (
+            " ".join(f"{100 * v['rate']:.0f}/{100 * v['population']:.0f}/{100 * v['shown']:.0f}" for v in att),
+            max(abs(v["rate"] - v["population"]) for v in att),
+            max(abs(v["rate"] - v["shown"]) for v in att),
+            s["novelty"],
+        )
+    else:
+        s_cols = ("-",) * 4
+    return (label, *e_cols, *s_cols, inv, fid)
 
 
-HEADERS = ["", "edit success % (g b s h)", "min", "kept % (g b s h)", "min", "samples %/pop %", "max gap",
+HEADERS = ["", "edit success % (g b s h)", "min", "kept % (g b s h)", "min",
+           "samples % / labels % / LoRAs show % (g b s h)", "gap labels", "gap shown", "novelty",
            "inverted agree", "LoRA fidelity"]  # fmt: skip
+EDIT_COLS, SAMPLE_COLS = [0, 1, 2, 3, 4], [0, 5, 6, 7, 8]
+
+
+def pick(r: tuple, cols: list[int]) -> tuple:
+    return tuple(r[c] for c in cols)
+
+
+def parse_sampler(text: str) -> tuple[str, float | None]:
+    """ "gaussian" -> None; "population:0.5" -> 0.5 (the bandwidth)."""
+    name, _, h = text.partition(":")
+    return text, (float(h) if name == "population" else None)
 
 
 def main() -> None:
-    from cli.demo import STRENGTH
+    from cli.demo import SAMPLE_BANDWIDTH, STRENGTH
     from w2w.directions import DEFAULT_METHOD
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="24,100,300,1000")
+    ap.add_argument("--sizes", default="24,64,128,256")
     ap.add_argument("--targets", type=int, default=12, help="identities edited per attribute")
     ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--invert", type=int, default=4, help="held-out faces inverted per size (0: none)")
-    ap.add_argument("--strengths", default="1.5,2.5,4,6")
+    ap.add_argument("--frames", default="shared,factors", help="the first is the demo's (Recipe.frame)")
+    ap.add_argument("--samplers", default="gaussian,population:0.7,population:0.5,population:0.3")
+    ap.add_argument("--components", default="8,16,32", help="k of the space fitted (besides the demo's)")
+    ap.add_argument("--strengths", default="2.5,4,6")
     ap.add_argument("--methods", default="mean_diff,lstsq,ridge")
     ap.add_argument("--population", type=Path)
     args = ap.parse_args()
     torch.set_grad_enabled(True)
-    world = World(args.population)
+    frames = args.frames.split(",")
+    world = World(args.population, frames[0])
     total = len(world.pop.vectors)
     sizes = sorted({min(int(s), total) for s in args.sizes.split(",")})
-    log(f"population: {total} identities ({world.pop.sha256[:12]}); sizes {sizes}")
-    rows, data = [], {"sizes": {}, "strengths": {}, "methods": {}}
+    demo_sampler = "gaussian" if SAMPLE_BANDWIDTH is None else f"population:{SAMPLE_BANDWIDTH:g}"
+    log(f"population: {total} identities ({world.pop.sha256[:12]}); sizes {sizes}; frame {world.frame}")
+    rows, data = [], {"sizes": {}, "frames": {}, "samplers": {}, "strengths": {}, "methods": {}}
     for n in sizes:
         sub, C = fit(world, n)
-        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets)
-        log(f"N = {n}: edits {e}")
-        s = samples(world, n, sub, C, args.samples)
-        log(f"N = {n}: samples {s}")
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
+        s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
         inv = inversions(world, sub, C, args.invert) if args.invert else None
         fid = fidelity(world, n, args.targets)
         data["sizes"][n] = {"edits": e, "samples": s, "inversion_agreement": inv, "lora_fidelity": fid}
         rows.append(row(f"N = {n}", e, s, inv, fid))
         log(f"N = {n}: {rows[-1]}")
-    print_table(HEADERS, rows, title=f"by population size (k = min(1000, N - 1); +{STRENGTH:g} std; {DEFAULT_METHOD})")
+    title = (
+        f"by population size (frame {world.frame}; +{STRENGTH:g} std {DEFAULT_METHOD} debiased; samples {demo_sampler})"
+    )
+    print_table(HEADERS, rows, title=title)
     n = sizes[-1]
+    rows = []
+    for frame in frames:
+        w = world if frame == world.frame else World(args.population, frame)
+        sub, C = fit(w, n)
+        e = edits(w, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
+        s = samples(w, n, sub, C, args.samples)
+        data["frames"][frame] = {"edits": e, "samples": s}
+        rows.append(row(frame, e, s, None, None))
+    print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by frame (N = {n}; edits as above; gaussian samples)")
+    rows = []
+    for k in [int(x) for x in args.components.split(",") if x] + [n - 1]:
+        sub, C = fit(world, n, k)
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
+        s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
+        data.setdefault("components", {})[sub.k] = {"edits": e, "samples": s}
+        rows.append(row(f"k = {sub.k}", e, s, None, None))
+    print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by components fitted (N = {n}; as the first table)")
     sub, C = fit(world, n)
     rows = []
+    for text in args.samplers.split(","):
+        label, h = parse_sampler(text)
+        s = samples(world, n, sub, C, args.samples, h)
+        data["samplers"][label] = s
+        rows.append(pick(row(label, None, s, None, None), SAMPLE_COLS))
+    print_table(pick(HEADERS, SAMPLE_COLS), rows, title=f"by sampler (N = {n}, frame {world.frame})")
+    rows = []
     for st in (float(x) for x in args.strengths.split(",")):
-        e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets)
-        data["strengths"][st] = e
-        rows.append(row(f"+{st:g} std", e, None, None, None))
-    print_table(HEADERS[:5], [r[:5] for r in rows], title=f"by edit strength (N = {n}, {DEFAULT_METHOD})")
+        for debias in (False, True):
+            e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets, debias)
+            label = f"+{st:g} std" + (" debiased" if debias else "")
+            data["strengths"][label] = e
+            rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
+    print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by edit strength (N = {n}, {DEFAULT_METHOD})")
     rows = []
     for m in args.methods.split(","):
         for debias in (False, True):
             e = edits(world, n, sub, C, STRENGTH, m, args.targets, debias)
             label = m + (" + debias" if debias else "")
             data["methods"][label] = e
-            rows.append(row(label, e, None, None, None))
-    print_table(HEADERS[:5], [r[:5] for r in rows], title=f"by direction method (N = {n}, +{STRENGTH:g} std)")
+            rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
+    print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by direction method (N = {n}, +{STRENGTH:g} std)")
     emit_result({"bench": "fidelity", "population": world.pop.sha256, **data, "env": env_info()})
 
 

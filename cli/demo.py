@@ -18,6 +18,9 @@ EDITS = ("glasses", "beard", "smile", "hat")
 FULL = {"identities": 16, "images": 8, "steps": None, "held_out": 10, "invert_steps": 100, "targets": 12, "samples": 24}
 QUICK = {"identities": 8, "images": 4, "steps": 30, "held_out": 2, "invert_steps": 15, "targets": 3, "samples": 8}
 STRENGTH = 4.0  # standard deviations of the attribute's score: bench/bench_fidelity.py's best trade-off
+SAMPLE_BANDWIDTH: float | None = (
+    0.5  # samples: a smoothed bootstrap of the fitted identities (w2w.sampling); None: Gaussian
+)
 PAIRS = 4  # before | after pairs per row of the contact sheet (8 columns)
 RAMP = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)  # strengths (std) of the sheet's ramp: one identity per direction
 
@@ -118,7 +121,14 @@ def demo(
             click.secho(f"  (no {a} direction with this few identities: its edits are left out)", dim=True)
     if fitted:
         run("edit", first, *[x for a in fitted[:2] for x in ("--direction", f"{a}=1")])
-    run("sample", "-n", preset["samples"], "--seed", "0")
+    run(
+        "sample",
+        "-n",
+        preset["samples"],
+        "--seed",
+        "0",
+        *(("--bandwidth", SAMPLE_BANDWIDTH) if SAMPLE_BANDWIDTH else ()),
+    )
     run("verify")
 
     click.secho("\n# generating images of the models and scoring them with the attribute detector", bold=True)
@@ -135,7 +145,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
     from ingest import detector, toyfaces
     from ingest.basemodel import load_base
     from ingest.dataset import load_dataset, load_images
-    from ingest.generate import generate
+    from ingest.generate import generate, generate_each
     from registry import edits
     from registry.registry import Registry
     from w2w.flatten import unflatten
@@ -191,6 +201,14 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
     sample_rates = {a: round(float(v.mean()), 3) for a, v in in_samples.items()}
     population_rates = {a: round(float(np.mean([truth[n][a] for n in truth])), 3) for a in toyfaces.ATTRIBUTES}
     gap = max((abs(sample_rates[a] - population_rates[a]) for a in sample_rates), default=0.0)
+    # what the registered identities' own LoRAs show (the detector on the same noise): the rate a sample can
+    # reach, since no LoRA shows every attribute of its identity (lora_attribute_fidelity)
+    shown_imgs = generate_each(
+        base, [reg.lora(n) for n in tqdm(list(truth), desc="identities shown", unit="model")], seed=seed
+    )
+    in_population = detector.detect_bool(shown_imgs)
+    shown_rates = {a: round(float(v.mean()), 3) for a, v in in_population.items()}
+    gap_shown = max((abs(sample_rates[a] - shown_rates[a]) for a in sample_rates), default=0.0)
     n_samples, samples, sample_imgs = len(samples), samples[:PAIRS], sample_imgs[:PAIRS]
 
     def nearest_identity(ref) -> str:
@@ -253,6 +271,9 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
         "samples_attributes": sample_rates,
         "population_attributes": population_rates,
         "samples_largest_gap": round(gap, 3),
+        "population_shown_attributes": shown_rates,
+        "samples_largest_gap_shown": round(gap_shown, 3),
+        "sample_bandwidth": SAMPLE_BANDWIDTH,
         "sheet": [{"row": label, "cells": [what for what, _ in cells]} for label, cells in rows],
     }
 
@@ -311,6 +332,10 @@ def _print_summary(s: dict) -> None:
                 f"{a} {100 * v:.0f}% ({100 * s['population_attributes'][a]:.0f}%)"
                 for a, v in s["samples_attributes"].items()
             )
+        )
+        click.echo(
+            "  the registered identities' own LoRAs show them at: "
+            + ", ".join(f"{a} {100 * v:.0f}%" for a, v in s["population_shown_attributes"].items())
         )
     click.echo(
         f"{s['inversion_faces']} held-out faces inverted into the space ({s['inversion_steps']} steps): the detector "

@@ -136,21 +136,29 @@ def project(ctx, model, n_coeffs, as_json):
 @click.option("-n", "n", type=click.IntRange(1, 10_000), default=5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Scales every coefficient's spread.")
+@click.option(
+    "--bandwidth",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Draw near the fitted models instead: a random one's coefficients, shrunk by sqrt(1 - h^2), plus "
+    "h times each coefficient's spread of noise (1: the Gaussian; smaller: closer to real identities).",
+)
 @click.option("--name", "prefix", default="sample", show_default=True, help="Name prefix of the new models.")
 @click.option("--space", "space_id")
 @json_option
 @click.pass_context
-def sample_cmd(ctx, n, seed, temperature, prefix, space_id, as_json):
-    """Sample new models from the w2w space (an independent Gaussian per coefficient, as the paper).
+def sample_cmd(ctx, n, seed, temperature, bandwidth, prefix, space_id, as_json):
+    """Sample new models from the w2w space (an independent Gaussian per coefficient, as the paper; or, with
+    --bandwidth, a smoothed bootstrap of the fitted models, which keeps attributes two-sided).
 
-    The same seed, temperature and subspace draw the same models: a draw already registered is kept, not
-    added twice.
+    The same seed, temperature, bandwidth and subspace draw the same models: a draw already registered is
+    kept, not added twice.
 
     \b
     w2wreg sample -n 5 --seed 0 --temperature 0.8
+    w2wreg sample -n 24 --bandwidth 0.5
     """
     reg = open_registry(ctx)
-    made = wspace.sample(reg, n, seed, temperature, prefix, space_id)
+    made = wspace.sample(reg, n, seed, temperature, prefix, space_id, bandwidth=bandwidth)
     if as_json:
         emit_json(made)
         return

@@ -252,7 +252,7 @@ def _register(reg, results: list[TrainResult], by_name, base_ref, dataset, recip
         items.append(
             NewModel.from_lora(
                 r.name,
-                r.lora,
+                recipe.registered(r.lora),
                 base_model=base_ref,
                 kind=KIND,
                 source=f"ingest:{dataset.resolve() / r.name}",

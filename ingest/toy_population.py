@@ -24,6 +24,7 @@ import numpy as np
 
 from ingest import toyfaces
 from w2w.errors import DatasetError, W2WError
+from w2w.flatten import unflatten
 from w2w.layout import Layout
 from w2w.lora import LoRA, LoRALayer
 
@@ -39,7 +40,7 @@ def population_faces(n: int, seed: int = FACE_SEED) -> list[toyfaces.Face]:
 
 
 def train_chunk(base, faces: list[toyfaces.Face], first: int, recipe, seed: int = FACE_SEED) -> np.ndarray:
-    """The vectors (n, D) float32 of `faces` (population indices first..), trained as `w2wreg ingest` would."""
+    """The trained vectors (n, D) float32 of `faces` (population indices first..), as `w2wreg ingest` trains them."""
     from ingest.trainer import Identity, to_tensor, train_batch
     from w2w.flatten import flatten
 
@@ -75,8 +76,8 @@ def population_name(i: int) -> str:
     return f"pop-{i:04d}"
 
 
-def toy_layout(base) -> Layout:
-    """The layout of a toy-recipe LoRA on `base` (what every population vector is laid out in)."""
+def trained_layout(base) -> Layout:
+    """The layout of a toy-recipe LoRA as trained on `base` (rank-1 factors): what the asset's vectors hold."""
     from ingest.trainer import get_recipe, target_modules
 
     recipe = get_recipe("toy")
@@ -89,6 +90,26 @@ def toy_layout(base) -> Layout:
         for m in target_modules(base.unet, recipe.targets)
     }
     return LoRA(layers).layout()
+
+
+def toy_layout(base) -> Layout:
+    """The layout toy-recipe LoRAs are registered in (`Recipe.registered`: the shared frame)."""
+    from ingest.trainer import get_recipe
+
+    return (
+        get_recipe("toy")
+        .registered(unflatten(np.zeros(trained_layout(base).dim, np.float32), trained_layout(base)))
+        .layout()
+    )
+
+
+def registered_vectors(V: np.ndarray, base) -> np.ndarray:
+    """Asset vectors (n, D_trained) -> the vectors (n, D) their LoRAs are registered as (float32)."""
+    from ingest.trainer import get_recipe
+    from w2w.flatten import flatten
+
+    recipe, layout = get_recipe("toy"), trained_layout(base)
+    return np.stack([flatten(recipe.registered(unflatten(np.asarray(v, np.float32), layout))) for v in V])
 
 
 def base_fingerprint() -> str:
@@ -116,7 +137,7 @@ def pack(work: Path, out: Path = ASSET, identities: int | None = None) -> Path:
     faces = population_faces(len(V))
     Y = np.array([[f.has(a) for a in toyfaces.ATTRIBUTES] for f in faces], dtype=np.uint8)
     base = load_base(None)
-    layout = toy_layout(base)
+    layout = trained_layout(base)
     assert V.shape[1] == layout.dim, f"chunks hold vectors of D={V.shape[1]}, the toy layout has D={layout.dim}"
     assert np.abs(V).max() < 6e4, "a factor beyond fp16's range"
     import torch
@@ -168,10 +189,10 @@ def import_into(reg, population: Population, limit: int | None = None) -> dict:
     from registry.registry import NewModel
 
     base = load_base(None)
-    layout = toy_layout(base)
-    if layout.fingerprint != population.meta.get("layout_fingerprint"):
+    if trained_layout(base).fingerprint != population.meta.get("layout_fingerprint"):
         raise DatasetError(ASSET, "is laid out for another toy recipe", "rebuild it with this one")
     n = min(limit or len(population.vectors), len(population.vectors))
+    layout, V = toy_layout(base), registered_vectors(population.vectors[:n], base)
     params = {
         "asset": ASSET.name,
         "asset_sha256": population.sha256,
@@ -181,7 +202,7 @@ def import_into(reg, population: Population, limit: int | None = None) -> dict:
     items = [
         NewModel(
             population_name(i),
-            population.vectors[i],
+            V[i],
             layout,
             base_model=base.ref,
             kind="trained",

@@ -46,6 +46,13 @@ class Recipe:
     class_images: int = 0  # generated once by the base model and cached
     weight_decay: float = 1e-2
     train_a: bool = True  # False: A stays at the shared initialisation and only B learns (LoRA-FA)
+    frame: str = "factors"  # how the trained LoRA is registered: "factors" as trained, "shared" (A = I, B = dW)
+
+    def registered(self, lora: LoRA) -> LoRA:
+        """The trained LoRA as it is registered: as trained, or in the shared frame (w2w.factor_mix.shared_frame)."""
+        from w2w.factor_mix import shared_frame
+
+        return shared_frame(lora) if self.frame == "shared" else lora
 
     def describe(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -71,6 +78,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     # The embedded toy-faces base: same targets and rank, fewer steps and a larger rate (its faces are
     # 32 px and the LoRA is tiny), no prior preservation (its class drift costs nothing in the toy world).
+    # Registered in the shared frame: at this rate A moves 1-5x its initial norm, so the flattened factors
+    # are no linear frame for means, draws and edits (README, "Why edits and samples failed in the toy world").
     "toy": Recipe(
         "toy",
         rank=1,
@@ -83,6 +92,7 @@ RECIPES: dict[str, Recipe] = {
         random_crop=False,
         grad_clip=1.0,
         seed=0,
+        frame="shared",
     ),
 }
 
@@ -91,9 +101,14 @@ class TrainingError(W2WError):
     """Training could not run (bad recipe, no target modules, images that do not fit)."""
 
 
+FRAMES = ("factors", "shared")
+
+
 def get_recipe(name: str, **overrides) -> Recipe:
     if name not in RECIPES:
         raise TrainingError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    if overrides.get("frame") not in (None, *FRAMES):
+        raise TrainingError(f"unknown frame {overrides['frame']!r}; known: {', '.join(FRAMES)}")
     r = RECIPES[name]
     return replace(r, **{k: v for k, v in overrides.items() if v is not None})
 

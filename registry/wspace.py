@@ -677,22 +677,31 @@ def sample(
     prefix: str = "sample",
     space_id: str | None = None,
     components: int | None = None,
+    bandwidth: float | None = None,
 ) -> list[dict]:
-    """New models: each coefficient drawn from its own Gaussian fitted over the registry's models (as the paper).
+    """New models: each coefficient drawn from its own Gaussian fitted over the registry's models (as the paper),
+    or with `bandwidth` h a smoothed bootstrap of the fitted models' coefficients (w2w.sampling).
 
-    A sample is named by what drew it (subspace, seed, index, temperature, components): drawing one again
+    A sample is named by what drew it (subspace, seed, index, temperature, components, bandwidth): drawing one again
     returns the model already registered (`"existing": True`), whatever prefix is asked for, instead of a
     second copy; the others are added. Returns one dict (id, name, existing) per index, in order.
     """
-    if temperature < 0:
-        raise W2WError(f"--temperature must be >= 0, got {temperature}")
+    from w2w.sampling import draw
+
     space_id = pick_space(reg, space_id)
     sm = require(reg, space_id)
     k = min(components or sm.sub.k, sm.sub.k)
-    rng = np.random.default_rng(seed)
-    C = sm.coeff_mean[:k] + temperature * sm.coeff_std[:k] * rng.standard_normal((n, k))  # (n, k): row i is seed's i-th
+    fitted = coefficients(reg, sm, sm.sub.model_ids)[:, :k] if bandwidth is not None else None
+    # (n, k): row i is the seed's i-th draw
+    C = draw(np.random.default_rng(seed), n, sm.coeff_mean[:k], sm.coeff_std[:k], temperature, fitted, bandwidth)
     drawn = {"subspace": sm.id, "seed": seed, "temperature": temperature, "components": k}
-    known = {p["index"]: (i, name) for i, name, p in reg.catalog.made_by("sample", **drawn) if p.get("index", n) < n}
+    if bandwidth is not None:
+        drawn["bandwidth"] = bandwidth
+    known = {
+        p["index"]: (i, name)
+        for i, name, p in reg.catalog.made_by("sample", **drawn)
+        if p.get("index", n) < n and p.get("bandwidth") == bandwidth  # a Gaussian draw has none
+    }
     todo = [i for i in range(n) if i not in known]
     W = _reconstruct_rows(sm.sub, C[todo].astype(np.float32))  # (len(todo), D)
     items = [

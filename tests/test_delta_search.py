@@ -15,8 +15,10 @@ from sd_shapes import SD15, dense, dense_distance, lora_on, resize, rounded
 from registry import sketches
 from registry.registry import NewModel, Registry
 from w2w import delta
-from w2w.factor_mix import concat, truncate
+from w2w.factor_mix import concat, shared_frame, truncate
+from w2w.flatten import flatten, unflatten
 from w2w.formats import write_lora
+from w2w.lora import LoRA, LoRALayer
 
 ATTN = {k: v for k, v in SD15.items() if "attn" in k}
 NARROW = {k: v for k, v in SD15.items() if v[0] == 320}  # the 320-channel modules: dense SVDs stay cheap
@@ -58,6 +60,38 @@ def test_sketch_distances_estimate_dw_distances():
         np.linalg.norm(sk[i] - sk[j]) / dense_distance(loras[i], loras[j]) for i in range(10) for j in range(i + 1, 10)
     ]
     assert min(ratios) > 0.5 and max(ratios) < 1.5 and abs(np.mean(ratios) - 1) < 0.1
+
+
+def test_shared_frame_keeps_dw_and_makes_vectors_linear_in_it():
+    """A = I for every LoRA of the layout, B = dW: the mean of the vectors is the vector of the mean dW, which
+    the mean of rank-1 factors is not (B A is bilinear)."""
+    rng = np.random.default_rng(0)
+    loras = [
+        LoRA(
+            {
+                m: LoRALayer(
+                    rng.standard_normal((1, 6)).astype(np.float32), rng.standard_normal((5, 1)).astype(np.float32), 2.0
+                )
+                for m in ("a", "b")
+            }
+        )
+        for _ in range(3)
+    ]
+    framed = [shared_frame(x) for x in loras]
+    for x, f in zip(loras, framed, strict=True):
+        for m in x.layers:
+            # float32 products of one rank-1 term each side: within a few ulps of the largest entry
+            np.testing.assert_allclose(
+                f.layers[m].delta(), x.layers[m].delta(), rtol=0, atol=1e-5 * np.abs(x.layers[m].delta()).max()
+            )
+            assert f.layers[m].rank == 6 and f.layers[m].scale == 1.0 and np.array_equal(f.layers[m].A, np.eye(6))
+    assert len({f.layout().fingerprint for f in framed}) == 1
+    mean_vector = np.mean([flatten(f) for f in framed], axis=0)
+    mean_dw = np.mean([x.layers["a"].delta() for x in loras], axis=0)
+    got = unflatten(mean_vector, framed[0].layout()).layers["a"].delta()
+    np.testing.assert_allclose(got, mean_dw, rtol=0, atol=1e-5 * np.abs(mean_dw).max())
+    factor_mean = unflatten(np.mean([flatten(x) for x in loras], axis=0), loras[0].layout()).layers["a"].delta()
+    assert np.abs(factor_mean - mean_dw).max() > 0.1 * np.abs(mean_dw).max()
 
 
 def test_truncate_is_the_best_rank_r_approximation():

@@ -38,6 +38,9 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     rates, pop = summary["samples_attributes"], summary["population_attributes"]
     assert set(rates) == set(pop) == {"glasses", "beard", "smile", "hat"}
     assert summary["samples_largest_gap"] == pytest.approx(max(abs(rates[a] - pop[a]) for a in rates), abs=1e-3)
+    shown = summary["population_shown_attributes"]  # what the identities' own LoRAs show, beside the labels
+    assert set(shown) == set(pop) and all(0.0 <= v <= 1.0 for v in shown.values())
+    assert summary["samples_largest_gap_shown"] == pytest.approx(max(abs(rates[a] - shown[a]) for a in rates), abs=1e-3)
     # the sheet shows like next to like: an identity before | after each edit, samples | their nearest trained
     # identity, held-out faces | their inversion; plus a strength ramp of one identity per direction
     sheet = {r["row"]: r["cells"] for r in summary["sheet"]}

@@ -169,6 +169,31 @@ def test_samples_follow_the_fitted_gaussians(planted):
     assert np.allclose(wspace.coefficients(reg, sm, [cold[0]["id"]])[0], sm.coeff_mean, atol=1e-3)
 
 
+def test_population_samples_keep_the_spread_and_stay_near_the_fitted_models(planted):
+    """--bandwidth h: a fitted model's coefficients shrunk by sqrt(1 - h^2) plus h s z, so each coefficient keeps
+    its variance (1 - h^2) s^2 + h^2 s^2 = s^2; and a sample lies within about h of a fitted model."""
+    reg, _, info = planted
+    sm = wspace.require(reg, info["space"])
+    fitted = wspace.coefficients(reg, sm, sm.sub.model_ids)
+    made = wspace.sample(reg, n=300, seed=4, prefix="pop", bandwidth=0.3)
+    C = wspace.coefficients(reg, sm, [m["id"] for m in made])
+    # the mean of 300 draws is within 5 standard errors (each draw's spread is s); the std within 25% (as above)
+    assert np.all(np.abs(C.mean(0) - sm.coeff_mean) < 5 * sm.coeff_std / np.sqrt(300) + 1e-3)
+    assert np.allclose(C.std(0), sm.coeff_std, rtol=0.25, atol=1e-3)
+    # nearest fitted model: the noise h s z has squared length h^2 sum(s^2) on average, the shrink moves the
+    # model by (1 - sqrt(1 - h^2)) |c_j - m| ~ h^2 / 2 |c_j - m|: well within twice that in the median
+    near = np.sqrt(((C[:, None] - fitted[None]) ** 2).sum(-1)).min(1)
+    assert np.median(near) < 2 * 0.3 * np.sqrt((sm.coeff_std**2).sum())
+    (step,) = reg.catalog.lineage(made[0]["id"])
+    assert step["params"]["bandwidth"] == 0.3
+    # a Gaussian draw of the same seed is another draw, not this one found again (and the reverse)
+    gauss = wspace.sample(reg, n=1, seed=4, prefix="g", bandwidth=None)
+    assert gauss[0]["id"] != made[0]["id"]
+    assert wspace.sample(reg, n=1, seed=4, bandwidth=0.3)[0]["id"] == made[0]["id"]
+    with pytest.raises(W2WError, match="bandwidth"):
+        wspace.sample(reg, n=1, seed=4, bandwidth=1.5)
+
+
 def test_a_sample_is_the_same_bits_whatever_was_drawn_beside_it():
     """Forced on purpose (the reuse above does not need it): row i of a draw is reconstructed in a block of one
     fixed shape, so it does not depend on how many rows were drawn with it."""

@@ -57,13 +57,18 @@ def test_first_identities_are_what_the_recorded_command_trains(pop):
 
 
 def test_import_registers_identities_with_attributes_and_lineage(pop, tmp_path):
+    from ingest.basemodel import load_base
+
+    base = load_base(None)
     reg = Registry.init(tmp_path / "reg")
     report = toy_population.import_into(reg, pop, limit=12)
     assert report["added"] == 12 and report["sha256"] == pop.sha256
     models = reg.ls()
     assert [m.name for m in models] == pop.names[:12] and {m.kind for m in models} == {"trained"}
     assert models[3].attributes == pop.labels(3)
-    np.testing.assert_array_equal(reg.vector("pop-0005"), pop.vectors[5])
+    # registered as `w2wreg ingest` registers a toy-recipe LoRA: in the shared frame (A = I, B = dW)
+    np.testing.assert_array_equal(reg.vector("pop-0005"), toy_population.registered_vectors(pop.vectors[5:6], base)[0])
+    assert reg.layout(models[0].space_id).fingerprint == toy_population.toy_layout(base).fingerprint
     (step,) = reg.catalog.lineage(models[0].id)
     assert step["params"]["asset_sha256"] == pop.sha256
     again = CliRunner().invoke(cli, ["--registry", str(tmp_path / "reg"), "toyfaces", "population", "--limit", "14"])

@@ -4,7 +4,8 @@ sum_i c_i s_i B_i A_i = [c_1 s_1 B_1, ..., c_n s_n B_n] [A_1; ...; A_n] per modu
 are the concatenations (rank = sum of the ranks; each alpha folded into B, so the result's alpha equals
 its rank and its scale is 1). This is PEFT's add_weighted_adapter "cat". `truncate` then gives the best
 rank-R approximation per module (PEFT's "svd"), computed from the factors (QR of each, an SVD of the
-small core), never from the dense dW, with the error it makes.
+small core), never from the dense dW, with the error it makes. `shared_frame` writes a LoRA with A = I, so
+that its flattened vector is linear in dW.
 """
 
 from __future__ import annotations
@@ -66,3 +67,19 @@ def truncate(lora: LoRA, rank: int) -> tuple[LoRA, float]:
         layers[name] = _layer(new_b, new_a, B.shape[0], tuple(l.A.shape[1:]))
     total = kept_sq + lost_sq
     return LoRA(layers, lora.base_model, dict(lora.meta)), float(np.sqrt(lost_sq / total)) if total > 0 else 0.0
+
+
+def shared_frame(lora: LoRA) -> LoRA:
+    """The same weight updates written with A = I (rank = in_features, alpha = rank: scale 1) and B = dW.
+
+    Every LoRA of a family written so shares its A, so its flattened vector is (the constant A and) dW itself:
+    means, differences and Gaussian draws of such vectors are those of the weight updates. Trained rank-r
+    factors are not (B A is bilinear, and A moves away from its initialisation in training), which is why
+    the w2w space of the toy world is fitted on this frame (README, "Why edits and samples failed in the toy world").
+    """
+    layers = {}
+    for name, l in lora.layers.items():
+        dW = l.delta()  # (out, in')
+        tail = tuple(l.A.shape[1:])
+        layers[name] = _layer(dW, np.eye(dW.shape[1], dtype=np.float32), dW.shape[0], tail)
+    return LoRA(layers, lora.base_model, dict(lora.meta))
