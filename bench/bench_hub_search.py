@@ -232,7 +232,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--chunk", type=int, default=500, help="files generated and imported at a time (bounds the disk)")
     ap.add_argument("--keep", action="store_true", help="keep the registry (under --out)")
-    ap.add_argument("--reuse", action="store_true", help="time the searches again on a kept registry of the same size")
+    ap.add_argument("--reuse", action="store_true", help="time the searches again on a kept registry (kept again)")
     args = ap.parse_args()
 
     from registry import sketches
@@ -328,7 +328,7 @@ def main() -> None:
             "env": env_info(),
         }
     )
-    if not args.keep:
+    if not (args.keep or args.reuse):
         shutil.rmtree(work, ignore_errors=True)
 
 
