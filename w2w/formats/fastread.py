@@ -76,15 +76,20 @@ def _header_digest(header: bytes) -> bytes:
 _canonical: OrderedDict[bytes, bytes] = OrderedDict()  # digest of a header's bytes -> _header_digest
 
 
+def _remember(table: OrderedDict, key, value, limit: int) -> None:
+    """Insert, dropping the oldest entries beyond `limit` (callers hold _lock)."""
+    table[key] = value
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
 def _plan_key(header: bytes, base_model: str | None, drop_text_encoder: bool) -> tuple:
     raw = hashlib.sha256(header).digest()  # ~10 us; the canonical digest parses the JSON (~0.3 ms per 10 KB)
     canon = _canonical.get(raw)
     if canon is None:
         canon = _header_digest(header)
         with _lock:
-            _canonical[raw] = canon
-            while len(_canonical) > MAX_SEEN:
-                _canonical.popitem(last=False)
+            _remember(_canonical, raw, canon, MAX_SEEN)
     return (canon, base_model, drop_text_encoder)
 
 
@@ -92,9 +97,7 @@ def _seen_before(key: tuple) -> bool:
     with _lock:
         if key in _seen:
             return True
-        _seen[key] = None
-        while len(_seen) > MAX_SEEN:
-            _seen.popitem(last=False)
+        _remember(_seen, key, None, MAX_SEEN)
         return False
 
 
@@ -134,9 +137,7 @@ def read_vector(
         new = _compile(data, header, tf, fmt, layout, vector, lora.meta, base_model, drop_text_encoder)
         if new is not None:
             with _lock:
-                _plans[key] = new
-                while len(_plans) > MAX_PLANS:
-                    _plans.popitem(last=False)
+                _remember(_plans, key, new, MAX_PLANS)
     return VectorRead(path, fmt, layout, vector, lora.base_model, sha, lora.meta)
 
 
