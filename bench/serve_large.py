@@ -76,11 +76,10 @@ class Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd + (["--lfs"] if lfs else []), stderr=log)
         deadline = time.monotonic() + 120
-        while True:  # listening, and done loading its preview base (not to be counted as the transfer's memory)
+        while True:  # listening (it loads its preview base at the first preview, which this does not ask for)
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                if "preview base models" in self.log.read_text(errors="replace"):
-                    break
+                break
             except OSError:
                 pass
             if time.monotonic() > deadline or self.proc.poll() is not None:

@@ -118,23 +118,24 @@ def serve(
     need one.
     """
     import logging
-    import threading
 
     import uvicorn
 
-    from ingest.basemodel import BaseModelError, check_device, resolve_base
     from ingest.preview import Previewer
     from registry.registry import Registry
     from server.accounts import MIN_TOKEN, Accounts, new_token, read_tokens_file
     from server.app import create_app
     from server.previews import Limits
 
-    try:  # a missing folder or device fails now, not at the first preview
-        check_device(render_device)
-        if render_base is not None:
-            resolve_base(render_base)
-    except BaseModelError as e:
-        fail(str(e).replace("--base-model", "--render-base").replace("--device", "--render-device"))
+    if render_base is not None or render_device != "cpu":  # (torch, which these need, loads only then)
+        from ingest.basemodel import BaseModelError, check_device, resolve_base
+
+        try:  # a missing folder or device fails now, not at the first preview
+            check_device(render_device)
+            if render_base is not None:
+                resolve_base(render_base)
+        except BaseModelError as e:
+            fail(str(e).replace("--base-model", "--render-base").replace("--device", "--render-device"))
     known = read_tokens_file(tokens_file) if tokens_file else Accounts()
     for t in tokens:
         if len(t) < MIN_TOKEN:
@@ -164,26 +165,11 @@ def serve(
         render_limits=limits,
     )
     app.state.w2w.lfs_part_size = lfs_part_mb << 20
-    # the base models load while the server starts answering: the first preview need not wait for them
-    threading.Thread(target=warm, args=(previewer,), daemon=True, name="warm-previews").start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
     server = uvicorn.Server(config)
     click.echo(f"w2wreg hub for {reg.root} on http://{host}:{port}/  (API docs: /api/w2w/docs)", err=True)
     click.echo(f"previews drawn on {previewer.describe()}", err=True)
     server.run()
-
-
-def warm(previewer) -> None:
-    """Load the preview base models; a failure is logged (each preview then says why it cannot be drawn)."""
-    import logging
-
-    try:
-        previewer.warm()
-    except Exception as e:  # noqa: BLE001 (a background thread: nothing above it to tell)
-        logging.getLogger("w2wreg.serve").warning("preview base models not loaded: %s", e)
-        return
-    # whatever the log level: scripts and tests that measure the server wait for this line
-    click.echo("preview base models loaded", err=True)
 
 
 COMMANDS = [serve]

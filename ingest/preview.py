@@ -11,13 +11,17 @@ import io
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ingest.basemodel import TOY_BASE_ID, BaseModel
 from w2w.errors import W2WError
+from w2w.family import TOY_BASE_ID
 from w2w.lora import LoRA
+
+if TYPE_CHECKING:  # torch and diffusers load with the first base model, not with this module (a server at rest)
+    from ingest.basemodel import BaseModel
 
 
 class PreviewUnavailable(W2WError):
@@ -26,6 +30,14 @@ class PreviewUnavailable(W2WError):
 
 class BaseLoading(W2WError, TimeoutError):
     """A base model is still loading: a moment later the same request can be answered."""
+
+
+@dataclass
+class _Load:
+    """One base model being loaded: done once it is (or failed: `error`)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -69,11 +81,13 @@ class Previewer:
         self.base_model, self.device, self.dtype = base_model, device, dtype
         self.cpu_threads = cpu_threads if device == "cpu" else None
         self._bases: dict[str, BaseModel] = {}
-        self._loading = threading.Lock()  # one base loads at a time, once
+        self._loads: dict[str, _Load] = {}  # bases being loaded, by ref
+        self._loads_lock = threading.Lock()
+        self._loading = threading.Lock()  # one base loads at a time (an SD pipeline is GBs)
 
     def describe(self) -> str:
         extra = f" and {self.base_model}" if self.base_model else ""
-        return f"the embedded toy base{extra}, on {self.device}"
+        return f"the embedded toy base{extra}, on {self.device} (loaded at the first preview)"
 
     def _ref(self, model) -> str:
         if model.base_model == TOY_BASE_ID:
@@ -86,22 +100,41 @@ class Previewer:
             "PATH|HUB_ID`"
         )
 
-    def _get(self, ref: str, wait: bool = False) -> BaseModel:
-        """The loaded base `ref`. While another request loads a base (an SD model takes minutes), BaseLoading
-        after 2 s, so that requests do not pile up behind it (`wait`: wait for it in any case)."""
-        from ingest.basemodel import load_base
+    def loaded(self) -> list[str]:
+        """The base models loaded so far (none until a preview asks for one)."""
+        return sorted(self._bases)
 
+    def _get(self, ref: str, wait: bool = False) -> BaseModel:
+        """The loaded base `ref`, loaded in a thread of its own at the first request for it. While it loads (an
+        SD model takes minutes) a request waits at most 2 s, then gets BaseLoading, so that requests do not
+        pile up behind it (`wait`: wait for it in any case). A load that failed raises its error to the
+        requests waiting for it; the next request tries again."""
         base = self._bases.get(ref)
         if base is not None:
             return base
-        if not self._loading.acquire(timeout=-1 if wait else 2.0):
+        with self._loads_lock:
+            job = self._loads.get(ref)
+            if job is None:
+                job = self._loads[ref] = _Load()
+                threading.Thread(target=self._load, args=(ref, job), daemon=True, name=f"load-{ref}").start()
+        if not job.done.wait(None if wait else 2.0):
             raise BaseLoading(f"the base model {ref!r} is loading; retry in a moment")
+        if job.error is not None:
+            raise job.error
+        return self._bases[ref]
+
+    def _load(self, ref: str, job: _Load) -> None:
+        from ingest.basemodel import load_base
+
         try:
-            if ref not in self._bases:
+            with self._loading:
                 self._bases[ref] = load_base(ref, self.device, self.dtype)
-            return self._bases[ref]
+        except Exception as e:  # noqa: BLE001 (given to the requests that wait for this load)
+            job.error = e
         finally:
-            self._loading.release()
+            with self._loads_lock:
+                del self._loads[ref]
+            job.done.set()
 
     def base(self, model, lora: LoRA) -> Base:
         """The base `model` renders on here (loaded on first use), checked against its LoRA."""
@@ -115,7 +148,7 @@ class Previewer:
         return Base(base.ref, base.resolution)
 
     def warm(self) -> None:
-        """Load the base models now (a first preview would otherwise wait for them)."""
+        """Load the base models now (`serve` does not: a server that only moves files need not hold them)."""
         self._get("toy", wait=True)
         if self.base_model is not None:
             self._get(self.base_model, wait=True)

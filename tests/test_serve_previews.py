@@ -12,6 +12,7 @@ import base64
 import io
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,7 +310,7 @@ def test_a_configured_diffusers_base_draws_the_models_that_fit_it(tmp_path, tiny
         ]
     )
     previewer = Previewer(base_model=str(tiny_base))
-    previewer.warm()  # what `serve` does in the background as it starts
+    previewer.warm()
     assert set(previewer._bases) == {"toy", str(tiny_base)}
     server = LiveServer(create_app(reg, {ALICE: "alice"}, renderer=previewer))
     try:
@@ -333,7 +334,8 @@ def test_a_configured_diffusers_base_draws_the_models_that_fit_it(tmp_path, tiny
 
 
 def test_serve_command_draws_previews_within_its_options(tmp_path):
-    """`w2wreg serve --render-max-steps 10` in its own process: it loads the toy base as it starts and draws."""
+    """`w2wreg serve --render-max-steps 10` in its own process: it starts without torch or any base model (a
+    server that only moves files holds neither), loads the toy base at the first preview and draws."""
     import socket
     import subprocess
     import sys
@@ -358,16 +360,28 @@ def test_serve_command_draws_previews_within_its_options(tmp_path):
             body = r.read()
             return r.status, json.loads(body) if r.getheader("content-type") == "application/json" else body
 
+        def torch_loaded() -> bool:  # what the process has mapped: torch's own library, once imported
+            return "libtorch" in (Path("/proc") / str(proc.pid) / "maps").read_text()
+
         deadline = time.monotonic() + 120
         while True:
             try:
-                status, info = get("/api/w2w/models/toy-a/preview")
+                status, _ = get("/api/w2w/models")
                 if status == 200:
                     break
             except OSError:
                 pass
             assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        assert not torch_loaded(), "serve loaded torch before any preview was asked for"
+        while True:  # 503 + Retry-After while the toy base loads
+            status, info = get("/api/w2w/models/toy-a/preview")
+            if status == 200:
+                break
+            assert status == 503 and "is loading" in info["error"], (status, info)
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(0.5)
+        assert torch_loaded()
         assert info["available"] and info["max_steps"] == 10 and info["steps"] == 10 and info["directions"] == []
         status, data = get(PNG_PATH.format("toy-a") + "?steps=4&seed=1")
         assert status == 200 and decode(data).shape == (32, 32, 3)
