@@ -66,6 +66,8 @@ def create_app(
         status = (
             404
             if isinstance(e, LookupError)  # UnknownModelError, a missing repo or revision
+            else 403
+            if isinstance(e, PermissionError)  # server.subspace_view.SubspaceHidden
             else 503
             if isinstance(e, RegistryLockedError)
             else 400

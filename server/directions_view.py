@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from registry import edits, wspace
 from server.access import ModelView
+from server.subspace_view import usable
 from w2w.directions import Direction
 from w2w.errors import DirectionError
 
@@ -26,6 +27,8 @@ class DirectionView:
         self.view = view
 
     def load(self, reg, sm: wspace.SpaceModel, attribute: str) -> Direction | None:
+        if not usable(self.view, sm):  # a direction's coordinates are the subspace's (server.subspace_view)
+            return None
         stored = edits.load_direction(reg, sm, attribute)
         if stored is None or not self.view.hidden:
             return stored

@@ -68,14 +68,14 @@ class _CachedReads:
     async def seek(self, pos: int) -> None:
         self.pos = pos
 
-    async def read(self, n: int) -> bytes:
+    async def read(self, n: int) -> bytes | bytearray:
         data = self._cached(n)
         if data is None:
             data = await anyio.to_thread.run_sync(os.pread, self.fd, n, self.pos)
         self.pos += len(data)
         return data
 
-    def _cached(self, n: int) -> bytes | None:
+    def _cached(self, n: int) -> bytes | bytearray | None:
         if not self.nowait:
             return None
         buf = bytearray(n)
@@ -88,7 +88,8 @@ class _CachedReads:
             return None
         if got < n and self.pos + got < os.fstat(self.fd).st_size:
             return None  # a part is cached, not the rest: the whole read in a thread
-        return bytes(memoryview(buf)[:got])
+        # the socket takes any bytes-like object: a full read is sent as read, without a copy into bytes
+        return buf if got == n else bytes(memoryview(buf)[:got])
 
 
 def repo_id_of(ns: str, name: str) -> str:

@@ -20,6 +20,7 @@ from server.accounts import Identity
 from server.directions_view import DirectionView
 from server.previews import DEFAULT_PROMPT, Previews, check_size, image_key, parse_edit
 from server.state import ServerState
+from server.subspace_view import require_usable, usable
 from w2w.errors import W2WError
 from w2w.flatten import unflatten
 
@@ -64,7 +65,7 @@ def build_router(state: ServerState, previews: Previews) -> APIRouter:
 
     def sliders(m, v: access.ModelView) -> tuple[str | None, list[DirectionSlider]]:
         sm = wspace.current(reg, m.space_id)
-        if sm is None:
+        if sm is None or not usable(v, sm):  # no sliders through a subspace of models the caller may not read
             return None, []
         c = wspace.coefficients(reg, sm, [m.id])[0].astype(np.float64)  # (k,)
         out = []
@@ -125,6 +126,7 @@ def build_router(state: ServerState, previews: Previews) -> APIRouter:
             v = access.ModelView(state, who)
             m = v.get(ref)
             if strengths:  # an unknown or unfitted direction: DirectionError, a 400 naming it
+                require_usable(v, wspace.current(reg, m.space_id), "an edit along attribute directions")
                 (w,) = edits.edit_vectors(reg, m, strengths, load=DirectionView(v).load)
             else:
                 w = reg.vector(m)

@@ -25,6 +25,7 @@ from server import access
 from server.accounts import Identity
 from server.directions_view import DirectionView
 from server.state import ServerState
+from server.subspace_view import require_usable, usable
 from server.where_guard import check_where
 from w2w import expr
 from w2w.errors import FilterError, UnknownModelError, W2WError
@@ -170,7 +171,7 @@ class ErrorOut(BaseModel):
     error: str
 
 
-ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut}}
 
 
 def default_space(reg, given: str | None, counts: dict[str, int]) -> str:
@@ -256,7 +257,8 @@ def build_router(state: ServerState) -> APIRouter:
             m = v.get(ref)
             lineage = [lineage_out(v, row) for row in reg.catalog.lineage(m.id)]
             children = [ModelOut.of(c) for c in v.only(reg.catalog.models_by_ids(reg.catalog.children(m.id)))]
-            proj = wspace.projection_info(reg, m.id)
+            # (its error is measured against the fitted models': left out where those are not all readable)
+            proj = wspace.projection_info(reg, m.id) if usable(v, wspace.current(reg, m.space_id)) else None
             near = nearest(v, m, k)[1] if k else []
         return ModelDetail(
             model=ModelOut.of(m),
@@ -313,8 +315,10 @@ def build_router(state: ServerState) -> APIRouter:
     @r.get("/models/{ref}/project", response_model=ProjectOut, summary="A model's coefficients in the w2w space")
     def project(ref: str, n: Annotated[int, Query(ge=1, le=10_000)] = 50, who: Identity = Depends(viewer)):
         with state.lock:
-            m = view(who).get(ref)
+            v = view(who)
+            m = v.get(ref)
             sm = wspace.require(reg, m.space_id)
+            require_usable(v, sm, "a model's coefficients")
             c = wspace.coefficients(reg, sm, [m.id])[0]
             info = wspace.projection_info(reg, m.id) or {}
         return ProjectOut(
@@ -358,6 +362,7 @@ def build_router(state: ServerState) -> APIRouter:
             sm = wspace.current(reg, sid)
             if sm is None:
                 return MapOut(space=sid, subspace=None, explained=[], points=[])
+            require_usable(v, sm, "the map")
             models = v.only(reg.catalog.list_models(space_id=sid))
             C = wspace.coefficients(reg, sm, [m.id for m in models]) if models else np.zeros((0, 2))
         C = np.pad(C[:, :2], ((0, 0), (0, max(0, 2 - C.shape[1]))))
@@ -386,14 +391,11 @@ def build_router(state: ServerState) -> APIRouter:
     def sample(body: SampleIn, who: Identity = Depends(writer)):
         with state.lock:
             v = view(who)
+            space_id = default_space(reg, body.space, visible_counts(v))
+            require_usable(v, wspace.current(reg, space_id), "sampling")  # its Gaussians are the fitted models'
             with v.redacting():
                 made = wspace.sample(
-                    reg,
-                    n=body.n,
-                    seed=body.seed,
-                    temperature=body.temperature,
-                    prefix=body.prefix,
-                    space_id=default_space(reg, body.space, visible_counts(v)),
+                    reg, n=body.n, seed=body.seed, temperature=body.temperature, prefix=body.prefix, space_id=space_id
                 )
             return created([m["name"] for m in made], {"by": who.name})
 
@@ -402,6 +404,7 @@ def build_router(state: ServerState) -> APIRouter:
         with state.lock:
             v = view(who)
             m = v.get(body.model)  # an edit of a model the caller may not read would show its weights
+            require_usable(v, wspace.current(reg, m.space_id), "an edit along attribute directions")
             with v.redacting():
                 out = edits.edit(reg, m.name, dict(body.directions), body.name, load=DirectionView(v).load)
             return created([out["name"]], {"scores": out["scores"], "by": who.name})
@@ -410,15 +413,24 @@ def build_router(state: ServerState) -> APIRouter:
     def mix(body: MixIn, who: Identity = Depends(writer)):
         with state.lock:
             v = view(who)
+            spaces, others = set(), []
             for name in expr.names(expr.parse(body.expr)):
                 try:
                     m = reg.get(name)
                 except UnknownModelError:
-                    continue  # a direction, or unknown: mix says which
+                    others.append(name)  # a direction, or unknown: mix says which
+                    continue
                 if not v.can_read(m.id):
                     raise UnknownModelError(name, None)  # what mix says of a name that is neither
+                spaces.add(m.space_id)
+            mode = body.mode
+            if len(spaces) == 1 and not usable(v, sm := wspace.current(reg, next(iter(spaces)))):
+                if others or mode == "subspace":  # directions live in the subspace
+                    require_usable(v, sm, "a mix in the subspace or with attribute directions")
+                if mode == "auto":  # as in a space not fitted yet
+                    mode = "raw"
             with v.redacting():
-                out = edits.mix(reg, body.expr, body.name, body.mode, load=DirectionView(v).load)
+                out = edits.mix(reg, body.expr, body.name, mode, load=DirectionView(v).load)
             return created([out["name"]], {"mode": out["mode"], "parents": out["parents"], "by": who.name})
 
     return r
