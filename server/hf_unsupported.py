@@ -1,5 +1,5 @@
 """What this hub does not serve, answered with what it is instead of a bare 404: datasets, Spaces (and the
-client's other repo types), pull requests and discussions.
+client's other repo types), pull requests and discussions, and git over HTTP.
 
 The 404s carry `X-Error-Code: RepoNotFound` for repo routes, so the client raises RepositoryNotFoundError
 (not a connection problem) with this message, and `X-Error-Message` for the rest.
@@ -8,6 +8,7 @@ The 404s carry `X-Error-Code: RepoNotFound` for repo routes, so the client raise
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
 
 from server.errors import HubHTTPError
 
@@ -34,4 +35,17 @@ def build_router() -> APIRouter:
     def discussions(ns: str, name: str, rest: str):
         raise HubHTTPError(404, "this hub has no pull requests or discussions: commit to a branch instead")
 
+    # git's smart HTTP (clone, fetch, push) starts here; git shows a text/plain error body as "remote: ..."
+    @r.api_route("/{ns}/{name}/info/refs", methods=["GET"])
+    @r.api_route("/{ns}/{name}/git-upload-pack", methods=["POST"])
+    @r.api_route("/{ns}/{name}/git-receive-pack", methods=["POST"])
+    def git(ns: str, name: str):
+        return PlainTextResponse(GIT_REFUSED, status_code=501)
+
     return r
+
+
+GIT_REFUSED = (
+    "this hub does not speak git over HTTP: use huggingface_hub or the hf CLI "
+    "(hf download NS/NAME, hf upload NS/NAME FOLDER) with HF_ENDPOINT set to it\n"
+)

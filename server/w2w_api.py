@@ -425,7 +425,8 @@ def build_router(state: ServerState) -> APIRouter:
                 spaces.add(m.space_id)
             mode = body.mode
             if len(spaces) == 1 and not usable(v, sm := wspace.current(reg, next(iter(spaces)))):
-                if others or mode == "subspace":  # directions live in the subspace
+                # directions live in the subspace (an unknown name is left to mix: a 404, as for a hidden model)
+                if mode == "subspace" or any(edits.load_direction(reg, sm, n) is not None for n in others):
                     require_usable(v, sm, "a mix in the subspace or with attribute directions")
                 if mode == "auto":  # as in a space not fitted yet
                     mode = "raw"

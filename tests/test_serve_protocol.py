@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -761,3 +762,47 @@ def test_index_branches_indexes_a_lora_pushed_to_another_branch(tmp_path, loras)
         assert reg.get("alice.br").source.startswith("hub:serve/alice/br@")
     finally:
         server.stop()
+
+
+def test_what_is_not_supported_gets_the_clients_own_clear_error(hub, alice, tmp_path):
+    """The README's list of what this hub does not speak, each through the real client: datasets, Spaces and
+    kernels, pull requests and discussions, gated repos, and git over HTTP."""
+    from huggingface_hub import CommitOperationAdd, hf_hub_download
+    from huggingface_hub.errors import BadRequestError, HfHubHTTPError, RepositoryNotFoundError
+
+    server = hub[0]
+    only_models = "this hub keeps model repos only"
+    for kind in ("dataset", "space"):
+        with pytest.raises(BadRequestError, match=f"{only_models}, not '{kind}' repos"):
+            alice.create_repo(f"alice/{kind}-x", repo_type=kind, **({"space_sdk": "gradio"} if kind == "space" else {}))
+    for call in (
+        lambda: alice.dataset_info("team/data"),
+        lambda: alice.space_info("team/app"),
+        lambda: hf_hub_download("team/data", "x.csv", repo_type="dataset", endpoint=server.url, cache_dir=tmp_path),
+        lambda: list(alice.list_repo_files("team/data", repo_type="dataset")),
+    ):
+        with pytest.raises(RepositoryNotFoundError, match=only_models):
+            call()
+    with pytest.raises((RepositoryNotFoundError, HfHubHTTPError), match=only_models):
+        list(alice.list_datasets(limit=3))
+
+    alice.create_repo("alice/nopr")
+    with pytest.raises(BadRequestError, match="this hub does not take pull requests"):
+        alice.create_commit("alice/nopr", [CommitOperationAdd("a.txt", b"a")], commit_message="pr", create_pr=True)
+    for call in (
+        lambda: list(alice.get_repo_discussions("alice/nopr")),
+        lambda: alice.create_discussion("alice/nopr", title="hello"),
+        lambda: alice.create_pull_request("alice/nopr", title="hello"),
+    ):
+        with pytest.raises(HfHubHTTPError, match="no pull requests or discussions") as e:
+            call()
+        assert e.value.response.status_code == 404
+    with pytest.raises(BadRequestError, match="this hub has no gated repos"):
+        alice.update_repo_settings("alice/nopr", gated="auto")
+
+    git = shutil.which("git")
+    if git:  # git's smart HTTP: not spoken here (a clear failure, nothing cloned)
+        r = subprocess.run([git, "clone", f"{server.url}/alice/nopr", str(tmp_path / "clone")], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # fmt: skip
+        assert r.returncode != 0 and "this hub does not speak git over HTTP" in r.stderr, r.stderr
+        assert not (tmp_path / "clone" / ".git").exists()

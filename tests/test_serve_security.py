@@ -245,8 +245,9 @@ def test_w2w_api_hides_private_models_everywhere(world):
         assert listing["total"] == world.n_visible == len(listing["models"]) and not world.leaks(listing)
         _, _, spaces = s.request("GET", "/api/w2w/spaces", token=token)
         assert sum(sp["models"] for sp in spaces) == world.n_visible  # counts too
-        _, _, mp = s.request("GET", "/api/w2w/map", token=token)
-        assert len(mp["points"]) == world.n_visible and not world.leaks(mp)
+        # the subspace was fitted over team/secret too: its map is refused (tests/test_serve_subspace_privacy.py)
+        status, _, mp = s.request("GET", "/api/w2w/map", token=token)
+        assert status == 403 and "fitted over models you may not read" in mp["error"] and not world.leaks(mp)
         _, _, hits = s.request("GET", "/api/w2w/search?like=team.pub0&k=1000", token=token)
         assert len(hits["hits"]) == world.n_visible - 1 and not world.leaks(hits)
         _, _, d = s.request("GET", "/api/w2w/models/team.pub0?k=100", token=token)
@@ -259,6 +260,8 @@ def test_w2w_api_hides_private_models_everywhere(world):
         status, _, err = s.request("GET", "/api/w2w/models/team.secre", token=token)  # no "did you mean"
         assert status == 404 and "team.secret" not in err["error"]
     # the owner sees all of it
+    _, _, mp = s.request("GET", "/api/w2w/map", token=ALICE)
+    assert len(mp["points"]) == len(world.reg.ls())
     _, _, listing = s.request("GET", "/api/w2w/models?limit=1000", token=ALICE)
     assert {"team.secret", "hushmix"} <= {m["name"] for m in listing["models"]}
     _, _, child = s.request("GET", "/api/w2w/models/team.child", token=ALICE)
@@ -436,6 +439,9 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
             ("POST", "/api/repos/move", {"fromRepo": _other(repo), "toRepo": _other(repo) + "-moved"})
         ],
     }
+    for git_path, git_method in GIT_ROUTES:  # git's smart HTTP: 501 whatever the repo (it looks none up)
+        url = git_path.replace("{ns}/{name}", repo) + "?service=git-upload-pack"
+        table[(git_path, git_method)] = [(git_method, url, b"")]
     for kind in ("datasets", "spaces", "kernels"):  # server.hf_unsupported: refused whatever they name
         for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"):
             table[(f"/api/{kind}{{rest:path}}", m)] = [(m, f"/api/{kind}/{repo}", None)]
@@ -445,6 +451,11 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
     return table[(route, method)]
 
 
+GIT_ROUTES = [
+    ("/{ns}/{name}/info/refs", "GET"),
+    ("/{ns}/{name}/git-upload-pack", "POST"),
+    ("/{ns}/{name}/git-receive-pack", "POST"),
+]
 STATIC = {("/", "GET"), ("/api/w2w/openapi.json", "GET"), ("/api/w2w/docs", "GET"), ("/docs/oauth2-redirect", "GET")}
 
 
@@ -501,7 +512,8 @@ def test_every_route_with_three_identities_leaks_no_private_model(world):
             )
             for m, path, body in hub_requests(route, method, "team/pub0" if not writes else "lab/bobpub", who):
                 status, _, out = _call(server, m, path, body, token)
-                assert status < 500 or status == 501 and "xet-" in route, (who, path, status, out)  # Xet: 501
+                # Xet and git: 501 (not spoken here)
+                assert status < 500 or status == 501 and ("xet-" in route or (route, method) in GIT_ROUTES), out
                 if who != "owner" and route != "/api/models":  # the list: team/child's own card names its parent
                     assert not world.leaks(out), (who, path, world.leaks(out))
                 if route == "/api/models" and status == 200 and path == "/api/models":
@@ -509,7 +521,9 @@ def test_every_route_with_three_identities_leaks_no_private_model(world):
                     assert ("team/secret" in ids) == (who == "owner"), (who, path)
                 checked += 1
             for m, path, body in hub_requests(route, method, "team/secret", who):
-                if route == "/api/models":
+                if (route, method) in GIT_ROUTES:
+                    assert _call(server, m, path, body, token)[0] == 501
+                elif route == "/api/models":
                     status, _, out = _call(server, m, path, body, token)
                     assert ("team/secret" in {r["id"] for r in out}) == (who == "owner") or status == 401
                 elif who == "owner":
