@@ -2,7 +2,8 @@
 the same file, and a pull (hf_hub_download) against reading the file from disk, side by side.
 
     python bench/bench_serve.py [--n 100]
-    python bench/bench_serve.py --large [--size-mb 2048] [--path default|lfs|both]   (bench/serve_large.py)
+    python bench/bench_serve.py --large [--size-mb 2048] [--path default|lfs|both] [--profile-client]
+                                                                                     (bench/serve_large.py)
 
 Data: the first n of bench/out/loras-2000-style w2w LoRA files (diffusers format, D = 99,648, 400 KB
 each; made once by common.ensure_loras). The server runs in this process on a loopback port (uvicorn in a
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=2048, help="--large: the file's size")
     ap.add_argument("--path", choices=["default", "lfs", "both"], default="both", help="--large: the client's path")
     ap.add_argument("--dir", type=Path, default=None, help="--large: where the file and the hub go (default: temp)")
+    ap.add_argument("--profile-client", action="store_true", help="--large: where hf_hub_download's time goes")
     args = ap.parse_args()
     if args.large:
         import serve_large

@@ -17,6 +17,11 @@ huggingface_hub, each in its own process. Sides, on the same random file of --si
 Each row: seconds, MB/s, copy time / side time (1.0 = as fast as a copy; the target is >= 0.5), and the
 server's peak RSS during that side (the target is < 300 MB whatever the file size), and the CPU seconds the
 server and the client used (on a machine shared with other work, wall time is noisy; CPU time less so).
+The title gives the server's RSS at rest (it loads no preview machinery until a preview is asked for) and
+after one preview of a toy model (torch, diffusers and the toy base then loaded).
+
+--profile-client runs the hf_hub_download side once more under cProfile (not timed) and prints where the
+client's time goes: its file writes, its socket reads, httpx's assembling of 10 MiB chunks, h11's parsing.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from common import emit_result, env_info, log, print_table
 
 TOKEN = "bench-large-token-0123"
+TOY = "toy-0"  # a model of the embedded toy base in the served registry: what the one preview draws
 REPO = "bench/large"
 BIN = Path(sys.executable).parent  # the venv's `w2wreg` and `hf`
 
@@ -163,10 +169,76 @@ with open(out, "wb", buffering=0) as f:
 """
 
 
-def run_path(tmp: Path, src: Path, lfs: bool, size_mb: int) -> list[dict]:
+def _toy_registry(path: Path) -> None:
+    """A registry holding one model of the embedded toy base (so that the server has something to preview)."""
+    import numpy as np
+
+    from ingest.basemodel import TOY_BASE_ID, TOY_UNET_CONFIG
+    from registry.registry import NewModel, Registry
+    from w2w.flatten import unflatten
+    from w2w.presets import get_preset, unet_layout
+
+    layout = unet_layout(TOY_UNET_CONFIG, get_preset("w2w").targets, rank=1, alpha=1.0)  # the toy recipe's
+    w = (np.random.default_rng(0).standard_normal(layout.dim) * 0.25).astype(np.float32)
+    Registry.init(path).add_models([NewModel.from_lora(TOY, unflatten(w, layout), base_model=TOY_BASE_ID)])
+
+
+def _rss_after_preview(server: Server) -> int:
+    """The server's RSS once it drew one preview (503 while the toy base loads: asked again)."""
+    import http.client
+
+    deadline = time.monotonic() + 300
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        conn.request("GET", f"/api/w2w/models/{TOY}/preview.png?steps=2")
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        if resp.status == 200:
+            break
+        if resp.status != 503 or time.monotonic() > deadline:
+            raise RuntimeError(f"the preview answered {resp.status}")
+        time.sleep(0.5)
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+PROFILE_GROUPS = [  # (group, what in a cProfile row's function names it): the client's own code paths
+    ("file writes (the .incomplete file)", "method 'write' of '_io.BufferedWriter'"),
+    ("socket reads (64 KiB recv)", "method 'recv' of '_socket.socket'"),
+    ("httpx: 10 MiB chunks assembled (BytesIO)", "method 'write' of '_io.BytesIO'"),
+    ("httpx: chunk slicing", "_decoders.py"),
+    ("h11 parsing", "h11/"),
+]
+
+
+def profile_client(root: Path, env: dict) -> list[tuple[str, float, float]]:
+    """(group, seconds, share) of one hf_hub_download under cProfile, by the functions' own time."""
+    import pstats
+
+    script, out = root / "download.py", root / "download.prof"
+    script.write_text(DOWNLOAD.replace("; ", "\n"))
+    cache = root / "profile-cache"
+    subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), str(script), REPO, "big.bin", str(cache)],
+                   env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    shutil.rmtree(cache, ignore_errors=True)
+    stats = pstats.Stats(str(out)).stats  # {(file, line, name): (calls, ncalls, own time, cumulative, callers)}
+    total = sum(v[2] for v in stats.values())
+    rows = []
+    for group, needle in PROFILE_GROUPS:
+        own = sum(v[2] for k, v in stats.items() if needle in f"{k[0]}:{k[2]}")
+        rows.append((group, own, own / total))
+    rest = total - sum(r[1] for r in rows)
+    return [*rows, ("the rest (start, imports, HEAD, ...)", rest, rest / total), ("total", total, 1.0)]
+
+
+def run_path(tmp: Path, src: Path, lfs: bool, size_mb: int, profile: bool = False) -> tuple[list[dict], list]:
     name = "lfs" if lfs else "default"
     root = tmp / name
     root.mkdir()
+    _toy_registry(root / "hub")
     server = Server(root, lfs=lfs, max_upload_mb=size_mb + 64)
     try:
         env = _client_env(server.url, lfs)
@@ -180,14 +252,18 @@ def run_path(tmp: Path, src: Path, lfs: bool, size_mb: int) -> list[dict]:
         plain_cmd = [sys.executable, "-c", PLAIN_DOWNLOAD, str(server.port), REPO, "big.bin", str(root / "plain.bin")]
         plain = _timed(server, plain_cmd, env, src)
         assert (root / "plain.bin").stat().st_size == src.stat().st_size, "the download is not the file"
+        (root / "plain.bin").unlink()
+        prof = profile_client(root, env) if profile else []
+        previewed = _rss_after_preview(server)
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+    at_rest = {"idle_rss": idle, "preview_rss": previewed}
     return [
-        {"path": name, "side": "upload (hf upload)", "idle_rss": idle, **up},
-        {"path": name, "side": "download (hf_hub_download)", "idle_rss": idle, **down},
-        {"path": name, "side": "download (plain HTTP)", "idle_rss": idle, **plain},
-    ]
+        {"path": name, "side": "upload (hf upload)", **at_rest, **up},
+        {"path": name, "side": "download (hf_hub_download)", **at_rest, **down},
+        {"path": name, "side": "download (plain HTTP)", **at_rest, **plain},
+    ], prof
 
 
 def main(args) -> None:
@@ -197,14 +273,16 @@ def main(args) -> None:
         src = tmp / "big.bin"
         log(f"writing {args.size_mb} MB of random bytes to {src}")
         _random_file(src, size)
-        rows = []
+        rows, profiles = [], []
         for lfs in {"default": [False], "lfs": [True], "both": [False, True]}[args.path]:
             if not lfs and _available() < CLIENT_COPIES * size:
                 need, have = CLIENT_COPIES * size >> 20, _available() >> 20
                 log(f"skipping the default path: its client would hold ~{need} MB, {have} MB are free")
                 continue
             log(f"{'lfs' if lfs else 'default'} path: server, upload, download")
-            rows += run_path(tmp, src, lfs, args.size_mb)
+            got, prof = run_path(tmp, src, lfs, args.size_mb, profile=args.profile_client and not profiles)
+            rows += got
+            profiles += prof
     mb = size / 1e6
     table = [
         (
@@ -222,6 +300,13 @@ def main(args) -> None:
     ]
     heads = ["client path", "side", "seconds", "MB/s", "copy s", "x copy speed", "server peak RSS MB",
              "server CPU s", "client CPU s"]  # fmt: skip
-    idle = rows[-1]["idle_rss"] / 1e6
-    print_table(heads, table, title=f"{args.size_mb} MB file (server RSS at rest {idle:.0f} MB)")
-    emit_result({"bench": "serve_large", "size_mb": args.size_mb, "rows": rows, "env": env_info()})
+    idle, previewed = rows[-1]["idle_rss"] / 1e6, rows[-1]["preview_rss"] / 1e6
+    load = os.getloadavg()[0]
+    title = f"{args.size_mb} MB file (server RSS at rest {idle:.0f} MB, after one preview {previewed:.0f} MB; "
+    title += f"load {load:.1f})"
+    print_table(heads, table, title=title)
+    if profiles:
+        print_table(["hf_hub_download's time (cProfile, own time)", "seconds", "share"], profiles,
+                    title="where the client's time goes")  # fmt: skip
+    emit_result({"bench": "serve_large", "size_mb": args.size_mb, "rows": rows, "client_profile": profiles,
+                 "load": load, "env": env_info()})  # fmt: skip
