@@ -1,7 +1,8 @@
-"""Whole repos as the Hub's client manages them: create, delete, move, settings (private), auth-check.
+"""Whole repos as the Hub's client manages them: create, delete, move, duplicate, settings (private), auth-check.
 
 Each asks server.access: delete needs write on the repo, move write on the repo and on the target's
-namespace, settings write on the repo; auth-check answers as a read (or a write) would.
+namespace, duplicate read on the repo and write on the target's namespace, settings write on the repo;
+auth-check answers as a read (or a write) would.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from server.accounts import Identity
 from server.errors import HubHTTPError, repo_not_found
 from server.hf_common import json_object, repo_id_of
 from server.state import ServerState
+from w2w.errors import W2WError
 
 log = logging.getLogger("w2wreg.serve")
 
@@ -85,6 +87,27 @@ def _move(state: ServerState, src: str, dst: str) -> None:
         intent.unlink()  # kept if the index update failed: the next start replays it
 
 
+def _duplicate(state: ServerState, src: str, dst: str, private: bool, who: Identity) -> bool:
+    """A new repo `dst` holding the files of `src`'s main in one commit, indexed as a push of them would be;
+    False when `dst` exists."""
+    try:
+        head = state.store.resolve(src)
+    except RepoNotFound:
+        raise repo_not_found(src) from None
+    if not state.store.create(dst, private):
+        return False
+    commit = state.store.commit(dst, dict(head.files), message=f"Duplicate from {src}", author=who.name or "")
+    if indexing.lora_path(set(commit.files)) is not None:
+        with state.lock:
+            try:
+                result = indexing.index_commit(state.registry, state.store, dst, commit)
+            except W2WError as e:  # the repo stands; the next start's catch-up retries
+                log.error("%s@%s: indexing failed: %s", dst, commit.oid[:12], e)
+                return True
+        log.info("%s duplicated %s to %s: %s", who.name, src, dst, result.to_json() if result else None)
+    return True
+
+
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
@@ -129,6 +152,24 @@ def build_router(state: ServerState) -> APIRouter:
         await run_in_threadpool(_move, state, src, dst)
         log.info("%s moved %s to %s", who.name, src, dst)
         return {}
+
+    @r.post("/api/models/{ns}/{name}/duplicate")
+    async def duplicate_repo(ns: str, name: str, request: Request):
+        src = repo_id_of(ns, name)
+        who = access.identity(state, request)
+        access.require_user(who, request)
+        access.require_repo_read(state, who, src)
+        body = await json_object(request, "{repository, visibility}")
+        dst = _repo_id(body.get("repository"), "repository")
+        access.require_namespace_write(who, request, dst.split("/")[0])
+        visibility = body.get("visibility")
+        if visibility not in (None, "public", "private"):
+            raise HubHTTPError(400, f"visibility {visibility!r}: a repo here is public or private")
+        private = access.repo_private(state, src) if visibility is None else visibility == "private"
+        url = f"{str(request.base_url).rstrip('/')}/{dst}"
+        if not await run_in_threadpool(_duplicate, state, src, dst, private, who):  # (exist_ok reads the url)
+            return JSONResponse({"error": f"You already created this model repo: {dst}", "url": url}, status_code=409)
+        return {"url": url, "filesCopyPending": False}
 
     @r.put("/api/models/{ns}/{name}/settings")
     async def settings(ns: str, name: str, request: Request):

@@ -806,3 +806,34 @@ def test_what_is_not_supported_gets_the_clients_own_clear_error(hub, alice, tmp_
                            text=True, timeout=60, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})  # fmt: skip
         assert r.returncode != 0 and "this hub does not speak git over HTTP" in r.stderr, r.stderr
         assert not (tmp_path / "clone" / ".git").exists()
+
+
+def test_duplicate_repo_copies_main_under_the_access_rule(hub, alice, bob, loras):
+    """`duplicate_repo` (HfApi): the source's main in one commit of a new repo, as private as asked (or as the
+    source), indexed as a push; read on the source and write on the target's namespace needed."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    server, reg = hub
+    bob.create_repo("lab/dup-src")
+    bob.create_commit("lab/dup-src", [CommitOperationAdd(LORA, loras[4]), CommitOperationAdd("a/b.txt", b"b")],
+                      commit_message="src")  # fmt: skip
+    url = alice.duplicate_repo("lab/dup-src", to_id="alice/dup", private=True)
+    assert url.repo_id == "alice/dup" and not url.files_copy_pending
+    assert sorted(alice.list_repo_files("alice/dup")) == sorted(bob.list_repo_files("lab/dup-src"))
+    assert alice.model_info("alice/dup").private and not bob.repo_exists("alice/dup")
+    assert alice.list_repo_commits("alice/dup")[0].title == "Duplicate from lab/dup-src"
+    # the same weights as lab/dup-src's model: the registry keeps one model per weights, the repo stands
+    assert reg.get("lab.dup-src").source.startswith("hub:serve/lab/dup-src@")
+    assert alice.duplicate_repo("lab/dup-src").repo_id == "alice/dup-src"  # by default: the caller's, same name
+    assert not alice.model_info("alice/dup-src").private  # as the source
+    with pytest.raises(HfHubHTTPError) as e:
+        alice.duplicate_repo("lab/dup-src", to_id="alice/dup")
+    assert e.value.response.status_code == 409
+    assert alice.duplicate_repo("lab/dup-src", to_id="alice/dup", exist_ok=True).repo_id == "alice/dup"
+    with pytest.raises(HfHubHTTPError) as e:  # not her namespace
+        alice.duplicate_repo("lab/dup-src", to_id="lab/by-alice")
+    assert e.value.response.status_code == 403
+    with pytest.raises(RepositoryNotFoundError):  # a private repo bob may not read is as missing as none
+        bob.duplicate_repo("alice/dup", to_id="bob/stolen")
+    assert not alice.repo_exists("bob/stolen")

@@ -399,6 +399,9 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
             ("POST", f"/api/models/{repo}/super-squash/walk-{who}", {"message": "walk"})
         ],
         ("/api/models/{ns}/{name}/settings", "PUT"): [("PUT", f"/api/models/{repo}/settings", {"private": False})],
+        ("/api/models/{ns}/{name}/duplicate", "POST"): [
+            ("POST", f"/api/models/{repo}/duplicate", {"repository": f"lab/dup-{who}"})
+        ],
         ("/{ns}/{name}.git/info/lfs/objects/batch", "POST"): [
             (
                 "POST",
