@@ -26,7 +26,17 @@ from fastapi.responses import JSONResponse
 from registry.hubs.store import BRANCH, Commit, FileEntry, lfs_pointer
 from registry.model_card import parse_front_matter
 from registry.nesting import loads_json
-from server import access, hf_commit, hf_lfs, hf_refs, hf_repos, hf_unsupported, indexing, safe_serving
+from server import (
+    access,
+    hf_commit,
+    hf_lfs,
+    hf_lfs_files,
+    hf_refs,
+    hf_repos,
+    hf_unsupported,
+    indexing,
+    safe_serving,
+)
 from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
 from server.hf_common import (
     SMALL_BODY,
@@ -132,7 +142,7 @@ def _filter_tags(info: dict) -> set[str]:
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)  # the OpenAPI description is the w2w API's; this one is the Hub's
     r.include_router(hf_unsupported.build_router())  # first: /datasets/NS/NAME/resolve/... is no model's file
-    for module in (hf_repos, hf_commit, hf_refs, hf_lfs):
+    for module in (hf_repos, hf_commit, hf_refs, hf_lfs, hf_lfs_files):
         r.include_router(module.build_router(state))
 
     @r.post("/api/validate-yaml")

@@ -837,3 +837,31 @@ def test_duplicate_repo_copies_main_under_the_access_rule(hub, alice, bob, loras
     with pytest.raises(RepositoryNotFoundError):  # a private repo bob may not read is as missing as none
         bob.duplicate_repo("alice/dup", to_id="bob/stolen")
     assert not alice.repo_exists("bob/stolen")
+
+
+def test_list_lfs_files_and_why_they_are_not_deleted_from_history(lfs_hub):
+    """`list_lfs_files`: every LFS object of the history (all branches), where it came in; writers only.
+    `permanently_delete_lfs_files` is refused with what to do instead."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import BadRequestError, HfHubHTTPError
+
+    server, _ = lfs_hub
+    alice, bob = hf(server, ALICE), hf(server, BOB)
+    alice.create_repo("alice/store")
+    one, two = bytes(range(256)) * 40, bytes(range(255, -1, -1)) * 50  # binary: LFS
+    alice.create_commit("alice/store", [CommitOperationAdd("w/one.bin", one)], commit_message="one")
+    alice.create_branch("alice/store", branch="dev")
+    alice.create_commit("alice/store", [CommitOperationAdd("two.bin", two)], commit_message="two", revision="dev")
+    alice.delete_file("w/one.bin", "alice/store")  # gone from main's head, not from its history
+    files = list(alice.list_lfs_files("alice/store"))
+    assert [(f.filename, f.size, f.ref) for f in files] == [
+        ("w/one.bin", len(one), "refs/heads/main"),
+        ("two.bin", len(two), "refs/heads/dev"),
+    ]
+    assert files[0].file_oid == hashlib.sha256(one).hexdigest() and files[0].pushed_at.year >= 2024
+    with pytest.raises(HfHubHTTPError) as e:
+        list(bob.list_lfs_files("alice/store"))
+    assert e.value.response.status_code == 403
+    with pytest.raises(BadRequestError, match="does not delete LFS objects from a repo's history"):
+        alice.permanently_delete_lfs_files("alice/store", files[:1])
+    assert alice.hf_hub_download("alice/store", "two.bin", revision="dev") and len(files) == 2
