@@ -191,6 +191,14 @@ def build_router(state: ServerState) -> APIRouter:
                 raise repo_not_found(repo_id) from None
         return {}
 
+    @r.get("/api/models/{ns}/{name}/likers")
+    def likers(ns: str, name: str, request: Request):
+        repo_id = repo_id_of(ns, name)
+        access.require_repo_read(state, access.identity(state, request), repo_id)
+        if not state.store.exists(repo_id):
+            raise repo_not_found(repo_id)
+        return []  # this hub keeps no likes (every repo's `likes` is 0)
+
     @r.get("/api/models/{ns}/{name}/auth-check")
     def auth_check(ns: str, name: str, request: Request):
         repo_id = repo_id_of(ns, name)

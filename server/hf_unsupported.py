@@ -1,5 +1,5 @@
 """What this hub does not serve, answered with what it is instead of a bare 404: datasets, Spaces (and the
-client's other repo types), pull requests and discussions, and git over HTTP.
+client's other repo types), pull requests and discussions, the Hub's catalogue of tags, and git over HTTP.
 
 The 404s carry `X-Error-Code: RepoNotFound` for repo routes, so the client raises RepositoryNotFoundError
 (not a connection problem) with this message, and `X-Error-Message` for the rest.
@@ -34,6 +34,10 @@ def build_router() -> APIRouter:
     @r.api_route("/api/models/{ns}/{name}/discussions{rest:path}", methods=METHODS)
     def discussions(ns: str, name: str, rest: str):
         raise HubHTTPError(404, "this hub has no pull requests or discussions: commit to a branch instead")
+
+    @r.get("/api/models-tags-by-type")
+    def tags_by_type():
+        raise HubHTTPError(404, "this hub has no catalogue of tags: list_models(filter=TAG) matches the cards' tags")
 
     # git's smart HTTP (clone, fetch, push) starts here; git shows a text/plain error body as "remote: ..."
     @r.api_route("/{ns}/{name}/info/refs", methods=["GET"])

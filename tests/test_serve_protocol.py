@@ -799,6 +799,11 @@ def test_what_is_not_supported_gets_the_clients_own_clear_error(hub, alice, tmp_
         assert e.value.response.status_code == 404
     with pytest.raises(BadRequestError, match="this hub has no gated repos"):
         alice.update_repo_settings("alice/nopr", gated="auto")
+    with pytest.raises(HfHubHTTPError, match="no catalogue of tags"):
+        alice.get_model_tags()
+    assert list(alice.list_repo_likers("alice/nopr")) == []  # no likes here (`likes` is 0 everywhere)
+    with pytest.raises(RepositoryNotFoundError):
+        list(alice.list_repo_likers("alice/none"))
 
     git = shutil.which("git")
     if git:  # git's smart HTTP: not spoken here (a clear failure, nothing cloned)
