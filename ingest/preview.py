@@ -100,10 +100,6 @@ class Previewer:
             "PATH|HUB_ID`"
         )
 
-    def loaded(self) -> list[str]:
-        """The base models loaded so far (none until a preview asks for one)."""
-        return sorted(self._bases)
-
     def _get(self, ref: str, wait: bool = False) -> BaseModel:
         """The loaded base `ref`, loaded in a thread of its own at the first request for it. While it loads (an
         SD model takes minutes) a request waits at most 2 s, then gets BaseLoading, so that requests do not
@@ -113,6 +109,8 @@ class Previewer:
         if base is not None:
             return base
         with self._loads_lock:
+            if ref in self._bases:  # loaded meanwhile (its job is gone)
+                return self._bases[ref]
             job = self._loads.get(ref)
             if job is None:
                 job = self._loads[ref] = _Load()

@@ -255,7 +255,11 @@ def test_while_a_base_model_loads_previews_answer_503_at_once(hub):
                 assert status == 503 and "is loading" in body["error"], (path, status, body)
                 assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
                 assert time.perf_counter() - t0 < 10
-        assert server.get("/api/w2w/models/toy-0/preview")[2]["available"]
+        deadline = time.monotonic() + 120
+        while (answer := server.get("/api/w2w/models/toy-0/preview"))[0] == 503:  # the load, now let go
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.5)
+        assert answer[2]["available"]
     finally:
         server.stop()
 
