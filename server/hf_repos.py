@@ -1,4 +1,5 @@
-"""Whole repos as the Hub's client manages them: create, delete, move, duplicate, settings (private), auth-check.
+"""Whole repos as the Hub's client manages them: create, delete, move, duplicate, settings (private), auth-check,
+a namespace's repos with their storage (`list_user_repos`).
 
 Each asks server.access: delete needs write on the repo, move write on the repo and on the target's
 namespace, duplicate read on the repo and write on the target's namespace, settings write on the repo;
@@ -13,11 +14,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from registry.hubs.store import RepoExists, RepoNotFound
+from registry.hubs.store import RepoExists, RepoNotFound, RevisionNotFound
 from server import access, indexing
 from server.accounts import Identity
 from server.errors import HubHTTPError, repo_not_found
-from server.hf_common import json_object, repo_id_of
+from server.hf_common import iso, json_object, page, repo_id_of
 from server.state import ServerState
 from w2w.errors import W2WError
 
@@ -108,6 +109,24 @@ def _duplicate(state: ServerState, src: str, dst: str, private: bool, who: Ident
     return True
 
 
+def storage_of(state: ServerState, namespace: str) -> list[dict]:
+    """`list_user_repos` of a namespace: each repo's head, visibility and bytes (its head's files, as the
+    repo's `usedStorage`), and its share of the namespace's bytes."""
+    out = []
+    for repo_id in state.store.list_repos():
+        if repo_id.split("/")[0] != namespace:
+            continue
+        try:
+            head, private = state.store.resolve(repo_id), access.repo_private(state, repo_id)
+        except (RepoNotFound, RevisionNotFound):  # deleted meanwhile
+            continue
+        size = sum(e.size for e in head.files.values())
+        out.append({"id": repo_id, "type": "model", "updatedAt": iso(head.created),
+                    "visibility": "private" if private else "public", "storage": size})  # fmt: skip
+    total = sum(r["storage"] for r in out) or 1
+    return [r | {"storagePercent": 100 * r["storage"] / total} for r in out]
+
+
 def build_router(state: ServerState) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
@@ -190,6 +209,17 @@ def build_router(state: ServerState) -> APIRouter:
             except RepoNotFound:
                 raise repo_not_found(repo_id) from None
         return {}
+
+    @r.get("/api/settings/repositories")
+    def my_repositories(request: Request):
+        who = access.identity(state, request)
+        user = access.require_user(who, request)
+        return page(request, storage_of(state, user))
+
+    @r.get("/api/organizations/{org}/settings/repositories")
+    def org_repositories(org: str, request: Request):
+        access.require_namespace_write(access.identity(state, request), request, org)  # its members
+        return page(request, storage_of(state, org))
 
     @r.get("/api/models/{ns}/{name}/likers")
     def likers(ns: str, name: str, request: Request):

@@ -870,3 +870,30 @@ def test_list_lfs_files_and_why_they_are_not_deleted_from_history(lfs_hub):
     with pytest.raises(BadRequestError, match="does not delete LFS objects from a repo's history"):
         alice.permanently_delete_lfs_files("alice/store", files[:1])
     assert alice.hf_hub_download("alice/store", "two.bin", revision="dev") and len(files) == 2
+
+
+def test_list_user_repos_of_a_user_and_of_an_organization(hub, alice, bob):
+    """`list_user_repos` (`hf repos ls`): the caller's own repos, or an organization's for its members, with
+    their visibility and storage (the head's bytes)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    alice.create_repo("alice/ls-a", private=True)
+    alice.upload_file(path_or_fileobj=b"x" * 100, path_in_repo="x.bin", repo_id="alice/ls-a")
+    mine = {r.id: r for r in alice.list_user_repos()}
+    assert "alice/ls-a" in mine and all(i.startswith("alice/") for i in mine)
+    a = mine["alice/ls-a"]
+    assert a.type == "model" and a.visibility == "private" and a.storage == 100 + len(alice_gitattributes(alice))
+    assert abs(sum(r.storage_percent for r in mine.values()) - 100) < 1e-6 and a.updated_at.year >= 2024
+    alice.create_repo("team/ls-t")
+    team = list(alice.list_user_repos(namespace="team"))
+    assert "team/ls-t" in {r.id for r in team} and all(r.id.startswith("team/") for r in team)
+    with pytest.raises(HfHubHTTPError) as e:  # bob is not of team
+        list(bob.list_user_repos(namespace="team"))
+    assert e.value.response.status_code == 403
+    assert "alice/ls-a" not in {r.id for r in bob.list_user_repos()}
+
+
+def alice_gitattributes(api) -> bytes:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download("alice/ls-a", ".gitattributes", endpoint=api.endpoint, token=ALICE)).read_bytes()

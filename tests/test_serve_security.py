@@ -399,6 +399,10 @@ def hub_requests(route: str, method: str, repo: str, who: str) -> list[tuple[str
             ("POST", f"/api/models/{repo}/super-squash/walk-{who}", {"message": "walk"})
         ],
         ("/api/models/{ns}/{name}/settings", "PUT"): [("PUT", f"/api/models/{repo}/settings", {"private": False})],
+        ("/api/settings/repositories", "GET"): [("GET", "/api/settings/repositories", None)],
+        ("/api/organizations/{org}/settings/repositories", "GET"): [
+            ("GET", f"/api/organizations/{ns}/settings/repositories", None)  # team's: its members only
+        ],
         ("/api/models/{ns}/{name}/likers", "GET"): [("GET", f"/api/models/{repo}/likers", None)],
         ("/api/models-tags-by-type", "GET"): [("GET", "/api/models-tags-by-type", None)],
         ("/api/models/{ns}/{name}/lfs-files", "GET"): [("GET", f"/api/models/{repo}/lfs-files", None)],
