@@ -274,6 +274,10 @@ def test_hf_cli_upload_and_download_a_branch(hub, tmp_path):
     run("repos", "branch", "delete", "team/cli", "scratch")
     run("repos", "settings", "team/cli", "--private")
     run("repos", "move", "team/cli", "alice/cli")
+    run("repos", "duplicate", "alice/cli", "alice/cli-copy")
+    mine = {r["id"]: r for r in json.loads(run("repos", "ls", "--json"))}
+    assert mine["alice/cli"]["visibility"] == mine["alice/cli-copy"]["visibility"] == "private"  # as the source
+    run("repos", "cp", "hf://alice/cli/.gitattributes", "hf://alice/cli-copy/copied.txt")  # one repo to another
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=server.url, token=ALICE)
