@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from registry import delta_pairs, sketches
+from registry import index as coeff_index
 from registry.catalog import RESERVED_COLUMNS, Catalog, ModelRow, Space, bulk_insert
 from registry.hubs.local import LocalHub
 from registry.lock import writer_lock
@@ -363,7 +364,8 @@ class _AddSession:
         n = min(max(sketches.NEAR_CANDIDATES, delta_pairs.PAIRS_AT_ADD), fam.index.ntotal)
         if n == 0:
             return [], []
-        dist, ids = fam.index.search(np.ascontiguousarray(m.sketch[None, :], dtype=np.float32), n)
+        with coeff_index.single_thread():  # one query: no OpenMP team (see index.single_thread)
+            dist, ids = fam.index.search(np.ascontiguousarray(m.sketch[None, :], dtype=np.float32), n)
         keep = ids[0] >= 0
         return dist[0][keep].tolist(), ids[0][keep].tolist()
 
