@@ -207,7 +207,9 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
         est = np.linalg.norm(np.stack([fam.sketch_of(int(i)) for i in cand]) - sk, axis=1) if len(cand) else []
         return cand, np.asarray(est, dtype=np.float64)
 
-    return label, family, _rerank_sketched(fetch, n, len(allowed), k, measure)
+    # a sketch sums float32 products: ~1e-7 |dW| of rounding, so below 1e-4 |dW| its distances are rounding
+    resolution = 1e-4 * float(np.sqrt(q_sq))
+    return label, family, _rerank_sketched(fetch, n, len(allowed), k, measure, resolution)
 
 
 @lru_cache(maxsize=1)
@@ -238,12 +240,14 @@ def _rerank(cand: np.ndarray, k: int, measure) -> list[tuple[int, float]]:
     return [(i, d) for d, i in scored[:k]]
 
 
-def _rerank_sketched(fetch, n: int, total: int, k: int, measure) -> list[tuple[int, float]]:
+def _rerank_sketched(fetch, n: int, total: int, k: int, measure, resolution: float = 0.0) -> list[tuple[int, float]]:
     """The k best by exact distance of the candidates `fetch(n)` proposes (ids, sketch distances ascending).
 
     The first k are compared, then the next ones in waves of WORKERS while a candidate's estimate times the
     stop floor (see STOP_MIN) does not exceed the k-th exact distance found. When the candidates run out
-    before that rule stops (near-ties: many models at almost the k-th distance), 4x more are fetched."""
+    before that rule stops (near-ties: many models at almost the k-th distance), 4x more are fetched. Pairs
+    closer than `resolution` (the same dW in another factorization) do not count toward the floor: their
+    sketch distance is float32 rounding, not the sketch's spread, and one such ratio (~1e6) stopped nothing."""
     best: list[tuple[float, int]] = []
     ratios: list[float] = []
     done: set[int] = set()
@@ -265,7 +269,7 @@ def _rerank_sketched(fetch, n: int, total: int, k: int, measure) -> list[tuple[i
             for (i, e), d in zip(wave, _run(_pool(), [measure(i) for i, _ in wave]), strict=True):
                 best.append((d, i))
                 done.add(i)
-                if d > 0 and e > 0:  # a pair at sketch distance 0 (the same dW) says nothing of the sketch's spread
+                if d > resolution:
                     ratios.append(e / d)
             best.sort()
             pos += m
