@@ -97,6 +97,8 @@ ALTER TABLE models ADD COLUMN IF NOT EXISTS family VARCHAR;
 CREATE TABLE IF NOT EXISTS deltas (
     model_id BIGINT PRIMARY KEY, family VARCHAR NOT NULL, sq_norm DOUBLE NOT NULL, sketch BLOB NOT NULL
 );
+ALTER TABLE deltas ADD COLUMN IF NOT EXISTS paired BOOLEAN;
+CREATE TABLE IF NOT EXISTS delta_pairs (a BIGINT NOT NULL, b BIGINT NOT NULL, d2 DOUBLE NOT NULL, PRIMARY KEY (a, b));
 CREATE TABLE IF NOT EXISTS near_copies (
     model_id BIGINT NOT NULL, of_id BIGINT NOT NULL, rel_distance DOUBLE NOT NULL, kind VARCHAR NOT NULL,
     created TIMESTAMP DEFAULT current_timestamp
@@ -104,6 +106,8 @@ CREATE TABLE IF NOT EXISTS near_copies (
 """
 # source_dtype: float32/float16/bfloat16 of an imported file (export's default); source_kind: lora/locon/loha/lokr.
 # Read apart from MODEL_COLUMNS (Catalog.source_info) so that a registry made before them reads unchanged.
+# deltas.paired: the model's exact pairs with its sketch-nearest models are in delta_pairs (registry.delta_pairs;
+# false or NULL for models added before them: `verify --repair` computes them).
 # family columns of spaces and models (issue 15): registries made before them gain them on first write,
 # and `Catalog.migrate` fills them in (FAMILY_MIGRATION)
 
@@ -184,6 +188,19 @@ class ModelTable:
     def model(self, model_id: int) -> ModelRow:
         """A fresh ModelRow (callers may change it without touching the table)."""
         return ModelRow(*self.rows[model_id], attributes=dict(self.attrs.get(model_id, {})))
+
+
+def bulk_insert(con, table: str, rows: list[tuple], types: list[str], or_ignore: bool = False) -> None:
+    """Insert many rows in one statement: one list parameter per column, unnested side by side.
+
+    DuckDB's executemany runs one statement per row (~2 ms each here); this runs one in all.
+    """
+    if not rows:
+        return
+    columns = list(zip(*rows, strict=True))
+    select = ", ".join(f"unnest(?::{t}[])" for t in types)
+    verb = "INSERT OR IGNORE INTO" if or_ignore else "INSERT INTO"  # or_ignore: rows whose key exists are left out
+    con.execute(f"{verb} {table} SELECT {select}", [list(c) for c in columns])
 
 
 def _int_list(ids) -> str:

@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registry import delta_pairs
 from registry.registry import Registry, vector_sha256
 from w2w.errors import W2WError
 
@@ -116,6 +117,17 @@ def verify(reg: Registry) -> VerifyReport:
                 "stale",
                 "deltas",
                 f"{no_delta} models have no dW sketch (--metric delta and near-copy checks miss them)",
+                fixable=True,
+            )
+        )
+    unpaired = delta_pairs.unpaired(reg)
+    if unpaired:
+        report.findings.append(
+            Finding(
+                "stale",
+                "delta pairs",
+                f"{unpaired} models were added before exact pairs with their nearest models were kept "
+                "(--metric delta searches from them compare more factors)",
                 fixable=True,
             )
         )
@@ -288,6 +300,8 @@ def repair(reg: Registry) -> list[str]:
                 from registry import sketches
 
                 done.append(f"deltas: {sketches.backfill(reg)} dW sketches computed from the vectors")
+            elif f.kind == "stale" and f.what == "delta pairs":
+                done.append(f"delta pairs: {delta_pairs.backfill(reg)} models compared with their nearest models")
             elif f.kind == "orphan" and f.fixable:
                 Path(reg.root / f.what).unlink(missing_ok=True)
                 done.append(f"{f.what}: removed")

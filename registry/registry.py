@@ -21,15 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from registry import sketches
-from registry.catalog import RESERVED_COLUMNS, Catalog, ModelRow, Space
+from registry import delta_pairs, sketches
+from registry import index as coeff_index
+from registry.catalog import RESERVED_COLUMNS, Catalog, ModelRow, Space, bulk_insert
 from registry.hubs.local import LocalHub
 from registry.lock import writer_lock
 from registry.paths import RegistryPaths, default_root
 from registry.search import knn
 from registry.vectors import VectorStore, rows_per_shard_for
 from w2w import family as wfamily
-from w2w.delta import one_blas_thread
+from w2w.delta import Factors, Views, one_blas_thread
 from w2w.errors import (
     AttributeInputError,
     DuplicateModelError,
@@ -207,6 +208,10 @@ class _AddSession:
         self.on_near_copy, self.near_threshold = on_near_copy, near_threshold
         self.families: dict[str, object] = {}  # family -> sketches.FamilySketches: committed + staged models
         self.delta_rows: list[tuple] = []
+        self.pair_rows: list[tuple[int, int, float]] = []  # registry.delta_pairs rows of the staged models
+        self.pair_jobs: list = []  # their computation, on pair_worker until `sync`
+        self.pair_worker: ThreadPoolExecutor | None = None
+        self.layouts: dict[str, Layout] = {}
         self.near_rows: list[tuple] = []
         self.near_copies: list[dict] = []
         self.staged_at: dict[int, tuple[str, int, str]] = {}  # model id -> (space, vector row, name)
@@ -276,13 +281,20 @@ class _AddSession:
                 raise AttributeInputError(f"{m.name}: attribute {key!r} holds {known} values elsewhere, got {value!r}")
             if not known:
                 self.new_attr_kinds[key] = kind
-        near = self.near_copy(m, v)
         model_id, row = self.next_id, self.committed[sid] + self.staged_rows[sid]
+        nearest = self.sketch_neighbours(m)
+        near = self.near_copy(m, v, nearest)
         if near is not None:
             self.near_rows.append((model_id, *near))
         self.staged_at[model_id] = (sid, row, m.name)
         if m.sketch is not None:
-            self.delta_rows.append((model_id, family, m.delta_sq_norm, m.sketch.astype("<f4").tobytes()))
+            others, views = nearest[1][: delta_pairs.PAIRS_AT_ADD], Views.of(v, m.layout)
+            sq_norm_of = self.family_index(family).sq_norms.__getitem__
+            job = delta_pairs.prepare(model_id, views, m.delta_sq_norm, others, self.views_of, sq_norm_of)
+            if self.pair_worker is None:  # one thread: the pairs' math overlaps the reading and staging of the next
+                self.pair_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="w2w-pairs")
+            self.pair_jobs.append(self.pair_worker.submit(job))
+            self.delta_rows.append((model_id, family, m.delta_sq_norm, m.sketch.astype("<f4").tobytes(), True))
             self.family_index(family).add(model_id, m.delta_sq_norm, m.sketch)
         self.next_id += 1
         self.staged_rows[sid] += 1
@@ -321,12 +333,10 @@ class _AddSession:
             self.families[family] = sketches.read_family(self.reg, family)
         return self.families[family]
 
-    def factors_of(self, model_id: int, sq_norm: float | None = None):
-        """Factors of a committed or staged model (a staged one's row is read back from its buffer or store)."""
-        from w2w.delta import Factors
-
+    def views_of(self, model_id: int) -> Views:
+        """Layers of a committed or staged model (a staged one's row is read back from its buffer or store)."""
         if model_id not in self.staged_at:
-            return sketches.factors(self.reg, model_id, sq_norm)
+            return sketches.mapped_lora(self.reg, model_id)
         sid, row, _ = self.staged_at[model_id]
         first_buffered = self.committed[sid] + self.written.get(sid, 0)
         if row >= first_buffered:
@@ -334,16 +344,38 @@ class _AddSession:
         else:
             self.drain()  # its row was handed to the writer: wait for it, then read it back
             v = self.store(sid).read_one(row)
-        _, layout = self.spaces[sid], Layout.from_json(self.spaces[sid].layout_json)
-        return Factors.of(unflatten(v, layout), sq_norm)
+        return Views.of(v, self.layout_of(sid))
 
-    def near_copy(self, m: NewModel, v: np.ndarray) -> tuple[int, float, str] | None:
+    def layout_of(self, sid: str) -> Layout:
+        if sid not in self.layouts:
+            self.layouts[sid] = Layout.from_json(self.spaces[sid].layout_json)
+        return self.layouts[sid]
+
+    def factors_of(self, model_id: int, sq_norm: float | None = None) -> Factors:
+        """Factors of a committed or staged model."""
+        return Factors.of(self.views_of(model_id), sq_norm)
+
+    def sketch_neighbours(self, m: NewModel) -> tuple[list[float], list[int]]:
+        """(squared sketch distances, ids) of the registered or staged models whose dW sketches are nearest m's:
+        the near-copy check's and the kept pairs' candidates (one FAISS scan for both)."""
+        if m.sketch is None:
+            return [], []
+        fam = self.family_index(m.family)
+        n = min(max(sketches.NEAR_CANDIDATES, delta_pairs.PAIRS_AT_ADD), fam.index.ntotal)
+        if n == 0:
+            return [], []
+        with coeff_index.single_thread():  # one query: no OpenMP team (see index.single_thread)
+            dist, ids = fam.index.search(np.ascontiguousarray(m.sketch[None, :], dtype=np.float32), n)
+        keep = ids[0] >= 0
+        return dist[0][keep].tolist(), ids[0][keep].tolist()
+
+    def near_copy(
+        self, m: NewModel, v: np.ndarray, nearest: tuple[list[float], list[int]]
+    ) -> tuple[int, float, str] | None:
         """(model id, relative dW distance, guess) of the nearest registered or staged model within the near-copy
         threshold of m, in any layout of its family; raises DuplicateModelError when such copies are skipped."""
         if m.sketch is None or self.near_threshold <= 0:
             return None
-        from w2w.delta import Factors
-
         found = sketches.near(
             self.family_index(m.family),
             m.delta_sq_norm,
@@ -351,6 +383,7 @@ class _AddSession:
             self.near_threshold,
             lambda: Factors.of(unflatten(v, m.layout)),
             self.factors_of,
+            hits=nearest,
         )
         if not found:
             return None
@@ -393,6 +426,7 @@ class _AddSession:
             raise next(e for e in errors if e)
 
     def sync(self) -> None:
+        self.pair_rows = [row for job in self.finish_pairs() for row in job.result()]
         for sid in list(self.buffers):
             self.flush(sid)
         self.drain()
@@ -403,9 +437,18 @@ class _AddSession:
                 with open(store.shard_path(shard), "rb+") as f:
                     os.fsync(f.fileno())
 
+    def finish_pairs(self) -> list:
+        """The pair jobs, every one finished (results or errors), and the worker gone."""
+        jobs, self.pair_jobs = self.pair_jobs, []
+        if self.pair_worker is not None:
+            self.pair_worker.shutdown(wait=True)
+            self.pair_worker = None
+        return jobs
+
     def rollback(self) -> None:
         if self.done:
             return
+        self.finish_pairs()  # nothing of theirs is kept: only wait for them
         with contextlib.suppress(Exception):  # the rows are dropped below whatever the writes did
             self.drain()
         for sid in {*self.written, *self.new_spaces}:
@@ -434,7 +477,7 @@ class _AddSession:
                 )
             if self.new_attr_kinds:
                 con.executemany("INSERT INTO attribute_keys VALUES (?, ?)", list(self.new_attr_kinds.items()))
-            _bulk_insert(
+            bulk_insert(
                 con,
                 "models (id, name, space_id, row_idx, vector_sha256, sq_norm, kind, source, source_format, "
                 "source_sha256, base_model, source_dtype, source_kind, family)",
@@ -442,29 +485,19 @@ class _AddSession:
                 ["BIGINT", "VARCHAR", "VARCHAR", "BIGINT", "VARCHAR", "DOUBLE", "VARCHAR", "VARCHAR", "VARCHAR",
                  "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR"],
             )  # fmt: skip
-            _bulk_insert(con, "deltas", self.delta_rows, ["BIGINT", "VARCHAR", "DOUBLE", "BLOB"])
-            _bulk_insert(con, "near_copies (model_id, of_id, rel_distance, kind)", self.near_rows,
+            bulk_insert(con, "deltas (model_id, family, sq_norm, sketch, paired)", self.delta_rows,
+                        ["BIGINT", "VARCHAR", "DOUBLE", "BLOB", "BOOLEAN"])  # fmt: skip
+            bulk_insert(con, "delta_pairs", self.pair_rows, ["BIGINT", "BIGINT", "DOUBLE"])
+            bulk_insert(con, "near_copies (model_id, of_id, rel_distance, kind)", self.near_rows,
                          ["BIGINT", "BIGINT", "DOUBLE", "VARCHAR"])  # fmt: skip
-            _bulk_insert(con, "attributes", self.attr_rows, ["BIGINT", "VARCHAR", "DOUBLE"])
-            _bulk_insert(con, "lineage", self.lineage_rows, ["BIGINT", "BIGINT", "VARCHAR", "VARCHAR"])
+            bulk_insert(con, "attributes", self.attr_rows, ["BIGINT", "VARCHAR", "DOUBLE"])
+            bulk_insert(con, "lineage", self.lineage_rows, ["BIGINT", "BIGINT", "VARCHAR", "VARCHAR"])
             con.execute("COMMIT")
             self.done = True
         except BaseException:
             if not self.done:
                 con.execute("ROLLBACK")
             raise
-
-
-def _bulk_insert(con, table: str, rows: list[tuple], types: list[str]) -> None:
-    """Insert many rows in one statement: one list parameter per column, unnested side by side.
-
-    DuckDB's executemany runs one statement per row (~2 ms each here); this runs one in all.
-    """
-    if not rows:
-        return
-    columns = list(zip(*rows, strict=True))
-    select = ", ".join(f"unnest(?::{t}[])" for t in types)
-    con.execute(f"INSERT INTO {table} SELECT {select}", [list(c) for c in columns])
 
 
 class Registry:
@@ -531,21 +564,23 @@ class Registry:
             for sid, n in session.committed.items():
                 session.store(sid).truncate(n)  # drop a tail a crashed writer left behind
             try:
-                for item in items:
-                    if on_item:
-                        on_item()
-                    if isinstance(item, Failure):
-                        report.errors.append((item.what, str(item.error)))
-                        continue
-                    try:
-                        with one_blas_thread():  # the near-copy check's Grams
+                # the Grams of the near-copy checks and of the kept pairs (on the pair worker) on one BLAS thread
+                # each; set once for the whole add, not per model, since the worker runs while models are staged
+                with one_blas_thread():
+                    for item in items:
+                        if on_item:
+                            on_item()
+                        if isinstance(item, Failure):
+                            report.errors.append((item.what, str(item.error)))
+                            continue
+                        try:
                             model_id = session.stage(item)
-                        report.added.append((item.name, model_id))
-                    except DuplicateModelError as e:
-                        report.skipped.append((item.source or item.name, str(e)))
-                    except W2WError as e:
-                        report.errors.append((item.source or item.name, str(e)))
-                session.sync()
+                            report.added.append((item.name, model_id))
+                        except DuplicateModelError as e:
+                            report.skipped.append((item.source or item.name, str(e)))
+                        except W2WError as e:
+                            report.errors.append((item.source or item.name, str(e)))
+                    session.sync()
                 report.near_copies = session.near_copies
                 if report.errors and not skip_errors:
                     session.rollback()
@@ -678,7 +713,12 @@ class Registry:
         """A space and its parsed layout, cached: both never change once created."""
         hit = self._cache.get(("space", space_id))
         if hit is None:
-            space = self.space(space_id)
+            known = self._cache.get("spaces")
+            if known is None or space_id not in known:  # one query for all: a dW search meets hundreds of layouts
+                known = self._cache["spaces"] = {s.id: s for s in self.catalog.spaces()}
+            if space_id not in known:
+                raise W2WError(f"no space {space_id!r} in the registry")
+            space = known[space_id]
             hit = self._cache[("space", space_id)] = (space, Layout.from_json(space.layout_json))
         return hit
 

@@ -4,7 +4,8 @@ model), a FAISS index of a family's sketches, cross-layout search, and near copi
 A search with a dW metric (`delta`, `delta-cosine`) spans every layout of the query's family: FAISS
 proposes candidates from the sketches (w2w.delta.sketch, whose L2 distances estimate the dW Frobenius
 distances), restricted to the models matching `--where` by an ID selector, and each candidate is then
-compared exactly from its factors (w2w.delta). Families of at most EXACT_MAX matching models are
+compared exactly from its factors (w2w.delta), or taken from the pairs `add` kept (registry.delta_pairs) when the
+query is a registered model. Families of at most EXACT_MAX matching models are
 compared exactly with every model. Sketches live in the catalog (4 KB per model, written in the
 model's own transaction), so they are as atomic as the model rows and need no folder of their own.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from registry import delta_pairs
 from registry import index as coeff_index
 from w2w import delta as wdelta
 from w2w.flatten import unflatten
@@ -46,6 +48,7 @@ VIEWS_KEPT = 4096  # models whose layer views are kept between searches (see map
 # 16 (4x in distance) with probability far below 1e-9; spread over modules it is within ~10%.
 NEAR_SLACK = 4.0
 NEAR_THRESHOLD = 0.01
+NEAR_CANDIDATES = 8  # sketch neighbours checked exactly for a near copy (when within NEAR_SLACK)
 # Relative dW distances of a copy rounded to a smaller float: each factor entry is rounded to within its
 # unit roundoff u (2^-11 fp16, 2^-8 bf16), rms u/sqrt(3); B A carries both factors' errors, ~sqrt(2) u/sqrt(3)
 # = 0.82 u in rms. Up to 2 u counts as "that dtype's copy"; below 1e-6 it is the same dW (float32 math).
@@ -174,10 +177,16 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
     else:
         q_sq = wdelta.Factors.of(lora).sq_norm
 
+    kept = delta_pairs.load(reg).of(self_id) if self_id is not None else {}
+
     def measure(i: int):
         """The exact distance to model i as a call for a worker thread: the catalog is read here, in the
-        caller's thread (a search holds the catalog's lock: see Catalog.pinned), the math there."""
-        other, o_sq = mapped_lora(reg, i), fam.sq_norms[i]
+        caller's thread (a search holds the catalog's lock: see Catalog.pinned), the math there. A pair kept
+        at add time (registry.delta_pairs) is the distance itself."""
+        o_sq, d2 = fam.sq_norms[i], kept.get(i)
+        if d2 is not None:
+            return wdelta.metric_from_sq_distance(metric, d2, q_sq, o_sq)
+        other = mapped_lora(reg, i)
         return lambda: wdelta.search_distance(metric, lora, other, q_sq, o_sq)
 
     allowed = fam.ids
@@ -187,7 +196,7 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
         allowed = allowed[allowed != self_id]
     if len(allowed) <= max(EXACT_MAX, k):
         return label, family, _rerank(allowed, k, measure)
-    sk = wdelta.sketch(lora) if lora is not None else fam.sketch_of(self_id)
+    sk = fam.sketch_of(self_id) if self_id is not None else wdelta.sketch(lora)
     n = max(CANDIDATES_MIN, CANDIDATES_FACTOR * k)
     if metric == "delta-cosine":  # on unit sketches, L2^2 = 2 - 2 cos: nearest in angle
         cand = coeff_index.search(fam.unit_index, _unit(sk[None, :])[0], n, allowed=allowed)
@@ -198,7 +207,9 @@ def search(reg, query, k: int, where: str | None, metric: str, base_model: str |
         est = np.linalg.norm(np.stack([fam.sketch_of(int(i)) for i in cand]) - sk, axis=1) if len(cand) else []
         return cand, np.asarray(est, dtype=np.float64)
 
-    return label, family, _rerank_sketched(fetch, n, len(allowed), k, measure)
+    # a sketch sums float32 products: ~1e-7 |dW| of rounding, so below 1e-4 |dW| its distances are rounding
+    resolution = 1e-4 * float(np.sqrt(q_sq))
+    return label, family, _rerank_sketched(fetch, n, len(allowed), k, measure, resolution)
 
 
 @lru_cache(maxsize=1)
@@ -207,7 +218,11 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _run(pool: ThreadPoolExecutor, calls: list) -> list[float]:
-    return list(pool.map(lambda f: f(), calls)) if len(calls) > 1 else [f() for f in calls]
+    """The values of `calls`: each a float already known (a kept pair) or a call computing it; two or more calls
+    go to the pool."""
+    todo = [c for c in calls if callable(c)]
+    done = iter(pool.map(lambda f: f(), todo) if len(todo) > 1 else [f() for f in todo])
+    return [next(done) if callable(c) else c for c in calls]
 
 
 def _stop_floor(ratios: list[float]) -> float:
@@ -218,18 +233,21 @@ def _stop_floor(ratios: list[float]) -> float:
 
 
 def _rerank(cand: np.ndarray, k: int, measure) -> list[tuple[int, float]]:
-    """The k best of `cand` by exact distance, every one compared (`measure(i)`: a call that computes it)."""
+    """The k best of `cand` by exact distance, every one compared (`measure(i)`: the distance, or a call that
+    computes it)."""
     ids = cand.tolist()
     scored = sorted(zip(_run(_pool(), [measure(i) for i in ids]), ids, strict=True))
     return [(i, d) for d, i in scored[:k]]
 
 
-def _rerank_sketched(fetch, n: int, total: int, k: int, measure) -> list[tuple[int, float]]:
+def _rerank_sketched(fetch, n: int, total: int, k: int, measure, resolution: float = 0.0) -> list[tuple[int, float]]:
     """The k best by exact distance of the candidates `fetch(n)` proposes (ids, sketch distances ascending).
 
     The first k are compared, then the next ones in waves of WORKERS while a candidate's estimate times the
     stop floor (see STOP_MIN) does not exceed the k-th exact distance found. When the candidates run out
-    before that rule stops (near-ties: many models at almost the k-th distance), 4x more are fetched."""
+    before that rule stops (near-ties: many models at almost the k-th distance), 4x more are fetched. Pairs
+    closer than `resolution` (the same dW in another factorization) do not count toward the floor: their
+    sketch distance is float32 rounding, not the sketch's spread, and one such ratio (~1e6) stopped nothing."""
     best: list[tuple[float, int]] = []
     ratios: list[float] = []
     done: set[int] = set()
@@ -251,7 +269,7 @@ def _rerank_sketched(fetch, n: int, total: int, k: int, measure) -> list[tuple[i
             for (i, e), d in zip(wave, _run(_pool(), [measure(i) for i, _ in wave]), strict=True):
                 best.append((d, i))
                 done.add(i)
-                if d > 0:
+                if d > resolution:
                     ratios.append(e / d)
             best.sort()
             pos += m
@@ -284,18 +302,23 @@ def near(
     q_factors,
     load_factors,
     exclude: int | None = None,
+    hits: tuple[list[float], list[int]] | None = None,
 ) -> list[tuple[int, float]]:
     """(model id, relative dW distance) of the family's models within `threshold` of a model q, nearest first.
 
-    q is given by its ||dW||^2 and sketch; its factors (`q_factors()`) are computed only when a sketch
-    neighbour is close enough to be checked exactly, as are the neighbour's (`load_factors(id)`)."""
-    if fam.index.ntotal == 0:
-        return []
-    n = min(8, fam.index.ntotal)
-    dist, ids = fam.index.search(np.ascontiguousarray(sk[None, :], dtype=np.float32), n)
+    q is given by its ||dW||^2 and sketch (`hits`: the family's sketch search for it, when made already); its
+    factors (`q_factors()`) are computed only when a sketch neighbour is close enough to be checked exactly, as
+    are the neighbour's (`load_factors(id)`)."""
+    if hits is None:
+        if fam.index.ntotal == 0:
+            return []
+        dist, ids = fam.index.search(
+            np.ascontiguousarray(sk[None, :], dtype=np.float32), min(NEAR_CANDIDATES, fam.index.ntotal)
+        )
+        hits = dist[0].tolist(), ids[0].tolist()
     out = []
     qn = np.sqrt(q_sq_norm)
-    for d2, i in zip(dist[0].tolist(), ids[0].tolist(), strict=True):
+    for d2, i in zip(hits[0][:NEAR_CANDIDATES], hits[1][:NEAR_CANDIDATES], strict=True):
         if i < 0 or i == exclude:
             continue
         scale = max(qn, np.sqrt(fam.sq_norms[i]))
@@ -390,5 +413,5 @@ def backfill(reg) -> int:
         sq, sk = record(lora)
         rows.append((mid, space.family or wfamily.detect(layout, base), sq, sk.astype("<f4").tobytes()))
     with reg.catalog.connect(write=True) as con:
-        con.executemany("INSERT OR IGNORE INTO deltas VALUES (?, ?, ?, ?)", rows)
+        con.executemany("INSERT OR IGNORE INTO deltas (model_id, family, sq_norm, sketch) VALUES (?, ?, ?, ?)", rows)
     return len(rows)

@@ -498,7 +498,7 @@ def _store_projections(
 ) -> None:
     """Write coefficients, index and projection rows; with `subspace_row`, the subspace's catalog row is
     inserted in the same transaction."""
-    from registry.registry import _bulk_insert
+    from registry.catalog import bulk_insert
 
     cs = sm.coeff_store()
     cs.truncate(0)
@@ -514,7 +514,7 @@ def _store_projections(
             )
         con.execute("DELETE FROM projections WHERE subspace_id = ?", [sm.id])
         # one statement for all rows: executemany runs one per row (~2 ms each: 2 minutes at N = 65,000)
-        _bulk_insert(
+        bulk_insert(
             con,
             "projections",
             [(sm.id, int(i), r, float(e)) for r, (i, e) in enumerate(zip(ids, errors, strict=True))],

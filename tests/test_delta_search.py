@@ -272,3 +272,30 @@ def test_rerank_stops_by_its_rule_and_grows_the_candidates_when_they_run_out():
     got = sketches._rerank_sketched(fetch, 30, 400, 10, measure)
     assert [i for i, _ in got] == np.argsort(exact)[:10].tolist()
     assert len(asked) > 1 and len(set(measured)) == len(measured) < 400  # grew; compared each once; stopped
+
+
+def test_a_twin_of_the_query_does_not_defeat_the_stop_rule():
+    """The same dW in another factorization is at exact distance ~1e-9 |dW| and sketch distance ~1e-7 |dW| (float32
+    rounding): its ratio (~100) would widen the floor to STOP_MIN and compare nearly everything; below the
+    resolution it does not count, and the rule stops as it does without the twin."""
+    rng = np.random.default_rng(1)
+    exact = np.concatenate([[1e-9], 2.0 + 10.0 * rng.random(399)])  # |dW| ~ 1: a twin, then models 2-12 away
+    est = exact * (1 + 0.03 * rng.standard_normal(400))
+    est[0] = 1e-7
+    order = np.argsort(est)
+
+    def fetch(n):
+        return order[:n], est[order[:n]]
+
+    def run(resolution):
+        measured = []
+
+        def measure(i):
+            measured.append(i)
+            return float(exact[i])
+
+        got = sketches._rerank_sketched(fetch, 30, 400, 10, measure, resolution)
+        assert [i for i, _ in got] == np.argsort(exact)[:10].tolist()
+        return len(measured)
+
+    assert run(1e-4) < 60 < run(0.0)

@@ -136,20 +136,73 @@ def inner32(x: LoRA | Views, y: LoRA | Views) -> float:
     return total
 
 
+def shapes_agree(x: LoRA | Views, y: LoRA | Views) -> bool:
+    """Whether every module both LoRAs have has one dW shape in both (else they are not of one family)."""
+    for name in x.layers.keys() & y.layers.keys():
+        lx, ly = x.layers[name], y.layers[name]
+        if lx.B.shape[0] != ly.B.shape[0] or lx.a2d().shape[1] != ly.a2d().shape[1]:
+            return False
+    return True
+
+
+def inner32_many(x: LoRA | Views, ys: list[LoRA | Views]) -> np.ndarray:
+    """`inner32(x, y)` for every y at once: per module of x, one pair of products against the factors of every y
+    that has it, side by side ((rx, sum r_y) Grams), instead of two small products per y. Shapes must agree
+    (`shapes_agree`). The sums are the same as inner32's, in another order: equal within float32 rounding."""
+    out = np.zeros(len(ys))
+    for name, lx in x.layers.items():
+        have = [(j, y.layers[name]) for j, y in enumerate(ys) if name in y.layers]
+        if not have:
+            continue
+        if len(have) == 1:
+            j, ly = have[0]
+            g = (lx.b2d().T @ ly.b2d()) * (lx.a2d() @ ly.a2d().T)
+            out[j] += float(np.add.reduce(g, axis=None, dtype=np.float64)) * lx.scale * ly.scale
+            continue
+        B = np.concatenate([ly.b2d() for _, ly in have], axis=1)  # (out, sum r_y)
+        A = np.concatenate([ly.a2d() for _, ly in have], axis=0)  # (sum r_y, in)
+        cols = np.add.reduce((lx.b2d().T @ B) * (lx.a2d() @ A.T), axis=0, dtype=np.float64)  # (sum r_y,)
+        starts = np.cumsum([0] + [ly.rank for _, ly in have[:-1]])
+        per_y = np.add.reduceat(cols, starts)
+        idx = np.array([j for j, _ in have])
+        out[idx] += per_y * lx.scale * np.array([ly.scale for _, ly in have])
+    return out
+
+
 # below this share of ||dW_x||^2 + ||dW_y||^2, a float32 distance is mostly rounding: recompute in float64
 CANCELLATION = 1e-3
 
 
-def search_distance(metric: str, x: LoRA | Views, y: LoRA | Views, x_sq: float, y_sq: float) -> float:
-    """`metric` between two LoRAs with known ||dW||^2: float32 Grams, float64 where they would cancel."""
-    ip = inner32(x, y)
-    d2 = x_sq + y_sq - 2.0 * ip
-    if d2 < CANCELLATION * (x_sq + y_sq):
-        fx, fy = Factors.of(x, x_sq), Factors.of(y, y_sq)
-        return METRICS[metric](fx, fy)
+def metric_from_sq_distance(metric: str, d2: float, x_sq: float, y_sq: float) -> float:
+    """`metric` from ||dW_x - dW_y||^2 and both ||dW||^2: 1 - cos = (d2 - (|x| - |y|)^2) / (2 |x| |y|), which
+    stays exact for near copies where 1 - <x, y> / (|x| |y|) would be rounding."""
     if metric == "delta":
-        return float(np.sqrt(d2))
-    return 1.0 - ip / max(np.sqrt(x_sq * y_sq), 1e-300)
+        return float(np.sqrt(max(d2, 0.0)))
+    nx, ny = np.sqrt(x_sq), np.sqrt(y_sq)
+    return float((d2 - (nx - ny) ** 2) / max(2.0 * nx * ny, 1e-300))
+
+
+def sq_distance(x: LoRA | Views, y: LoRA | Views, x_sq: float, y_sq: float) -> float:
+    """||dW_x - dW_y||^2 of two LoRAs with known ||dW||^2: from float32 Grams (`inner32`), in float64 from the
+    factors where those would cancel (below CANCELLATION of the norms: near copies)."""
+    d2 = x_sq + y_sq - 2.0 * inner32(x, y)
+    if d2 < CANCELLATION * (x_sq + y_sq):
+        return distance(Factors.of(x, x_sq), Factors.of(y, y_sq)) ** 2
+    return d2
+
+
+def sq_distances(x: LoRA | Views, ys: list[LoRA | Views], x_sq: float, y_sqs: list[float]) -> np.ndarray:
+    """`sq_distance(x, y)` for every y (shapes must agree: `shapes_agree`), the Grams side by side
+    (`inner32_many`)."""
+    d2 = x_sq + np.asarray(y_sqs, dtype=np.float64) - 2.0 * inner32_many(x, ys)
+    for j in np.flatnonzero(d2 < CANCELLATION * (x_sq + np.asarray(y_sqs))):
+        d2[j] = distance(Factors.of(x, x_sq), Factors.of(ys[j], y_sqs[j])) ** 2
+    return d2
+
+
+def search_distance(metric: str, x: LoRA | Views, y: LoRA | Views, x_sq: float, y_sq: float) -> float:
+    """`metric` between two LoRAs with known ||dW||^2."""
+    return metric_from_sq_distance(metric, sq_distance(x, y, x_sq, y_sq), x_sq, y_sq)
 
 
 @lru_cache(maxsize=8192)
