@@ -121,18 +121,19 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
     if args.angles:
         save_components(args, "ooc" if out_of_core else "ours", sub.components)
     # time per pass against the matmul floor of that pass: its flops at the rate a gemm of the same
-    # shape reaches here (measured now, on one block)
+    # shape reaches here (measured now, on one block); the floor counts every product of the pass, the
+    # data's (the Gram product) and the basis's (orthogonalization against K), and is printed beside the
+    # data's alone
     l = sub.config["block"]
-    rate = gemm_rate(dim, l, args.device)
+    rate, rate64 = gemm_rate(dim, l, args.device), dgemm_rate()
     ends = [m[1] for m in marks[1:]] + [t + dt]
     passes = []
-    m = sub.config["depth"] * l
     for (msg, start), end in zip(marks, ends, strict=True):
-        flops = (2 if msg.startswith("pass 1") else 4) * n * dim * l
-        if not msg.startswith("pass"):  # the final step: its matmul part is V = K Q (the eigenproblem is not)
-            msg, flops = "final step (Rayleigh-Ritz, V = K Q)", 2 * dim * m * sub.k
-        passes.append({"pass": msg.split(":")[0], "seconds": round(end - start, 2),
-                       "floor_seconds": round(flops / rate, 2)})  # fmt: skip
+        data, basis = pass_flops(msg, n, dim, l, sub.config["depth"], sub.k)
+        rate_here = rate64 if msg.startswith("Rayleigh") else rate
+        passes.append({"pass": msg.split(":")[0].split(" on the")[0], "seconds": round(end - start, 2),
+                       "floor_seconds": round((data + basis) / rate_here, 2),
+                       "data_floor_seconds": round(data / rate_here, 2)})  # fmt: skip
     predicted = float(plan.split("estimated peak ")[1].split(" GB")[0]) * 1e3  # MB
     return {
         "seconds": dt,
@@ -145,6 +146,31 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
         "fit_peak_rss_mb": fit_peak,
         **gpu,
     }
+
+
+def pass_flops(msg: str, n: int, D: int, l: int, depth: int, k: int) -> tuple[float, float]:
+    """(flops of the products with the data, flops of the other products) of the fit's step named by its
+    progress message (w2w.subspace.fit's order of operations)."""
+    m = depth * l
+    if msg.startswith("pass 1"):  # the sketch Omega^T W, then _orth of the start block (2 rounds, 4 D l^2)
+        return 2 * n * D * l, 8 * D * l * l
+    if msg.startswith("pass"):  # P = Z^T Z G; K^T P and G^T G; unless last: 2 x (K^T R, K C) and _orth
+        i = int(msg.split("block ")[1].split("/")[0])
+        used = i * l
+        basis = 2 * D * used * l + 2 * D * l * l + (6 * D * used * l + 8 * D * l * l if i < depth else 0)
+        return 4 * n * D * l, basis
+    if msg.startswith("Rayleigh"):  # float64: Cholesky, two triangular solves, dsyevr, Q = R^-1 X
+        return 0, m**3 / 3 + 2 * m**3 + 4 * m**3 / 3 + 3 * m * m * k
+    return 0, 2 * D * m * k  # the components V = K Q
+
+
+def dgemm_rate(size: int = 2048) -> float:
+    """flop/s of a float64 gemm of size x size here (the rate the final step's eigenproblem cannot pass)."""
+    A = np.random.default_rng(0).standard_normal((size, size))
+    A @ A
+    t0 = time.perf_counter()
+    A @ A
+    return 2 * size**3 / (time.perf_counter() - t0)
 
 
 def gemm_rate(dim: int, l: int, device: str | None) -> float:
@@ -339,8 +365,16 @@ def main() -> None:
                 results[name][f"angles_top{upto}"] = {"mean_cos2": float((c**2).mean()), "min_cos": float(c.min())}
                 print(f"  {name:<5} top {upto:>5}: {(c**2).mean():.8f}  {c.min():.6f}")
     for name in ("ours", "ooc"):
-        for p in results.get(name, {}).get("passes", []):
-            print(f"  {name} {p['pass']}: {p['seconds']:.1f} s (matmul floor {p['floor_seconds']:.1f} s)")
+        r = results.get(name, {})
+        if r.get("passes"):
+            print(f"  {name}: step, seconds, matmul floor (all its products; the data's alone), ratio to the floor")
+        for p in r.get("passes", []):
+            print(f"  {name} {p['pass']:<22} {p['seconds']:7.1f} s  floor {p['floor_seconds']:7.1f} s "
+                  f"({p['data_floor_seconds']:.1f})  {p['seconds'] / max(p['floor_seconds'], 1e-9):5.2f}x")  # fmt: skip
+        if r.get("passes"):
+            floor = sum(p["floor_seconds"] for p in r["passes"])
+            ratio = r["seconds"] / floor
+            print(f"  {name} total {r['seconds']:.1f} s = {ratio:.2f}x the sum of the floors ({floor:.1f} s)")
     if "ours" in results and "torch" in results:
         speed = results["torch"]["seconds"] / results["ours"]["seconds"]
         mem = results["ours"]["peak_rss_mb"] / results["torch"]["peak_rss_mb"]

@@ -24,7 +24,7 @@ import numpy as np
 from bench_fit import FileSource, data_path, make_data
 
 from w2w.krylov_basis import KrylovBasis
-from w2w.subspace import _standardize_block, block_gram, map_in_process, sum_blocks
+from w2w.subspace import _standardize_block, block_gram, default_block, map_in_process, sum_blocks
 
 
 def best_of(fn, reps: int = 3) -> float:
@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     n, D, b = args.n, args.dim, args.rows
-    l = -(-args.k // 5) + 16  # the fit's default block
+    l = default_block(args.k, 16)  # the fit's default block
     path = data_path(args.out, n, D)
     make_data(path, n, D)
     source = FileSource(path, n, D, b)

@@ -172,20 +172,62 @@ def _standardize_block(W: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.n
 
 
 def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
+    """(Z_b^T Z_b G)^T (l, D) of one block: the per-block term of a Gram pass run by a distributed mapper."""
     Z = _standardize_block(W, mean, std)  # (b, D)
     Y = Z @ G  # (b, l)
     # (Z^T Y)^T as Y^T Z: OpenBLAS ran this layout ~1.2x faster than Z.T @ Y at b = 384, D = 99,648, l = 216
     return np.ascontiguousarray(Y.T) @ Z  # (l, D)
 
 
+def gram_in_place(
+    source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray
+) -> np.ndarray:
+    """Z^T Z G (D, l) float32 in this process, with two fewer passes over each block than block_gram.
+
+    Z_b = C_b S^-1 with C_b = W_b - 1 mean^T, so Z^T Z G = S^-1 sum_b C_b^T (C_b (S^-1 G)): the scaling
+    moves onto the D x l operands (once per pass, not once per block), a block is only centered, in place,
+    and every block's product is added into one Fortran-ordered (D, l) sum by BLAS itself (sgemm with
+    beta = 1) instead of being made as a new (l, D) array and then added.
+    """
+    from scipy.linalg.blas import sgemm
+
+    Gs = np.ascontiguousarray(G / std[:, None], dtype=np.float32)  # (D, l) S^-1 G
+    P = np.zeros((G.shape[0], G.shape[1]), dtype=np.float32, order="F")  # (D, l)
+
+    def add_block(spec: Any, W: np.ndarray) -> None:
+        C = W if _scratch(W) else W.copy()  # (b, D)
+        C -= mean
+        Y = np.asfortranarray(C @ Gs)  # (b, l)
+        # C.T is a Fortran-ordered view (D, b) of the C-ordered block: BLAS reads it without a copy
+        sgemm(1.0, C.T, Y, beta=1.0, c=P, overwrite_c=1)  # P += C^T Y in place
+
+    for _ in map_in_process(add_block, source, specs):
+        pass
+    P /= std[:, None]
+    return np.ascontiguousarray(P)
+
+
 # --- the subspace -----------------------------------------------------------------------------------
+
+
+# The default Krylov shape: DEPTH blocks of k / SPLIT + oversample columns, a space of ~1.7 k dimensions.
+# The tail of the top k converges with the space's dimension m, not with the number of blocks (README, "The
+# w2w space": bench/sweep_fit_accuracy.py at N = 4,096, a slowly decaying spectrum): 7 blocks of k/5
+# (m = 1.5 k, 8 passes) left it less accurate than torch.svd_lowrank(q = k + 24, niter = 2); 5 blocks of
+# k/3 (6 passes, the same as torch's, and ~0.6x its product flops) are the fewest passes that beat it.
+DEPTH, SPLIT = 5, 3
+
+
+def default_block(k: int, oversample: int) -> int:
+    """The default Krylov block size l for k components."""
+    return -(-k // SPLIT) + oversample
 
 
 @dataclass
 class FitConfig:
     components: int = 1000
-    block: int | None = None  # Krylov block size l; default ceil(k / 5) + oversample
-    depth: int = 7  # Krylov blocks = Gram passes (bench/bench_fit.py measures the trade-off)
+    block: int | None = None  # Krylov block size l; default ceil(k / SPLIT) + oversample
+    depth: int = DEPTH  # Krylov blocks = Gram passes (bench/sweep_fit_accuracy.py measures the trade-off)
     oversample: int = 16
     seed: int = 0
     max_memory_gb: float | None = None  # a budget for the fit's peak RSS: above it the basis goes to disk
@@ -298,6 +340,15 @@ def _orth(A: np.ndarray, rtol: float = 1e-5) -> np.ndarray:
     return Q
 
 
+def _gram64(G: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """G^T G (b, b) float64 for G (D, b) float32: float32 products of row chunks, summed in float64."""
+    out = np.zeros((G.shape[1], G.shape[1]))
+    for lo in range(0, G.shape[0], rows):
+        c = G[lo : lo + rows]
+        out += c.T @ c
+    return out
+
+
 def fit(
     source: BlockSource,
     config: FitConfig | None = None,
@@ -322,16 +373,12 @@ def fit(
     say = progress or (lambda _: None)
 
     depth = max(1, cfg.depth)
-    if n <= k + 32 or n <= depth * (cfg.block or -(-k // 5) + cfg.oversample):
+    if n <= k + 32 or n <= depth * (cfg.block or default_block(k, cfg.oversample)):
         # small data: one block as large as the data's rank spans the whole row space, so the fit is exact
         # (and a Krylov space larger than the data would only add rounding noise)
         depth, l = 1, n
     else:
-        # Seven blocks of k/5: a Krylov space of ~1.4 k dimensions for 30 l = ~6 k flops per row and column,
-        # against 12 q (q ~ k) for torch.svd_lowrank(niter=2), at better accuracy. Measured at N = 8,192,
-        # k = 1,000 (bench/bench_fit.py): 5 blocks of k/3 took 57.6 s, 6 of k/4 54.3 s, 7 of k/5 50.1 s,
-        # 8 of k/6 52.9 s, all within ~1e-8 of the exact singular values.
-        l = cfg.block or -(-k // 5) + cfg.oversample
+        l = cfg.block or default_block(k, cfg.oversample)
     l = max(1, min(l, D, n))
     rows = max((spec[-1] - spec[-2] for spec in specs), default=1)
     import scipy.linalg  # noqa: F401 (the final step's; imported before the plan so that it counts in its base)
@@ -371,7 +418,11 @@ def fit(
             say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})")
             P = gram(source, specs, mean, std, G)  # (D, b) = Z^T Z G
             K.append(G)
-            KtG, KtP = K.tdot(G, P)  # (used, b) each: S's and M's block columns
+            (KtP,) = K.tdot(P)  # (used, b): M's block column
+            # S's: above its diagonal block K^T G is rounding (G was orthogonalized twice against K and
+            # K^T G ~ eps |R| / |R| = float32's eps), so only G^T G is computed: 2 D l^2 flops, not 2 D used l
+            KtG = np.zeros_like(KtP)
+            KtG[-G.shape[1] :] = _gram64(G)
             cols.append((KtP, KtG))
             if i + 1 == depth:
                 break
@@ -393,6 +444,7 @@ def fit(
         signs = np.sign(K.colsum @ Q)
         signs[signs == 0] = 1
         Q *= signs
+        say(f"components: V = K Q ({D:,} x {Q.shape[1]:,})")
         V = _components(K, Q, plan.out_of_core, workdir)
         del Q
     s = np.sqrt(np.maximum(theta, 0.0))
@@ -442,6 +494,8 @@ def gram_pass(device: str | None, map_blocks: MapBlocks) -> Callable[..., np.nda
 
         resolve_device(device)  # a device this machine lacks fails now, not after the first pass
         return lambda source, specs, mean, std, G: torch_gram_pass(source, specs, mean, std, G, device)
+    if map_blocks is map_in_process:
+        return gram_in_place
     return lambda source, specs, mean, std, G: np.ascontiguousarray(
         sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T
     )
