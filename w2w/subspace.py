@@ -180,18 +180,23 @@ def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: n
 
 
 def gram_in_place(
-    source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray
+    source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray, scratch: bool = False
 ) -> np.ndarray:
     """Z^T Z G (D, l) float32 in this process, with two fewer passes over each block than block_gram.
 
     Z_b = C_b S^-1 with C_b = W_b - 1 mean^T, so Z^T Z G = S^-1 sum_b C_b^T (C_b (S^-1 G)): the scaling
     moves onto the D x l operands (once per pass, not once per block), a block is only centered, in place,
     and every block's product is added into one Fortran-ordered (D, l) sum by BLAS itself (sgemm with
-    beta = 1) instead of being made as a new (l, D) array and then added.
+    beta = 1) instead of being made as a new (l, D) array and then added. With `scratch` G (C-ordered
+    float32) is scaled in its own buffer (the caller has no further use for it).
     """
     from scipy.linalg.blas import sgemm
 
-    Gs = np.ascontiguousarray(G / std[:, None], dtype=np.float32)  # (D, l) S^-1 G
+    if scratch and G.flags.c_contiguous and G.dtype == np.float32:
+        Gs = G
+        Gs /= std[:, None]  # (D, l) S^-1 G
+    else:
+        Gs = np.ascontiguousarray(G / std[:, None], dtype=np.float32)
     P = np.zeros((G.shape[0], G.shape[1]), dtype=np.float32, order="F")  # (D, l)
 
     def add_block(spec: Any, W: np.ndarray) -> None:
@@ -327,6 +332,7 @@ class Subspace:
 
 def _orth(A: np.ndarray, rtol: float = 1e-5) -> np.ndarray:
     """An orthonormal basis of A's columns (D, l) -> (D, l'), dropping directions A does not really span.
+    A (C-ordered) is overwritten: its buffer is the result unless a direction is dropped.
 
     Through the l x l Gram matrix, twice ("twice is enough"): LAPACK's QR of a tall float32 matrix is
     ~50x slower here than the Gram product, and this also handles rank deficiency.
@@ -336,7 +342,17 @@ def _orth(A: np.ndarray, rtol: float = 1e-5) -> np.ndarray:
         G = Q.T.astype(np.float64) @ Q.astype(np.float64) if Q.shape[1] <= 64 else (Q.T @ Q).astype(np.float64)
         evals, evecs = np.linalg.eigh(G)
         keep = evals > (rtol**2) * max(evals.max(initial=0.0), 1e-300)
-        Q = Q @ (evecs[:, keep] / np.sqrt(evals[keep])).astype(np.float32)
+        Q = _right_multiply(Q, (evecs[:, keep] / np.sqrt(evals[keep])).astype(np.float32))
+    return Q
+
+
+def _right_multiply(Q: np.ndarray, T: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """Q @ T for Q (D, l) C-ordered and T (l, l'): in Q's buffer, a row chunk at a time, when l' = l (no
+    second D x l array: at k = 10,000 one is 1.3 GB), else as a new array."""
+    if T.shape[1] != Q.shape[1] or not Q.flags.c_contiguous:
+        return Q @ T
+    for lo in range(0, Q.shape[0], rows):
+        Q[lo : lo + rows] = Q[lo : lo + rows] @ T
     return Q
 
 
@@ -416,14 +432,15 @@ def fit(
         cols: list[tuple[np.ndarray, np.ndarray]] = []
         for i in range(depth):
             say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})")
-            P = gram(source, specs, mean, std, G)  # (D, b) = Z^T Z G
             K.append(G)
+            # S = K^T K's block column: above its diagonal block K^T G is rounding (G was orthogonalized
+            # twice against K: K^T G ~ float32's eps), so only G^T G is computed, 2 D l^2 flops, not 2 D used l
+            GtG = _gram64(G)
+            # G is needed no more once K holds it (on disk: a copy), so the pass may scale it in place
+            P = gram(source, specs, mean, std, G, plan.out_of_core)  # (D, b) = Z^T Z G
+            del G
             (KtP,) = K.tdot(P)  # (used, b): M's block column
-            # S's: above its diagonal block K^T G is rounding (G was orthogonalized twice against K and
-            # K^T G ~ eps |R| / |R| = float32's eps), so only G^T G is computed: 2 D l^2 flops, not 2 D used l
-            KtG = np.zeros_like(KtP)
-            KtG[-G.shape[1] :] = _gram64(G)
-            cols.append((KtP, KtG))
+            cols.append((KtP, GtG))
             if i + 1 == depth:
                 break
             scale = np.linalg.norm(P, axis=0).max(initial=0.0)
@@ -431,14 +448,15 @@ def fit(
             K.subtract(R, KtP)
             K.subtract(R, K.tdot(R)[0])  # twice is enough (Kahan/Parlett) to keep K orthonormal in float32
             R[:, np.linalg.norm(R, axis=0) <= 1e-5 * max(scale, 1e-30)] = 0.0  # what K already spans
-            del P, G
-            G = np.ascontiguousarray(_orth(R))
+            del P
+            G = np.ascontiguousarray(_orth(R))  # in R's buffer
             del R
             if G.shape[1] == 0:
                 break  # the Krylov space is invariant: it already holds the whole row space
         P = G = None  # noqa: F841 (dropped before the m x m matrices are made)
         say(f"Rayleigh-Ritz on the {K.used}-dimensional Krylov space")
-        theta, Q, method = ritz(_assemble(cols, K.used), k)  # (k,), (used, k)
+        blocks = [c[1] for c in cols]
+        theta, Q, method = ritz(_assemble(cols, K.used), blocks, k)  # (k,), (used, k)
         # each component's entries sum to a positive number, so refits of the same data agree in sign
         # (1^T V = (1^T K) Q: the signs are known before V is made)
         signs = np.sign(K.colsum @ Q)
@@ -453,23 +471,17 @@ def fit(
     return Subspace(mean, std, V, s, total_variance, n, list(model_ids or []), config)
 
 
-def _assemble(cols: list[tuple[np.ndarray, np.ndarray]], m: int) -> list[np.ndarray]:
-    """[M, S] (m, m) float64 with their upper block triangles filled from the block columns (emptied as they
-    are copied, so the columns and the full matrices are not all alive at once)."""
-    out = []
-    for j in range(2):
-        A = np.zeros((m, m), dtype=np.float64)
-        at = 0
-        for col in cols:
-            c = col[j]
-            A[: c.shape[0], at : at + c.shape[1]] = c
-            at += c.shape[1]
+def _assemble(cols: list[tuple[np.ndarray, np.ndarray]], m: int) -> np.ndarray:
+    """M (m, m) float64 with its upper block triangle filled from the block columns, each column dropped
+    as it is copied (np.zeros' pages are resident only once written: the columns and M are not all alive)."""
+    M = np.zeros((m, m), dtype=np.float64)
+    at = 0
+    while cols:
+        c = cols.pop(0)[0]
+        M[: c.shape[0], at : at + c.shape[1]] = c
+        at += c.shape[1]
         del c
-        out.append(A)
-        if j == 0:
-            cols[:] = [(None, c[1]) for c in cols]
-    cols.clear()
-    return out
+    return M
 
 
 def _components(K: KrylovBasis, Q: np.ndarray, on_disk: bool, workdir: str) -> np.ndarray:
@@ -488,15 +500,15 @@ def _components(K: KrylovBasis, Q: np.ndarray, on_disk: bool, workdir: str) -> n
 
 def gram_pass(device: str | None, map_blocks: MapBlocks) -> Callable[..., np.ndarray]:
     """The Gram pass, P = Z^T Z G (D, l) float32: numpy over `map_blocks` (in process or Dask), or torch on
-    a device."""
+    a device. Called as gram(source, specs, mean, std, G, scratch): with scratch the pass may change G."""
     if device is not None:
         from w2w.device_pass import resolve_device, torch_gram_pass
 
         resolve_device(device)  # a device this machine lacks fails now, not after the first pass
-        return lambda source, specs, mean, std, G: torch_gram_pass(source, specs, mean, std, G, device)
+        return lambda source, specs, mean, std, G, _: torch_gram_pass(source, specs, mean, std, G, device)
     if map_blocks is map_in_process:
         return gram_in_place
-    return lambda source, specs, mean, std, G: np.ascontiguousarray(
+    return lambda source, specs, mean, std, G, _: np.ascontiguousarray(
         sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T
     )
 
