@@ -45,14 +45,15 @@ class Clock:
         return out
 
 
-def best_of(fn, reps: int = 3) -> float:
-    """The fastest of `reps` runs of fn() (the floor: what the machine does when nothing gets in the way)."""
+def best_of(fn, reps: int = 3) -> np.ndarray:
+    """(wall, CPU) seconds, each the least of `reps` runs of fn() (the floor: what the machine does when
+    nothing gets in the way)."""
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        clock = Clock()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        times.append(clock.tick())
+    return np.min(np.array(times), axis=0)
 
 
 def main() -> None:
@@ -81,7 +82,7 @@ def main() -> None:
     P = np.zeros((D, l), dtype=np.float32, order="F")
     buf, other = np.empty((b, D), dtype=np.float32), np.empty((b, D), dtype=np.float32)
     names = ("read", "center", "C Gs", "P += C^T Y")
-    wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    spent = {name: np.zeros(2) for name in names}  # (wall, CPU) seconds
     for spec in specs:
         W = buf[: spec[1] - spec[0]]
         clock = Clock()
@@ -93,9 +94,8 @@ def main() -> None:
         steps.append(clock.tick())
         sgemm(1.0, W.T, Y, beta=1.0, c=P, overwrite_c=1)
         steps.append(clock.tick())
-        for name, (dw, dc) in zip(names, steps, strict=True):
-            wall[name] += dw
-            cpu[name] += dc
+        for name, step in zip(names, steps, strict=True):
+            spent[name] += step
 
     # floors, on one full block in cache, scaled by the number of rows
     scale = n / b
@@ -126,21 +126,19 @@ def main() -> None:
         orth = clock.tick()
         used = K.used
     Kc = rng.standard_normal((min(4096, D), used)).astype(np.float32)
-    rate = 2 * Kc.shape[0] * used * l / best_of(lambda: Kc.T @ P[: Kc.shape[0]])
-    orth_floor = (4 * 2 * D * used * l + 8 * D * l * l) / rate  # K^T P, K C, K^T R, K C; _orth's 4 D l^2 twice
+    per_flop = best_of(lambda: Kc.T @ P[: Kc.shape[0]]) / (2 * Kc.shape[0] * used * l)
+    orth_floor = (4 * 2 * D * used * l + 8 * D * l * l) * per_flop  # K^T P, K C, K^T R, K C; _orth's 4 D l^2 x 2
 
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
     print(f"\nGram pass of the fit, N = {n:,}, D = {D:,}, l = {l}, {b}-row blocks, BLAS threads {threads} "
           f"(floors measured in this run; load {os.getloadavg()[0]:.1f})")  # fmt: skip
-    print(f"{'part':<34} {'wall s':>8} {'cpu s':>8} {'floor s':>8} {'wall/floor':>10}")
-    for name in names:
-        print(
-            f"{name:<34} {wall[name]:>8.2f} {cpu[name]:>8.2f} {floors[name]:>8.2f} {wall[name] / floors[name]:>10.2f}"
-        )
-    print(f"{'pass as fit runs it (prefetch)':<34} {whole[0]:>8.2f} {whole[1]:>8.2f} {product_floor:>8.2f} "
-          f"{whole[0] / product_floor:>10.2f}")  # fmt: skip
-    print(f"{f'orthogonalize vs {used} columns':<34} {orth[0]:>8.2f} {orth[1]:>8.2f} {orth_floor:>8.2f} "
-          f"{orth[0] / orth_floor:>10.2f}")  # fmt: skip
+    print(f"{'part':<34} {'wall s':>7} {'floor':>6} {'ratio':>6}   {'cpu s':>7} {'floor':>6} {'ratio':>6}")
+    rows = [*((name, spent[name], floors[name]) for name in names),
+            ("pass as fit runs it (prefetch)", np.array(whole), product_floor),
+            (f"orthogonalize vs {used} columns", np.array(orth), orth_floor)]  # fmt: skip
+    for name, t, f in rows:
+        r = t / f
+        print(f"{name:<34} {t[0]:>7.2f} {f[0]:>6.2f} {r[0]:>6.2f}   {t[1]:>7.2f} {f[1]:>6.2f} {r[1]:>6.2f}")
     print("(read and center: floor = a memory copy of the same bytes; products: the same gemm in cache)")
 
 
