@@ -8,6 +8,7 @@ import pytest
 
 from w2w.subspace import (
     DEPTH,
+    EXACT_ROWS,
     ArraySource,
     FitConfig,
     block_gram,
@@ -77,3 +78,19 @@ def test_default_krylov_fit_is_accurate_and_orthonormal():
     # not rounding, V = K Q would not come out orthonormal. A float32 basis of D = 800 rows: ~sqrt(D) u = 2e-6
     V = np.asarray(sub.components, dtype=np.float64)
     np.testing.assert_allclose(V.T @ V, np.eye(20), atol=1e-5)
+
+
+def test_a_krylov_space_as_large_as_many_rows_takes_fewer_blocks_not_the_exact_path():
+    """N = 600 rows (above EXACT_ROWS), k = 380: 5 default blocks of 143 would pass N, and the exact path
+    would hold D x N arrays; 4 blocks (m = 572) make a space just under the data's rank instead."""
+    rng = np.random.default_rng(11)
+    X = ((rng.standard_normal((600, 600)) * np.logspace(0, -2, 600)) @ rng.standard_normal((600, 800))).astype(
+        np.float32
+    )
+    sub = fit(ArraySource(X, 128), FitConfig(components=380))
+    assert EXACT_ROWS < 600 and (sub.config["block"], sub.config["depth"]) == (default_block(380, 16), 4)
+    Z = (X - X.mean(0)) / X.std(0, ddof=1)
+    s = np.linalg.svd(Z.astype(np.float64), compute_uv=False)
+    # a 572-dimensional Krylov space of a rank-599 matrix whose spectrum falls 100x: the top half of the k
+    # Ritz values converge to float32's floor (~1e-5, the exact path's own error in the sweep); 1e-3 is room
+    np.testing.assert_allclose(sub.singular_values[:190], s[:190], rtol=1e-3)

@@ -224,6 +224,11 @@ def gram_in_place(
 DEPTH, SPLIT = 5, 3
 
 
+# Above this many rows the exact path (one D x N block) is not taken for a Krylov space as large as the
+# data: fewer blocks are (its D x N arrays are 0.2 GB each at D = 99,648 here, 6.5 GB at N = 16,384).
+EXACT_ROWS = 512
+
+
 def default_block(k: int, oversample: int) -> int:
     """The default Krylov block size l for k components."""
     return -(-k // SPLIT) + oversample
@@ -390,12 +395,15 @@ def fit(
     say = progress or (lambda _: None)
 
     depth = max(1, cfg.depth)
-    if n <= k + 32 or n <= depth * (cfg.block or default_block(k, cfg.oversample)):
+    l = cfg.block or default_block(k, cfg.oversample)
+    if n > EXACT_ROWS and n > k + 32 and depth * l >= n and l < n / 2:
+        # a Krylov space as large as the data, of many rows (N = 16,384 at k = 10,000): the exact path's
+        # D x N blocks would not fit in memory, so fewer blocks make a space just under the data's rank
+        depth = (n - 1) // l
+    if n <= k + 32 or n <= depth * l:
         # small data: one block as large as the data's rank spans the whole row space, so the fit is exact
         # (and a Krylov space larger than the data would only add rounding noise)
         depth, l = 1, n
-    else:
-        l = cfg.block or default_block(k, cfg.oversample)
     l = max(1, min(l, D, n))
     rows = max((spec[-1] - spec[-2] for spec in specs), default=1)
     import scipy.linalg  # noqa: F401 (the final step's; imported before the plan so that it counts in its base)
