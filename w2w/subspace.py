@@ -201,11 +201,14 @@ def gram_in_place(
     P = np.zeros((G.shape[0], G.shape[1]), dtype=np.float32, order="F")  # (D, l)
 
     def add_block(spec: Any, W: np.ndarray) -> None:
+        nonlocal P
         C = W if _scratch(W) else W.copy()  # (b, D)
         C -= mean
         Y = np.asfortranarray(C @ Gs)  # (b, l)
-        # C.T is a Fortran-ordered view (D, b) of the C-ordered block: BLAS reads it without a copy
-        sgemm(1.0, C.T, Y, beta=1.0, c=P, overwrite_c=1)  # P += C^T Y in place
+        # C.T is a Fortran-ordered view (D, b) of the C-ordered block: BLAS reads it without a copy.
+        # P += C^T Y in P's buffer (P is Fortran-ordered float32, so f2py passes it as it is; were it
+        # ever copied, the sum returned would still be right)
+        P = sgemm(1.0, C.T, Y, beta=1.0, c=P, overwrite_c=1)
 
     for _ in map_in_process(add_block, source, specs):
         pass
