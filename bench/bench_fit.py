@@ -166,8 +166,8 @@ def pass_flops(msg: str, n: int, D: int, l: int, depth: int, k: int) -> tuple[fl
         used = i * l
         basis = 2 * D * used * l + 2 * D * l * l + (6 * D * used * l + 8 * D * l * l if i < depth else 0)
         return 4 * n * D * l, basis
-    if msg.startswith("Rayleigh"):  # float64: Cholesky, two triangular solves, dsyevr, Q = R^-1 X
-        return 0, m**3 / 3 + 2 * m**3 + 4 * m**3 / 3 + 3 * m * m * k
+    if msg.startswith("Rayleigh"):  # float64: W^T M W by blocks, dsyevr (tridiagonalization, back-transform)
+        return 0, 4 * l * m * m + 4 * m**3 / 3 + 2 * m * m * k
     return 0, 2 * D * m * k  # the components V = K Q
 
 
