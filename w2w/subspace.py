@@ -223,7 +223,8 @@ def gram_in_place(
 # The tail of the top k converges with the space's dimension m, not with the number of blocks (README, "The
 # w2w space": bench/sweep_fit_accuracy.py at N = 4,096, a slowly decaying spectrum): 7 blocks of k/5
 # (m = 1.5 k, 8 passes) left it less accurate than torch.svd_lowrank(q = k + 24, niter = 2); 5 blocks of
-# k/3 (6 passes, the same as torch's, and ~0.6x its product flops) are the fewest passes that beat it.
+# k/3 (6 passes, the same as torch's, and ~0.6x its product flops) beat it. 4 blocks of k/2 (5 passes)
+# do too, for 1.2x the flops, and at k = 10,000 their 5,016-column blocks would not fit in 8 GB.
 DEPTH, SPLIT = 5, 3
 
 
