@@ -94,3 +94,13 @@ def test_a_krylov_space_as_large_as_many_rows_takes_fewer_blocks_not_the_exact_p
     # a 572-dimensional Krylov space of a rank-599 matrix whose spectrum falls 100x: the top half of the k
     # Ritz values converge to float32's floor (~1e-5, the exact path's own error in the sweep); 1e-3 is room
     np.testing.assert_allclose(sub.singular_values[:190], s[:190], rtol=1e-3)
+
+
+def test_the_papers_fit_with_the_default_shape_plans_under_8_gb_on_disk():
+    """k = 10,000 at N = 64,974, D = 99,648 (bench_fit's part-2 run): the default shape's plan, with the
+    measured allocator slack, stays under its 8 GB target with the basis on disk, and not in RAM."""
+    from w2w.fit_plan import GB, FitPlan, choose
+
+    plan = choose(FitPlan(64974, 99648, 10000, default_block(10000, 16), DEPTH, 384, base=int(0.35 * GB)), None, 8.0)
+    assert plan.out_of_core and plan.m == 16750
+    assert plan.guarded() < 8 * GB < plan.guarded(False)
