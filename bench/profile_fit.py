@@ -1,40 +1,59 @@
 """Where a Gram pass of the fit spends its time: each part against its floor, measured in the same run.
 
     python bench/profile_fit.py [--n 8192] [--dim 99648] [--k 1000] [--used 4] [--out bench/out]
+    OPENBLAS_NUM_THREADS=1 python bench/profile_fit.py ...   # CPU-time shares on a shared machine
 
-On the data file bench_fit.py makes (made here if missing), one Gram pass (P = Z^T Z G) is run part by
-part, serially, block after block:
+On the data file bench_fit.py makes (made here if missing), one Gram pass (P = Z^T Z G, as
+w2w.subspace.gram_in_place runs it) is run part by part, serially, block after block:
   read         FileSource.load_into (pread into a reused buffer)   floor: np.copyto of as many bytes
-  standardize  (W - mean) / std in place                          floor: np.copyto of as many bytes
-  Z G          the (b, D) x (D, l) product                          floor: the same gemm on data in cache
-  Y^T Z        the (l, b) x (b, D) product                          floor: the same gemm on data in cache
+  center       W - mean in place                                    floor: np.copyto of as many bytes
+  C Gs         the (b, D) x (D, l) product (Gs = G / std)           floor: the same gemm on data in cache
+  P += C^T Y   the (D, b) x (b, l) product added in place (sgemm)   floor: the same gemm on data in cache
 then the pass as fit runs it (map_in_process: the next block read on a thread), against the sum of the
 product floors; and one orthogonalization of a block against a basis of `--used` blocks (K^T P, K C twice,
-as fit does), against the floor of its flops at the gemm rate of that shape. Timings on a loaded machine
-are noise: run it idle. It prints figures, it makes no claim.
+_orth, as fit does), against the floor of its flops at the gemm rate of that shape. Each part is timed in
+wall-clock seconds and in this process's CPU seconds (all its threads): on a loaded machine the wall
+clock is noise, and with one BLAS thread (OPENBLAS_NUM_THREADS=1) the CPU seconds are each part's own
+work, whatever else runs. It prints figures, it makes no claim.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 from bench_fit import FileSource, data_path, make_data
+from scipy.linalg.blas import sgemm
 
 from w2w.krylov_basis import KrylovBasis
-from w2w.subspace import _standardize_block, block_gram, map_in_process, sum_blocks
+from w2w.subspace import _orth, default_block, gram_in_place
 
 
-def best_of(fn, reps: int = 3) -> float:
-    """The fastest of `reps` runs of fn() (the floor: what the machine does when nothing gets in the way)."""
+class Clock:
+    """Wall and CPU seconds since the last tick."""
+
+    def __init__(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+
+    def tick(self) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        out = (t - self.t, c - self.c)
+        self.t, self.c = t, c
+        return out
+
+
+def best_of(fn, reps: int = 3) -> np.ndarray:
+    """(wall, CPU) seconds, each the least of `reps` runs of fn() (the floor: what the machine does when
+    nothing gets in the way)."""
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        clock = Clock()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        times.append(clock.tick())
+    return np.min(np.array(times), axis=0)
 
 
 def main() -> None:
@@ -48,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     n, D, b = args.n, args.dim, args.rows
-    l = -(-args.k // 5) + 16  # the fit's default block
+    l = default_block(args.k, 16)  # the fit's default block
     path = data_path(args.out, n, D)
     make_data(path, n, D)
     source = FileSource(path, n, D, b)
@@ -59,61 +78,68 @@ def main() -> None:
     G = np.linalg.qr(rng.standard_normal((D, l)).astype(np.float32))[0]
 
     # the parts, serially over every block
+    Gs = np.ascontiguousarray(G / std[:, None])
+    P = np.zeros((D, l), dtype=np.float32, order="F")
     buf, other = np.empty((b, D), dtype=np.float32), np.empty((b, D), dtype=np.float32)
-    parts = {"read": 0.0, "standardize": 0.0, "Z G": 0.0, "Y^T Z": 0.0}
+    names = ("read", "center", "C Gs", "P += C^T Y")
+    spent = {name: np.zeros(2) for name in names}  # (wall, CPU) seconds
     for spec in specs:
         W = buf[: spec[1] - spec[0]]
-        t0 = time.perf_counter()
+        clock = Clock()
         source.load_into(spec, W)
-        t1 = time.perf_counter()
-        Z = _standardize_block(W, mean, std)
-        t2 = time.perf_counter()
-        Y = Z @ G
-        t3 = time.perf_counter()
-        np.ascontiguousarray(Y.T) @ Z
-        t4 = time.perf_counter()
-        for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-            parts[name] += dt
+        steps = [clock.tick()]
+        W -= mean
+        steps.append(clock.tick())
+        Y = np.asfortranarray(W @ Gs)
+        steps.append(clock.tick())
+        sgemm(1.0, W.T, Y, beta=1.0, c=P, overwrite_c=1)
+        steps.append(clock.tick())
+        for name, step in zip(names, steps, strict=True):
+            spent[name] += step
 
     # floors, on one full block in cache, scaled by the number of rows
     scale = n / b
     W = rng.standard_normal((b, D), dtype=np.float32)
-    Y = W @ G
-    Yt = np.ascontiguousarray(Y.T)
+    Y = np.asfortranarray(W @ Gs)
     floors = {
         "read": best_of(lambda: np.copyto(other, W)) * scale,
-        "standardize": best_of(lambda: np.copyto(other, W)) * scale,
-        "Z G": best_of(lambda: W @ G) * scale,
-        "Y^T Z": best_of(lambda: Yt @ W) * scale,
+        "center": best_of(lambda: np.copyto(other, W)) * scale,
+        "C Gs": best_of(lambda: W @ Gs) * scale,
+        "P += C^T Y": best_of(lambda: sgemm(1.0, W.T, Y, beta=1.0, c=P, overwrite_c=1)) * scale,
     }
+    product_floor = floors["C Gs"] + floors["P += C^T Y"]
 
-    t = time.perf_counter()
-    sum_blocks(map_in_process(block_gram, source, specs, (mean, std, G)))
-    whole = time.perf_counter() - t
-    product_floor = floors["Z G"] + floors["Y^T Z"]
+    clock = Clock()
+    gram_in_place(source, specs, mean, std, G)
+    whole = clock.tick()
 
     # one orthogonalization against `used` blocks, as fit does it (in RAM)
     P = rng.standard_normal((D, l)).astype(np.float32)
     with KrylovBasis(D, (args.used + 1) * l) as K:
         for _ in range(args.used):
             K.append(np.linalg.qr(rng.standard_normal((D, l)).astype(np.float32))[0])
-        t = time.perf_counter()
+        clock = Clock()
         (KtP,) = K.tdot(P)
         K.subtract(P, KtP)
         K.subtract(P, K.tdot(P)[0])
-        orth = time.perf_counter() - t
+        _orth(P)
+        orth = clock.tick()
         used = K.used
     Kc = rng.standard_normal((min(4096, D), used)).astype(np.float32)
-    rate = 2 * Kc.shape[0] * used * l / best_of(lambda: Kc.T @ P[: Kc.shape[0]])
-    orth_floor = 4 * 2 * D * used * l / rate  # K^T P, K C, K^T R, K C: 2 D used l flops each
+    per_flop = best_of(lambda: Kc.T @ P[: Kc.shape[0]]) / (2 * Kc.shape[0] * used * l)
+    orth_floor = (4 * 2 * D * used * l + 8 * D * l * l) * per_flop  # K^T P, K C, K^T R, K C; _orth's 4 D l^2 x 2
 
-    print(f"\nGram pass of the fit, N = {n:,}, D = {D:,}, l = {l}, {b}-row blocks (floors measured in this run)")
-    print(f"{'part':<34} {'seconds':>8} {'floor s':>8} {'ratio':>6}")
-    for name, dt in parts.items():
-        print(f"{name:<34} {dt:>8.2f} {floors[name]:>8.2f} {dt / floors[name]:>6.2f}")
-    print(f"{'pass as fit runs it (prefetch)':<34} {whole:>8.2f} {product_floor:>8.2f} {whole / product_floor:>6.2f}")
-    print(f"{f'orthogonalize vs {used} columns':<34} {orth:>8.2f} {orth_floor:>8.2f} {orth / orth_floor:>6.2f}")
-    print("(read and standardize: floor = a memory copy of the same bytes; products: the same gemm in cache)")
+    threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    print(f"\nGram pass of the fit, N = {n:,}, D = {D:,}, l = {l}, {b}-row blocks, BLAS threads {threads} "
+          f"(floors measured in this run; load {os.getloadavg()[0]:.1f})")  # fmt: skip
+    print(f"{'part':<34} {'wall s':>7} {'floor':>6} {'ratio':>6}   {'cpu s':>7} {'floor':>6} {'ratio':>6}")
+    rows = [*((name, spent[name], floors[name]) for name in names),
+            ("pass as fit runs it (prefetch)", np.array(whole), product_floor),
+            (f"orthogonalize vs {used} columns", np.array(orth), orth_floor)]  # fmt: skip
+    for name, t, f in rows:
+        r = t / f
+        print(f"{name:<34} {t[0]:>7.2f} {f[0]:>6.2f} {r[0]:>6.2f}   {t[1]:>7.2f} {f[1]:>6.2f} {r[1]:>6.2f}")
+    print("(read and center: floor = a memory copy of the same bytes; products: the same gemm in cache)")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 The peak is the largest of the fit's phases, each a sum of the arrays alive in it (bytes; f32 = 4, f64 = 8;
 D columns, m = depth * l Krylov columns, b data rows per block, c = krylov_basis.chunk_rows(m) rows of K
 per chunk):
-  kept    the computed block columns of M = K^T Z^T Z K and S = K^T K:  2 * 8 * l^2 * depth (depth + 1) / 2
-  pass    G, the product's sum, one block's product, two data buffers:  3 * 4 D l + 2 * 4 b D + 4 b l
-  orth    P (reused as R), _orth's two copies, the old G, K^T P and K^T R:  4 * 4 D l + 2 * 8 m l
-  ritz    M, S and S's Cholesky factor, then the k eigenvectors:  max(3 * 8 m^2, 2 * 8 m^2 + 8 m k)
+  kept    the block columns of M = K^T Z^T Z K, the diagonal blocks of K^T K:  8 l^2 (depth (depth + 1) / 2 + depth)
+  pass    G / std (in G's buffer when K is on disk; in RAM G is K's), the product's sum, two data buffers:
+          2 * 4 D l + 2 * 4 b D + 4 b l
+  orth    P (made into R, then into the next G, in its own buffer), K^T P and K^T R:  4 D l + 2 * 8 m l
+  ritz    M and a block column while it is assembled, then M and the k eigenvectors, then those and Q:
+          max(8 m^2 + 8 m max(l, k), 16 m k)
   out     Q in float64 and float32, two chunks of V:  12 m k + 8 c k
 In RAM, K (4 D m) is alive throughout and V (4 D k) at the end. On disk neither is, but a chunk of K's
 read buffers (4 c m) is.
@@ -61,12 +63,12 @@ class FitPlan:
     def phases(self, out_of_core: bool) -> dict[str, int]:
         """Bytes alive in each phase (the module docstring's formula)."""
         D, l, m, k, b, c = self.dim, self.block, self.m, self.k, self.rows, chunk_rows(self.m)
-        kept = 8 * l * l * self.depth * (self.depth + 1)
+        kept = 8 * l * l * (self.depth * (self.depth + 1) // 2 + self.depth)
         K, V = (4 * c * m, 0) if out_of_core else (4 * D * m, 4 * D * k)
         return {
-            "pass": kept + K + 3 * 4 * D * l + 2 * 4 * b * D + 4 * b * l,
-            "orth": kept + K + 4 * 4 * D * l + 2 * 8 * m * l,
-            "ritz": K + max(3 * 8 * m * m, 2 * 8 * m * m + 8 * m * k),
+            "pass": kept + K + 2 * 4 * D * l + 2 * 4 * b * D + 4 * b * l,
+            "orth": kept + K + 4 * D * l + 2 * 8 * m * l,
+            "ritz": K + max(8 * m * m + 8 * m * max(l, k), 16 * m * k),
             "out": K + V + 12 * m * k + 8 * c * k,
         }
 

@@ -126,8 +126,9 @@ def block_stats(seed: int, l: int, spec: Any, W: np.ndarray):
     sketch_t = np.ascontiguousarray(omega.T) @ W  # (l, D): see block_gram; before W is overwritten
     dev = W if _scratch(W) else np.empty_like(W)
     np.subtract(W, mean.astype(np.float32), out=dev)  # (b, D)
-    dev *= dev
-    m2 = np.add.reduce(dev, axis=0, dtype=np.float64)
+    # sum of squares in one read of the block, summed in float32 over its b rows: a sum of positive terms,
+    # so within b u (2e-5 at b = 384) of exact, typically sqrt(b) u; blocks are merged in float64
+    m2 = np.einsum("ij,ij->j", dev, dev).astype(np.float64)
     return b, mean, m2, sketch_t, omega.sum(axis=0)
 
 
@@ -172,20 +173,76 @@ def _standardize_block(W: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.n
 
 
 def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
+    """(Z_b^T Z_b G)^T (l, D) of one block: the per-block term of a Gram pass run by a distributed mapper."""
     Z = _standardize_block(W, mean, std)  # (b, D)
     Y = Z @ G  # (b, l)
     # (Z^T Y)^T as Y^T Z: OpenBLAS ran this layout ~1.2x faster than Z.T @ Y at b = 384, D = 99,648, l = 216
     return np.ascontiguousarray(Y.T) @ Z  # (l, D)
 
 
+def gram_in_place(
+    source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray, scratch: bool = False
+) -> np.ndarray:
+    """Z^T Z G (D, l) float32 in this process, with two fewer passes over each block than block_gram.
+
+    Z_b = C_b S^-1 with C_b = W_b - 1 mean^T, so Z^T Z G = S^-1 sum_b C_b^T (C_b (S^-1 G)): the scaling
+    moves onto the D x l operands (once per pass, not once per block), a block is only centered, in place,
+    and every block's product is added into one Fortran-ordered (D, l) sum by BLAS itself (sgemm with
+    beta = 1) instead of being made as a new (l, D) array and then added. With `scratch` G (C-ordered
+    float32) is scaled in its own buffer (the caller has no further use for it).
+    """
+    from scipy.linalg.blas import sgemm
+
+    if scratch and G.flags.c_contiguous and G.dtype == np.float32:
+        Gs = G
+        Gs /= std[:, None]  # (D, l) S^-1 G
+    else:
+        Gs = np.ascontiguousarray(G / std[:, None], dtype=np.float32)
+    P = np.zeros((G.shape[0], G.shape[1]), dtype=np.float32, order="F")  # (D, l)
+
+    def add_block(spec: Any, W: np.ndarray) -> None:
+        nonlocal P
+        C = W if _scratch(W) else W.copy()  # (b, D)
+        C -= mean
+        Y = np.asfortranarray(C @ Gs)  # (b, l)
+        # C.T is a Fortran-ordered view (D, b) of the C-ordered block: BLAS reads it without a copy.
+        # P += C^T Y in P's buffer (P is Fortran-ordered float32, so f2py passes it as it is; were it
+        # ever copied, the sum returned would still be right)
+        P = sgemm(1.0, C.T, Y, beta=1.0, c=P, overwrite_c=1)
+
+    for _ in map_in_process(add_block, source, specs):
+        pass
+    P /= std[:, None]
+    return np.ascontiguousarray(P)
+
+
 # --- the subspace -----------------------------------------------------------------------------------
+
+
+# The default Krylov shape: DEPTH blocks of k / SPLIT + oversample columns, a space of ~1.7 k dimensions.
+# The tail of the top k converges with the space's dimension m, not with the number of blocks (README, "The
+# w2w space": bench/sweep_fit_accuracy.py at N = 4,096, a slowly decaying spectrum): 7 blocks of k/5
+# (m = 1.5 k, 8 passes) left it less accurate than torch.svd_lowrank(q = k + 24, niter = 2); 5 blocks of
+# k/3 (6 passes, the same as torch's, and ~0.6x its product flops) beat it. 4 blocks of k/2 (5 passes)
+# do too, for 1.2x the flops, and at k = 10,000 their 5,016-column blocks would not fit in 8 GB.
+DEPTH, SPLIT = 5, 3
+
+
+# Above this many rows the exact path (one D x N block) is not taken for a Krylov space as large as the
+# data: fewer blocks are (its D x N arrays are 0.2 GB each at D = 99,648 here, 6.5 GB at N = 16,384).
+EXACT_ROWS = 512
+
+
+def default_block(k: int, oversample: int) -> int:
+    """The default Krylov block size l for k components."""
+    return -(-k // SPLIT) + oversample
 
 
 @dataclass
 class FitConfig:
     components: int = 1000
-    block: int | None = None  # Krylov block size l; default ceil(k / 5) + oversample
-    depth: int = 7  # Krylov blocks = Gram passes (bench/bench_fit.py measures the trade-off)
+    block: int | None = None  # Krylov block size l; default ceil(k / SPLIT) + oversample
+    depth: int = DEPTH  # Krylov blocks = Gram passes (bench/sweep_fit_accuracy.py measures the trade-off)
     oversample: int = 16
     seed: int = 0
     max_memory_gb: float | None = None  # a budget for the fit's peak RSS: above it the basis goes to disk
@@ -285,6 +342,7 @@ class Subspace:
 
 def _orth(A: np.ndarray, rtol: float = 1e-5) -> np.ndarray:
     """An orthonormal basis of A's columns (D, l) -> (D, l'), dropping directions A does not really span.
+    A (C-ordered) is overwritten: its buffer is the result unless a direction is dropped.
 
     Through the l x l Gram matrix, twice ("twice is enough"): LAPACK's QR of a tall float32 matrix is
     ~50x slower here than the Gram product, and this also handles rank deficiency.
@@ -294,8 +352,27 @@ def _orth(A: np.ndarray, rtol: float = 1e-5) -> np.ndarray:
         G = Q.T.astype(np.float64) @ Q.astype(np.float64) if Q.shape[1] <= 64 else (Q.T @ Q).astype(np.float64)
         evals, evecs = np.linalg.eigh(G)
         keep = evals > (rtol**2) * max(evals.max(initial=0.0), 1e-300)
-        Q = Q @ (evecs[:, keep] / np.sqrt(evals[keep])).astype(np.float32)
+        Q = _right_multiply(Q, (evecs[:, keep] / np.sqrt(evals[keep])).astype(np.float32))
     return Q
+
+
+def _right_multiply(Q: np.ndarray, T: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """Q @ T for Q (D, l) C-ordered and T (l, l'): in Q's buffer, a row chunk at a time, when l' = l (no
+    second D x l array: at k = 10,000 one is 1.3 GB), else as a new array."""
+    if T.shape[1] != Q.shape[1] or not Q.flags.c_contiguous:
+        return Q @ T
+    for lo in range(0, Q.shape[0], rows):
+        Q[lo : lo + rows] = Q[lo : lo + rows] @ T
+    return Q
+
+
+def _gram64(G: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """G^T G (b, b) float64 for G (D, b) float32: float32 products of row chunks, summed in float64."""
+    out = np.zeros((G.shape[1], G.shape[1]))
+    for lo in range(0, G.shape[0], rows):
+        c = G[lo : lo + rows]
+        out += c.T @ c
+    return out
 
 
 def fit(
@@ -322,16 +399,15 @@ def fit(
     say = progress or (lambda _: None)
 
     depth = max(1, cfg.depth)
-    if n <= k + 32 or n <= depth * (cfg.block or -(-k // 5) + cfg.oversample):
+    l = cfg.block or default_block(k, cfg.oversample)
+    if n > EXACT_ROWS and n > k + 32 and depth * l >= n and l < n / 2:
+        # a Krylov space as large as the data, of many rows (N = 16,384 at k = 10,000): the exact path's
+        # D x N blocks would not fit in memory, so fewer blocks make a space just under the data's rank
+        depth = (n - 1) // l
+    if n <= k + 32 or n <= depth * l:
         # small data: one block as large as the data's rank spans the whole row space, so the fit is exact
         # (and a Krylov space larger than the data would only add rounding noise)
         depth, l = 1, n
-    else:
-        # Seven blocks of k/5: a Krylov space of ~1.4 k dimensions for 30 l = ~6 k flops per row and column,
-        # against 12 q (q ~ k) for torch.svd_lowrank(niter=2), at better accuracy. Measured at N = 8,192,
-        # k = 1,000 (bench/bench_fit.py): 5 blocks of k/3 took 57.6 s, 6 of k/4 54.3 s, 7 of k/5 50.1 s,
-        # 8 of k/6 52.9 s, all within ~1e-8 of the exact singular values.
-        l = cfg.block or -(-k // 5) + cfg.oversample
     l = max(1, min(l, D, n))
     rows = max((spec[-1] - spec[-2] for spec in specs), default=1)
     import scipy.linalg  # noqa: F401 (the final step's; imported before the plan so that it counts in its base)
@@ -369,10 +445,15 @@ def fit(
         cols: list[tuple[np.ndarray, np.ndarray]] = []
         for i in range(depth):
             say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})")
-            P = gram(source, specs, mean, std, G)  # (D, b) = Z^T Z G
             K.append(G)
-            KtG, KtP = K.tdot(G, P)  # (used, b) each: S's and M's block columns
-            cols.append((KtP, KtG))
+            # S = K^T K's block column: above its diagonal block K^T G is rounding (G was orthogonalized
+            # twice against K: K^T G ~ float32's eps), so only G^T G is computed, 2 D l^2 flops, not 2 D used l
+            GtG = _gram64(G)
+            # G is needed no more once K holds it (on disk: a copy), so the pass may scale it in place
+            P = gram(source, specs, mean, std, G, plan.out_of_core)  # (D, b) = Z^T Z G
+            del G
+            (KtP,) = K.tdot(P)  # (used, b): M's block column
+            cols.append((KtP, GtG))
             if i + 1 == depth:
                 break
             scale = np.linalg.norm(P, axis=0).max(initial=0.0)
@@ -380,19 +461,21 @@ def fit(
             K.subtract(R, KtP)
             K.subtract(R, K.tdot(R)[0])  # twice is enough (Kahan/Parlett) to keep K orthonormal in float32
             R[:, np.linalg.norm(R, axis=0) <= 1e-5 * max(scale, 1e-30)] = 0.0  # what K already spans
-            del P, G
-            G = np.ascontiguousarray(_orth(R))
+            del P
+            G = np.ascontiguousarray(_orth(R))  # in R's buffer
             del R
             if G.shape[1] == 0:
                 break  # the Krylov space is invariant: it already holds the whole row space
         P = G = None  # noqa: F841 (dropped before the m x m matrices are made)
         say(f"Rayleigh-Ritz on the {K.used}-dimensional Krylov space")
-        theta, Q, method = ritz(_assemble(cols, K.used), k)  # (k,), (used, k)
+        blocks = [c[1] for c in cols]
+        theta, Q, method = ritz(_assemble(cols, K.used), blocks, k)  # (k,), (used, k)
         # each component's entries sum to a positive number, so refits of the same data agree in sign
         # (1^T V = (1^T K) Q: the signs are known before V is made)
         signs = np.sign(K.colsum @ Q)
         signs[signs == 0] = 1
         Q *= signs
+        say(f"components: V = K Q ({D:,} x {Q.shape[1]:,})")
         V = _components(K, Q, plan.out_of_core, workdir)
         del Q
     s = np.sqrt(np.maximum(theta, 0.0))
@@ -401,23 +484,17 @@ def fit(
     return Subspace(mean, std, V, s, total_variance, n, list(model_ids or []), config)
 
 
-def _assemble(cols: list[tuple[np.ndarray, np.ndarray]], m: int) -> list[np.ndarray]:
-    """[M, S] (m, m) float64 with their upper block triangles filled from the block columns (emptied as they
-    are copied, so the columns and the full matrices are not all alive at once)."""
-    out = []
-    for j in range(2):
-        A = np.zeros((m, m), dtype=np.float64)
-        at = 0
-        for col in cols:
-            c = col[j]
-            A[: c.shape[0], at : at + c.shape[1]] = c
-            at += c.shape[1]
+def _assemble(cols: list[tuple[np.ndarray, np.ndarray]], m: int) -> np.ndarray:
+    """M (m, m) float64 with its upper block triangle filled from the block columns, each column dropped
+    as it is copied (np.zeros' pages are resident only once written: the columns and M are not all alive)."""
+    M = np.zeros((m, m), dtype=np.float64)
+    at = 0
+    while cols:
+        c = cols.pop(0)[0]
+        M[: c.shape[0], at : at + c.shape[1]] = c
+        at += c.shape[1]
         del c
-        out.append(A)
-        if j == 0:
-            cols[:] = [(None, c[1]) for c in cols]
-    cols.clear()
-    return out
+    return M
 
 
 def _components(K: KrylovBasis, Q: np.ndarray, on_disk: bool, workdir: str) -> np.ndarray:
@@ -436,13 +513,15 @@ def _components(K: KrylovBasis, Q: np.ndarray, on_disk: bool, workdir: str) -> n
 
 def gram_pass(device: str | None, map_blocks: MapBlocks) -> Callable[..., np.ndarray]:
     """The Gram pass, P = Z^T Z G (D, l) float32: numpy over `map_blocks` (in process or Dask), or torch on
-    a device."""
+    a device. Called as gram(source, specs, mean, std, G, scratch): with scratch the pass may change G."""
     if device is not None:
         from w2w.device_pass import resolve_device, torch_gram_pass
 
         resolve_device(device)  # a device this machine lacks fails now, not after the first pass
-        return lambda source, specs, mean, std, G: torch_gram_pass(source, specs, mean, std, G, device)
-    return lambda source, specs, mean, std, G: np.ascontiguousarray(
+        return lambda source, specs, mean, std, G, _: torch_gram_pass(source, specs, mean, std, G, device)
+    if map_blocks is map_in_process:
+        return gram_in_place
+    return lambda source, specs, mean, std, G, _: np.ascontiguousarray(
         sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T
     )
 

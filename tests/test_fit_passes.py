@@ -1,0 +1,106 @@
+"""The fit's Gram pass in this process (centering only, scaling folded into the D x l operands, BLAS adding
+each block's product in place) and the default Krylov shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from w2w.subspace import (
+    DEPTH,
+    EXACT_ROWS,
+    ArraySource,
+    FitConfig,
+    block_gram,
+    default_block,
+    fit,
+    gram_in_place,
+    map_in_process,
+    sum_blocks,
+)
+
+U = 2.0**-24  # float32 unit roundoff
+
+
+class Buffered(ArraySource):
+    """A source with load_into (a pass reads into buffers it reuses and may change them in place)."""
+
+    def load_into(self, spec, out):
+        out[...] = self.X[spec[0] : spec[1]]
+        return out
+
+
+@pytest.fixture(scope="module")
+def offset_data():
+    """Columns whose mean is up to 50 times their spread: centering in float32 is where precision goes."""
+    rng = np.random.default_rng(3)
+    spread = rng.uniform(0.01, 2.0, 600)
+    X = rng.standard_normal((500, 600)) * spread + rng.uniform(-50, 50, 600) * spread
+    return X.astype(np.float32)
+
+
+@pytest.mark.parametrize("source_cls", [ArraySource, Buffered])
+def test_gram_in_place_equals_the_dense_product_and_the_blockwise_pass(offset_data, source_cls):
+    X = offset_data
+    mean, std = X.mean(0, dtype=np.float64), X.std(0, ddof=1, dtype=np.float64)
+    G = np.linalg.qr(np.random.default_rng(1).standard_normal((600, 24)))[0].astype(np.float32)
+    source = source_cls(X.copy(), 64)  # 7 blocks of 64 and one of 52
+    P = gram_in_place(source, source.specs(), mean.astype(np.float32), std.astype(np.float32), G)
+    Z = (X.astype(np.float64) - mean) / std
+    exact = Z.T @ (Z @ G.astype(np.float64))
+    # Centering a float32 entry of 51 spreads rounds it by <= 51 u of the spread, the two products over 500
+    # rows and 600 columns add ~sqrt(600) u each: ~1e-5 of |P|'s scale at most; 1e-4 leaves 10x.
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(P, exact, atol=1e-4 * scale)
+    blockwise = sum_blocks(map_in_process(block_gram, source, source.specs(), (mean.astype(np.float32),
+                                          std.astype(np.float32), G))).T  # fmt: skip
+    np.testing.assert_allclose(P, blockwise, atol=1e-4 * scale)
+    assert P.shape == (600, 24) and P.dtype == np.float32 and P.flags.c_contiguous
+    np.testing.assert_array_equal(source.X, X)  # the source's own array is never centered in place
+
+
+def test_default_krylov_fit_is_accurate_and_orthonormal():
+    """Data of rank 40 plus noise, k = 20: the Krylov path (not the small-data exact one), the default shape."""
+    rng = np.random.default_rng(7)
+    X = (rng.standard_normal((400, 40)) * np.logspace(0, -1, 40)) @ rng.standard_normal((40, 800))
+    X = (X + 0.05 * rng.standard_normal((400, 800))).astype(np.float32)
+    said: list[str] = []
+    sub = fit(ArraySource(X, 64), FitConfig(components=20), progress=said.append)
+    l = default_block(20, 16)
+    assert sub.config["depth"] == DEPTH and sub.config["block"] == l and DEPTH * l < 400  # the Krylov path
+    assert any(f"l = {l}, depth {DEPTH}" in m for m in said)  # the plan line says the shape chosen
+    Z = (X - X.mean(0)) / X.std(0, ddof=1)
+    s = np.linalg.svd(Z.astype(np.float64), compute_uv=False)
+    # Weyl: float32 Z moves each singular value by <= ||dZ|| ~ sqrt(D) u sigma_1 (~2e-6 sigma_1); the top 20
+    # of 40 well-separated directions converge in a 5-block Krylov space of 115 dimensions far below that
+    np.testing.assert_allclose(sub.singular_values, s[:20], rtol=1e-4)
+    # K^T K's blocks above the diagonal are taken as zero (the blocks are orthogonalized twice): if they were
+    # not rounding, V = K Q would not come out orthonormal. A float32 basis of D = 800 rows: ~sqrt(D) u = 2e-6
+    V = np.asarray(sub.components, dtype=np.float64)
+    np.testing.assert_allclose(V.T @ V, np.eye(20), atol=1e-5)
+
+
+def test_a_krylov_space_as_large_as_many_rows_takes_fewer_blocks_not_the_exact_path():
+    """N = 600 rows (above EXACT_ROWS), k = 380: 5 default blocks of 143 would pass N, and the exact path
+    would hold D x N arrays; 4 blocks (m = 572) make a space just under the data's rank instead."""
+    rng = np.random.default_rng(11)
+    X = ((rng.standard_normal((600, 600)) * np.logspace(0, -2, 600)) @ rng.standard_normal((600, 800))).astype(
+        np.float32
+    )
+    sub = fit(ArraySource(X, 128), FitConfig(components=380))
+    assert EXACT_ROWS < 600 and (sub.config["block"], sub.config["depth"]) == (default_block(380, 16), 4)
+    Z = (X - X.mean(0)) / X.std(0, ddof=1)
+    s = np.linalg.svd(Z.astype(np.float64), compute_uv=False)
+    # a 572-dimensional Krylov space of a rank-599 matrix whose spectrum falls 100x: the top half of the k
+    # Ritz values converge to float32's floor (~1e-5, the exact path's own error in the sweep); 1e-3 is room
+    np.testing.assert_allclose(sub.singular_values[:190], s[:190], rtol=1e-3)
+
+
+def test_the_papers_fit_with_the_default_shape_plans_under_8_gb_on_disk():
+    """k = 10,000 at N = 64,974, D = 99,648 (bench_fit's part-2 run): the default shape's plan, with the
+    measured allocator slack, stays under its 8 GB target with the basis on disk, and not in RAM."""
+    from w2w.fit_plan import GB, FitPlan, choose
+
+    plan = choose(FitPlan(64974, 99648, 10000, default_block(10000, 16), DEPTH, 384, base=int(0.35 * GB)), None, 8.0)
+    assert plan.out_of_core and plan.m == 16750
+    assert plan.guarded() < 8 * GB < plan.guarded(False)
