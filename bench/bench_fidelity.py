@@ -88,13 +88,21 @@ def fit(world: World, n: int, k: int | None = None):
 
 
 def edits(
-    world: World, n: int, sub, C: np.ndarray, strength: float, method: str, targets: int, debias: bool = False
+    world: World,
+    n: int,
+    sub,
+    C: np.ndarray,
+    strength: float,
+    method: str,
+    targets: int,
+    debias: bool = False,
+    components: int | None = None,
 ) -> dict:
     from ingest.toyfaces import ATTRIBUTES
     from w2w import directions
 
     Y_all = world.pop.attributes[:n].astype(np.float64)
-    ds = [directions.fit_direction(C, Y_all[:, i], method, a) for i, a in enumerate(ATTRIBUTES)]
+    ds = [directions.fit_direction(C, Y_all[:, i], method, a, components) for i, a in enumerate(ATTRIBUTES)]
     if debias:  # each direction made orthogonal to the other three (`w2wreg direction fit A --debias B,C,D`)
         ds = [directions.debias(d, [o for o in ds if o is not d], C) for d in ds]
     out = {}
@@ -204,6 +212,7 @@ def parse_sampler(text: str) -> tuple[str, float | None]:
 
 
 def main() -> None:
+    from cli.demo import DIRECTION_COMPONENTS as K
     from cli.demo import SAMPLE_BANDWIDTH, STRENGTH
     from w2w.directions import DEFAULT_METHOD
 
@@ -217,6 +226,9 @@ def main() -> None:
     ap.add_argument("--components", default="8,16,32", help="k of the space fitted (besides the demo's)")
     ap.add_argument("--strengths", default="2.5,4,6")
     ap.add_argument("--methods", default="mean_diff,lstsq,ridge")
+    ap.add_argument(
+        "--direction-components", default="4,8,32,all", help="K the directions are fitted over (besides the demo's)"
+    )
     ap.add_argument("--population", type=Path)
     args = ap.parse_args()
     torch.set_grad_enabled(True)
@@ -226,10 +238,10 @@ def main() -> None:
     sizes = sorted({min(int(s), total) for s in args.sizes.split(",")})
     demo_sampler = "gaussian" if SAMPLE_BANDWIDTH is None else f"population:{SAMPLE_BANDWIDTH:g}"
     log(f"population: {total} identities ({world.pop.sha256[:12]}); sizes {sizes}; frame {world.frame}")
-    rows, data = [], {"sizes": {}, "frames": {}, "samplers": {}, "strengths": {}, "methods": {}}
+    rows, data = [], {"sizes": {}, "frames": {}, "samplers": {}, "strengths": {}, "methods": {}, "direction_k": {}}
     for n in sizes:
         sub, C = fit(world, n)
-        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
         s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
         inv = inversions(world, sub, C, args.invert) if args.invert else None
         fid = fidelity(world, n, args.targets)
@@ -237,7 +249,8 @@ def main() -> None:
         rows.append(row(f"N = {n}", e, s, inv, fid))
         log(f"N = {n}: {rows[-1]}")
     title = (
-        f"by population size (frame {world.frame}; +{STRENGTH:g} std {DEFAULT_METHOD} debiased; samples {demo_sampler})"
+        f"by population size (frame {world.frame}; +{STRENGTH:g} std {DEFAULT_METHOD} debiased over the first {K} "
+        f"coefficients; samples {demo_sampler})"
     )
     print_table(HEADERS, rows, title=title)
     n = sizes[-1]
@@ -245,7 +258,7 @@ def main() -> None:
     for frame in frames:
         w = world if frame == world.frame else World(args.population, frame)
         sub, C = fit(w, n)
-        e = edits(w, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
+        e = edits(w, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
         s = samples(w, n, sub, C, args.samples)
         data["frames"][frame] = {"edits": e, "samples": s}
         rows.append(row(frame, e, s, None, None))
@@ -253,7 +266,7 @@ def main() -> None:
     rows = []
     for k in [int(x) for x in args.components.split(",") if x] + [n - 1]:
         sub, C = fit(world, n, k)
-        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
         s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
         data.setdefault("components", {})[sub.k] = {"edits": e, "samples": s}
         rows.append(row(f"k = {sub.k}", e, s, None, None))
@@ -269,15 +282,23 @@ def main() -> None:
     rows = []
     for st in (float(x) for x in args.strengths.split(",")):
         for debias in (False, True):
-            e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets, debias)
+            e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets, debias, K)
             label = f"+{st:g} std" + (" debiased" if debias else "")
             data["strengths"][label] = e
             rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
     print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by edit strength (N = {n}, {DEFAULT_METHOD})")
     rows = []
+    for text in dict.fromkeys([str(K), *args.direction_components.split(",")]):
+        dk = None if text == "all" else int(text)
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, True, dk)
+        data["direction_k"][text] = e
+        rows.append(pick(row(f"first {text} of {sub.k}", e, None, None, None), EDIT_COLS))
+    title = f"by direction components (N = {n}, +{STRENGTH:g} std {DEFAULT_METHOD} debiased)"
+    print_table(pick(HEADERS, EDIT_COLS), rows, title=title)
+    rows = []
     for m in args.methods.split(","):
         for debias in (False, True):
-            e = edits(world, n, sub, C, STRENGTH, m, args.targets, debias)
+            e = edits(world, n, sub, C, STRENGTH, m, args.targets, debias, K)
             label = m + (" + debias" if debias else "")
             data["methods"][label] = e
             rows.append(pick(row(label, e, None, None, None), EDIT_COLS))

@@ -18,6 +18,10 @@ EDITS = ("glasses", "beard", "smile", "hat")
 FULL = {"identities": 16, "images": 8, "steps": None, "held_out": 10, "invert_steps": 100, "targets": 12, "samples": 24}
 QUICK = {"identities": 8, "images": 4, "steps": 30, "held_out": 2, "invert_steps": 15, "targets": 3, "samples": 8}
 STRENGTH = 4.0  # standard deviations of the attribute's score: bench/bench_fidelity.py's best trade-off
+# directions are fitted over the space's first DIRECTION_COMPONENTS coefficients: over 128 identities a
+# class-mean difference is mostly noise beyond them (split halves agree on nothing there), and that noise, not
+# the attribute, is what changed the other attributes (bench/bench_fidelity.py, "by direction components")
+DIRECTION_COMPONENTS = 16
 SAMPLE_BANDWIDTH: float | None = (
     0.5  # samples: a smoothed bootstrap of the fitted identities (w2w.sampling); None: Gaussian
 )
@@ -112,7 +116,7 @@ def demo(
         # plain where another attribute has too few identities to fit; none where this one has
         for extra in (("--debias", ",".join(b for b in EDITS if b != a)), ()):
             try:
-                run("direction", "fit", a, *extra)
+                run("direction", "fit", a, *extra, "--components", DIRECTION_COMPONENTS)
                 fitted.append(a)
                 break
             except SystemExit:
