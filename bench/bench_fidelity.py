@@ -210,6 +210,9 @@ HEADERS = ["", "edit success % (g b s h)", "min", "kept % (g b s h)", "min",
 EDIT_COLS, SAMPLE_COLS = [0, 1, 2, 3, 4], [0, 5, 6, 7, 8]
 
 
+TABLES = ("frames", "components", "samplers", "strengths", "directions", "methods")  # after the one by size
+
+
 def pick(r: tuple, cols: list[int]) -> tuple:
     return tuple(r[c] for c in cols)
 
@@ -239,8 +242,10 @@ def main() -> None:
         "--direction-components", default="4,8,32,all", help="K the directions are fitted over (besides the demo's)"
     )
     ap.add_argument("--population", type=Path)
+    ap.add_argument("--tables", default=",".join(TABLES), help="which tables after the first to print")
     ap.add_argument("--seeds", help="noise seeds a model is read over (majority; odd count) [default: the demo's]")
     args = ap.parse_args()
+    tables = set(args.tables.split(","))
     torch.set_grad_enabled(True)
     frames = args.frames.split(",")
     seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else None
@@ -266,58 +271,64 @@ def main() -> None:
     )
     print_table(HEADERS, rows, title=title)
     n = sizes[-1]
-    rows = []
-    for frame in frames:
-        w = world if frame == world.frame else World(args.population, frame, seeds)
-        sub, C = fit(w, n)
-        e = edits(w, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
-        s = samples(w, n, sub, C, args.samples)
-        data["frames"][frame] = {"edits": e, "samples": s}
-        rows.append(row(frame, e, s, None, None))
-    print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by frame (N = {n}; edits as above; gaussian samples)")
-    rows = []
-    for k in [int(x) for x in args.components.split(",") if x] + [n - 1]:
-        sub, C = fit(world, n, k)
-        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
-        s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
-        data.setdefault("components", {})[sub.k] = {"edits": e, "samples": s}
-        rows.append(row(f"k = {sub.k}", e, s, None, None))
-    print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by components fitted (N = {n}; as the first table)")
+    if "frames" in tables:
+        rows = []
+        for frame in frames:
+            w = world if frame == world.frame else World(args.population, frame, seeds)
+            sub, C = fit(w, n)
+            e = edits(w, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
+            s = samples(w, n, sub, C, args.samples)
+            data["frames"][frame] = {"edits": e, "samples": s}
+            rows.append(row(frame, e, s, None, None))
+        print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by frame (N = {n}; edits as above; gaussian samples)")
+    if "components" in tables:
+        rows = []
+        for k in [int(x) for x in args.components.split(",") if x] + [n - 1]:
+            sub, C = fit(world, n, k)
+            e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
+            s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
+            data.setdefault("components", {})[sub.k] = {"edits": e, "samples": s}
+            rows.append(row(f"k = {sub.k}", e, s, None, None))
+        print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by components fitted (N = {n}; as the first table)")
     sub, C = fit(world, n)
-    rows = []
-    for text in args.samplers.split(","):
-        label, h = parse_sampler(text)
-        s = samples(world, n, sub, C, args.samples, h)
-        data["samplers"][label] = s
-        rows.append(pick(row(label, None, s, None, None), SAMPLE_COLS))
-    print_table(pick(HEADERS, SAMPLE_COLS), rows, title=f"by sampler (N = {n}, frame {world.frame})")
-    rows = []
-    for st in (float(x) for x in args.strengths.split(",")):
-        for debias in (False, True):
-            e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets, debias, K)
-            label = f"+{st:g} std" + (" debiased" if debias else "")
-            data["strengths"][label] = e
-            rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
-    e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, True, K, control=True)
-    data["strengths"]["control"] = e
-    rows.append(pick(row(f"random direction, +{STRENGTH:g} std's length", e, None, None, None), EDIT_COLS))
-    print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by edit strength (N = {n}, {DEFAULT_METHOD})")
-    rows = []
-    for text in dict.fromkeys([str(K or "all"), *args.direction_components.split(",")]):
-        dk = None if text == "all" else int(text)
-        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, True, dk)
-        data["direction_k"][text] = e
-        rows.append(pick(row(f"first {text} of {sub.k}", e, None, None, None), EDIT_COLS))
-    title = f"by direction components (N = {n}, +{STRENGTH:g} std {DEFAULT_METHOD} debiased)"
-    print_table(pick(HEADERS, EDIT_COLS), rows, title=title)
-    rows = []
-    for m in args.methods.split(","):
-        for debias in (False, True):
-            e = edits(world, n, sub, C, STRENGTH, m, args.targets, debias, K)
-            label = m + (" + debias" if debias else "")
-            data["methods"][label] = e
-            rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
-    print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by direction method (N = {n}, +{STRENGTH:g} std)")
+    if "samplers" in tables:
+        rows = []
+        for text in args.samplers.split(","):
+            label, h = parse_sampler(text)
+            s = samples(world, n, sub, C, args.samples, h)
+            data["samplers"][label] = s
+            rows.append(pick(row(label, None, s, None, None), SAMPLE_COLS))
+        print_table(pick(HEADERS, SAMPLE_COLS), rows, title=f"by sampler (N = {n}, frame {world.frame})")
+    if "strengths" in tables:
+        rows = []
+        for st in (float(x) for x in args.strengths.split(",")):
+            for debias in (False, True):
+                e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets, debias, K)
+                label = f"+{st:g} std" + (" debiased" if debias else "")
+                data["strengths"][label] = e
+                rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, True, K, control=True)
+        data["strengths"]["control"] = e
+        rows.append(pick(row(f"random direction, +{STRENGTH:g} std's length", e, None, None, None), EDIT_COLS))
+        print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by edit strength (N = {n}, {DEFAULT_METHOD})")
+    if "directions" in tables:
+        rows = []
+        for text in dict.fromkeys([str(K or "all"), *args.direction_components.split(",")]):
+            dk = None if text == "all" else int(text)
+            e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, True, dk)
+            data["direction_k"][text] = e
+            rows.append(pick(row(f"first {text} of {sub.k}", e, None, None, None), EDIT_COLS))
+        title = f"by direction components (N = {n}, +{STRENGTH:g} std {DEFAULT_METHOD} debiased)"
+        print_table(pick(HEADERS, EDIT_COLS), rows, title=title)
+    if "methods" in tables:
+        rows = []
+        for m in args.methods.split(","):
+            for debias in (False, True):
+                e = edits(world, n, sub, C, STRENGTH, m, args.targets, debias, K)
+                label = m + (" + debias" if debias else "")
+                data["methods"][label] = e
+                rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
+        print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by direction method (N = {n}, +{STRENGTH:g} std)")
     emit_result({"bench": "fidelity", "population": world.pop.sha256, **data, "env": env_info()})
 
 
