@@ -3,25 +3,28 @@
     python bench/bench_fidelity.py [--sizes 24,64,128,256] [--targets 12] [--samples 24] [--invert 4]
                                    [--frames shared,factors] [--samplers gaussian,population:0.5]
                                    [--strengths 2.5,4,6] [--methods mean_diff,lstsq] [--population FILE]
+                                   [--direction-components 8,16,all] [--seeds 2,3,4]
 
 The identities are the shipped toy population (ingest/assets/toy-population.safetensors, made by
 `python -m ingest.toy_population`). For each size N the space is fitted on the population's first N
-identities (k = min(1000, N - 1), as `w2wreg demo` fits), each attribute's direction on their labels, and the
-attribute detector reads images generated from one noise (seed 2) of:
+identities (k = min(1000, N - 1), as `w2wreg demo` fits), each attribute's direction on their labels (over the
+space's first `cli.demo.DIRECTION_COMPONENTS` coefficients, all when None), and the attribute detector reads
+each model as the demo does, by its majority over one image per seed of `ingest.shown.SEEDS`, for:
   edits     the first --targets identities lacking the attribute, moved by +S std of its score: how often the
             attribute appears ("success"), how often the other three stay as the unedited LoRA shows them;
   samples   --samples models drawn from the space (w2w.sampling: a Gaussian per coefficient, or
             "population:h", a smoothed bootstrap of bandwidth h): each attribute's rate against its rate among
             the N identities' labels and among what their own LoRAs show (the same detector on the same
-            noise); novelty: a sample's distance to its nearest identity over the median distance of two;
+            noises); novelty: a sample's distance to its nearest identity over the median distance of two;
   inverted  --invert held-out faces (not in the population) inverted into the space as the demo does (100
             steps, nearest start, 4 timesteps a step): the share of their attributes the detector agrees on;
   fidelity  the edited identities' own LoRAs: how often they show their identity's attributes (a ceiling).
 The frame is what the space is fitted on: "shared" (A = I, B = dW, as `w2wreg` registers toy-recipe LoRAs:
 Recipe.frame) or "factors" (the trained rank-1 A and B, flattened). One table varies N at the demo's defaults
 (its frame, `cli.demo.STRENGTH` debiased, `cli.demo.SAMPLE_BANDWIDTH`, w2w.directions.DEFAULT_METHOD); at the
-largest N one varies the frame, one the sampler, one the strength and one the method (each with and without
-debiasing against the other three attributes), so a reader sees why the defaults are what they are.
+largest N one varies the frame, one the sampler, one the strength (with a control: a random direction of the
+same length), one the method (each with and without debiasing against the other three attributes) and one the
+coefficients the directions are fitted over, so a reader sees why the defaults are what they are.
 """
 
 from __future__ import annotations
@@ -37,8 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit_result, env_info, log, print_table  # noqa: E402
 
-SEED = 2  # the demo's generation seed
-
 
 class World:
     """The population in one frame (its vectors V), the base model, and a cache of each identity's own image.
@@ -47,9 +48,11 @@ class World:
     "factors": the trained rank-1 factors A, B flattened, as the asset stores them.
     """
 
-    def __init__(self, population_path: Path | None, frame: str = "shared"):
-        from ingest import toy_population
+    def __init__(self, population_path: Path | None, frame: str = "shared", seeds: tuple[int, ...] | None = None):
+        from ingest import shown, toy_population
         from ingest.basemodel import load_base
+
+        self.seeds = seeds or shown.SEEDS
 
         self.pop = toy_population.load(population_path or toy_population.ASSET)
         self.base = load_base(None)
@@ -62,13 +65,12 @@ class World:
         self._own: dict[int, dict[str, bool]] = {}
 
     def look(self, vectors: np.ndarray) -> dict[str, np.ndarray]:
-        """The detector's verdicts (bool per attribute) on one image per vector."""
-        from ingest import detector
-        from ingest.generate import generate_each
+        """What each vector's model shows (bool per attribute): the detector's majority over the seeds' images."""
+        from ingest.shown import shown
         from w2w.flatten import unflatten
 
         loras = [unflatten(np.asarray(v, dtype=np.float32), self.layout) for v in vectors]
-        return detector.detect_bool(generate_each(self.base, loras, seed=SEED))
+        return shown(self.base, loras, self.seeds)[0]
 
     def own(self, idx: list[int]) -> dict[int, dict[str, bool]]:
         todo = [i for i in idx if i not in self._own]
@@ -88,20 +90,35 @@ def fit(world: World, n: int, k: int | None = None):
 
 
 def edits(
-    world: World, n: int, sub, C: np.ndarray, strength: float, method: str, targets: int, debias: bool = False
+    world: World,
+    n: int,
+    sub,
+    C: np.ndarray,
+    strength: float,
+    method: str,
+    targets: int,
+    debias: bool = False,
+    components: int | None = None,
+    control: bool = False,
 ) -> dict:
+    """Edit success and kept per attribute. `control`: the same step's length in a random direction shaped like the
+    identities' spread (each coefficient's std): what any weight change of that size does to the other attributes."""
     from ingest.toyfaces import ATTRIBUTES
     from w2w import directions
 
     Y_all = world.pop.attributes[:n].astype(np.float64)
-    ds = [directions.fit_direction(C, Y_all[:, i], method, a) for i, a in enumerate(ATTRIBUTES)]
+    ds = [directions.fit_direction(C, Y_all[:, i], method, a, components) for i, a in enumerate(ATTRIBUTES)]
     if debias:  # each direction made orthogonal to the other three (`w2wreg direction fit A --debias B,C,D`)
         ds = [directions.debias(d, [o for o in ds if o is not d], C) for d in ds]
     out = {}
     for i, (a, d) in enumerate(zip(ATTRIBUTES, ds, strict=True)):
         Y = world.pop.attributes[:n, i]
         idx = [j for j in range(n) if not Y[j]][:targets]
-        step = (sub.components.astype(np.float64) @ d.step(strength)) * sub.std
+        dc = d.step(strength)  # (k,)
+        if control:
+            r = np.random.default_rng(i).standard_normal(dc.shape) * C.std(0)
+            dc = r * (np.linalg.norm(dc) / np.linalg.norm(r))
+        step = (sub.components.astype(np.float64) @ dc) * sub.std
         after = world.look(world.V[idx] + step)
         before = world.own(idx)
         kept = [after[b][j] == before[i_][b] for j, i_ in enumerate(idx) for b in ATTRIBUTES if b != a]
@@ -111,7 +128,7 @@ def edits(
 
 def samples(world: World, n: int, sub, C: np.ndarray, count: int, bandwidth: float | None = None) -> dict:
     """Each attribute's rate among `count` drawn models, against the N identities' labels and what their own
-    LoRAs show (the same detector on the same noise); `novelty`: mean distance of a sample to its nearest
+    LoRAs show (the same detector on the same noises); `novelty`: mean distance of a sample to its nearest
     identity over the median distance between two identities (coefficients)."""
     from ingest.toyfaces import ATTRIBUTES
     from w2w.sampling import draw
@@ -193,6 +210,9 @@ HEADERS = ["", "edit success % (g b s h)", "min", "kept % (g b s h)", "min",
 EDIT_COLS, SAMPLE_COLS = [0, 1, 2, 3, 4], [0, 5, 6, 7, 8]
 
 
+TABLES = ("frames", "components", "samplers", "strengths", "directions", "methods")  # after the one by size
+
+
 def pick(r: tuple, cols: list[int]) -> tuple:
     return tuple(r[c] for c in cols)
 
@@ -204,6 +224,7 @@ def parse_sampler(text: str) -> tuple[str, float | None]:
 
 
 def main() -> None:
+    from cli.demo import DIRECTION_COMPONENTS as K
     from cli.demo import SAMPLE_BANDWIDTH, STRENGTH
     from w2w.directions import DEFAULT_METHOD
 
@@ -217,19 +238,27 @@ def main() -> None:
     ap.add_argument("--components", default="8,16,32", help="k of the space fitted (besides the demo's)")
     ap.add_argument("--strengths", default="2.5,4,6")
     ap.add_argument("--methods", default="mean_diff,lstsq,ridge")
+    ap.add_argument(
+        "--direction-components", default="4,8,32,all", help="K the directions are fitted over (besides the demo's)"
+    )
     ap.add_argument("--population", type=Path)
+    ap.add_argument("--tables", default=",".join(TABLES), help="which tables after the first to print")
+    ap.add_argument("--seeds", help="noise seeds a model is read over (majority; odd count) [default: the demo's]")
     args = ap.parse_args()
+    tables = set(args.tables.split(","))
     torch.set_grad_enabled(True)
     frames = args.frames.split(",")
-    world = World(args.population, frames[0])
+    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else None
+    world = World(args.population, frames[0], seeds)
     total = len(world.pop.vectors)
     sizes = sorted({min(int(s), total) for s in args.sizes.split(",")})
     demo_sampler = "gaussian" if SAMPLE_BANDWIDTH is None else f"population:{SAMPLE_BANDWIDTH:g}"
     log(f"population: {total} identities ({world.pop.sha256[:12]}); sizes {sizes}; frame {world.frame}")
-    rows, data = [], {"sizes": {}, "frames": {}, "samplers": {}, "strengths": {}, "methods": {}}
+    log(f"each model read over the seeds {world.seeds}")
+    rows, data = [], {"sizes": {}, "frames": {}, "samplers": {}, "strengths": {}, "methods": {}, "direction_k": {}}
     for n in sizes:
         sub, C = fit(world, n)
-        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
         s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
         inv = inversions(world, sub, C, args.invert) if args.invert else None
         fid = fidelity(world, n, args.targets)
@@ -237,51 +266,69 @@ def main() -> None:
         rows.append(row(f"N = {n}", e, s, inv, fid))
         log(f"N = {n}: {rows[-1]}")
     title = (
-        f"by population size (frame {world.frame}; +{STRENGTH:g} std {DEFAULT_METHOD} debiased; samples {demo_sampler})"
+        f"by population size (frame {world.frame}; +{STRENGTH:g} std {DEFAULT_METHOD} debiased over "
+        f"{f'the first {K}' if K else 'all the'} coefficients; samples {demo_sampler})"
     )
     print_table(HEADERS, rows, title=title)
     n = sizes[-1]
-    rows = []
-    for frame in frames:
-        w = world if frame == world.frame else World(args.population, frame)
-        sub, C = fit(w, n)
-        e = edits(w, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
-        s = samples(w, n, sub, C, args.samples)
-        data["frames"][frame] = {"edits": e, "samples": s}
-        rows.append(row(frame, e, s, None, None))
-    print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by frame (N = {n}; edits as above; gaussian samples)")
-    rows = []
-    for k in [int(x) for x in args.components.split(",") if x] + [n - 1]:
-        sub, C = fit(world, n, k)
-        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True)
-        s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
-        data.setdefault("components", {})[sub.k] = {"edits": e, "samples": s}
-        rows.append(row(f"k = {sub.k}", e, s, None, None))
-    print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by components fitted (N = {n}; as the first table)")
+    if "frames" in tables:
+        rows = []
+        for frame in frames:
+            w = world if frame == world.frame else World(args.population, frame, seeds)
+            sub, C = fit(w, n)
+            e = edits(w, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
+            s = samples(w, n, sub, C, args.samples)
+            data["frames"][frame] = {"edits": e, "samples": s}
+            rows.append(row(frame, e, s, None, None))
+        print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by frame (N = {n}; edits as above; gaussian samples)")
+    if "components" in tables:
+        rows = []
+        for k in [int(x) for x in args.components.split(",") if x] + [n - 1]:
+            sub, C = fit(world, n, k)
+            e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, debias=True, components=K)
+            s = samples(world, n, sub, C, args.samples, SAMPLE_BANDWIDTH)
+            data.setdefault("components", {})[sub.k] = {"edits": e, "samples": s}
+            rows.append(row(f"k = {sub.k}", e, s, None, None))
+        print_table(HEADERS[:9], [r[:9] for r in rows], title=f"by components fitted (N = {n}; as the first table)")
     sub, C = fit(world, n)
-    rows = []
-    for text in args.samplers.split(","):
-        label, h = parse_sampler(text)
-        s = samples(world, n, sub, C, args.samples, h)
-        data["samplers"][label] = s
-        rows.append(pick(row(label, None, s, None, None), SAMPLE_COLS))
-    print_table(pick(HEADERS, SAMPLE_COLS), rows, title=f"by sampler (N = {n}, frame {world.frame})")
-    rows = []
-    for st in (float(x) for x in args.strengths.split(",")):
-        for debias in (False, True):
-            e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets, debias)
-            label = f"+{st:g} std" + (" debiased" if debias else "")
-            data["strengths"][label] = e
-            rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
-    print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by edit strength (N = {n}, {DEFAULT_METHOD})")
-    rows = []
-    for m in args.methods.split(","):
-        for debias in (False, True):
-            e = edits(world, n, sub, C, STRENGTH, m, args.targets, debias)
-            label = m + (" + debias" if debias else "")
-            data["methods"][label] = e
-            rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
-    print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by direction method (N = {n}, +{STRENGTH:g} std)")
+    if "samplers" in tables:
+        rows = []
+        for text in args.samplers.split(","):
+            label, h = parse_sampler(text)
+            s = samples(world, n, sub, C, args.samples, h)
+            data["samplers"][label] = s
+            rows.append(pick(row(label, None, s, None, None), SAMPLE_COLS))
+        print_table(pick(HEADERS, SAMPLE_COLS), rows, title=f"by sampler (N = {n}, frame {world.frame})")
+    if "strengths" in tables:
+        rows = []
+        for st in (float(x) for x in args.strengths.split(",")):
+            for debias in (False, True):
+                e = edits(world, n, sub, C, st, DEFAULT_METHOD, args.targets, debias, K)
+                label = f"+{st:g} std" + (" debiased" if debias else "")
+                data["strengths"][label] = e
+                rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
+        e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, True, K, control=True)
+        data["strengths"]["control"] = e
+        rows.append(pick(row(f"random direction, +{STRENGTH:g} std's length", e, None, None, None), EDIT_COLS))
+        print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by edit strength (N = {n}, {DEFAULT_METHOD})")
+    if "directions" in tables:
+        rows = []
+        for text in dict.fromkeys([str(K or "all"), *args.direction_components.split(",")]):
+            dk = None if text == "all" else int(text)
+            e = edits(world, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, True, dk)
+            data["direction_k"][text] = e
+            rows.append(pick(row(f"first {text} of {sub.k}", e, None, None, None), EDIT_COLS))
+        title = f"by direction components (N = {n}, +{STRENGTH:g} std {DEFAULT_METHOD} debiased)"
+        print_table(pick(HEADERS, EDIT_COLS), rows, title=title)
+    if "methods" in tables:
+        rows = []
+        for m in args.methods.split(","):
+            for debias in (False, True):
+                e = edits(world, n, sub, C, STRENGTH, m, args.targets, debias, K)
+                label = m + (" + debias" if debias else "")
+                data["methods"][label] = e
+                rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
+        print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by direction method (N = {n}, +{STRENGTH:g} std)")
     emit_result({"bench": "fidelity", "population": world.pop.sha256, **data, "env": env_info()})
 
 

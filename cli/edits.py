@@ -34,24 +34,32 @@ def direction() -> None:
     help="How the direction is found (the README's table compares them).",
 )
 @click.option("--debias", default="", metavar="A,B,...", help="Make the direction orthogonal to these attributes'.")
+@click.option(
+    "--components",
+    type=click.IntRange(1),
+    help="Fit over the subspace's first K coefficients only (the paper edits with 1,000 of 10,000; the rest "
+    "add mostly noise when there are few models)  [default: all]",
+)
 @click.option("--space", "space_id")
 @json_option
 @click.pass_context
-def direction_fit(ctx, attribute, method, debias, space_id, as_json):
+def direction_fit(ctx, attribute, method, debias, components, space_id, as_json):
     """Fit an attribute's direction from the models' labels in the current subspace.
 
     \b
     w2wreg direction fit glasses
     w2wreg direction fit beard --debias smile,hat --method ridge
+    w2wreg direction fit hat --components 16
     """
     reg = open_registry(ctx)
     info = edits.fit_direction(
-        reg, attribute, method, tuple(a.strip() for a in debias.split(",") if a.strip()), space_id
+        reg, attribute, method, tuple(a.strip() for a in debias.split(",") if a.strip()), space_id, components
     )
     if as_json:
         emit_json(info)
     else:
         extra = f", debiased against {', '.join(info['debiased_against'])}" if info["debiased_against"] else ""
+        extra += f", first {info['components']} coefficients" if components else ""
         click.echo(
             f"direction {attribute} ({info['method']}, {info['n_models']} models{extra}) in {info['subspace']}; "
             f"score std {info['score_std']:.4g}"

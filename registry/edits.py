@@ -46,9 +46,11 @@ def compute_direction(
     method: str | None = None,
     debias: Sequence[str] = (),
     keep: Callable[[int], bool] | None = None,
+    components: int | None = None,
 ) -> dirs.Direction:
-    """The direction of `attribute` in subspace `sm` (optionally debiased), fitted over the labelled models
-    `keep` accepts (all of them by default), without storing it."""
+    """The direction of `attribute` in subspace `sm` (optionally debiased, optionally over the first `components`
+    coefficients: w2w.directions.fit_direction), fitted over the labelled models `keep` accepts (all by default),
+    without storing it."""
 
     def fit(name: str, how: str) -> tuple[dirs.Direction, np.ndarray]:
         ids, y = labelled(reg, sm, name)
@@ -56,7 +58,7 @@ def compute_direction(
             kept = [i for i, mid in enumerate(ids) if keep(mid)]
             ids, y = [ids[i] for i in kept], y[kept]
         C = wspace.coefficients(reg, sm, ids)  # (n, k)
-        return dirs.fit_direction(C, y, how, name), C
+        return dirs.fit_direction(C, y, how, name, components), C
 
     d, C = fit(attribute, method or dirs.DEFAULT_METHOD)
     if debias:
@@ -70,12 +72,18 @@ def compute_direction(
 
 
 def fit_direction(
-    reg, attribute: str, method: str | None = None, debias: tuple[str, ...] = (), space_id: str | None = None
+    reg,
+    attribute: str,
+    method: str | None = None,
+    debias: tuple[str, ...] = (),
+    space_id: str | None = None,
+    components: int | None = None,
 ) -> dict:
-    """Fit and store the direction of `attribute` in the current subspace (optionally debiased)."""
+    """Fit and store the direction of `attribute` in the current subspace (optionally debiased, optionally over
+    its first `components` coefficients)."""
     space_id = wspace.pick_space(reg, space_id)
     sm = wspace.require(reg, space_id)
-    d = compute_direction(reg, sm, attribute, method, debias)
+    d = compute_direction(reg, sm, attribute, method, debias, components=components)
     with reg.writing(), reg.catalog.connect(write=True) as con:
         con.execute(
             "INSERT OR REPLACE INTO directions (subspace_id, attribute, method, debiased_against, vector, "
@@ -101,6 +109,7 @@ def direction_info(d: dirs.Direction, subspace_id: str) -> dict:
         "subspace": subspace_id,
         "n_models": d.n_models,
         "debiased_against": list(d.debiased_against),
+        "components": d.components,
         "score_mean": d.score_mean,
         "score_std": d.score_std,
     }

@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.demo import PAIRS, QUICK
+from cli.demo import DIRECTION_COMPONENTS, PAIRS, QUICK
 from cli.main import cli
 from ingest.basemodel import TOY_BASE_DIR
+from ingest.shown import SEEDS
 from ingest.toyfaces import PAD
 
 
@@ -30,6 +31,8 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     assert summary["inversion_steps"] == QUICK["invert_steps"]  # and --quick's fill the rest
     assert set(summary["edit_success_rate"]) <= {"glasses", "beard", "smile", "hat"}  # those with a direction
     assert 0.0 <= summary["inversion_attribute_agreement"] <= 1.0
+    # every model is read as the detector's majority over images of several seeds (ingest.shown)
+    assert summary["measured_seeds"] == list(SEEDS) and summary["direction_components"] == DIRECTION_COMPONENTS
     assert all(0.0 <= v <= 1.0 for v in summary["lora_attribute_fidelity"].values())
     assert set(summary["edit_targets"]) == set(summary["edit_success_rate"])
     assert all(n == QUICK["targets"] for n in summary["edit_targets"].values())

@@ -238,3 +238,17 @@ def test_unknown_method_and_option_list_the_known_ones(planted):
         fit_direction(C, labels["binary"], method="lstsq", lam=1.0)
     with pytest.raises(DirectionError, match="lam > 0"):
         fit_direction(C, labels["binary"], method="ridge", lam=0.0)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_components_fit_over_the_leading_coefficients_only(planted, method):
+    C, labels, *_ = planted
+    y = labels["binary"]
+    d = fit_direction(C, y, method=method, components=10)
+    head = fit_direction(C[:, :10], y, method=method)  # the same fit on the first 10 coefficients alone
+    assert d.k == C.shape[1] and d.components == 10 and not d.vector[10:].any()
+    assert np.allclose(d.vector[:10], head.vector) and np.isclose(d.score_std, head.score_std)
+    assert np.allclose(d.step(2.0)[:10], head.step(2.0))  # an edit moves only the leading coefficients
+    assert fit_direction(C, y, method=method, components=10_000).components == C.shape[1]  # K > k: all of them
+    with pytest.raises(DirectionError, match="components must be >= 1"):
+        fit_direction(C, y, method=method, components=0)

@@ -149,6 +149,20 @@ def test_debiased_direction_is_orthogonal(planted):
     edits.fit_direction(reg, "smile")  # restore the plain one for other tests
 
 
+def test_direction_over_the_first_components_via_the_cli(planted):
+    reg, _, info = planted
+    args = ("direction", "fit", "hat", "--components", "3", "--debias", "beard")
+    out = json.loads(run(reg.root, *args, "--json").stdout)
+    assert out["components"] == 3 and out["debiased_against"] == ["beard"]
+    hat = edits.load_direction(reg, wspace.require(reg, info["space"]), "hat")
+    assert hat.components == 3 and not hat.vector[3:].any()  # stored as it was fitted: zero beyond the first 3
+    edit = edits.edit(reg, "m0013", {"hat": 1.0}, name="m0013-hat-k3")["scores"]["hat"]
+    assert edit["after"] - edit["before"] == pytest.approx(1.0, abs=1e-6)  # still one std of its own score
+    assert "first 3 coefficients" in run(reg.root, "direction", "fit", "hat", "--components", "3").stdout
+    edits.fit_direction(reg, "hat")  # restore the plain one for other tests
+    assert edits.load_direction(reg, wspace.require(reg, info["space"]), "hat").components > 3
+
+
 def test_samples_follow_the_fitted_gaussians(planted):
     reg, _, info = planted
     made = wspace.sample(reg, n=300, seed=4, prefix="draw")

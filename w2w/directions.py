@@ -73,6 +73,12 @@ class Direction:
         return float(strength) * self.score_std * self.vector
 
     @property
+    def components(self) -> int:
+        """How many leading coefficients the direction uses (it is zero beyond them: fit_direction's K)."""
+        nz = np.flatnonzero(self.vector)
+        return int(nz[-1]) + 1 if nz.size else 0
+
+    @property
     def _name(self) -> str:
         return repr(self.attribute) if self.attribute else "(unnamed)"
 
@@ -238,18 +244,31 @@ def _prepare(C: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.nd
 
 
 def fit_direction(
-    C: np.ndarray, y: np.ndarray, method: str = DEFAULT_METHOD, attribute: str = "", **kw: object
+    C: np.ndarray,
+    y: np.ndarray,
+    method: str = DEFAULT_METHOD,
+    attribute: str = "",
+    components: int | None = None,
+    **kw: object,
 ) -> Direction:
     """Fit the direction of attribute labels y (N,) in coefficients C (N, k); NaN labels are left out.
 
     kw are the method's options (ridge/logistic: lam). The vector is unit norm and oriented so the score
-    grows with the label.
+    grows with the label. `components` K fits it over the first K coefficients only (zero beyond), as the
+    paper edits with the first 1,000 of 10,000: a class-mean difference over N models carries noise of
+    covariance ~ Cov(c) / N in every component, while an attribute's signal sits in the leading ones, so
+    the trailing components add mostly noise (bench/bench_fidelity.py measures it in the toy world).
     """
     fn = _method(method, kw)
     name = repr(attribute) if attribute else "(unnamed)"
     C, y = _prepare(C, y, name)
+    k = C.shape[1]
+    if components is not None and components < 1:
+        raise DirectionError(f"attribute {name}: components must be >= 1, got {components}")
+    K = k if components is None else min(int(components), k)
     Cc = C - C.mean(axis=0)  # (n, k)
-    v = np.asarray(fn(Cc, y, **kw), dtype=np.float64)
+    v = np.zeros(k)
+    v[:K] = np.asarray(fn(Cc[:, :K], y, **kw), dtype=np.float64)  # (K,) -> (k,), zero beyond K
     norm = float(np.linalg.norm(v))
     if not np.isfinite(norm) or norm == 0.0:
         raise DirectionError(f"attribute {name}: method {method!r} found no direction (labels unrelated to C?)")
