@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 
+from registry import index as coeff_index
 from registry.catalog import bulk_insert
 from w2w import delta as wdelta
 
@@ -56,28 +57,22 @@ def load(reg) -> PairTable:
     return reg.catalog.cached(("delta-pairs",), lambda: read(reg))
 
 
-def prepare(
+def compare(
     model_id: int,
     views: wdelta.Views,
     sq_norm: float,
     others: Iterable[int],
     views_of: Callable[[int], wdelta.Views],
     sq_norm_of: Callable[[int], float],
-) -> Callable[[], list[tuple[int, int, float]]]:
-    """The comparison of a model with `others` as a call that returns its (a, b, ||dW_a - dW_b||^2) rows, a < b:
-    the models' layers are looked up here, in the caller's thread, the math (w2w.delta.sq_distances: as a search
-    computes them, the Grams of all side by side) runs where the call is made (an add's worker thread). Pairs
-    whose module shapes disagree are left out (a family that is not one, `unknown`: a search between them fails)."""
+) -> list[tuple[int, int, float]]:
+    """(a, b, ||dW_a - dW_b||^2) rows, a < b, of a model against `others`, as a search computes them
+    (w2w.delta.sq_distances: the Grams of all side by side). Pairs whose module shapes disagree are left out (a
+    family that is not one, `unknown`: a search between them fails too)."""
     agree = [(o, v) for o in others if wdelta.shapes_agree(views, v := views_of(o))]
-    y_sqs = [sq_norm_of(o) for o, _ in agree]
-
-    def run() -> list[tuple[int, int, float]]:
-        if not agree:
-            return []
-        d2 = wdelta.sq_distances(views, [v for _, v in agree], sq_norm, y_sqs)
-        return [(min(model_id, o), max(model_id, o), float(d)) for (o, _), d in zip(agree, d2, strict=True)]
-
-    return run
+    if not agree:
+        return []
+    d2 = wdelta.sq_distances(views, [v for _, v in agree], sq_norm, [sq_norm_of(o) for o, _ in agree])
+    return [(min(model_id, o), max(model_id, o), float(d)) for (o, _), d in zip(agree, d2, strict=True)]
 
 
 def unpaired(reg) -> int:
@@ -111,12 +106,11 @@ def backfill(reg, progress: Callable[[Iterable], Iterable] = lambda x: x) -> int
         fam = sketches.load(reg, family)
         earlier = fam.ids[fam.ids < mid]
         if len(earlier):
-            from registry import index as coeff_index
-
-            near = coeff_index.search(fam.index, fam.sketch_of(mid), PAIRS_AT_ADD, allowed=earlier)
+            with coeff_index.single_thread():
+                near = coeff_index.search(fam.index, fam.sketch_of(mid), PAIRS_AT_ADD, allowed=earlier)
             views = sketches.mapped_lora(reg, mid)
             with wdelta.one_blas_thread():
-                rows += prepare(mid, views, fam.sq_norms[mid], near.tolist(), views_of, fam.sq_norms.__getitem__)()
+                rows += compare(mid, views, fam.sq_norms[mid], near.tolist(), views_of, fam.sq_norms.__getitem__)
     with reg.catalog.connect(write=True) as con:
         con.execute("BEGIN TRANSACTION")
         bulk_insert(con, "delta_pairs", rows, ["BIGINT", "BIGINT", "DOUBLE"], or_ignore=True)

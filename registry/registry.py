@@ -209,8 +209,6 @@ class _AddSession:
         self.families: dict[str, object] = {}  # family -> sketches.FamilySketches: committed + staged models
         self.delta_rows: list[tuple] = []
         self.pair_rows: list[tuple[int, int, float]] = []  # registry.delta_pairs rows of the staged models
-        self.pair_jobs: list = []  # their computation, on pair_worker until `sync`
-        self.pair_worker: ThreadPoolExecutor | None = None
         self.layouts: dict[str, Layout] = {}
         self.near_rows: list[tuple] = []
         self.near_copies: list[dict] = []
@@ -290,10 +288,7 @@ class _AddSession:
         if m.sketch is not None:
             others, views = nearest[1][: delta_pairs.PAIRS_AT_ADD], Views.of(v, m.layout)
             sq_norm_of = self.family_index(family).sq_norms.__getitem__
-            job = delta_pairs.prepare(model_id, views, m.delta_sq_norm, others, self.views_of, sq_norm_of)
-            if self.pair_worker is None:  # one thread: the pairs' math overlaps the reading and staging of the next
-                self.pair_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="w2w-pairs")
-            self.pair_jobs.append(self.pair_worker.submit(job))
+            self.pair_rows += delta_pairs.compare(model_id, views, m.delta_sq_norm, others, self.views_of, sq_norm_of)
             self.delta_rows.append((model_id, family, m.delta_sq_norm, m.sketch.astype("<f4").tobytes(), True))
             self.family_index(family).add(model_id, m.delta_sq_norm, m.sketch)
         self.next_id += 1
@@ -426,7 +421,6 @@ class _AddSession:
             raise next(e for e in errors if e)
 
     def sync(self) -> None:
-        self.pair_rows = [row for job in self.finish_pairs() for row in job.result()]
         for sid in list(self.buffers):
             self.flush(sid)
         self.drain()
@@ -437,18 +431,9 @@ class _AddSession:
                 with open(store.shard_path(shard), "rb+") as f:
                     os.fsync(f.fileno())
 
-    def finish_pairs(self) -> list:
-        """The pair jobs, every one finished (results or errors), and the worker gone."""
-        jobs, self.pair_jobs = self.pair_jobs, []
-        if self.pair_worker is not None:
-            self.pair_worker.shutdown(wait=True)
-            self.pair_worker = None
-        return jobs
-
     def rollback(self) -> None:
         if self.done:
             return
-        self.finish_pairs()  # nothing of theirs is kept: only wait for them
         with contextlib.suppress(Exception):  # the rows are dropped below whatever the writes did
             self.drain()
         for sid in {*self.written, *self.new_spaces}:
@@ -564,23 +549,21 @@ class Registry:
             for sid, n in session.committed.items():
                 session.store(sid).truncate(n)  # drop a tail a crashed writer left behind
             try:
-                # the Grams of the near-copy checks and of the kept pairs (on the pair worker) on one BLAS thread
-                # each; set once for the whole add, not per model, since the worker runs while models are staged
-                with one_blas_thread():
-                    for item in items:
-                        if on_item:
-                            on_item()
-                        if isinstance(item, Failure):
-                            report.errors.append((item.what, str(item.error)))
-                            continue
-                        try:
+                for item in items:
+                    if on_item:
+                        on_item()
+                    if isinstance(item, Failure):
+                        report.errors.append((item.what, str(item.error)))
+                        continue
+                    try:
+                        with one_blas_thread():  # the Grams of the near-copy check and of the kept pairs
                             model_id = session.stage(item)
-                            report.added.append((item.name, model_id))
-                        except DuplicateModelError as e:
-                            report.skipped.append((item.source or item.name, str(e)))
-                        except W2WError as e:
-                            report.errors.append((item.source or item.name, str(e)))
-                    session.sync()
+                        report.added.append((item.name, model_id))
+                    except DuplicateModelError as e:
+                        report.skipped.append((item.source or item.name, str(e)))
+                    except W2WError as e:
+                        report.errors.append((item.source or item.name, str(e)))
+                session.sync()
                 report.near_copies = session.near_copies
                 if report.errors and not skip_errors:
                     session.rollback()

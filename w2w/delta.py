@@ -124,16 +124,8 @@ def inner32(x: LoRA | Views, y: LoRA | Views) -> float:
 
     ~7x faster than `inner` on Factors (no float64 copies); each Gram entry carries float32 rounding,
     ~sqrt(n) 6e-8 relative, so the result is within ~1e-6 of ||dW_x|| ||dW_y||: enough to rank, not to
-    measure distances far below the norms (near copies: see `search_distance`)."""
-    total = 0.0
-    for name in x.layers.keys() & y.layers.keys():
-        lx, ly = x.layers[name], y.layers[name]
-        bx, by, ax, ay = lx.b2d(), ly.b2d(), lx.a2d(), ly.a2d()
-        if bx.shape[0] != by.shape[0] or ax.shape[1] != ay.shape[1]:
-            _module_inner((bx, ax), (by, ay), name)  # raises the shape error
-        g = (bx.T @ by) * (ax @ ay.T)  # (rx, ry)
-        total += float(np.add.reduce(g, axis=None, dtype=np.float64)) * lx.scale * ly.scale
-    return total
+    measure distances far below the norms (near copies: see `sq_distance`)."""
+    return float(inner32_many(x, [y])[0])
 
 
 def shapes_agree(x: LoRA | Views, y: LoRA | Views) -> bool:
@@ -147,25 +139,25 @@ def shapes_agree(x: LoRA | Views, y: LoRA | Views) -> bool:
 
 def inner32_many(x: LoRA | Views, ys: list[LoRA | Views]) -> np.ndarray:
     """`inner32(x, y)` for every y at once: per module of x, one pair of products against the factors of every y
-    that has it, side by side ((rx, sum r_y) Grams), instead of two small products per y. Shapes must agree
-    (`shapes_agree`). The sums are the same as inner32's, in another order: equal within float32 rounding."""
+    that has it, side by side ((rx, sum r_y) Grams), instead of two small products per y. A module whose shapes
+    differ raises LayoutMismatchError (`shapes_agree` tells beforehand)."""
     out = np.zeros(len(ys))
     for name, lx in x.layers.items():
         have = [(j, y.layers[name]) for j, y in enumerate(ys) if name in y.layers]
-        if not have:
-            continue
-        if len(have) == 1:
+        bx, ax = lx.b2d(), lx.a2d()
+        for _, ly in have:
+            if ly.B.shape[0] != bx.shape[0] or ly.a2d().shape[1] != ax.shape[1]:
+                _module_inner((bx, ax), (ly.b2d(), ly.a2d()), name)  # raises the shape error
+        if len(have) == 1:  # one y: its own factors, no side-by-side copy
             j, ly = have[0]
-            g = (lx.b2d().T @ ly.b2d()) * (lx.a2d() @ ly.a2d().T)
+            g = (bx.T @ ly.b2d()) * (ax @ ly.a2d().T)  # (rx, ry)
             out[j] += float(np.add.reduce(g, axis=None, dtype=np.float64)) * lx.scale * ly.scale
-            continue
-        B = np.concatenate([ly.b2d() for _, ly in have], axis=1)  # (out, sum r_y)
-        A = np.concatenate([ly.a2d() for _, ly in have], axis=0)  # (sum r_y, in)
-        cols = np.add.reduce((lx.b2d().T @ B) * (lx.a2d() @ A.T), axis=0, dtype=np.float64)  # (sum r_y,)
-        starts = np.cumsum([0] + [ly.rank for _, ly in have[:-1]])
-        per_y = np.add.reduceat(cols, starts)
-        idx = np.array([j for j, _ in have])
-        out[idx] += per_y * lx.scale * np.array([ly.scale for _, ly in have])
+        elif have:
+            B = np.concatenate([ly.b2d() for _, ly in have], axis=1)  # (out, sum r_y)
+            A = np.concatenate([ly.a2d() for _, ly in have], axis=0)  # (sum r_y, in)
+            cols = np.add.reduce((bx.T @ B) * (ax @ A.T), axis=0, dtype=np.float64)  # (sum r_y,)
+            per_y = np.add.reduceat(cols, np.cumsum([0] + [ly.rank for _, ly in have[:-1]]))
+            out[[j for j, _ in have]] += per_y * lx.scale * np.array([ly.scale for _, ly in have])
     return out
 
 
@@ -183,17 +175,13 @@ def metric_from_sq_distance(metric: str, d2: float, x_sq: float, y_sq: float) ->
 
 
 def sq_distance(x: LoRA | Views, y: LoRA | Views, x_sq: float, y_sq: float) -> float:
-    """||dW_x - dW_y||^2 of two LoRAs with known ||dW||^2: from float32 Grams (`inner32`), in float64 from the
-    factors where those would cancel (below CANCELLATION of the norms: near copies)."""
-    d2 = x_sq + y_sq - 2.0 * inner32(x, y)
-    if d2 < CANCELLATION * (x_sq + y_sq):
-        return distance(Factors.of(x, x_sq), Factors.of(y, y_sq)) ** 2
-    return d2
+    """||dW_x - dW_y||^2 of two LoRAs with known ||dW||^2 (see `sq_distances`)."""
+    return float(sq_distances(x, [y], x_sq, [y_sq])[0])
 
 
 def sq_distances(x: LoRA | Views, ys: list[LoRA | Views], x_sq: float, y_sqs: list[float]) -> np.ndarray:
-    """`sq_distance(x, y)` for every y (shapes must agree: `shapes_agree`), the Grams side by side
-    (`inner32_many`)."""
+    """||dW_x - dW_y||^2 for every y, given the ||dW||^2 of all: from float32 Grams side by side (`inner32_many`),
+    in float64 from the factors where those would cancel (below CANCELLATION of the norms: near copies)."""
     d2 = x_sq + np.asarray(y_sqs, dtype=np.float64) - 2.0 * inner32_many(x, ys)
     for j in np.flatnonzero(d2 < CANCELLATION * (x_sq + np.asarray(y_sqs))):
         d2[j] = distance(Factors.of(x, x_sq), Factors.of(ys[j], y_sqs[j])) ** 2
