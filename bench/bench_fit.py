@@ -73,8 +73,9 @@ class FileSource:
     """Row blocks read from the file with pread into fresh buffers (no memory map: RSS counts only what
     the fit really holds, not page cache that a map would show)."""
 
-    def __init__(self, path: Path, n: int, dim: int, block_rows: int = 384):
-        self.path, self.n, self.dim, self.block_rows = path, n, dim, block_rows
+    def __init__(self, path: Path, n: int, dim: int, block_rows: int = 0):
+        self.path, self.n, self.dim = path, n, dim
+        self.block_rows = block_rows or default_rows(dim)
 
     def specs(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.block_rows, self.n)) for lo in range(0, self.n, self.block_rows)]
@@ -109,9 +110,8 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
     if args.block:
         cfg.block = args.block
     marks: list[tuple[str, float, float]] = []  # (step, wall clock, CPU clock) at its start
-    sub = fit(
-        FileSource(path, n, dim), cfg, progress=lambda m: marks.append((m, time.perf_counter(), time.process_time()))
-    )
+    source = FileSource(path, n, dim, args.block_rows)
+    sub = fit(source, cfg, progress=lambda m: marks.append((m, time.perf_counter(), time.process_time())))
     dt, cpu = time.perf_counter() - t, time.process_time() - c
     fit_peak = peak_rss_mb()  # before the floor's arrays below
     gpu = {}
@@ -129,7 +129,7 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
     # data's alone. In wall-clock and in CPU seconds (this process's threads): on a loaded machine only
     # the second means anything, and with one BLAS thread (OPENBLAS_NUM_THREADS=1) it is the step's work.
     l = sub.config["block"]
-    rate, rate64 = gemm_rate(dim, l, args.device), dgemm_rate()
+    rate, rate64 = gemm_rate(dim, l, args.device, args.block_rows or default_rows(dim)), dgemm_rate()
     ends = [m[1:] for m in marks[1:]] + [(t + dt, c + cpu)]
     passes = []
     for (msg, *start), end in zip(marks, ends, strict=True):
@@ -188,13 +188,18 @@ def dgemm_rate(size: int = 2048) -> tuple[float, float]:
     return best_rate(2 * size**3, lambda: A @ A)
 
 
-def gemm_rate(dim: int, l: int, device: str | None) -> tuple[float, float]:
-    """(wall, CPU) flop/s of one 384-row block's two gemms (Y = W G, W^T Y) here, numpy or torch on the
-    device (there the CPU rate is the wall one)."""
-    W = np.random.default_rng(0).standard_normal((384, dim), dtype=np.float32)
+def default_rows(dim: int) -> int:
+    """Rows per block as the registry reads them (registry.wspace.StoreSource: ~256 MB blocks)."""
+    return max(16, (256 << 20) // (4 * dim))
+
+
+def gemm_rate(dim: int, l: int, device: str | None, rows: int) -> tuple[float, float]:
+    """(wall, CPU) flop/s of one block's two gemms (Y = W G, W^T Y) here, numpy or torch on the device
+    (there the CPU rate is the wall one)."""
+    W = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
     G = np.random.default_rng(1).standard_normal((dim, l), dtype=np.float32)
     if not device:
-        return best_rate(4 * 384 * dim * l, lambda: W.T @ (W @ G))
+        return best_rate(4 * rows * dim * l, lambda: W.T @ (W @ G))
     import torch
 
     Wd, Gd = torch.from_numpy(W).to(device), torch.from_numpy(G).to(device)
@@ -205,7 +210,7 @@ def gemm_rate(dim: int, l: int, device: str | None) -> tuple[float, float]:
         for _ in range(10):
             Wd.T @ (Wd @ Gd)
         sync()
-    rate = 40 * 384 * dim * l / (time.perf_counter() - t0)
+    rate = 40 * rows * dim * l / (time.perf_counter() - t0)
     return rate, rate
 
 
@@ -307,7 +312,8 @@ def _ram_bytes() -> int:
 def run_side(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--k", str(args.k), "--dim", str(args.dim),
            "--out", str(args.out), "--depth", str(args.depth), "--niter", str(args.niter),
-           "--latent", str(args.latent), "--decay", str(args.decay), "--block", str(args.block)]  # fmt: skip
+           "--latent", str(args.latent), "--decay", str(args.decay), "--block", str(args.block),
+           "--block-rows", str(args.block_rows)]  # fmt: skip
     cmd += ["--angles"] * args.angles + (["--device", args.device] if args.device else [])
     cmd += ["--max-memory-gb", str(args.max_memory_gb)] if args.max_memory_gb else []
     path = data_path(args.out, args.n, args.dim, args.latent, args.decay)
@@ -340,6 +346,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=0, help="our Krylov depth (Gram passes); 0 = the library default")
     ap.add_argument("--block", type=int, default=0, help="our Krylov block size l; 0 = the library default")
     ap.add_argument("--niter", type=int, default=2, help="torch.svd_lowrank power iterations")
+    ap.add_argument("--block-rows", type=int, default=0, help="data rows per block read; 0 = the registry's ~256 MB")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--sides", default="ours,torch", help="of ours, ooc, torch")

@@ -9,9 +9,11 @@ w2w.subspace.gram_in_place runs it) is run part by part, serially, block after b
   center       W - mean in place                                    floor: np.copyto of as many bytes
   C Gs         the (b, D) x (D, l) product (Gs = G / std)           floor: the same gemm on data in cache
   P += C^T Y   the (D, b) x (b, l) product added in place (sgemm)   floor: the same gemm on data in cache
-then the pass as fit runs it (map_in_process: the next block read on a thread), against the sum of the
-product floors; and one orthogonalization of a block against a basis of `--used` blocks (K^T P, K C twice,
-_orth, as fit does), against the floor of its flops at the gemm rate of that shape. Each part is timed in
+then the pass as fit runs it (map_in_process: a read that waits for the disk goes on a thread), against the
+sum of the product floors; the same pass with its first product by numpy's BLAS (as before session 9:
+numpy and scipy each carry an OpenBLAS, and their thread pools alternating on 2 cores slow both); and one
+orthogonalization of a block against a basis of `--used` blocks (K^T P, K C twice, _orth, as fit does),
+against the floor of its flops at the gemm rate of that shape. Each part is timed in
 wall-clock seconds and in this process's CPU seconds (all its threads): on a loaded machine the wall
 clock is noise, and with one BLAS thread (OPENBLAS_NUM_THREADS=1) the CPU seconds are each part's own
 work, whatever else runs. It prints figures, it makes no claim.
@@ -90,7 +92,7 @@ def main() -> None:
         steps = [clock.tick()]
         W -= mean
         steps.append(clock.tick())
-        Y = np.asfortranarray(W @ Gs)
+        Y = sgemm(1.0, W.T, Gs.T, trans_a=1, trans_b=1)
         steps.append(clock.tick())
         sgemm(1.0, W.T, Y, beta=1.0, c=P, overwrite_c=1)
         steps.append(clock.tick())
@@ -112,6 +114,12 @@ def main() -> None:
     clock = Clock()
     gram_in_place(source, specs, mean, std, G)
     whole = clock.tick()
+    for spec in specs:  # the same pass, its first product by numpy's own OpenBLAS
+        W = buf[: spec[1] - spec[0]]
+        source.load_into(spec, W)
+        W -= mean
+        sgemm(1.0, W.T, np.asfortranarray(W @ Gs), beta=1.0, c=P, overwrite_c=1)
+    two_blas = clock.tick()
 
     # one orthogonalization against `used` blocks, as fit does it (in RAM)
     P = rng.standard_normal((D, l)).astype(np.float32)
@@ -134,7 +142,8 @@ def main() -> None:
           f"(floors measured in this run; load {os.getloadavg()[0]:.1f})")  # fmt: skip
     print(f"{'part':<34} {'wall s':>7} {'floor':>6} {'ratio':>6}   {'cpu s':>7} {'floor':>6} {'ratio':>6}")
     rows = [*((name, spent[name], floors[name]) for name in names),
-            ("pass as fit runs it (prefetch)", np.array(whole), product_floor),
+            ("pass as fit runs it", np.array(whole), product_floor),
+            ("the same, numpy and scipy BLAS", np.array(two_blas), product_floor),
             (f"orthogonalize vs {used} columns", np.array(orth), orth_floor)]  # fmt: skip
     for name, t, f in rows:
         r = t / f

@@ -43,8 +43,10 @@ class StoreSource:
     def __init__(self, store: VectorStore, rows: np.ndarray, block_rows: int | None = None):
         self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
         self.n, self.dim = len(self.rows), store.dim
-        # ~128 MB blocks: large enough for BLAS to run at full speed, small enough to prefetch the next
-        self.block_rows = block_rows or max(16, (128 << 20) // (4 * store.dim))
+        # ~256 MB blocks: a Gram pass re-reads its D x l operands once per block, so at D = 99,648 and l = 350
+        # 768-row blocks ran the pass ~5% faster than 384-row ones (bench/bench_fit.py --block-rows); two of
+        # them are alive in a pass (fit_plan.py counts them)
+        self.block_rows = block_rows or max(16, (256 << 20) // (4 * store.dim))
 
     def specs(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.block_rows, self.n)) for lo in range(0, self.n, self.block_rows)]

@@ -12,10 +12,13 @@ from w2w.subspace import (
     ArraySource,
     FitConfig,
     block_gram,
+    block_stats,
     default_block,
     fit,
     gram_in_place,
     map_in_process,
+    merge_stats,
+    stats_in_place,
     sum_blocks,
 )
 
@@ -57,6 +60,31 @@ def test_gram_in_place_equals_the_dense_product_and_the_blockwise_pass(offset_da
     np.testing.assert_allclose(P, blockwise, atol=1e-4 * scale)
     assert P.shape == (600, 24) and P.dtype == np.float32 and P.flags.c_contiguous
     np.testing.assert_array_equal(source.X, X)  # the source's own array is never centered in place
+
+
+@pytest.mark.parametrize("source_cls", [ArraySource, Buffered])
+def test_stats_in_place_equals_the_merged_blocks_and_the_exact_statistics(offset_data, source_cls):
+    X = offset_data
+    source = source_cls(X.copy(), 64)
+    n, mean, m2, sketch, osum = stats_in_place(source, source.specs(), 5, 12)
+    ref = merge_stats(map_in_process(block_stats, source, source.specs(), (5, 12)))
+    assert n == ref[0] == 500 and sketch.shape == (12, 600) and sketch.T.flags.c_contiguous
+    X64 = X.astype(np.float64)
+    # The mean is a float32 mean corrected by the float64 sum of the float32 deviations from it, each rounded
+    # by u of its own size: off by <= u max|w - mean| per column, below the u |w| every float32 entry carries
+    # (up to 51 spreads here). M2 from float32 deviations (each rounded by <= 51 u of its spread, see above),
+    # summed in float32 over a block of 64 rows: <= ~64 u relative per block; 1e-5 leaves ~20x.
+    dev = np.abs(X64 - X64.mean(0)).max(0)
+    np.testing.assert_array_less(np.abs(mean - X64.mean(0)), 2 * U * dev + 1e-12 * np.abs(X64).max(0))
+    assert np.abs(mean - X64.mean(0)).max() < U * np.abs(X64).max()  # better than the data's own rounding
+    np.testing.assert_allclose(m2, ((X64 - X64.mean(0)) ** 2).sum(0), rtol=1e-5)
+    np.testing.assert_array_less(np.abs(mean - ref[1]), 2 * U * dev + 1e-12 * np.abs(X64).max(0))
+    np.testing.assert_allclose(m2, ref[2], rtol=1e-5)
+    np.testing.assert_allclose(osum, ref[4], rtol=1e-6)
+    # Omega^T W: each entry a sum of 500 products of |W| <= ~100 by unit normals, in float32 in two summation
+    # orders: both within ~sqrt(500) u of sum |omega w|; 1e-5 of the largest leaves ~40x
+    np.testing.assert_allclose(sketch, ref[3], atol=1e-5 * np.abs(ref[3]).max())
+    np.testing.assert_array_equal(source.X, X)  # a view of the caller's array is never changed
 
 
 def test_default_krylov_fit_is_accurate_and_orthonormal():

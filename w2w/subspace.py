@@ -78,21 +78,27 @@ MapBlocks = Callable[[Callable[..., Any], BlockSource, list[Any], tuple], Iterab
 
 
 def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any], shared: tuple = ()) -> Iterable[Any]:
-    """Run a pass here, reading block i+1 on a thread while block i is computed.
+    """Run a pass here, reading block i+1 on a thread while block i is computed when reading waits.
+
+    A read that waits (for the disk) goes on the thread, where the wait overlaps the products; a read that
+    computes (a copy from the page cache) runs in line, where it does not take a core from BLAS: on 2 cores
+    a copy on the thread slowed a 2-thread product by more than the copy itself (bench/profile_fit.py).
+    Each read is timed (wall clock against its thread's CPU clock) and decides how the next one is made.
 
     With `source.load_into`, blocks go into two buffers per block size in turn (block i+2 reuses block i's
     once fn is done with it; fn may change its block in place): a fresh 150 MB array per block cost ~70 ms
     of page faults here, 4x the read itself, on a core the products need.
     """
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     if not specs:
         return
-    load = source.load
+    read = source.load
     if hasattr(source, "load_into"):
         buffers: dict[int, list[np.ndarray]] = {}
 
-        def load(spec: Any) -> np.ndarray:
+        def read(spec: Any) -> np.ndarray:
             b = spec[-1] - spec[-2]
             if b not in buffers:
                 buffers[b] = [np.empty((b, source.dim), dtype=np.float32) for _ in range(2)]
@@ -100,12 +106,20 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
             pair.reverse()  # the other one than last time
             return source.load_into(spec, pair[0])
 
+    waits = [False]
+
+    def load(spec: Any) -> np.ndarray:
+        t, c = time.perf_counter(), time.thread_time()
+        block = read(spec)
+        wall, cpu = time.perf_counter() - t, time.thread_time() - c
+        waits[0] = wall > 2 * cpu + 1e-3  # mostly waiting: I/O
+        return block
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(load, specs[0])
+        nxt = None
         for i, spec in enumerate(specs):
-            block = nxt.result()
-            if i + 1 < len(specs):
-                nxt = pool.submit(load, specs[i + 1])
+            block = nxt.result() if nxt is not None else load(spec)
+            nxt = pool.submit(load, specs[i + 1]) if waits[0] and i + 1 < len(specs) else None
             yield fn(*shared, spec, block)
 
 
@@ -137,9 +151,11 @@ def merge_stats(parts: Iterable[tuple]) -> tuple[int, np.ndarray, np.ndarray, np
     n, mean, m2, sk, osum = 0, None, None, None, None
     for nb, mb, m2b, skb, ob in parts:
         if mean is None:
-            n, mean, m2, sk, osum = nb, mb.copy(), m2b.copy(), skb.copy(), ob.copy()
+            n, mean, m2, osum = nb, mb.copy(), m2b.copy(), ob.copy()
+            sk = None if skb is None else skb.copy()
             continue
-        sk += skb
+        if skb is not None:
+            sk += skb
         osum += ob
         delta = mb - mean
         tot = n + nb
@@ -183,12 +199,14 @@ def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: n
 def gram_in_place(
     source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray, scratch: bool = False
 ) -> np.ndarray:
-    """Z^T Z G (D, l) float32 in this process, with two fewer passes over each block than block_gram.
+    """Z^T Z G (D, l) float32, C-ordered, in this process, with two fewer passes over each block than
+    block_gram.
 
     Z_b = C_b S^-1 with C_b = W_b - 1 mean^T, so Z^T Z G = S^-1 sum_b C_b^T (C_b (S^-1 G)): the scaling
     moves onto the D x l operands (once per pass, not once per block), a block is only centered, in place,
-    and every block's product is added into one Fortran-ordered (D, l) sum by BLAS itself (sgemm with
-    beta = 1) instead of being made as a new (l, D) array and then added. With `scratch` G (C-ordered
+    and every block's product is added into one sum by BLAS itself (sgemm with beta = 1) instead of being
+    made as a new (l, D) array and then added. The sum is kept as P^T, a Fortran-ordered (l, D) array,
+    which is P's C-ordered buffer: it is returned as it is (no D x l copy). With `scratch` G (C-ordered
     float32) is scaled in its own buffer (the caller has no further use for it).
     """
     from scipy.linalg.blas import sgemm
@@ -198,22 +216,69 @@ def gram_in_place(
         Gs /= std[:, None]  # (D, l) S^-1 G
     else:
         Gs = np.ascontiguousarray(G / std[:, None], dtype=np.float32)
-    P = np.zeros((G.shape[0], G.shape[1]), dtype=np.float32, order="F")  # (D, l)
+    Pt = np.zeros((G.shape[1], G.shape[0]), dtype=np.float32, order="F")  # (l, D): P^T
 
     def add_block(spec: Any, W: np.ndarray) -> None:
-        nonlocal P
+        nonlocal Pt
         C = W if _scratch(W) else W.copy()  # (b, D)
         C -= mean
-        Y = np.asfortranarray(C @ Gs)  # (b, l)
-        # C.T is a Fortran-ordered view (D, b) of the C-ordered block: BLAS reads it without a copy.
-        # P += C^T Y in P's buffer (P is Fortran-ordered float32, so f2py passes it as it is; were it
-        # ever copied, the sum returned would still be right)
-        P = sgemm(1.0, C.T, Y, beta=1.0, c=P, overwrite_c=1)
+        # C.T (D, b) and Gs.T (l, D) are Fortran-ordered views of C-ordered arrays: BLAS reads them without
+        # a copy. Both products go through scipy's BLAS: numpy carries its own OpenBLAS, and alternating
+        # the two libraries' thread pools (each spins a while after its call) made both products ~1.4x
+        # slower on 2 cores than either alone (bench/profile_fit.py, "numpy and scipy BLAS" row).
+        Y = sgemm(1.0, C.T, Gs.T, trans_a=1, trans_b=1)  # (b, l) Fortran-ordered: C Gs
+        # P^T += Y^T C in Pt's buffer (Fortran-ordered float32, so f2py passes it as it is; were it ever
+        # copied, the sum returned would still be right)
+        Pt = sgemm(1.0, Y, C.T, trans_a=1, trans_b=1, beta=1.0, c=Pt, overwrite_c=1)
 
     for _ in map_in_process(add_block, source, specs):
         pass
+    P = Pt.T  # (D, l) C-ordered view of the same buffer
     P /= std[:, None]
-    return np.ascontiguousarray(P)
+    return P
+
+
+def stats_in_place(source: BlockSource, specs: list[Any], seed: int, l: int) -> tuple:
+    """merge_stats(block_stats of every block) in this process, the sketch summed in place by BLAS.
+
+    The same (count, mean, M2, sketch, colsum of Omega) with the sketch (l, D) a view of one Fortran-ordered
+    sum that every block's Omega_b^T W_b is added into (sgemm, beta = 1): block_stats made a new (l, D)
+    array per block and merge_stats added it, which cost as much as the product itself at l = 350.
+    The sketch is Fortran-ordered, so its transpose is C-ordered (D, l): the fit's start block is made
+    from it in place.
+    """
+    from scipy.linalg.blas import sgemm, sgemv
+
+    sk = np.zeros((l, source.dim), dtype=np.float32, order="F")  # (l, D)
+    stats: list[tuple] = []
+
+    def add_block(spec: Any, W: np.ndarray) -> None:
+        nonlocal sk
+        b = W.shape[0]
+        omega = sketch_rows(seed, spec, l)  # (b, l)
+        # += Omega_b^T W_b, before W changes (W.T: a Fortran-ordered view, read without a copy)
+        sk = sgemm(1.0, omega, W.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1)
+        # The block's mean in two steps, each one read of the block: a float32 mean by BLAS (W^T 1 / b), then
+        # the float64 sum of the deviations from it (small: their float32 rounding is of their own size),
+        # which corrects it to the block's mean to float64 rounding, and M2 about it. A float64 column sum
+        # of the block took as long as both.
+        approx = sgemv(1.0 / b, W.T, np.ones(b, dtype=np.float32))  # (D,) float32
+        dev = W if _scratch(W) else np.empty_like(W)
+        np.subtract(W, approx, out=dev)
+        r = dev.sum(axis=0).astype(np.float64)  # sum of (w - approx) = b (mean - approx)
+        # sum (w - mean)^2 = sum (w - approx)^2 - r^2 / b; each square summed in float32 over b rows: a sum
+        # of positive terms, within b u of exact
+        m2 = np.einsum("ij,ij->j", dev, dev).astype(np.float64) - r**2 / b
+        mean = approx.astype(np.float64) + r / b
+        # merged as they come (Chan et al.): two D-vectors alive, not one per block
+        stats[:] = [merge_stats([*stats, (b, mean, np.maximum(m2, 0.0), None, omega.sum(axis=0))])]
+
+    for _ in map_in_process(add_block, source, specs):
+        pass
+    if not stats:
+        raise SubspaceError("no models to fit on")
+    n, mean, m2, _, omega_sum = stats[0]
+    return n, mean, m2, sk, omega_sum
 
 
 # --- the subspace -----------------------------------------------------------------------------------
@@ -420,22 +485,29 @@ def fit(
     say(plan.describe())
 
     say("pass 1: column mean and std, and a sketch of the row space")
-    if cfg.device is None:
-        parts = map_blocks(block_stats, source, specs, (cfg.seed, l))
-    else:
+    if cfg.device is not None:
         from w2w.device_pass import torch_stats_pass
 
-        parts = torch_stats_pass(source, specs, cfg.seed, l, cfg.device)
-    n_seen, mean64, m2, sketch, omega_sum = merge_stats(parts)
+        stats = merge_stats(torch_stats_pass(source, specs, cfg.seed, l, cfg.device))
+    elif map_blocks is map_in_process:
+        stats = stats_in_place(source, specs, cfg.seed, l)
+    else:
+        stats = merge_stats(map_blocks(block_stats, source, specs, (cfg.seed, l)))
+    n_seen, mean64, m2, sketch, omega_sum = stats
+    del stats
     assert n_seen == n, f"blocks held {n_seen} rows, expected {n}"
     std64 = np.sqrt(m2 / max(n - 1, 1))
     std64[std64 < STD_FLOOR] = 1.0  # constant columns: centered they are 0, scaled by 1 they stay 0
     mean, std = mean64.astype(np.float32), std64.astype(np.float32)
     total_variance = float((m2 / std64**2).sum() / max(n - 1, 1))
-    # Z^T Omega = S^-1 (W^T Omega - mean 1^T Omega): a start block inside Z's row space, for free
-    start = (sketch.T - np.outer(mean64, omega_sum)) / std64[:, None]
+    # Z^T Omega = S^-1 (W^T Omega - mean 1^T Omega): a start block inside Z's row space, for free; made in
+    # the sketch's buffer (or a C-ordered copy of it) a row chunk at a time: no D x l float64 array
+    start = np.ascontiguousarray(sketch.T, dtype=np.float32)  # (D, l)
     del sketch
-    G = _orth(start.astype(np.float32))  # (D, l)
+    for lo in range(0, D, 8192):
+        rows = slice(lo, lo + 8192)
+        start[rows] = (start[rows] - np.outer(mean64[rows], omega_sum)) / std64[rows, None]
+    G = _orth(start)  # (D, l), in start's buffer
     del start
     workdir = cfg.workdir or tempfile.gettempdir()
     with KrylovBasis(D, depth * l, workdir if plan.out_of_core else None, cfg.device) as K:
