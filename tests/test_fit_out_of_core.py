@@ -124,12 +124,24 @@ def test_plan_puts_the_basis_on_disk_above_the_budget():
         choose(FitPlan(64974, 99648, 10000, 2016, 7, 384), False, 8.0)
 
 
+def test_plan_takes_the_faster_eigensolver_where_its_workspace_fits():
+    # k = 1,000 (m = 1,750): dsyevd's 2 m^2 doubles are 49 MB, inside any budget that holds the passes
+    small = choose(FitPlan(8192, 99648, 1000, 350, 5, 673), None, 8.0)
+    assert small.ritz_driver == "evd" and "final step by evd" in small.describe()
+    assert small.peak() == small.peak(ritz_driver="evr")  # it does not raise the peak: a pass is larger
+    # the paper's fit in 8 GB (m = 16,750): 24 m^2 bytes = 6.7 GB of eigenproblem do not fit beside the rest
+    paper = choose(FitPlan(64974, 99648, 10000, 3350, 5, 673, base=int(0.35 * GB)), None, 8.0)
+    assert paper.out_of_core and paper.ritz_driver == "evr" and paper.guarded(ritz_driver="evd") > 8 * GB
+    assert choose(FitPlan(64974, 99648, 10000, 3350, 5, 673), True, 16.0).ritz_driver == "evd"
+
+
 def test_fit_refuses_a_budget_it_cannot_keep(data):
     with pytest.raises(SubspaceError, match=r"needs ~[\d.]+ GB even with its Krylov basis on disk"):
         fit(ArraySource(data, 64), FitConfig(**CFG, max_memory_gb=1e-3))
 
 
-def test_ritz_equals_the_generalized_eigenproblem_and_survives_a_dependent_column():
+@pytest.mark.parametrize("driver", ["evr", "evd"])
+def test_ritz_equals_the_generalized_eigenproblem_and_survives_a_dependent_column(driver):
     from scipy.linalg import eigh
 
     rng = np.random.default_rng(2)
@@ -143,8 +155,9 @@ def test_ritz_equals_the_generalized_eigenproblem_and_survives_a_dependent_colum
             Cs[1][:, 7] = Cs[1][:, 3]  # block 1 spans only 9 dimensions: whitening drops one
         K = np.hstack([Q @ C for Q, C in zip(Qs, Cs, strict=True)])
         M, S = K.T @ A @ K, K.T @ K
-        theta, Q, how = ritz(np.triu(M), [C.T @ C for C in Cs], 10)
-        assert how == ("block-diagonal, 39 of 40" if dependent else "block-diagonal")
+        theta, Q, how = ritz(np.triu(M), [C.T @ C for C in Cs], 10, driver)
+        suffix = ", evd" if driver == "evd" else ""
+        assert how == ("block-diagonal, 39 of 40" if dependent else "block-diagonal") + suffix
         V = K @ Q
         # float64 throughout: a few hundred ulps of ||M|| (each block's cond(S_i) ~ 10)
         np.testing.assert_allclose(V.T @ V, np.eye(10), atol=1e-10)

@@ -8,7 +8,8 @@ per chunk):
           2 * 4 D l + 2 * 4 b D + 4 b l
   orth    P (made into R, then into the next G, in its own buffer), K^T P and K^T R:  4 D l + 2 * 8 m l
   ritz    M and a block column while it is assembled, then M and the k eigenvectors, then those and Q:
-          max(8 m^2 + 8 m max(l, k), 16 m k)
+          max(8 m^2 + 8 m max(l, k), 16 m k) with LAPACK's dsyevr (an index range); with dsyevd (all pairs,
+          divide and conquer, in M's buffer) its workspace of 2 m^2 + 6 m doubles too: 24 m^2 + 8 m k
   out     Q in float64 and float32, two chunks of V:  12 m k + 8 c k
 In RAM, K (4 D m) is alive throughout and V (4 D k) at the end. On disk neither is, but a chunk of K's
 read buffers (4 c m) is.
@@ -55,30 +56,32 @@ class FitPlan:
     rows: int  # data rows per block
     out_of_core: bool = False
     base: int = 0
+    ritz_driver: str = "evr"  # the final eigenproblem's LAPACK driver (choose: evd where memory allows)
 
     @property
     def m(self) -> int:
         return self.depth * self.block
 
-    def phases(self, out_of_core: bool) -> dict[str, int]:
+    def phases(self, out_of_core: bool, ritz_driver: str | None = None) -> dict[str, int]:
         """Bytes alive in each phase (the module docstring's formula)."""
         D, l, m, k, b, c = self.dim, self.block, self.m, self.k, self.rows, chunk_rows(self.m)
         kept = 8 * l * l * (self.depth * (self.depth + 1) // 2 + self.depth)
         K, V = (4 * c * m, 0) if out_of_core else (4 * D * m, 4 * D * k)
+        evd = (ritz_driver or self.ritz_driver) == "evd"
         return {
             "pass": kept + K + 2 * 4 * D * l + 2 * 4 * b * D + 4 * b * l,
             "orth": kept + K + 4 * D * l + 2 * 8 * m * l,
-            "ritz": K + max(8 * m * m + 8 * m * max(l, k), 16 * m * k),
+            "ritz": K + (24 * m * m + 8 * m * k if evd else max(8 * m * m + 8 * m * max(l, k), 16 * m * k)),
             "out": K + V + 12 * m * k + 8 * c * k,
         }
 
-    def peak(self, out_of_core: bool | None = None) -> int:
+    def peak(self, out_of_core: bool | None = None, ritz_driver: str | None = None) -> int:
         ooc = self.out_of_core if out_of_core is None else out_of_core
-        return self.base + max(self.phases(ooc).values())
+        return self.base + max(self.phases(ooc, ritz_driver).values())
 
-    def guarded(self, out_of_core: bool | None = None) -> int:
+    def guarded(self, out_of_core: bool | None = None, ritz_driver: str | None = None) -> int:
         """The peak a budget is checked against: the estimate with the measured slack."""
-        return int(self.peak(out_of_core) * SLACK_RATIO) + SLACK_BYTES
+        return int(self.peak(out_of_core, ritz_driver) * SLACK_RATIO) + SLACK_BYTES
 
     def describe(self) -> str:
         where = "on disk" if self.out_of_core else "in RAM"
@@ -86,6 +89,7 @@ class FitPlan:
         parts = ", ".join(f"{name} {v / GB:.2f}" for name, v in ph.items())
         return (
             f"plan: l = {self.block}, depth {self.depth} (m = {self.m}), Krylov basis {where}; "
+            f"final step by {self.ritz_driver}; "
             f"estimated peak {self.peak() / GB:.2f} GB = {self.base / GB:.2f} now + max({parts}) GB "
             f"(budgeted as {self.guarded() / GB:.2f} GB with the allocator's slack)"
         )
@@ -98,6 +102,11 @@ def choose(plan: FitPlan, out_of_core: bool | None, max_memory_gb: float | None)
     if out_of_core is None:
         out_of_core = budget is not None and plan.guarded(False) > budget
     plan.out_of_core = out_of_core
+    # dsyevd took half dsyevr's time for the final step at m = 4,000 (its eigenvectors by divide and conquer,
+    # not MRRR: README, "The w2w space"), for 2 m^2 more doubles: taken when the budget (or, without one,
+    # half this machine's memory) still holds with them
+    room = budget if budget is not None else 0.5 * physical_memory()
+    plan.ritz_driver = "evd" if plan.guarded(ritz_driver="evd") <= room else "evr"
     if budget is not None and plan.guarded() > budget:
         raise ValueError(
             f"a fit of k = {plan.k} over D = {plan.dim:,} needs ~{plan.guarded() / GB:.1f} GB "

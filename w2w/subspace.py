@@ -541,7 +541,7 @@ def fit(
         P = G = None  # noqa: F841 (dropped before the m x m matrices are made)
         say(f"Rayleigh-Ritz on the {K.used}-dimensional Krylov space")
         blocks = [c[1] for c in cols]
-        theta, Q, method = ritz(_assemble(cols, K.used), blocks, k)  # (k,), (used, k)
+        theta, Q, method = ritz(_assemble(cols, K.used), blocks, k, plan.ritz_driver)  # (k,), (used, k)
         # each component's entries sum to a positive number, so refits of the same data agree in sign
         # (1^T V = (1^T K) Q: the signs are known before V is made)
         signs = np.sign(K.colsum @ Q)
