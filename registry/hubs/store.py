@@ -60,6 +60,10 @@ class RevisionNotFound(HubError, LookupError):
     pass
 
 
+class EntryNotFound(HubError, LookupError):
+    """A commit deletes a file or folder its branch does not hold."""
+
+
 class ParentMismatch(HubError):
     pass
 
@@ -525,13 +529,18 @@ class RepoStore:
                     continue
                 # the client sends a folder given without its trailing '/' as a file: the Hub deletes the folder
                 inside = [f for f in files if f.startswith(p + "/")]
-                if not inside:
-                    raise HubError(f"cannot delete {p!r}: no such file or folder in {repo_id!r}")
+                if not inside:  # the Hub's (Gitaly's) words, which the client adds a hint to
+                    raise EntryNotFound(f"A file with this name doesn't exist: cannot delete {p!r} from {repo_id!r}")
                 for f in inside:
                     del files[f]
             for folder in deleted_folders:
                 prefix = folder.rstrip("/") + "/"
-                files = {p: e for p, e in files.items() if not p.startswith(prefix)}
+                left = {p: e for p, e in files.items() if not p.startswith(prefix)}
+                if len(left) == len(files):  # as a missing file: an error, not an empty commit
+                    raise EntryNotFound(
+                        f"A folder with this name doesn't exist: cannot delete {prefix!r} from {repo_id!r}"
+                    )
+                files = left
             if staged is not None:
                 staged.publish()
             for p, e in added.items():
