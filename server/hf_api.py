@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from email.utils import formatdate
+from functools import partial
 from urllib.parse import parse_qs
 
 import yaml
@@ -41,6 +42,7 @@ from server import (
 )
 from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
 from server.hf_common import (
+    EXPANDED_PAGE,
     SMALL_BODY,
     ObjectResponse,
     iso,
@@ -260,9 +262,9 @@ def build_router(state: ServerState) -> APIRouter:
         if prefix and not entries and not folders:
             raise HubHTTPError(404, f"{path!r} is not in {repo_id} at {commit.oid[:12]}", "EntryNotFound")
         dirs = [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
-        if _yes(expand):
-            return page(request, hf_expand.expand(state.store, repo_id, commit, dirs + entries))
-        return page(request, dirs + entries)
+        if not _yes(expand):
+            return page(request, dirs + entries)
+        return page(request, dirs + entries, partial(hf_expand.expand, state.store, repo_id, commit), EXPANDED_PAGE)
 
     @r.post("/api/models/{ns}/{name}/paths-info/{revision:path}")
     async def paths_info(ns: str, name: str, revision: str, request: Request):

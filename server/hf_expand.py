@@ -28,7 +28,7 @@ def last_commits(store: RepoStore, repo_id: str, head: Commit, entries: list[dic
     todo = {e["path"]: e["type"] == "directory" for e in entries}
     found: dict[str, Commit] = {}
     newer: Commit | None = None
-    for c in store.history(repo_id, head.oid):
+    for c in store.walk(repo_id, head.oid):
         if newer is not None:
             for p in [p for p in todo if _state(c, p, todo[p]) != _state(newer, p, todo[p])]:
                 found[p] = newer

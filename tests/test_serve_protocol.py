@@ -195,6 +195,10 @@ def test_paths_info_and_tree_expand_give_the_last_commit_and_a_scan_status(alice
     assert tree["a.txt"].last_commit == info["a.txt"].last_commit and tree["a.txt"].security.status == "unscanned"
     older = {e.path: e for e in alice.list_repo_tree(repo, expand=True, revision=third)}
     assert older["a.txt"].last_commit.oid == third and "b/d.txt" not in older
+    # expanded, a tree comes 50 entries a page (as the Hub's): the client follows the pages
+    many = alice.upload_folder(repo_id=repo, folder_path=_folder(alice, {f"m/{i:03d}": b"m" for i in range(120)}))
+    listed = list(alice.list_repo_tree(repo, path_in_repo="m", expand=True))
+    assert len(listed) == 120 and {e.last_commit.oid for e in listed} == {many.oid}
 
 
 def test_deleting_a_missing_file_or_folder_is_the_clients_entry_not_found(alice):

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -348,12 +349,14 @@ class RepoStore:
 
     def history(self, repo_id: str, revision: str = BRANCH) -> list[Commit]:
         """Commits from `revision` back to the first, newest first."""
-        out: list[Commit] = []
+        return list(self.walk(repo_id, revision))
+
+    def walk(self, repo_id: str, revision: str = BRANCH) -> Iterator[Commit]:
+        """history(), read one commit at a time (a caller that stops early reads no more)."""
         c: Commit | None = self.resolve(repo_id, revision)
         while c is not None:
-            out.append(c)
+            yield c
             c = self._read_commit(repo_id, c.parent) if c.parent else None
-        return out
 
     def read(self, entry: FileEntry) -> bytes:
         return self.object_path(entry.sha256).read_bytes()
