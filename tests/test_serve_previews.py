@@ -484,3 +484,6 @@ def test_no_previews_never_loads_torch_and_says_why(tmp_path):
         assert "torch" not in maps, "the server loaded torch"
     finally:
         server.stop()
+    for flag in (["--render-base", str(TOY_BASE_DIR)], ["--render-device", "cuda"]):  # a contradiction: said so
+        out = run(tmp_path / "reg", "serve", "--no-previews", *flag, code=1).output
+        assert "--no-previews draws nothing" in out, out
