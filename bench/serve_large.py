@@ -17,6 +17,12 @@ huggingface_hub, each in its own process. Sides, on the same random file of --si
 Each row: seconds, MB/s, copy time / side time (1.0 = as fast as a copy; the target is >= 0.5), and the
 server's peak RSS during that side (the target is < 300 MB whatever the file size), and the CPU seconds the
 server and the client used (on a machine shared with other work, wall time is noisy; CPU time less so).
+The download rows also give the call alone, timed inside the client process ("call s", "x copy (call)",
+"call CPU s"): without the interpreter's start and the import of huggingface_hub, which a script that
+downloads has paid already (the process's own seconds include them: ~0.7 CPU-s here). "bound" is the
+copy's CPU seconds over the client's (its call's, where timed): about the best "x copy speed" that client
+can reach however fast the server, since its transfer runs in one thread (wall >= its CPU) and a cached
+copy is CPU-bound (wall a little over its CPU); unlike wall times it holds on a loaded machine.
 The title gives the server's RSS at rest (it loads no preview machinery until a preview is asked for) and
 after one preview of a toy model (torch, diffusers and the toy base then loaded).
 
@@ -26,6 +32,7 @@ client's time goes: its file writes, its socket reads, httpx's assembling of 10 
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -126,15 +133,22 @@ def _available() -> int:
     return 0
 
 
-def _copy_seconds(src: Path) -> float:
-    """One plain copy of the file (then removed): the comparison, made next to each side so that both meet the
-    same page cache and the same load (this VM's first touch of fresh memory is slow: copies vary 5x)."""
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _copy_seconds(src: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of one plain copy of the file (then removed): the comparison, made next to each
+    side so that both meet the same page cache and the same load (this VM's first touch of fresh memory is
+    slow: copies vary 5x). The copy is sendfile in the kernel, CPU-bound on a cached file: its CPU seconds
+    are about its wall time on an idle machine, and are much less disturbed by other work than wall time."""
     dst = src.with_name("copy.bin")
-    t0 = time.perf_counter()
+    c0, t0 = _self_cpu(), time.perf_counter()
     shutil.copyfile(src, dst)
-    took = time.perf_counter() - t0
+    took, cpu = time.perf_counter() - t0, _self_cpu() - c0
     dst.unlink()
-    return took
+    return took, cpu
 
 
 def _timed(server: Server, cmd: list[str], env: dict, src: Path) -> dict:
@@ -144,20 +158,41 @@ def _timed(server: Server, cmd: list[str], env: dict, src: Path) -> dict:
     _reset_peak(server.proc.pid)
     cpu0, client0 = _cpu(server.proc.pid), _children_cpu()
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    printed = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
     took = time.perf_counter() - t0
     out = {"s": took, "peak_rss": _peak_rss(server.proc.pid), "server_cpu": _cpu(server.proc.pid) - cpu0,
            "client_cpu": _children_cpu() - client0}  # fmt: skip
-    return out | {"copy_s": (before + _copy_seconds(src)) / 2}
+    if printed and printed[-1].startswith('{"call_s"'):  # the client timed its call (CALL_TIMER)
+        out |= json.loads(printed[-1])
+    after = _copy_seconds(src)
+    return out | {"copy_s": (before[0] + after[0]) / 2, "copy_cpu": (before[1] + after[1]) / 2}
 
 
+CALL_TIMER = """
+import json, resource, time
+def _cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+_c0, _t0 = _cpu(), time.perf_counter()
+"""
+CALL_REPORT = """
+print(json.dumps({"call_s": time.perf_counter() - _t0, "call_cpu": _cpu() - _c0}))
+"""
+# the call alone is timed too (CALL_*): what a script that already imported huggingface_hub pays, without
+# the interpreter's start and the import (~0.7 CPU-s on this machine)
 DOWNLOAD = (
-    "import sys; from huggingface_hub import hf_hub_download; "
-    "print(hf_hub_download(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3]))"
+    "import sys\nfrom huggingface_hub import hf_hub_download\n"
+    + CALL_TIMER
+    + "hf_hub_download(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3])\n"
+    + CALL_REPORT
 )
-PLAIN_DOWNLOAD = """
+PLAIN_DOWNLOAD = (
+    """
 import http.client, os, sys
 port, repo, path, out = sys.argv[1:]
+"""
+    + CALL_TIMER
+    + """
 conn = http.client.HTTPConnection("127.0.0.1", int(port))
 conn.request("GET", f"/{repo}/resolve/main/{path}", headers={"Authorization": "Bearer " + os.environ["HF_TOKEN"]})
 resp = conn.getresponse()
@@ -167,6 +202,8 @@ with open(out, "wb", buffering=0) as f:
     while n := resp.readinto(buf):
         f.write(memoryview(buf)[:n])
 """
+    + CALL_REPORT
+)
 
 
 def _toy_registry(path: Path) -> None:
@@ -219,7 +256,7 @@ def profile_client(root: Path, env: dict) -> list[tuple[str, float, float]]:
     import pstats
 
     script, out = root / "download.py", root / "download.prof"
-    script.write_text(DOWNLOAD.replace("; ", "\n"))
+    script.write_text(DOWNLOAD)
     cache = root / "profile-cache"
     subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), str(script), REPO, "big.bin", str(cache)],
                    env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
@@ -295,11 +332,16 @@ def main(args) -> None:
             r["peak_rss"] / 1e6,
             r["server_cpu"],
             r["client_cpu"],
+            r.get("call_s", float("nan")),
+            r["copy_s"] / r.get("call_s", float("nan")),
+            r.get("call_cpu", float("nan")),
+            r["copy_cpu"],
+            r["copy_cpu"] / r.get("call_cpu", r["client_cpu"]),
         )  # fmt: skip
         for r in rows
     ]
-    heads = ["client path", "side", "seconds", "MB/s", "copy s", "x copy speed", "server peak RSS MB",
-             "server CPU s", "client CPU s"]  # fmt: skip
+    heads = ["client path", "side", "seconds", "MB/s", "copy s", "x copy speed", "server peak RSS MB", "server CPU s",
+             "client CPU s", "call s", "x copy (call)", "call CPU s", "copy CPU s", "bound"]  # fmt: skip
     idle, previewed = rows[-1]["idle_rss"] / 1e6, rows[-1]["preview_rss"] / 1e6
     load = os.getloadavg()[0]
     title = f"{args.size_mb} MB file (server RSS at rest {idle:.0f} MB, after one preview {previewed:.0f} MB; "

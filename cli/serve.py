@@ -63,6 +63,11 @@ from cli.errors import fail
     help="A diffusers SD 1.x/2.x or SDXL pipeline the page draws previews on (models of the embedded toy base "
     "are always drawn on it; others on this one when their LoRA fits it).",
 )
+@click.option(
+    "--no-previews",
+    is_flag=True,
+    help="Draw no previews: torch and the preview bases are never loaded; preview requests get a clear error.",
+)
 @click.option("--render-device", default="cpu", show_default=True, help="Where previews run: cpu, cuda, cuda:1, mps.")
 @click.option("--render-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option(
@@ -97,6 +102,7 @@ def serve(
     max_upload_mb,
     registry_dir,
     render_base,
+    no_previews,
     render_device,
     render_dtype,
     render_max_steps,
@@ -121,12 +127,13 @@ def serve(
 
     import uvicorn
 
-    from ingest.preview import Previewer
     from registry.registry import Registry
     from server.accounts import MIN_TOKEN, Accounts, new_token, read_tokens_file
     from server.app import create_app
     from server.previews import Limits
 
+    if no_previews and (render_base is not None or render_device != "cpu"):
+        fail("--no-previews draws nothing: drop --render-base / --render-device, or --no-previews")
     if render_base is not None or render_device != "cpu":  # (torch, which these need, loads only then)
         from ingest.basemodel import BaseModelError, check_device, resolve_base
 
@@ -145,7 +152,12 @@ def serve(
         t = new_token()
         known.add_operator(t)
         click.echo(f"operator token (pass --token or --tokens-file to choose your own): {t}", err=True)
-    previewer = Previewer(render_base, render_device, render_dtype)
+    if no_previews:
+        previewer = None
+    else:
+        from ingest.preview import Previewer
+
+        previewer = Previewer(render_base, render_device, render_dtype)
     limits = Limits(
         default_steps=min(Limits.default_steps, render_max_steps),
         max_steps=render_max_steps,
@@ -168,7 +180,7 @@ def serve(
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
     server = uvicorn.Server(config)
     click.echo(f"w2wreg hub for {reg.root} on http://{host}:{port}/  (API docs: /api/w2w/docs)", err=True)
-    click.echo(f"previews drawn on {previewer.describe()}", err=True)
+    click.echo(f"previews drawn on {previewer.describe()}" if previewer else "no previews (--no-previews)", err=True)
     server.run()
 
 

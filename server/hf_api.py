@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 import re
 from email.utils import formatdate
+from functools import partial
 from urllib.parse import parse_qs
 
 import yaml
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from registry.hubs.store import BRANCH, Commit, FileEntry, lfs_pointer
 from registry.model_card import parse_front_matter
@@ -29,6 +31,7 @@ from registry.nesting import loads_json
 from server import (
     access,
     hf_commit,
+    hf_expand,
     hf_lfs,
     hf_lfs_files,
     hf_refs,
@@ -39,6 +42,7 @@ from server import (
 )
 from server.errors import AUTH_ERROR, HubHTTPError, error_response, repo_not_found  # noqa: F401 (the app's)
 from server.hf_common import (
+    EXPANDED_PAGE,
     SMALL_BODY,
     ObjectResponse,
     iso,
@@ -237,7 +241,7 @@ def build_router(state: ServerState) -> APIRouter:
         return info(ns, name, revision, request)
 
     @r.get("/api/models/{ns}/{name}/tree/{rest:path}")
-    def tree(ns: str, name: str, rest: str, request: Request, recursive: str = "false"):
+    def tree(ns: str, name: str, rest: str, request: Request, recursive: str = "false", expand: str = "false"):
         repo_id = readable(ns, name, request)
         revision, path = revision_and_path(request, 5)
         commit = resolve(state, repo_id, revision)
@@ -258,7 +262,9 @@ def build_router(state: ServerState) -> APIRouter:
         if prefix and not entries and not folders:
             raise HubHTTPError(404, f"{path!r} is not in {repo_id} at {commit.oid[:12]}", "EntryNotFound")
         dirs = [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
-        return page(request, dirs + entries)
+        if not _yes(expand):
+            return page(request, dirs + entries)
+        return page(request, dirs + entries, partial(hf_expand.expand, state.store, repo_id, commit), EXPANDED_PAGE)
 
     @r.post("/api/models/{ns}/{name}/paths-info/{revision:path}")
     async def paths_info(ns: str, name: str, revision: str, request: Request):
@@ -268,11 +274,13 @@ def build_router(state: ServerState) -> APIRouter:
         body = await read_limited(request, SMALL_BODY)
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
-                paths = loads_json(body, "the body").get("paths", [])
+                form = loads_json(body, "the body")
+                paths, expand = form.get("paths", []), form.get("expand") in (True, "true", "True", "1")
             except (ValueError, AttributeError):
                 raise HubHTTPError(400, "the body must be JSON {paths: [...]} or a form with paths=") from None
         else:
-            paths = parse_qs(body.decode("utf-8", "replace")).get("paths", [])
+            form = parse_qs(body.decode("utf-8", "replace"))
+            paths, expand = form.get("paths", []), _yes((form.get("expand") or [None])[-1])
         if isinstance(paths, str):
             paths = [paths]
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -287,6 +295,8 @@ def build_router(state: ServerState) -> APIRouter:
                 out.append(file_json(p, entry))
             elif any(f.startswith(p + "/") for f in commit.files):
                 out.append({"type": "directory", "path": p, "oid": "0" * 40, "size": 0})
+        if expand:  # a walk of the history: not in the event loop
+            return await run_in_threadpool(hf_expand.expand, state.store, repo_id, commit, out)
         return out
 
     @r.get("/api/models/{ns}/{name}/commits/{revision:path}")

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from registry.hubs.staging import Staging
-from registry.hubs.store import BRANCH, Commit, ParentMismatch, RevisionNotFound
+from registry.hubs.store import BRANCH, Commit, EntryNotFound, ParentMismatch, RevisionNotFound
 from registry.nesting import loads_json
 from server import access, body_stream, indexing
 from server.accounts import Identity
@@ -187,6 +187,8 @@ def _commit(
         )
     except ParentMismatch as e:
         raise HubHTTPError(412, str(e)) from None
+    except EntryNotFound as e:
+        raise HubHTTPError(404, str(e), "EntryNotFound") from None
     except RevisionNotFound as e:  # the branch was deleted meanwhile
         raise revision_not_found(str(e)) from None
     except HubError as e:

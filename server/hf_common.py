@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from urllib.parse import quote, unquote
 
@@ -24,19 +24,27 @@ SMALL_BODY = 1 << 20  # create-repo, settings, refs and validate-yaml bodies: ki
 
 
 PAGE = 1000  # items per page of a listing the client pages through
+EXPANDED_PAGE = 50  # ... and of a tree with expand=True, whose entries cost a walk of the history (the Hub's)
 
 
-def page(request: Request, items: list) -> JSONResponse:
+def page(
+    request: Request, items: list, fill: Callable[[list], object] | None = None, size: int | None = None
+) -> JSONResponse:
     """The page of `items` that the request's `cursor` names, with a `Link: <...>; rel="next"` header while
-    more follow: how the Hub pages list_models, list_repo_tree and list_repo_commits (the client follows it)."""
+    more follow: how the Hub pages list_models, list_repo_tree and list_repo_commits (the client follows it).
+    `fill`, when given, completes the page's items in place (work done for one page only); `size`: items a
+    page (PAGE by default)."""
+    size = size or PAGE
     cursor = request.query_params.get("cursor", "0")
     if not cursor.isdigit():
         raise HubHTTPError(400, f"cursor must be what a Link header gave, not {cursor!r}")
     start = int(cursor)
     headers = {}
-    if start + PAGE < len(items):
-        headers["Link"] = f'<{request.url.include_query_params(cursor=start + PAGE)}>; rel="next"'
-    return JSONResponse(items[start : start + PAGE], headers=headers)
+    if start + size < len(items):
+        headers["Link"] = f'<{request.url.include_query_params(cursor=start + size)}>; rel="next"'
+    if fill is not None:
+        fill(items[start : start + size])
+    return JSONResponse(items[start : start + size], headers=headers)
 
 
 class ObjectResponse(FileResponse):

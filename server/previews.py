@@ -173,7 +173,7 @@ class Previews:
 
     def base(self, model: ModelRow, lora: LoRA) -> BaseInfo:
         if self.renderer is None:
-            raise W2WError("this server draws no previews (it was started without a renderer)")
+            raise W2WError("this server draws no previews (it was started with --no-previews, or without a renderer)")
         return self.renderer.base(model, lora)
 
     def draw(self, model: ModelRow, lora: LoRA, key: str, prompt: str, seed: int, steps: int, size: int) -> bytes:

@@ -459,3 +459,31 @@ def test_edit_panel_sliders_redraw_and_save_in_chromium(hub, tmp_path):
         driver.find_element(By.CSS_SELECTOR, "#saved-name a").click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "model-name"), "toy-5-glasses"))
         assert "edit" in driver.find_element(By.ID, "model").text
+
+
+def test_no_previews_never_loads_torch_and_says_why(tmp_path):
+    """`w2wreg serve --no-previews`: a model of the toy base (which a server draws by default) gets a clear
+    "not here" (preview info: unavailable, with the reason; the image: a 400 naming the flag), and the
+    server process never maps torch."""
+    import http.client
+
+    from served import ServeProcess
+
+    reg = Registry.init(tmp_path / "reg")
+    reg.add_models([NewModel.from_lora("toy-0", random_lora(TOY_LAYOUT, seed=0, scale=0.25), base_model=TOY_BASE_ID)])
+    server = ServeProcess(tmp_path / "reg", ALICE, "--no-previews")
+    try:
+        for path, status in ((PNG_PATH.format("toy-0") + "?steps=1", 400), ("/api/w2w/models/toy-0/preview", 200)):
+            c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            c.request("GET", path)
+            resp = c.getresponse()
+            body = resp.read().decode()
+            assert resp.status == status and "--no-previews" in body, (path, resp.status, body)
+        assert '"available":false' in body
+        maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+        assert "torch" not in maps, "the server loaded torch"
+    finally:
+        server.stop()
+    for flag in (["--render-base", str(TOY_BASE_DIR)], ["--render-device", "cuda"]):  # a contradiction: said so
+        out = run(tmp_path / "reg", "serve", "--no-previews", *flag, code=1).output
+        assert "--no-previews draws nothing" in out, out

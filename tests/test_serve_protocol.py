@@ -169,6 +169,62 @@ def test_paths_info_copy_and_folder_deletes(alice):
     assert sorted(alice.list_repo_files(repo)) == [".gitattributes", "copy/top.txt", "top.txt"]
 
 
+def test_paths_info_and_tree_expand_give_the_last_commit_and_a_scan_status(alice):
+    """expand=True: each entry's last commit is the newest that changed it (a folder: any file under it), as
+    `git log -1 -- PATH`; files say "unscanned" (this hub scans nothing), which the client reads as not safe."""
+    repo = "team/expand"
+    alice.create_repo(repo)
+
+    def up(data: bytes, path: str, message: str) -> str:
+        return alice.upload_file(path_or_fileobj=data, path_in_repo=path, repo_id=repo, commit_message=message).oid
+
+    first = up(b"1", "a.txt", "a one")
+    second = up(b"c", "b/c.txt", "b/c")
+    third = up(b"2", "a.txt", "a two")
+    up(b"1", "a.txt", "a back to one")  # the same content as `first`: still a change of a.txt
+    last = up(b"d", "b/d.txt", "b/d")
+    info = {i.path: i for i in alice.get_paths_info(repo, ["a.txt", "b", "b/c.txt", ".gitattributes"], expand=True)}
+    assert info["a.txt"].last_commit.oid == [c.commit_id for c in alice.list_repo_commits(repo)][1]
+    assert info["a.txt"].last_commit.title == "a back to one" and info["a.txt"].last_commit.oid not in (first, third)
+    assert info["b"].last_commit.oid == last and info["b/c.txt"].last_commit.oid == second
+    assert info[".gitattributes"].last_commit.oid == alice.list_repo_commits(repo)[-1].commit_id  # made with it
+    assert info["a.txt"].security.status == "unscanned" and info["a.txt"].security.safe is False
+    assert alice.get_paths_info(repo, ["a.txt"])[0].last_commit is None  # only when asked for
+    tree = {e.path: e for e in alice.list_repo_tree(repo, expand=True, recursive=True)}
+    assert tree["b"].last_commit.oid == last and tree["b/c.txt"].last_commit.oid == second
+    assert tree["a.txt"].last_commit == info["a.txt"].last_commit and tree["a.txt"].security.status == "unscanned"
+    older = {e.path: e for e in alice.list_repo_tree(repo, expand=True, revision=third)}
+    assert older["a.txt"].last_commit.oid == third and "b/d.txt" not in older
+    # expanded, a tree comes 50 entries a page (as the Hub's): the client follows the pages
+    many = alice.upload_folder(repo_id=repo, folder_path=_folder(alice, {f"m/{i:03d}": b"m" for i in range(120)}))
+    listed = list(alice.list_repo_tree(repo, path_in_repo="m", expand=True))
+    assert len(listed) == 120 and {e.last_commit.oid for e in listed} == {many.oid}
+
+
+def test_deleting_a_missing_file_or_folder_is_the_clients_entry_not_found(alice):
+    """As on the Hub: an error (404 EntryNotFound, which the client raises as EntryNotFoundError, adding its
+    hint on file and folder paths), not an empty commit."""
+    from huggingface_hub import CommitOperationDelete
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo = "team/missing"
+    alice.create_repo(repo)
+    alice.upload_file(path_or_fileobj=b"x", path_in_repo="dir/x.txt", repo_id=repo)
+    before = len(alice.list_repo_commits(repo))
+    with pytest.raises(EntryNotFoundError) as e:
+        alice.delete_folder("nope", repo)
+    assert "'nope/'" in str(e.value)
+    with pytest.raises(EntryNotFoundError) as e:
+        alice.delete_file("nope.txt", repo)
+    assert "differentiate file and folder paths" in str(e.value)  # the client's own hint
+    with pytest.raises(EntryNotFoundError):  # one missing path fails the whole commit
+        ops = [CommitOperationDelete("dir/x.txt"), CommitOperationDelete("other/", is_folder=True)]
+        alice.create_commit(repo, ops, commit_message="two deletes")
+    assert len(alice.list_repo_commits(repo)) == before and "dir/x.txt" in alice.list_repo_files(repo)
+    alice.delete_folder("dir", repo)
+    assert alice.list_repo_files(repo) == [".gitattributes"]
+
+
 def _folder(api, files: dict[str, bytes]) -> Path:
     import tempfile
 

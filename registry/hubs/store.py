@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +59,10 @@ class RepoNotFound(HubError, LookupError):
 
 class RevisionNotFound(HubError, LookupError):
     pass
+
+
+class EntryNotFound(HubError, LookupError):
+    """A commit deletes a file or folder its branch does not hold."""
 
 
 class ParentMismatch(HubError):
@@ -344,12 +349,14 @@ class RepoStore:
 
     def history(self, repo_id: str, revision: str = BRANCH) -> list[Commit]:
         """Commits from `revision` back to the first, newest first."""
-        out: list[Commit] = []
+        return list(self.walk(repo_id, revision))
+
+    def walk(self, repo_id: str, revision: str = BRANCH) -> Iterator[Commit]:
+        """history(), read one commit at a time (a caller that stops early reads no more)."""
         c: Commit | None = self.resolve(repo_id, revision)
         while c is not None:
-            out.append(c)
+            yield c
             c = self._read_commit(repo_id, c.parent) if c.parent else None
-        return out
 
     def read(self, entry: FileEntry) -> bytes:
         return self.object_path(entry.sha256).read_bytes()
@@ -525,13 +532,18 @@ class RepoStore:
                     continue
                 # the client sends a folder given without its trailing '/' as a file: the Hub deletes the folder
                 inside = [f for f in files if f.startswith(p + "/")]
-                if not inside:
-                    raise HubError(f"cannot delete {p!r}: no such file or folder in {repo_id!r}")
+                if not inside:  # the Hub's (Gitaly's) words, which the client adds a hint to
+                    raise EntryNotFound(f"A file with this name doesn't exist: cannot delete {p!r} from {repo_id!r}")
                 for f in inside:
                     del files[f]
             for folder in deleted_folders:
                 prefix = folder.rstrip("/") + "/"
-                files = {p: e for p, e in files.items() if not p.startswith(prefix)}
+                left = {p: e for p, e in files.items() if not p.startswith(prefix)}
+                if len(left) == len(files):  # as a missing file: an error, not an empty commit
+                    raise EntryNotFound(
+                        f"A folder with this name doesn't exist: cannot delete {prefix!r} from {repo_id!r}"
+                    )
+                files = left
             if staged is not None:
                 staged.publish()
             for p, e in added.items():
