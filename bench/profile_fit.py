@@ -72,6 +72,9 @@ def main() -> None:
     l = default_block(args.k, 16)  # the fit's default block
     path = data_path(args.out, n, D)
     make_data(path, n, D)
+    with open(path, "rb") as f:  # into the page cache first, as bench_fit does: the parts, not the disk
+        while f.read(1 << 24):
+            pass
     source = FileSource(path, n, D, b)
     specs = source.specs()
     rng = np.random.default_rng(0)

@@ -3,6 +3,9 @@ each block's product in place) and the default Krylov shape."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -60,6 +63,41 @@ def test_gram_in_place_equals_the_dense_product_and_the_blockwise_pass(offset_da
     np.testing.assert_allclose(P, blockwise, atol=1e-4 * scale)
     assert P.shape == (600, 24) and P.dtype == np.float32 and P.flags.c_contiguous
     np.testing.assert_array_equal(source.X, X)  # the source's own array is never centered in place
+
+
+class Waiting(Buffered):
+    """A source whose reads of even blocks wait (sleep: as for a disk) and of odd ones compute (10 ms of CPU,
+    as a copy from the page cache: only a preemption of over 20 ms would make one look like a wait)."""
+
+    def __init__(self, X, rows):
+        super().__init__(X, rows)
+        self.ahead = []  # (first row, read on the prefetch thread)
+
+    def load_into(self, spec, out):
+        self.ahead.append((spec[0], threading.current_thread() is not threading.main_thread()))
+        if (spec[0] // self.block_rows) % 2 == 0:
+            time.sleep(0.02)
+        else:
+            t = time.thread_time()
+            while time.thread_time() - t < 0.01:
+                pass
+        return super().load_into(spec, out)
+
+
+def test_map_in_process_reads_ahead_only_after_a_read_that_waited():
+    X = np.arange(10 * 8 * 5, dtype=np.float32).reshape(80, 5)
+
+    def fn(spec, W):
+        out = (spec, W.copy())
+        W[...] = -1  # a pass may change its block in place
+        return out
+
+    source = Waiting(X.copy(), 8)
+    got = list(map_in_process(fn, source, source.specs()))
+    np.testing.assert_array_equal(np.vstack([w for _, w in got]), X)  # every block intact, in order
+    # block 0's read waits, so block 1 is read on the thread (while block 0 is computed); block 1's does not,
+    # so block 2 is read in line, after block 1 is done; and so on
+    assert source.ahead == [(lo, (lo // 8) % 2 == 1) for lo in range(0, 80, 8)]
 
 
 @pytest.mark.parametrize("source_cls", [ArraySource, Buffered])

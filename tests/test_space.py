@@ -81,8 +81,10 @@ def test_fit_reading_into_reused_buffers_equals_fresh_blocks():
     source = ReusedBuffers(X.copy(), 64)  # 10 blocks of 64 and one of 60
     cfg = FitConfig(components=12, block=8, depth=3)  # a Krylov fit (not the small-data exact path)
     fresh, reused = fit(ArraySource(X.copy().astype(np.float64), 64), cfg), fit(source, cfg)
-    # per pass: two buffers for the 64-row blocks, whatever their number, one for the last block
-    assert len(source.filled) == 11 * 4 and len(set(source.filled[:11])) == 3
+    # per pass: one buffer for the 64-row blocks, whatever their number (reads from memory do not wait, so
+    # each is made in line into the buffer the last block used; a second only if a read was held up), and
+    # one for the last block
+    assert len(source.filled) == 11 * 4 and len(set(source.filled[:11])) in (2, 3)
     assert np.array_equal(source.X, X)  # the source's own data untouched
     np.testing.assert_allclose(reused.singular_values, fresh.singular_values, rtol=1e-5)
     np.testing.assert_allclose(np.abs(reused.components.T @ fresh.components), np.eye(12), atol=1e-3)

@@ -85,32 +85,37 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
     a copy on the thread slowed a 2-thread product by more than the copy itself (bench/profile_fit.py).
     Each read is timed (wall clock against its thread's CPU clock) and decides how the next one is made.
 
-    With `source.load_into`, blocks go into two buffers per block size in turn (block i+2 reuses block i's
-    once fn is done with it; fn may change its block in place): a fresh 150 MB array per block cost ~70 ms
-    of page faults here, 4x the read itself, on a core the products need.
+    With `source.load_into`, blocks go into reused buffers (fn may change its block in place; a result of
+    fn must not be a view of it): a fresh 150 MB array per block cost ~70 ms of page faults here, 4x the
+    read itself, on a core the products need. A block read in line goes into the buffer the last block
+    used (one buffer ran the Gram pass ~5% faster than two in turn: the one just used is partly in cache);
+    a block read on the thread goes into the other one.
     """
     import time
     from concurrent.futures import ThreadPoolExecutor
 
     if not specs:
         return
-    read = source.load
-    if hasattr(source, "load_into"):
-        buffers: dict[int, list[np.ndarray]] = {}
+    buffers: dict[int, list[np.ndarray]] = {}
 
-        def read(spec: Any) -> np.ndarray:
-            b = spec[-1] - spec[-2]
-            if b not in buffers:
-                buffers[b] = [np.empty((b, source.dim), dtype=np.float32) for _ in range(2)]
-            pair = buffers[b]
-            pair.reverse()  # the other one than last time
-            return source.load_into(spec, pair[0])
+    def read(spec: Any, other: bool) -> np.ndarray:
+        if not hasattr(source, "load_into"):
+            return source.load(spec)
+        b = spec[-1] - spec[-2]
+        if b not in buffers:
+            buffers[b] = [np.empty((b, source.dim), dtype=np.float32)]
+        pair = buffers[b]
+        if other:  # the block in use stays where it is
+            if len(pair) == 1:
+                pair.append(np.empty_like(pair[0]))
+            pair.reverse()
+        return source.load_into(spec, pair[0])
 
     waits = [False]
 
-    def load(spec: Any) -> np.ndarray:
+    def load(spec: Any, other: bool) -> np.ndarray:
         t, c = time.perf_counter(), time.thread_time()
-        block = read(spec)
+        block = read(spec, other)
         wall, cpu = time.perf_counter() - t, time.thread_time() - c
         waits[0] = wall > 2 * cpu + 1e-3  # mostly waiting: I/O
         return block
@@ -118,8 +123,8 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
     with ThreadPoolExecutor(max_workers=1) as pool:
         nxt = None
         for i, spec in enumerate(specs):
-            block = nxt.result() if nxt is not None else load(spec)
-            nxt = pool.submit(load, specs[i + 1]) if waits[0] and i + 1 < len(specs) else None
+            block = nxt.result() if nxt is not None else load(spec, False)
+            nxt = pool.submit(load, specs[i + 1], True) if waits[0] and i + 1 < len(specs) else None
             yield fn(*shared, spec, block)
 
 
