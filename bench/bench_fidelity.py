@@ -3,13 +3,14 @@
     python bench/bench_fidelity.py [--sizes 24,64,128,256] [--targets 12] [--samples 24] [--invert 4]
                                    [--frames shared,factors] [--samplers gaussian,population:0.5]
                                    [--strengths 2.5,4,6] [--methods mean_diff,lstsq] [--population FILE]
-                                   [--direction-components 8,16,all] [--seeds 2,3,4]
+                                   [--direction-components 8,16,all] [--seeds 2,3,4] [--guidances 3,1]
 
 The identities are the shipped toy population (ingest/assets/toy-population.safetensors, made by
 `python -m ingest.toy_population`). For each size N the space is fitted on the population's first N
 identities (k = min(1000, N - 1), as `w2wreg demo` fits), each attribute's direction on their labels (over the
 space's first `cli.demo.DIRECTION_COMPONENTS` coefficients, all when None), and the attribute detector reads
-each model as the demo does, by its majority over one image per seed of `ingest.shown.SEEDS`, for:
+each model as the demo does, by its majority over one image per seed of `ingest.shown.SEEDS` drawn at the
+classifier-free guidance `ingest.shown.GUIDANCE`, for:
   edits     the first --targets identities lacking the attribute, moved by +S std of its score: how often the
             attribute appears ("success"), how often the other three stay as the unedited LoRA shows them;
   samples   --samples models drawn from the space (w2w.sampling: a Gaussian per coefficient, or
@@ -24,7 +25,8 @@ Recipe.frame) or "factors" (the trained rank-1 A and B, flattened). One table va
 (its frame, `cli.demo.STRENGTH` debiased, `cli.demo.SAMPLE_BANDWIDTH`, w2w.directions.DEFAULT_METHOD); at the
 largest N one varies the frame, one the sampler, one the strength (with a control: a random direction of the
 same length), one the method (each with and without debiasing against the other three attributes) and one the
-coefficients the directions are fitted over, so a reader sees why the defaults are what they are.
+coefficients the directions are fitted over, and one the guidance the images are drawn at (edits at several
+strengths, with the random-direction control), so a reader sees why the defaults are what they are.
 """
 
 from __future__ import annotations
@@ -48,11 +50,18 @@ class World:
     "factors": the trained rank-1 factors A, B flattened, as the asset stores them.
     """
 
-    def __init__(self, population_path: Path | None, frame: str = "shared", seeds: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        population_path: Path | None,
+        frame: str = "shared",
+        seeds: tuple[int, ...] | None = None,
+        guidance: float | None = None,
+    ):
         from ingest import shown, toy_population
         from ingest.basemodel import load_base
 
         self.seeds = seeds or shown.SEEDS
+        self.guidance = shown.GUIDANCE if guidance is None else guidance
 
         self.pop = toy_population.load(population_path or toy_population.ASSET)
         self.base = load_base(None)
@@ -70,7 +79,7 @@ class World:
         from w2w.flatten import unflatten
 
         loras = [unflatten(np.asarray(v, dtype=np.float32), self.layout) for v in vectors]
-        return shown(self.base, loras, self.seeds)[0]
+        return shown(self.base, loras, self.seeds, self.guidance)[0]
 
     def own(self, idx: list[int]) -> dict[int, dict[str, bool]]:
         todo = [i for i in idx if i not in self._own]
@@ -210,7 +219,15 @@ HEADERS = ["", "edit success % (g b s h)", "min", "kept % (g b s h)", "min",
 EDIT_COLS, SAMPLE_COLS = [0, 1, 2, 3, 4], [0, 5, 6, 7, 8]
 
 
-TABLES = ("frames", "components", "samplers", "strengths", "directions", "methods")  # after the one by size
+TABLES = (
+    "frames",
+    "components",
+    "samplers",
+    "strengths",
+    "directions",
+    "methods",
+    "guidances",
+)  # after the one by size
 
 
 def pick(r: tuple, cols: list[int]) -> tuple:
@@ -221,6 +238,38 @@ def parse_sampler(text: str) -> tuple[str, float | None]:
     """ "gaussian" -> None; "population:0.5" -> 0.5 (the bandwidth)."""
     name, _, h = text.partition(":")
     return text, (float(h) if name == "population" else None)
+
+
+def by_guidance(args, world: World, n: int, seeds, strengths: list[float], K) -> dict:
+    """Edits (each strength, debiased, and the random-direction control at the demo's) and what the identities'
+    LoRAs show, with every image drawn at each of --guidances."""
+    from cli.demo import STRENGTH
+    from w2w.directions import DEFAULT_METHOD
+
+    rows, data = [], {}
+    for g in (float(x) for x in args.guidances.split(",")):
+        w = world if g == world.guidance else World(args.population, world.frame, seeds, g)
+        sub, C = fit(w, n)
+        fid = fidelity(w, n, args.targets)
+        for st in strengths:
+            e = edits(w, n, sub, C, st, DEFAULT_METHOD, args.targets, True, K)
+            data[f"{g:g} +{st:g}"] = {"edits": e, "lora_fidelity": fid}
+            rows.append(
+                (f"guidance {g:g}, +{st:g} std debiased", *pick(row("", e, None, None, fid), EDIT_COLS)[1:], fid)
+            )
+        e = edits(w, n, sub, C, STRENGTH, DEFAULT_METHOD, args.targets, True, K, control=True)
+        data[f"{g:g} control"] = {"edits": e}
+        rows.append(
+            (
+                f"guidance {g:g}, random direction, +{STRENGTH:g} std's length",
+                *pick(row("", e, None, None, None), EDIT_COLS)[1:],
+                None,
+            )
+        )
+    print_table(
+        [*pick(HEADERS, EDIT_COLS), "LoRA fidelity"], rows, title=f"by rendering guidance (N = {n}, {DEFAULT_METHOD})"
+    )
+    return data
 
 
 def main() -> None:
@@ -244,6 +293,7 @@ def main() -> None:
     ap.add_argument("--population", type=Path)
     ap.add_argument("--tables", default=",".join(TABLES), help="which tables after the first to print")
     ap.add_argument("--seeds", help="noise seeds a model is read over (majority; odd count) [default: the demo's]")
+    ap.add_argument("--guidances", default="3,1", help="classifier-free guidances compared (the last table)")
     args = ap.parse_args()
     tables = set(args.tables.split(","))
     torch.set_grad_enabled(True)
@@ -255,6 +305,7 @@ def main() -> None:
     demo_sampler = "gaussian" if SAMPLE_BANDWIDTH is None else f"population:{SAMPLE_BANDWIDTH:g}"
     log(f"population: {total} identities ({world.pop.sha256[:12]}); sizes {sizes}; frame {world.frame}")
     log(f"each model read over the seeds {world.seeds}")
+    log(f"images drawn at guidance {world.guidance:g}")
     rows, data = [], {"sizes": {}, "frames": {}, "samplers": {}, "strengths": {}, "methods": {}, "direction_k": {}}
     for n in sizes:
         sub, C = fit(world, n)
@@ -329,6 +380,8 @@ def main() -> None:
                 data["methods"][label] = e
                 rows.append(pick(row(label, e, None, None, None), EDIT_COLS))
         print_table(pick(HEADERS, EDIT_COLS), rows, title=f"by direction method (N = {n}, +{STRENGTH:g} std)")
+    if "guidances" in tables:
+        data["guidances"] = by_guidance(args, world, n, seeds, [float(x) for x in args.strengths.split(",")], K)
     emit_result({"bench": "fidelity", "population": world.pop.sha256, **data, "env": env_info()})
 
 

@@ -17,7 +17,7 @@ EDITS = ("glasses", "beard", "smile", "hat")
 # ones first); samples: models drawn from the space, their attribute rates compared with the population's.
 FULL = {"identities": 16, "images": 8, "steps": None, "held_out": 10, "invert_steps": 100, "targets": 12, "samples": 48}
 QUICK = {"identities": 8, "images": 4, "steps": 30, "held_out": 2, "invert_steps": 15, "targets": 3, "samples": 8}
-STRENGTH = 4.0  # standard deviations of the attribute's score: bench/bench_fidelity.py's best trade-off
+STRENGTH = 3.5  # standard deviations of the attribute's score: bench/bench_fidelity.py's best trade-off (guidance 1)
 # directions over all the space's coefficients (None), not its first K (`direction fit --components`): over 112
 # identities a class-mean difference is mostly noise beyond the first ~16, yet fitted over 8 or 16 the edits made
 # the attribute appear less and kept no more (bench/bench_fidelity.py, "by direction components")
@@ -152,7 +152,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
     from ingest.basemodel import load_base
     from ingest.dataset import load_dataset, load_images
     from ingest.generate import generate
-    from ingest.shown import SEEDS, shown
+    from ingest.shown import GUIDANCE, SEEDS, shown
     from registry import edits
     from registry.registry import Registry
     from w2w.flatten import unflatten
@@ -166,7 +166,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
     seed = SEEDS[0]  # the same noise for every model: differences between pictures are differences between models
 
     def look(lora) -> np.ndarray:
-        return generate(base, lora, n=1, seed=seed)[0]
+        return generate(base, lora, n=1, seed=seed, guidance=GUIDANCE)[0]
 
     # what each model shows: the detector's majority over one image per seed (ingest.shown), and its image
     verdict: dict[str, dict[str, bool]] = {}
@@ -221,7 +221,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
         """The trained identity nearest by weights (samples and edits are registered too: not them)."""
         return reg.search(ref, k=1, where="kind = 'trained'").hits[0].model.name
 
-    base_imgs = [generate(base, None, prompt="a person", n=1, seed=s)[0] for s in range(2 * PAIRS)]
+    base_imgs = [generate(base, None, prompt="a person", n=1, seed=s, guidance=GUIDANCE)[0] for s in range(2 * PAIRS)]
     held_imgs, inverted_imgs, inv_agree = _invert_held_out(reg, base, n_ids, held_out, invert_steps)
     shown_ids = names[:PAIRS]
     train_imgs = {n: load_images(data[n].images[:1], 32)[0] for n in shown_ids}
@@ -266,6 +266,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
         "train_seconds_per_identity": per_identity,
         "lora_attribute_fidelity": fidelity,
         "measured_seeds": list(SEEDS),
+        "render_guidance": GUIDANCE,
         "edit_strength_std": STRENGTH,
         "direction_components": DIRECTION_COMPONENTS,
         "edit_success_rate": success,
@@ -323,7 +324,10 @@ def _print_summary(s: dict) -> None:
         f"({s['train_seconds_per_identity']}s of training per identity), beside "
         f"{s['population_identities']} of the shipped toy population"
     )
-    click.echo(f"every model read as the detector's majority over images of seeds {s['measured_seeds']}")
+    click.echo(
+        f"every model read as the detector's majority over images of seeds {s['measured_seeds']} "
+        f"(guidance {s['render_guidance']:g})"
+    )
     click.echo(
         "LoRA reproduces its identity's attributes (detector on generated images): "
         + ", ".join(f"{a} {100 * v:.0f}%" for a, v in s["lora_attribute_fidelity"].items())

@@ -11,7 +11,7 @@ from PIL import Image
 from cli.demo import DIRECTION_COMPONENTS, PAIRS, QUICK
 from cli.main import cli
 from ingest.basemodel import TOY_BASE_DIR
-from ingest.shown import SEEDS
+from ingest.shown import GUIDANCE, SEEDS
 from ingest.toyfaces import PAD
 
 
@@ -33,6 +33,7 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     assert 0.0 <= summary["inversion_attribute_agreement"] <= 1.0
     # every model is read as the detector's majority over images of several seeds (ingest.shown)
     assert summary["measured_seeds"] == list(SEEDS) and summary["direction_components"] == DIRECTION_COMPONENTS
+    assert summary["render_guidance"] == GUIDANCE  # every measured and shown image is drawn at it
     assert all(0.0 <= v <= 1.0 for v in summary["lora_attribute_fidelity"].values())
     assert set(summary["edit_targets"]) == set(summary["edit_success_rate"])
     assert all(n == QUICK["targets"] for n in summary["edit_targets"].values())
