@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from registry.wspace import block_rows_for
+
 LATENT = 1000
 
 
@@ -75,7 +77,7 @@ class FileSource:
 
     def __init__(self, path: Path, n: int, dim: int, block_rows: int = 0):
         self.path, self.n, self.dim = path, n, dim
-        self.block_rows = block_rows or default_rows(dim)
+        self.block_rows = block_rows or block_rows_for(dim)
 
     def specs(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.block_rows, self.n)) for lo in range(0, self.n, self.block_rows)]
@@ -129,7 +131,7 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
     # data's alone. In wall-clock and in CPU seconds (this process's threads): on a loaded machine only
     # the second means anything, and with one BLAS thread (OPENBLAS_NUM_THREADS=1) it is the step's work.
     l = sub.config["block"]
-    rate, rate64 = gemm_rate(dim, l, args.device, args.block_rows or default_rows(dim)), dgemm_rate()
+    rate, rate64 = gemm_rate(dim, l, args.device, args.block_rows or block_rows_for(dim)), dgemm_rate()
     ends = [m[1:] for m in marks[1:]] + [(t + dt, c + cpu)]
     passes = []
     for (msg, *start), end in zip(marks, ends, strict=True):
@@ -186,11 +188,6 @@ def dgemm_rate(size: int = 2048) -> tuple[float, float]:
     """flop/s of a float64 gemm of size x size here (the rate the final step's eigenproblem cannot pass)."""
     A = np.random.default_rng(0).standard_normal((size, size))
     return best_rate(2 * size**3, lambda: A @ A)
-
-
-def default_rows(dim: int) -> int:
-    """Rows per block as the registry reads them (registry.wspace.StoreSource: ~256 MB blocks)."""
-    return max(16, (256 << 20) // (4 * dim))
 
 
 def gemm_rate(dim: int, l: int, device: str | None, rows: int) -> tuple[float, float]:

@@ -37,16 +37,20 @@ class NoSubspaceError(W2WError, LookupError):
         super().__init__(f"space {space_id} has no fitted subspace yet; run `w2wreg fit` first")
 
 
+def block_rows_for(dim: int) -> int:
+    """Rows per block of a fit's reads: ~256 MB. A Gram pass re-reads its D x l operands once per block, so at
+    D = 99,648 and l = 350 768-row blocks ran the pass ~5% faster than 384-row ones (bench/bench_fit.py
+    --block-rows); two of them are alive in a pass that reads ahead (fit_plan.py counts them)."""
+    return max(16, (256 << 20) // (4 * dim))
+
+
 class StoreSource:
     """Rows of a vector store (a subset, in the given order) as a BlockSource for the subspace passes."""
 
     def __init__(self, store: VectorStore, rows: np.ndarray, block_rows: int | None = None):
         self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
         self.n, self.dim = len(self.rows), store.dim
-        # ~256 MB blocks: a Gram pass re-reads its D x l operands once per block, so at D = 99,648 and l = 350
-        # 768-row blocks ran the pass ~5% faster than 384-row ones (bench/bench_fit.py --block-rows); two of
-        # them are alive in a pass (fit_plan.py counts them)
-        self.block_rows = block_rows or max(16, (256 << 20) // (4 * store.dim))
+        self.block_rows = block_rows or block_rows_for(store.dim)
 
     def specs(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.block_rows, self.n)) for lo in range(0, self.n, self.block_rows)]

@@ -128,8 +128,9 @@ def file_json(path: str, e: FileEntry) -> dict:
     return out
 
 
-def _yes(flag: str | None) -> bool:
-    return (flag or "").lower() in ("1", "true", "yes")
+def _yes(flag: str | bool | None) -> bool:
+    """A query, form or JSON flag: true, "1", "true" or "yes" (any case)."""
+    return flag is True or (isinstance(flag, str) and flag.lower() in ("1", "true", "yes"))
 
 
 def _filter_tags(info: dict) -> set[str]:
@@ -275,7 +276,7 @@ def build_router(state: ServerState) -> APIRouter:
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
                 form = loads_json(body, "the body")
-                paths, expand = form.get("paths", []), form.get("expand") in (True, "true", "True", "1")
+                paths, expand = form.get("paths", []), _yes(form.get("expand"))
             except (ValueError, AttributeError):
                 raise HubHTTPError(400, "the body must be JSON {paths: [...]} or a form with paths=") from None
         else:

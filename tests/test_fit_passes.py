@@ -3,8 +3,9 @@ each block's product in place) and the default Krylov shape."""
 
 from __future__ import annotations
 
+import os
+import resource
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -65,38 +66,59 @@ def test_gram_in_place_equals_the_dense_product_and_the_blockwise_pass(offset_da
     np.testing.assert_array_equal(source.X, X)  # the source's own array is never centered in place
 
 
-class Waiting(Buffered):
-    """A source whose reads of even blocks wait (sleep: as for a disk) and of odd ones compute (10 ms of CPU,
-    as a copy from the page cache: only a preemption of over 20 ms would make one look like a wait)."""
+class FromDisk:
+    """Blocks of a float32 file read with pread. Before an even block the whole file is dropped from the page
+    cache (posix_fadvise DONTNEED; its pages are clean after fsync), and the even block's read also reads the
+    next block: even reads go to storage, odd ones find their block cached."""
 
-    def __init__(self, X, rows):
-        super().__init__(X, rows)
-        self.ahead = []  # (first row, read on the prefetch thread)
+    def __init__(self, path, n, dim, rows):
+        self.path, self.n, self.dim, self.rows, self.ahead = path, n, dim, rows, []
+
+    def specs(self):
+        return [(lo, min(lo + self.rows, self.n)) for lo in range(0, self.n, self.rows)]
+
+    def load(self, spec):
+        return self.load_into(spec, np.empty((spec[1] - spec[0], self.dim), dtype=np.float32))
 
     def load_into(self, spec, out):
         self.ahead.append((spec[0], threading.current_thread() is not threading.main_thread()))
-        if (spec[0] // self.block_rows) % 2 == 0:
-            time.sleep(0.02)
-        else:
-            t = time.thread_time()
-            while time.thread_time() - t < 0.01:
-                pass
-        return super().load_into(spec, out)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            offset, size = 4 * spec[0] * self.dim, out.nbytes
+            if (spec[0] // self.rows) % 2 == 0:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.preadv(fd, [bytearray(size)], offset + size)  # the next block, into the page cache
+            assert os.preadv(fd, [memoryview(out).cast("B")], offset) == size
+        finally:
+            os.close(fd)
+        return out
 
 
-def test_map_in_process_reads_ahead_only_after_a_read_that_waited():
-    X = np.arange(10 * 8 * 5, dtype=np.float32).reshape(80, 5)
+def test_map_in_process_reads_ahead_only_after_a_read_from_storage(tmp_path):
+    if not hasattr(resource, "RUSAGE_THREAD"):
+        pytest.skip("no per-thread block-input count here: every read is made ahead")
+    X = np.random.default_rng(0).standard_normal((80, 4096)).astype(np.float32)  # 10 blocks of 8 x 128 KB
+    path = tmp_path / "x.f32"
+    with open(path, "wb") as f:
+        f.write(X.tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # clean pages: DONTNEED can evict them
+    source = FromDisk(path, 80, 4096, 8)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_inblock
+    source.load_into((0, 8), np.empty((8, 4096), dtype=np.float32))
+    if resource.getrusage(resource.RUSAGE_THREAD).ru_inblock == before:
+        pytest.skip(f"{tmp_path} reads without block input (a memory file system)")
+    source.ahead.clear()
 
     def fn(spec, W):
         out = (spec, W.copy())
         W[...] = -1  # a pass may change its block in place
         return out
 
-    source = Waiting(X.copy(), 8)
     got = list(map_in_process(fn, source, source.specs()))
     np.testing.assert_array_equal(np.vstack([w for _, w in got]), X)  # every block intact, in order
-    # block 0's read waits, so block 1 is read on the thread (while block 0 is computed); block 1's does not,
-    # so block 2 is read in line, after block 1 is done; and so on
+    # block 0's read goes to storage, so block 1 is read on the thread (while block 0 is computed); block 1's
+    # comes from the page cache, so block 2 is read in line, after block 1 is done; and so on
     assert source.ahead == [(lo, (lo // 8) % 2 == 1) for lo in range(0, 80, 8)]
 
 

@@ -83,7 +83,9 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
     A read that waits (for the disk) goes on the thread, where the wait overlaps the products; a read that
     computes (a copy from the page cache) runs in line, where it does not take a core from BLAS: on 2 cores
     a copy on the thread slowed a 2-thread product by more than the copy itself (bench/profile_fit.py).
-    Each read is timed (wall clock against its thread's CPU clock) and decides how the next one is made.
+    Whether a read went to storage is what its thread's block-input count says (getrusage, Linux): its wall
+    clock is no sign, since a copy competing with BLAS threads takes longer too. Elsewhere every read is
+    made ahead on the thread.
 
     With `source.load_into`, blocks go into reused buffers (fn may change its block in place; a result of
     fn must not be a view of it): a fresh 150 MB array per block cost ~70 ms of page faults here, 4x the
@@ -91,7 +93,7 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
     used (one buffer ran the Gram pass ~5% faster than two in turn: the one just used is partly in cache);
     a block read on the thread goes into the other one.
     """
-    import time
+    import resource
     from concurrent.futures import ThreadPoolExecutor
 
     if not specs:
@@ -104,20 +106,22 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
         b = spec[-1] - spec[-2]
         if b not in buffers:
             buffers[b] = [np.empty((b, source.dim), dtype=np.float32)]
-        pair = buffers[b]
+        bufs = buffers[b]  # bufs[0]: the last one filled
         if other:  # the block in use stays where it is
-            if len(pair) == 1:
-                pair.append(np.empty_like(pair[0]))
-            pair.reverse()
-        return source.load_into(spec, pair[0])
+            if len(bufs) == 1:
+                bufs.append(np.empty_like(bufs[0]))
+            bufs.reverse()
+        return source.load_into(spec, bufs[0])
 
-    waits = [False]
+    counted = hasattr(resource, "RUSAGE_THREAD")
+    waits = [not counted]
 
     def load(spec: Any, other: bool) -> np.ndarray:
-        t, c = time.perf_counter(), time.thread_time()
+        if not counted:
+            return read(spec, other)
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_inblock
         block = read(spec, other)
-        wall, cpu = time.perf_counter() - t, time.thread_time() - c
-        waits[0] = wall > 2 * cpu + 1e-3  # mostly waiting: I/O
+        waits[0] = resource.getrusage(resource.RUSAGE_THREAD).ru_inblock > before  # it read from storage
         return block
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -137,18 +141,32 @@ def sketch_rows(seed: int, spec: Any, l: int) -> np.ndarray:
     return np.random.default_rng((seed, lo)).standard_normal((hi - lo, l)).astype(np.float32)
 
 
+def block_moments(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, M2) of a block's columns in float64, each in one read of the block (W is overwritten when it
+    is scratch, see _scratch).
+
+    A float32 mean by BLAS (W^T 1 / b), then the float64 sum of the deviations from it (small: their float32
+    rounding is of their own size) corrects it to the block's mean within u |w - mean|, and M2 is taken
+    about it. A float64 column sum of the block took as long as both (0.4 s per 8,192 rows at D = 99,648).
+    """
+    from scipy.linalg.blas import sgemv
+
+    b = W.shape[0]
+    approx = sgemv(1.0 / b, W.T, np.ones(b, dtype=np.float32))  # (D,) float32
+    dev = W if _scratch(W) else np.empty_like(W)
+    np.subtract(W, approx, out=dev)  # (b, D)
+    r = dev.sum(axis=0).astype(np.float64)  # sum of (w - approx) = b (mean - approx)
+    # sum (w - mean)^2 = sum (w - approx)^2 - r^2 / b; each square summed in float32 over the b rows: a sum of
+    # positive terms, so within b u (2e-5 at b = 384) of exact, typically sqrt(b) u; blocks are merged in float64
+    m2 = np.einsum("ij,ij->j", dev, dev).astype(np.float64) - r**2 / b
+    return approx.astype(np.float64) + r / b, np.maximum(m2, 0.0)
+
+
 def block_stats(seed: int, l: int, spec: Any, W: np.ndarray):
     """(count, mean, M2, (W_b^T Omega_b)^T, colsum of Omega_b) of one block: the stats pass also sketches."""
-    b = W.shape[0]
-    mean = W.sum(axis=0, dtype=np.float64) / b  # float32 data, float64 sums: no (b, D) float64 copy
     omega = sketch_rows(seed, spec, l)  # (b, l)
     sketch_t = np.ascontiguousarray(omega.T) @ W  # (l, D): see block_gram; before W is overwritten
-    dev = W if _scratch(W) else np.empty_like(W)
-    np.subtract(W, mean.astype(np.float32), out=dev)  # (b, D)
-    # sum of squares in one read of the block, summed in float32 over its b rows: a sum of positive terms,
-    # so within b u (2e-5 at b = 384) of exact, typically sqrt(b) u; blocks are merged in float64
-    m2 = np.einsum("ij,ij->j", dev, dev).astype(np.float64)
-    return b, mean, m2, sketch_t, omega.sum(axis=0)
+    return (W.shape[0], *block_moments(W), sketch_t, omega.sum(axis=0))
 
 
 def merge_stats(parts: Iterable[tuple]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -252,37 +270,19 @@ def stats_in_place(source: BlockSource, specs: list[Any], seed: int, l: int) -> 
     The sketch is Fortran-ordered, so its transpose is C-ordered (D, l): the fit's start block is made
     from it in place.
     """
-    from scipy.linalg.blas import sgemm, sgemv
+    from scipy.linalg.blas import sgemm
 
     sk = np.zeros((l, source.dim), dtype=np.float32, order="F")  # (l, D)
-    stats: list[tuple] = []
 
-    def add_block(spec: Any, W: np.ndarray) -> None:
+    def add_block(spec: Any, W: np.ndarray) -> tuple:
         nonlocal sk
-        b = W.shape[0]
         omega = sketch_rows(seed, spec, l)  # (b, l)
         # += Omega_b^T W_b, before W changes (W.T: a Fortran-ordered view, read without a copy)
         sk = sgemm(1.0, omega, W.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1)
-        # The block's mean in two steps, each one read of the block: a float32 mean by BLAS (W^T 1 / b), then
-        # the float64 sum of the deviations from it (small: their float32 rounding is of their own size),
-        # which corrects it to the block's mean to float64 rounding, and M2 about it. A float64 column sum
-        # of the block took as long as both.
-        approx = sgemv(1.0 / b, W.T, np.ones(b, dtype=np.float32))  # (D,) float32
-        dev = W if _scratch(W) else np.empty_like(W)
-        np.subtract(W, approx, out=dev)
-        r = dev.sum(axis=0).astype(np.float64)  # sum of (w - approx) = b (mean - approx)
-        # sum (w - mean)^2 = sum (w - approx)^2 - r^2 / b; each square summed in float32 over b rows: a sum
-        # of positive terms, within b u of exact
-        m2 = np.einsum("ij,ij->j", dev, dev).astype(np.float64) - r**2 / b
-        mean = approx.astype(np.float64) + r / b
-        # merged as they come (Chan et al.): two D-vectors alive, not one per block
-        stats[:] = [merge_stats([*stats, (b, mean, np.maximum(m2, 0.0), None, omega.sum(axis=0))])]
+        return (W.shape[0], *block_moments(W), None, omega.sum(axis=0))
 
-    for _ in map_in_process(add_block, source, specs):
-        pass
-    if not stats:
-        raise SubspaceError("no models to fit on")
-    n, mean, m2, _, omega_sum = stats[0]
+    # merged as they come (merge_stats consumes the pass lazily): two D-vectors alive, not one per block
+    n, mean, m2, _, omega_sum = merge_stats(map_in_process(add_block, source, specs))
     return n, mean, m2, sk, omega_sum
 
 
