@@ -14,7 +14,8 @@ classifier-free guidance `ingest.shown.GUIDANCE`, for:
   edits     the first --targets identities lacking the attribute, moved by +S std of its score: how often the
             attribute appears ("success"), how often the other three stay as the unedited LoRA shows them;
   samples   --samples models drawn from the space (w2w.sampling: a Gaussian per coefficient, or
-            "population:h", a smoothed bootstrap of bandwidth h): each attribute's rate against its rate among
+            "population:h", a smoothed bootstrap of bandwidth h whose identities are drawn in rounds, each
+            one before any twice): each attribute's rate against its rate among
             the N identities' labels and among what their own LoRAs show (the same detector on the same
             noises); novelty: a sample's distance to its nearest identity over the median distance of two;
   inverted  --invert held-out faces (not in the population) inverted into the space as the demo does (100
