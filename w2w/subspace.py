@@ -651,9 +651,9 @@ def fit(
             del R
             if G.shape[1] == 0:
                 break  # the Krylov space is invariant: it already holds the whole row space
-        P = G = None  # noqa: F841 (dropped before the m x m matrices are made)
+        P = G = KtP = None  # noqa: F841 (dropped before the m x m matrices are made)
         say(f"Rayleigh-Ritz on the {K.used}-dimensional Krylov space")
-        blocks = [c[1] for c in cols]
+        blocks = [c[1] for c in cols]  # emptied by ritz, as cols by _assemble: neither is held beside M
         theta, Q, method = ritz(_assemble(cols, K.used), blocks, k, plan.ritz_driver)  # (k,), (used, k)
         # each component's entries sum to a positive number, so refits of the same data agree in sign
         # (1^T V = (1^T K) Q: the signs are known before V is made)
