@@ -141,7 +141,7 @@ def main() -> None:
         block_moments(W)
     stats_before = clock.tick()
     omega = sketch_rows(0, (0, b), l)
-    sketch_floor = best_of(lambda: sgemm(1.0, omega, W.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1))
+    sketch_floor = best_of(lambda: sgemm(1.0, omega, buf.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1))
     sketch_floor = sketch_floor * scale
 
     # one orthogonalization against `used` blocks, as fit does it (in RAM)
