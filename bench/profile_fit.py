@@ -9,11 +9,15 @@ w2w.subspace.gram_in_place runs it) is run part by part, serially, block after b
   center       W - mean in place                                    floor: np.copyto of as many bytes
   C Gs         the (b, D) x (D, l) product (Gs = G / std)           floor: the same gemm on data in cache
   P += C^T Y   the (D, b) x (b, l) product added in place (sgemm)   floor: the same gemm on data in cache
-then the pass as fit runs it (map_in_process: a read that waits for the disk goes on a thread), against the
-sum of the product floors; the same pass with its first product by numpy's BLAS (as before session 9:
+then the pass as fit runs it (map_in_process: a read that waits for the disk goes on a thread; a read in
+line is made by chunks on every core, each chunk centered while in cache), against the sum of the product
+floors; the same pass with its first product by numpy's BLAS (as before session 9:
 numpy and scipy each carry an OpenBLAS, and their thread pools alternating on 2 cores slow both); and one
 orthogonalization of a block against a basis of `--used` blocks (K^T P, K C twice, _orth, as fit does),
-against the floor of its flops at the gemm rate of that shape. Each part is timed in
+against the floor of its flops at the gemm rate of that shape; and the stats pass as fit runs it
+(stats_in_place: the column moments summed by chunks as they are read) against the floor of its product
+(the sketch Omega^T W), beside the same pass with the moments taken after the read, from memory (block_moments,
+as in session 9). Each part is timed in
 wall-clock seconds and in this process's CPU seconds (all its threads): on a loaded machine the wall
 clock is noise, and with one BLAS thread (OPENBLAS_NUM_THREADS=1) the CPU seconds are each part's own
 work, whatever else runs. It prints figures, it makes no claim.
@@ -30,8 +34,9 @@ import numpy as np
 from bench_fit import FileSource, data_path, make_data
 from scipy.linalg.blas import sgemm
 
+from registry.wspace import block_rows_for
 from w2w.krylov_basis import KrylovBasis
-from w2w.subspace import _orth, default_block, gram_in_place
+from w2w.subspace import _orth, block_moments, default_block, gram_in_place, sketch_rows, stats_in_place
 
 
 class Clock:
@@ -63,12 +68,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--dim", type=int, default=99648)
     ap.add_argument("--k", type=int, default=1000)
-    ap.add_argument("--rows", type=int, default=384, help="data rows per block (FileSource's default)")
+    ap.add_argument("--rows", type=int, default=0, help="data rows per block; 0 = the registry's ~256 MB")
     ap.add_argument("--used", type=int, default=4, help="Krylov blocks already in the basis when orthogonalizing")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    n, D, b = args.n, args.dim, args.rows
+    n, D, b = args.n, args.dim, args.rows or block_rows_for(args.dim)
     l = default_block(args.k, 16)  # the fit's default block
     path = data_path(args.out, n, D)
     make_data(path, n, D)
@@ -124,6 +129,21 @@ def main() -> None:
         sgemm(1.0, W.T, np.asfortranarray(W @ Gs), beta=1.0, c=P, overwrite_c=1)
     two_blas = clock.tick()
 
+    # the stats pass: as fit runs it, and with the moments after the read (block_moments, from memory)
+    clock = Clock()
+    stats_in_place(source, specs, 0, l)
+    stats = clock.tick()
+    sk = np.zeros((l, D), dtype=np.float32, order="F")
+    for spec in specs:
+        W = buf[: spec[1] - spec[0]]
+        source.load_into(spec, W)
+        sk = sgemm(1.0, sketch_rows(0, spec, l), W.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1)
+        block_moments(W)
+    stats_before = clock.tick()
+    omega = sketch_rows(0, (0, b), l)
+    sketch_floor = best_of(lambda: sgemm(1.0, omega, buf.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1))
+    sketch_floor = sketch_floor * scale
+
     # one orthogonalization against `used` blocks, as fit does it (in RAM)
     P = rng.standard_normal((D, l)).astype(np.float32)
     with KrylovBasis(D, (args.used + 1) * l) as K:
@@ -147,6 +167,8 @@ def main() -> None:
     rows = [*((name, spent[name], floors[name]) for name in names),
             ("pass as fit runs it", np.array(whole), product_floor),
             ("the same, numpy and scipy BLAS", np.array(two_blas), product_floor),
+            ("stats pass as fit runs it", np.array(stats), sketch_floor),
+            ("the same, moments after the read", np.array(stats_before), sketch_floor),
             (f"orthogonalize vs {used} columns", np.array(orth), orth_floor)]  # fmt: skip
     for name, t, f in rows:
         r = t / f

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 
+from w2w import subspace
 from w2w.subspace import (
     DEPTH,
     EXACT_ROWS,
@@ -69,7 +70,7 @@ def test_gram_in_place_equals_the_dense_product_and_the_blockwise_pass(offset_da
 class FromDisk:
     """Blocks of a float32 file read with pread. Before an even block the whole file is dropped from the page
     cache (posix_fadvise DONTNEED; its pages are clean after fsync), and the even block's read also reads the
-    next block: even reads go to storage, odd ones find their block cached."""
+    next block: even reads go to storage, odd ones find their block cached (read whole or by chunks)."""
 
     def __init__(self, path, n, dim, rows):
         self.path, self.n, self.dim, self.rows, self.ahead = path, n, dim, rows, []
@@ -85,9 +86,10 @@ class FromDisk:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             offset, size = 4 * spec[0] * self.dim, out.nbytes
-            if (spec[0] // self.rows) % 2 == 0:
+            if (spec[0] // self.rows) % 2 == 0 and spec[0] % self.rows == 0:  # an even block's first rows
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.preadv(fd, [bytearray(size)], offset + size)  # the next block, into the page cache
+                block = 4 * self.rows * self.dim
+                os.preadv(fd, [bytearray(block)], 4 * spec[0] * self.dim + block)  # the next block, into the cache
             assert os.preadv(fd, [memoryview(out).cast("B")], offset) == size
         finally:
             os.close(fd)
@@ -192,3 +194,51 @@ def test_the_papers_fit_with_the_default_shape_plans_under_8_gb_on_disk():
     plan = choose(FitPlan(64974, 99648, 10000, default_block(10000, 16), DEPTH, 384, base=int(0.35 * GB)), None, 8.0)
     assert plan.out_of_core and plan.m == 16750
     assert plan.guarded() < 8 * GB < plan.guarded(False)
+
+
+def test_map_in_process_prepares_every_row_once_read_in_chunks_or_ahead(tmp_path, monkeypatch):
+    """prepare runs on every row once, before fn, on a scratch block; a block read in line is read by chunks
+    (each prepared as it comes), one read ahead on the thread whole; the read-ahead rule is unchanged."""
+    if not hasattr(resource, "RUSAGE_THREAD"):
+        pytest.skip("no per-thread block-input count here: every read is made ahead")
+    monkeypatch.setattr(subspace, "CHUNK_BYTES", 2 * 4096 * 4)  # chunks of 2 rows
+    X = np.random.default_rng(0).standard_normal((80, 4096)).astype(np.float32)
+    path = tmp_path / "x.f32"
+    with open(path, "wb") as f:
+        f.write(X.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    source = FromDisk(path, 80, 4096, 8)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_inblock
+    source.load_into((0, 8), np.empty((8, 4096), dtype=np.float32))
+    if resource.getrusage(resource.RUSAGE_THREAD).ru_inblock == before:
+        pytest.skip(f"{tmp_path} reads without block input (a memory file system)")
+    widths: list[tuple[int, int]] = []
+    load_into = source.load_into
+    source.load_into = lambda spec, out: (widths.append(spec), load_into(spec, out))[1]
+    seen = np.zeros(80, dtype=int)
+    parts: set[int] = set()
+
+    def prepare(rows, part):
+        parts.add(part)
+        rows *= -1  # in place: the block handed to fn is the prepared one
+
+    def fn(spec, W):
+        seen[spec[0] : spec[1]] += 1
+        return W.copy()
+
+    got = np.vstack(list(map_in_process(fn, source, source.specs(), prepare=prepare)))
+    np.testing.assert_array_equal(got, -X)  # every row prepared exactly once
+    assert parts <= set(range(subspace.read_threads())) and parts
+    whole = [lo for lo, hi in widths if hi - lo == 8]
+    assert whole == list(range(8, 80, 16))  # the odd blocks, read ahead after an even block's storage read
+    assert all(hi - lo <= 2 for lo, hi in widths if lo // 8 % 2 == 0)  # even blocks: in chunks, in line
+
+
+@pytest.mark.parametrize("source_cls", [ArraySource, Buffered])
+def test_a_prepared_pass_never_changes_the_callers_array(offset_data, source_cls):
+    X = offset_data
+    source = source_cls(X.copy(), 64)
+    out = list(map_in_process(lambda spec, W: W.sum(), source, source.specs(), prepare=lambda r, p: r.fill(0)))
+    assert out == [0.0] * 8
+    np.testing.assert_array_equal(source.X, X)

@@ -70,7 +70,7 @@ class ReusedBuffers(ArraySource):
 
     def load_into(self, spec, out):
         out[...] = self.X[spec[0] : spec[1]]
-        self.filled.append(id(out))
+        self.filled.append((id(out if out.base is None else out.base), len(out)))  # its buffer (of a chunk)
         return out
 
 
@@ -82,9 +82,11 @@ def test_fit_reading_into_reused_buffers_equals_fresh_blocks():
     cfg = FitConfig(components=12, block=8, depth=3)  # a Krylov fit (not the small-data exact path)
     fresh, reused = fit(ArraySource(X.copy().astype(np.float64), 64), cfg), fit(source, cfg)
     # per pass: one buffer for the 64-row blocks, whatever their number (reads from memory do not wait, so
-    # each is made in line into the buffer the last block used; a second only if a read was held up), and
-    # one for the last block
-    assert len(source.filled) == 11 * 4 and len(set(source.filled[:11])) in (2, 3)
+    # each is made in line, by chunks, into the buffer the last block used; a second only if a read was held
+    # up), and one for the last block; every row read once a pass
+    assert sum(rows for _, rows in source.filled) == 700 * 4
+    first = source.filled[: len(source.filled) // 4]
+    assert sum(rows for _, rows in first) == 700 and len({buf for buf, _ in first}) in (2, 3)
     assert np.array_equal(source.X, X)  # the source's own data untouched
     np.testing.assert_allclose(reused.singular_values, fresh.singular_values, rtol=1e-5)
     np.testing.assert_allclose(np.abs(reused.components.T @ fresh.components), np.eye(12), atol=1e-3)

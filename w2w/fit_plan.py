@@ -7,9 +7,10 @@ per chunk):
   pass    G / std (in G's buffer when K is on disk; in RAM G is K's), the product's sum, two data buffers:
           2 * 4 D l + 2 * 4 b D + 4 b l
   orth    P (made into R, then into the next G, in its own buffer), K^T P and K^T R:  4 D l + 2 * 8 m l
-  ritz    M and a block column while it is assembled, then M and the k eigenvectors, then those and Q:
-          max(8 m^2 + 8 m max(l, k), 16 m k) with LAPACK's dsyevr (an index range); with dsyevd (all pairs,
-          divide and conquer, in M's buffer) its workspace of 2 m^2 + 6 m doubles too: 24 m^2 + 8 m k
+  ritz    M, the whiteners of K^T K's diagonal blocks (8 l^2 depth), and with LAPACK's dsyevr (an index
+          range) the k eigenvectors and one block row of Q = W X made in their buffer: 8 m^2 + 8 m k + 8 l k;
+          with dsyevd (all pairs, divide and conquer, in M's buffer) its workspace of 2 m^2 + 6 m doubles,
+          then Q: 24 m^2 + 8 m k
   out     Q in float64 and float32, two chunks of V:  12 m k + 8 c k
 In RAM, K (4 D m) is alive throughout and V (4 D k) at the end. On disk neither is, but a chunk of K's
 read buffers (4 c m) is.
@@ -71,7 +72,7 @@ class FitPlan:
         return {
             "pass": kept + K + 2 * 4 * D * l + 2 * 4 * b * D + 4 * b * l,
             "orth": kept + K + 4 * D * l + 2 * 8 * m * l,
-            "ritz": K + (24 * m * m + 8 * m * k if evd else max(8 * m * m + 8 * m * max(l, k), 16 * m * k)),
+            "ritz": K + 8 * l * l * self.depth + 8 * m * m + (16 * m * m + 8 * m * k if evd else 8 * m * k + 8 * l * k),
             "out": K + V + 12 * m * k + 8 * c * k,
         }
 

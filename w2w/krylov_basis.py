@@ -134,12 +134,20 @@ class KrylovBasis:
     def _times_chunks(self, C: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """(lo, hi, (K @ C)[lo:hi]) for each row chunk of K, C (used, b): the chunk arrays are reused."""
         C = self._dev(C.astype(np.float32))
+        bufs = None  # in numpy, the sum and one product in two buffers that every chunk reuses
+        if self.device is None:
+            bufs = [np.empty((min(self.rows, self.dim), C.shape[1]), dtype=np.float32) for _ in range(2)]
         for lo, hi, parts in self.chunks():
             acc, at = None, 0
             for part in map(self._dev, parts):
                 b = part.shape[1]
-                prod = part @ C[at : at + b]  # (c, b)
-                acc = prod if acc is None else acc.__iadd__(prod)
+                if bufs is None:
+                    prod = part @ C[at : at + b]  # (c, b)
+                    acc = prod if acc is None else acc.__iadd__(prod)
+                else:
+                    out = bufs[0 if acc is None else 1][: hi - lo]
+                    np.matmul(part, C[at : at + b], out=out)
+                    acc = out if acc is None else acc.__iadd__(out)
                 at += b
             yield lo, hi, self._host(acc)
 

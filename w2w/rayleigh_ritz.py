@@ -9,8 +9,11 @@ does not really span. Then T = W^T M W is a plain symmetric eigenproblem and Q =
 eigenvectors X.
 
 Memory: T is made in M's buffer (a block at a time) when no direction is dropped, and only the k wanted
-eigenvectors are computed (LAPACK's dsyevr with an index range, O(m) workspace): 8 m^2 + 8 m k bytes,
-where numpy's eigh of the whole problem would need ~4 m^2 float64 for itself. When a block drops
+eigenvectors are computed (LAPACK's dsyevr with an index range, O(m) workspace); Q = W X is made in X's
+buffer a block row at a time, and handed back in descending order as a reversed view: M (which the caller
+holds), X, one block row and the whiteners, 8 m^2 + 8 m k + 8 l k + 8 l^2 depth bytes, where numpy's eigh of
+the whole problem would need ~4 m^2 float64 for itself. (A new Q and its reordered copy had made it 8 m^2 +
+24 m k: 7.7 GB at the paper's k = 10,000, m = 16,750, over the plan's 5.4 GB.) When a block drops
 directions T is a new, smaller array (M and T alive at once: that path is for degenerate data).
 """
 
@@ -23,21 +26,24 @@ import numpy as np
 S_RTOL = 1e-6
 
 
-def symmetrize_upper(A: np.ndarray, step: int = 2048) -> None:
-    """Copy A's upper triangle onto its lower one, in place, a block row at a time (no m x m temporary)."""
+def symmetrize_upper(A: np.ndarray, step: int = 1024) -> None:
+    """Copy A's upper triangle onto its lower one, in place, a block row at a time (no temporary)."""
     m = A.shape[0]
     for lo in range(0, m, step):
         hi = min(lo + step, m)
         A[hi:, lo:hi] = A[lo:hi, hi:].T
-        block = A[lo:hi, lo:hi]
-        block[...] = np.triu(block) + np.triu(block, 1).T
+        for j in range(lo, hi - 1):  # the diagonal block, a column at a time
+            A[j + 1 : hi, j] = A[j, j + 1 : hi]
 
 
 def whiteners(blocks: list[np.ndarray]) -> list[np.ndarray]:
-    """W_i (l_i, r_i) with W_i^T S_i W_i = I for each diagonal block S_i of K^T K."""
+    """W_i (l_i, r_i) with W_i^T S_i W_i = I for each diagonal block S_i of K^T K; `blocks` is emptied (each
+    S_i is dropped once its W_i is made)."""
     out = []
-    for S in blocks:
+    while blocks:
+        S = blocks.pop(0)
         vals, vecs = np.linalg.eigh(S)
+        del S
         keep = vals > S_RTOL * max(vals.max(initial=0.0), 1e-300)
         out.append(vecs[:, keep] / np.sqrt(vals[keep]))
     return out
@@ -45,7 +51,8 @@ def whiteners(blocks: list[np.ndarray]) -> list[np.ndarray]:
 
 def ritz(M: np.ndarray, blocks: list[np.ndarray], k: int, driver: str = "evr") -> tuple[np.ndarray, np.ndarray, str]:
     """(theta (k,) descending, Q (m, k) float64, method) from M (m, m) float64 with its upper block triangle
-    filled, overwritten, and the diagonal blocks S_i of K^T K (their sizes partition m).
+    filled, overwritten, and the diagonal blocks S_i of K^T K (their sizes partition m; the list is emptied).
+    Q may be a view (of X's buffer, in reverse column order).
 
     driver: LAPACK's "evr" (dsyevr, only the top k pairs: O(m) workspace) or "evd" (dsyevd, every pair by
     divide and conquer in M's buffer, 2 m^2 doubles of workspace; about twice as fast at m = 4,000)."""
@@ -71,9 +78,15 @@ def ritz(M: np.ndarray, blocks: list[np.ndarray], k: int, driver: str = "evr") -
     else:
         theta, X = eigh(T.T, subset_by_index=[r - k, r - 1], driver="evr", overwrite_a=True, check_finite=False)
     del T
-    Q = np.empty((int(edges[-1]), k))
-    for i, Wi in enumerate(Ws):
-        Q[edges[i] : edges[i + 1]] = Wi @ X[kept[i] : kept[i + 1]]
-    order = np.argsort(theta)[::-1]
+    if r == edges[-1] and driver == "evr":  # every W_i square: Q's block row i is W_i times X's, in place
+        Q = X
+        for i, Wi in enumerate(Ws):
+            Q[edges[i] : edges[i + 1]] = Wi @ X[kept[i] : kept[i + 1]]
+    else:  # X is a view of evd's m x m eigenvectors, or has fewer rows than Q
+        Q = np.empty((int(edges[-1]), k))
+        for i, Wi in enumerate(Ws):
+            Q[edges[i] : edges[i + 1]] = Wi @ X[kept[i] : kept[i + 1]]
+    del X
     how = "block-diagonal" if r == edges[-1] else f"block-diagonal, {r} of {edges[-1]}"
-    return theta[order], Q[:, order], how if driver == "evr" else f"{how}, {driver}"
+    # LAPACK returns the eigenvalues ascending: descending is a reversed view, not a reordered copy
+    return theta[::-1], Q[:, ::-1], how if driver == "evr" else f"{how}, {driver}"

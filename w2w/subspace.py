@@ -21,6 +21,7 @@ When the Krylov space is at least as large as the data's rank the result is exac
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -77,7 +78,27 @@ class ArraySource:
 MapBlocks = Callable[[Callable[..., Any], BlockSource, list[Any], tuple], Iterable[Any]]
 
 
-def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any], shared: tuple = ()) -> Iterable[Any]:
+def read_threads() -> int:
+    """Threads that read and prepare a block in line: one per core this process may use (at most 8)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+# Rows read and prepared at a time: a chunk (and a prepare's scratch of the same size) stays in a core's L2
+# cache (1 MB a core on this machine kind), so the prepare finds it there instead of in memory.
+CHUNK_BYTES = 1 << 19
+
+
+def map_in_process(
+    fn: Callable[..., Any],
+    source: BlockSource,
+    specs: list[Any],
+    shared: tuple = (),
+    prepare: Callable[[np.ndarray, int], None] | None = None,
+) -> Iterable[Any]:
     """Run a pass here, reading block i+1 on a thread while block i is computed when reading waits.
 
     A read that waits (for the disk) goes on the thread, where the wait overlaps the products; a read that
@@ -92,6 +113,12 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
     read itself, on a core the products need. A block read in line goes into the buffer the last block
     used (one buffer ran the Gram pass ~5% faster than two in turn: the one just used is partly in cache);
     a block read on the thread goes into the other one.
+
+    `prepare(rows, part)` runs on every block before fn, over chunks of its rows, by read_threads() threads
+    (`part` numbers the thread: prepare may keep a scratch and sums per part); it may change the rows (the
+    block is then a copy when the source's is not scratch). A block read in line is read by those threads
+    a chunk at a time, each chunk prepared as soon as it is read, while it is still in the core's cache:
+    the pass's element-wise work (centering, column moments) then costs about what the copy does.
     """
     import resource
     from concurrent.futures import ThreadPoolExecutor
@@ -100,9 +127,7 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
         return
     buffers: dict[int, list[np.ndarray]] = {}
 
-    def read(spec: Any, other: bool) -> np.ndarray:
-        if not hasattr(source, "load_into"):
-            return source.load(spec)
+    def buffer(spec: Any, other: bool) -> np.ndarray:
         b = spec[-1] - spec[-2]
         if b not in buffers:
             buffers[b] = [np.empty((b, source.dim), dtype=np.float32)]
@@ -111,23 +136,62 @@ def map_in_process(fn: Callable[..., Any], source: BlockSource, specs: list[Any]
             if len(bufs) == 1:
                 bufs.append(np.empty_like(bufs[0]))
             bufs.reverse()
-        return source.load_into(spec, bufs[0])
+        return bufs[0]
+
+    def read(spec: Any, other: bool) -> np.ndarray:
+        if not hasattr(source, "load_into"):
+            return source.load(spec)
+        return source.load_into(spec, buffer(spec, other))
 
     counted = hasattr(resource, "RUSAGE_THREAD")
     waits = [not counted]
 
+    def inblock() -> int:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_inblock if counted else 0
+
     def load(spec: Any, other: bool) -> np.ndarray:
-        if not counted:
-            return read(spec, other)
-        before = resource.getrusage(resource.RUSAGE_THREAD).ru_inblock
+        before = inblock()
         block = read(spec, other)
-        waits[0] = resource.getrusage(resource.RUSAGE_THREAD).ru_inblock > before  # it read from storage
+        waits[0] = not counted or inblock() > before  # it read from storage
         return block
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    parts = read_threads()
+
+    def in_parts(spec: Any, block: np.ndarray, fill: bool) -> bool:
+        """prepare over the block by chunks on `parts` threads, each chunk first read into it when `fill`;
+        whether a read went to storage."""
+        lo, b = spec[-2], block.shape[0]
+        step = max(1, CHUNK_BYTES // max(1, block[:1].nbytes))
+        bounds = [b * p // parts for p in range(parts + 1)]
+
+        def work(part: int) -> bool:
+            before = inblock()
+            for i in range(bounds[part], bounds[part + 1], step):
+                rows = block[i : min(i + step, bounds[part + 1])]
+                if fill:
+                    source.load_into((*spec[:-2], lo + i, lo + i + len(rows)), rows)
+                prepare(rows, part)
+            return not counted or inblock() > before
+
+        return any(list(workers.map(work, range(parts))))
+
+    def prepared(spec: Any, block: np.ndarray) -> np.ndarray:
+        block = block if _scratch(block) else block.copy()
+        in_parts(spec, block, fill=False)
+        return block
+
+    with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=parts) as workers:
         nxt = None
         for i, spec in enumerate(specs):
-            block = nxt.result() if nxt is not None else load(spec, False)
+            if nxt is not None:
+                block = nxt.result()
+                block = prepared(spec, block) if prepare else block
+            elif prepare and hasattr(source, "load_into"):
+                block = buffer(spec, False)
+                waits[0] = in_parts(spec, block, fill=True)
+            else:
+                block = load(spec, False)
+                block = prepared(spec, block) if prepare else block
             nxt = pool.submit(load, specs[i + 1], True) if waits[0] and i + 1 < len(specs) else None
             yield fn(*shared, spec, block)
 
@@ -228,7 +292,8 @@ def gram_in_place(
     Z_b = C_b S^-1 with C_b = W_b - 1 mean^T, so Z^T Z G = S^-1 sum_b C_b^T (C_b (S^-1 G)): the scaling
     moves onto the D x l operands (once per pass, not once per block), a block is only centered, in place,
     and every block's product is added into one sum by BLAS itself (sgemm with beta = 1) instead of being
-    made as a new (l, D) array and then added. The sum is kept as P^T, a Fortran-ordered (l, D) array,
+    made as a new (l, D) array and then added. Blocks are centered as they are read (map_in_process's
+    prepare: a chunk at a time, in cache, on every core). The sum is kept as P^T, a Fortran-ordered (l, D) array,
     which is P's C-ordered buffer: it is returned as it is (no D x l copy). With `scratch` G (C-ordered
     float32) is scaled in its own buffer (the caller has no further use for it).
     """
@@ -241,10 +306,11 @@ def gram_in_place(
         Gs = np.ascontiguousarray(G / std[:, None], dtype=np.float32)
     Pt = np.zeros((G.shape[1], G.shape[0]), dtype=np.float32, order="F")  # (l, D): P^T
 
-    def add_block(spec: Any, W: np.ndarray) -> None:
+    def center(rows: np.ndarray, _: int) -> None:
+        rows -= mean
+
+    def add_block(spec: Any, C: np.ndarray) -> None:  # C: the block, centered by map_in_process (center)
         nonlocal Pt
-        C = W if _scratch(W) else W.copy()  # (b, D)
-        C -= mean
         # C.T (D, b) and Gs.T (l, D) are Fortran-ordered views of C-ordered arrays: BLAS reads them without
         # a copy. Both products go through scipy's BLAS: numpy carries its own OpenBLAS, and alternating
         # the two libraries' thread pools (each spins a while after its call) made both products ~1.4x
@@ -254,11 +320,47 @@ def gram_in_place(
         # copied, the sum returned would still be right)
         Pt = sgemm(1.0, Y, C.T, trans_a=1, trans_b=1, beta=1.0, c=Pt, overwrite_c=1)
 
-    for _ in map_in_process(add_block, source, specs):
+    for _ in map_in_process(add_block, source, specs, prepare=center):
         pass
     P = Pt.T  # (D, l) C-ordered view of the same buffer
     P /= std[:, None]
     return P
+
+
+class ColumnMoments:
+    """Column sums of a block's deviations from a shift and of their squares, added a chunk of rows at a time
+    by several threads (a part each: map_in_process's prepare), then taken as the block's (mean, M2).
+
+    The shift is the previous block's mean (the first block's: the mean of its first rows), so deviations
+    are of the data's own spread: each is rounded by u of its size, their float32 sums (over a part's rows)
+    carry no cancellation, and M2 = sum d^2 - (sum d)^2 / b loses nothing to a large mean. One read of the
+    block, in cache, instead of block_moments' three (sgemv, subtract, sums) from memory.
+    """
+
+    def __init__(self, dim: int, parts: int, shift: np.ndarray):
+        self.shift = np.asarray(shift, dtype=np.float32)
+        self.sums = np.zeros((parts, 2, dim), dtype=np.float32)  # per part: sum d, sum d^2
+        self.scratch: list[np.ndarray | None] = [None] * parts
+
+    def add(self, rows: np.ndarray, part: int) -> None:
+        d = self.scratch[part]
+        if d is None or len(d) < len(rows):
+            d = self.scratch[part] = np.empty_like(rows)
+        d = d[: len(rows)]
+        np.subtract(rows, self.shift, out=d)
+        s, q = self.sums[part]
+        for row in d:
+            s += row
+        q += np.einsum("ij,ij->j", d, d)
+
+    def take(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, M2) in float64 of the b rows added since the last take; the next block is shifted by it."""
+        s, q = self.sums.astype(np.float64).sum(axis=0)
+        self.sums[...] = 0.0
+        mean = self.shift + s / b
+        m2 = np.maximum(q - s * s / b, 0.0)
+        self.shift = mean.astype(np.float32)
+        return mean, m2
 
 
 def stats_in_place(source: BlockSource, specs: list[Any], seed: int, l: int) -> tuple:
@@ -267,22 +369,28 @@ def stats_in_place(source: BlockSource, specs: list[Any], seed: int, l: int) -> 
     The same (count, mean, M2, sketch, colsum of Omega) with the sketch (l, D) a view of one Fortran-ordered
     sum that every block's Omega_b^T W_b is added into (sgemm, beta = 1): block_stats made a new (l, D)
     array per block and merge_stats added it, which cost as much as the product itself at l = 350.
+    The column moments are summed as the block is read (ColumnMoments, map_in_process's prepare).
     The sketch is Fortran-ordered, so its transpose is C-ordered (D, l): the fit's start block is made
     from it in place.
     """
     from scipy.linalg.blas import sgemm
 
     sk = np.zeros((l, source.dim), dtype=np.float32, order="F")  # (l, D)
+    if not specs:
+        raise SubspaceError("no models to fit on")
+    first = specs[0]
+    head = source.load((*first[:-2], first[-2], min(first[-1], first[-2] + 16)))
+    moments = ColumnMoments(source.dim, read_threads(), head.mean(axis=0, dtype=np.float64))
 
     def add_block(spec: Any, W: np.ndarray) -> tuple:
         nonlocal sk
         omega = sketch_rows(seed, spec, l)  # (b, l)
-        # += Omega_b^T W_b, before W changes (W.T: a Fortran-ordered view, read without a copy)
+        # += Omega_b^T W_b (W.T: a Fortran-ordered view, read without a copy)
         sk = sgemm(1.0, omega, W.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1)
-        return (W.shape[0], *block_moments(W), None, omega.sum(axis=0))
+        return (W.shape[0], *moments.take(W.shape[0]), None, omega.sum(axis=0))
 
     # merged as they come (merge_stats consumes the pass lazily): two D-vectors alive, not one per block
-    n, mean, m2, _, omega_sum = merge_stats(map_in_process(add_block, source, specs))
+    n, mean, m2, _, omega_sum = merge_stats(map_in_process(add_block, source, specs, prepare=moments.add))
     return n, mean, m2, sk, omega_sum
 
 
@@ -543,9 +651,9 @@ def fit(
             del R
             if G.shape[1] == 0:
                 break  # the Krylov space is invariant: it already holds the whole row space
-        P = G = None  # noqa: F841 (dropped before the m x m matrices are made)
+        P = G = KtP = None  # noqa: F841 (dropped before the m x m matrices are made)
         say(f"Rayleigh-Ritz on the {K.used}-dimensional Krylov space")
-        blocks = [c[1] for c in cols]
+        blocks = [c[1] for c in cols]  # emptied by ritz, as cols by _assemble: neither is held beside M
         theta, Q, method = ritz(_assemble(cols, K.used), blocks, k, plan.ritz_driver)  # (k,), (used, k)
         # each component's entries sum to a positive number, so refits of the same data agree in sign
         # (1^T V = (1^T K) Q: the signs are known before V is made)
