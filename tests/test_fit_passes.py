@@ -84,6 +84,9 @@ class FromDisk:
     def load_into(self, spec, out):
         self.ahead.append((spec[0], threading.current_thread() is not threading.main_thread()))
         fd = os.open(self.path, os.O_RDONLY)
+        # no kernel readahead: an earlier read's asynchronous readahead of the next blocks, still in flight when
+        # DONTNEED comes (which cannot drop pages under I/O), left an even block cached under load (flaky)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         try:
             offset, size = 4 * spec[0] * self.dim, out.nbytes
             if (spec[0] // self.rows) % 2 == 0 and spec[0] % self.rows == 0:  # an even block's first rows
