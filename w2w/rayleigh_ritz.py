@@ -78,14 +78,11 @@ def ritz(M: np.ndarray, blocks: list[np.ndarray], k: int, driver: str = "evr") -
     else:
         theta, X = eigh(T.T, subset_by_index=[r - k, r - 1], driver="evr", overwrite_a=True, check_finite=False)
     del T
-    if r == edges[-1] and driver == "evr":  # every W_i square: Q's block row i is W_i times X's, in place
-        Q = X
-        for i, Wi in enumerate(Ws):
-            Q[edges[i] : edges[i + 1]] = Wi @ X[kept[i] : kept[i + 1]]
-    else:  # X is a view of evd's m x m eigenvectors, or has fewer rows than Q
-        Q = np.empty((int(edges[-1]), k))
-        for i, Wi in enumerate(Ws):
-            Q[edges[i] : edges[i + 1]] = Wi @ X[kept[i] : kept[i + 1]]
+    # with evr and every W_i square, Q's block row i is W_i times X's: made in X's buffer; otherwise X is a view
+    # of evd's m x m eigenvectors or has fewer rows than Q
+    Q = X if r == edges[-1] and driver == "evr" else np.empty((int(edges[-1]), k))
+    for i, Wi in enumerate(Ws):
+        Q[edges[i] : edges[i + 1]] = Wi @ X[kept[i] : kept[i + 1]]
     del X
     how = "block-diagonal" if r == edges[-1] else f"block-diagonal, {r} of {edges[-1]}"
     # LAPACK returns the eigenvalues ascending: descending is a reversed view, not a reordered copy

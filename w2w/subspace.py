@@ -183,14 +183,11 @@ def map_in_process(
     with ThreadPoolExecutor(max_workers=1) as pool, ThreadPoolExecutor(max_workers=parts) as workers:
         nxt = None
         for i, spec in enumerate(specs):
-            if nxt is not None:
-                block = nxt.result()
-                block = prepared(spec, block) if prepare else block
-            elif prepare and hasattr(source, "load_into"):
+            if nxt is None and prepare and hasattr(source, "load_into"):  # read and prepared by chunks
                 block = buffer(spec, False)
                 waits[0] = in_parts(spec, block, fill=True)
             else:
-                block = load(spec, False)
+                block = nxt.result() if nxt is not None else load(spec, False)
                 block = prepared(spec, block) if prepare else block
             nxt = pool.submit(load, specs[i + 1], True) if waits[0] and i + 1 < len(specs) else None
             yield fn(*shared, spec, block)
