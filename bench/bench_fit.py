@@ -15,7 +15,9 @@ process, so peak RSS (VmHWM) is its own:
   ooc        the same with the basis and the components on disk (FitConfig(out_of_core=True))
   torch      the official w2w code's approach: load, z-score in memory, torch.svd_lowrank(q=1024, niter=2)
   reference  exact: eigendecomposition of the N x N Gram matrix of the standardized data (float64 eigh)
-Accuracy: mean relative error of the top-k singular values against the reference, and captured variance;
+Accuracy: mean relative error of the top-k singular values against the reference (also over the top 10, 100,
+1,000 and k/2: where the error sits), and captured variance; every side's singular values are written to
+`<out>/fit-<n>x<dim>-<side>-k<k>-s.json`;
 with --angles also the principal angles between each side's components and the exact ones (mean cos^2 and
 the smallest cosine over the top k, and over the top k/2). Our sides print the peak their plan predicted
 (w2w/fit_plan.py's formula) beside the peak measured. --device runs our Gram products and torch's SVD in
@@ -382,6 +384,17 @@ def main() -> None:
         if "predicted_peak_mb" in r:
             print(f"   fit peak {r['fit_peak_rss_mb']:.0f} MB, predicted {r['predicted_peak_mb']:.0f} MB", end="")
         print()
+    if ref is not None:  # where the error sits: the leading values converge first, the tail last
+        tops = sorted({t for t in (10, 100, 1000, args.k // 2, args.k) if t <= args.k})
+        print("sv rel. err by rank (mean over the top t): " + ", ".join(f"t = {t:,}" for t in tops))
+        for name, r in results.items():
+            if name == "reference":
+                continue
+            s = np.array(r["s"])
+            r["sv_rel_err_top"] = {t: float(np.mean(np.abs(s[:t] - ref[:t]) / ref[:t])) for t in tops}
+            print(f"  {name:<9}" + "".join(f" {e:10.2e}" for e in r["sv_rel_err_top"].values()))
+    for name, r in results.items():  # the singular values themselves, for a later look at any rank
+        (args.out / f"fit-{args.n}x{args.dim}-{name}-k{args.k}-s.json").write_text(json.dumps(r["s"]))
     if args.angles:
         print("principal angles against the exact components (cos^2 mean, min cos):")
         for name in [n for n in ("ours", "ooc") if n in results]:

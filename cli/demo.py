@@ -110,7 +110,7 @@ def demo(
     n_models = len(Registry.open(registry).ls())
     run("fit", "--components", min(1000, n_models - 1))
     first = toyfaces.identity_name(0)
-    run("search", "--like", first, "-k", "3")
+    run("search", "--like", first, "-k", "3", "--metric", "w2w", "--where", "kind = 'trained'")
     fitted = []
     for a in EDITS:
         # debiased against the other three (bench/bench_fidelity.py: more edits succeed and more is kept);
@@ -218,8 +218,9 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
     n_samples, samples = len(samples), samples[:PAIRS]
 
     def nearest_identity(ref) -> str:
-        """The trained identity nearest by weights (samples and edits are registered too: not them)."""
-        return reg.search(ref, k=1, where="kind = 'trained'").hits[0].model.name
+        """The trained identity nearest by weights in the w2w space (samples and edits are registered too: not
+        them). By l2 on the raw vectors one low-norm identity is everyone's nearest (README, "Search")."""
+        return reg.search(ref, k=1, where="kind = 'trained'", metric="w2w").hits[0].model.name
 
     base_imgs = [generate(base, None, prompt="a person", n=1, seed=s, guidance=GUIDANCE)[0] for s in range(2 * PAIRS)]
     held_imgs, inverted_imgs, inv_agree = _invert_held_out(reg, base, n_ids, held_out, invert_steps)
@@ -237,7 +238,7 @@ def _pictures(registry: Path, faces_dir: Path, out: Path, ingest_s: float, prese
     look_up |= {f"training image of {n}": train_imgs[n] for n in shown_ids}
     rows = [
         ("identities: training image | its LoRA", [c for n in shown_ids for c in pair(f"training image of {n}", n)]),
-        ("identity | nearest by weights", [c for n in shown_ids for c in pair(n, nearest_identity(n))]),
+        ("identity | nearest by weights (w2w)", [c for n in shown_ids for c in pair(n, nearest_identity(n))]),
         ("sample | nearest identity", [c for m in samples for c in pair(m.name, nearest_identity(m))]),
         ("base model: 'a person'", [(f"base model, seed {s}", im) for s, im in enumerate(base_imgs)]),
     ]

@@ -8,6 +8,7 @@ from cli.models import drop_text_encoder_option, open_registry
 from cli.output import emit_json, json_option, table
 from registry.search import METRICS
 from registry.sketches import FAMILY_METRICS, NEAR_THRESHOLD
+from registry.wspace import W2W_METRIC
 
 
 @click.command()
@@ -16,10 +17,12 @@ from registry.sketches import FAMILY_METRICS, NEAR_THRESHOLD
 @click.option("--where", help='Only models matching this SQL condition over attributes, e.g. "beard AND age < 40".')
 @click.option(
     "--metric",
-    type=click.Choice(tuple(dict.fromkeys(METRICS + FAMILY_METRICS))),
+    type=click.Choice(tuple(dict.fromkeys((*METRICS, W2W_METRIC, *FAMILY_METRICS)))),
     default="l2",
     show_default=True,
-    help="l2/cosine: the flat vectors of the query's space (one layout); delta = ||dW1 - dW2||_F and "
+    help="l2/cosine: the flat vectors of the query's space (one layout); w2w = 1 - cos of the two models' "
+    "coordinates in the space's fitted w2w subspace (centered, z-scored: who is alike, without the hub the "
+    "raw vectors' common part makes; needs `w2wreg fit`); delta = ||dW1 - dW2||_F and "
     "delta-cosine = 1 - cos(dW1, dW2): every layout (rank, alpha, targets) of the query's base-model family.",
 )
 @click.option("--base-model", help="For a file query: the base model it was trained on.")
@@ -33,6 +36,7 @@ def search(ctx, like, k, where, metric, base_model, drop_text_encoder, as_json):
 
     \b
     w2wreg search --like alice -k 5
+    w2wreg search --like alice --metric w2w --where "kind = 'trained'"
     w2wreg search --like new_lora.safetensors --where "NOT glasses" --metric delta
     w2wreg search --like my-sd15-lora --metric delta --where "family = 'sd15'"
     """

@@ -720,11 +720,16 @@ class Registry:
         Before a subspace is fitted (or with exact=True) every matching model is compared. After, a FAISS
         index over subspace coefficients proposes candidates, which are re-ranked on the full vectors.
         A file query keeps its text-encoder part unless drop_text_encoder (as `add` reads it).
+        metric "w2w": the angle between coordinates in the fitted subspace (wspace.nearest_by_angle), exact.
         """
         with self.catalog.session():
             return self._search(query, k, where, metric, base_model, exact, drop_text_encoder)
 
     def _search(self, query, k, where, metric, base_model, exact, drop_text_encoder=False) -> SearchResult:
+        from registry import wspace
+
+        if metric == wspace.W2W_METRIC:
+            return self._search_w2w(query, k, where, base_model, drop_text_encoder)
         if metric in sketches.FAMILY_METRICS:  # dW metrics: every layout of the query's family
             with one_blas_thread():
                 label, family, found = sketches.search(self, query, k, where, metric, base_model, drop_text_encoder)
@@ -747,6 +752,23 @@ class Registry:
         models = {m.id: m for m in self.catalog.models_by_ids([by_row[r] for r in found_rows.tolist()])}
         hits = [Hit(models[by_row[r]], float(d)) for r, d in zip(found_rows.tolist(), dists.tolist(), strict=True)]
         return SearchResult(label, sid, metric, hits)
+
+    def _search_w2w(self, query, k, where, base_model, drop_text_encoder=False) -> SearchResult:
+        """The k models at the smallest angle from the query in the space's fitted subspace (exact)."""
+        from registry import wspace
+
+        label, q, sid, self_id = self._query_vector(query, base_model, drop_text_encoder)
+        sm = wspace.current(self, sid, self._cache)
+        if sm is None:
+            raise wspace.NoSubspaceError(sid)
+        c = wspace.stored_coefficients(self, sm, self_id) if self_id is not None else None
+        if c is None:
+            c = sm.sub.project(q)  # a file, or a model added since the fit and not yet projected
+        where = where if where and where.strip() else None
+        ids, dists = wspace.nearest_by_angle(self, sm, c, k, where, self_id)
+        table = self.catalog.model_table()
+        hits = [Hit(table.model(int(i)), float(d)) for i, d in zip(ids.tolist(), dists.tolist(), strict=True)]
+        return SearchResult(label, sid, wspace.W2W_METRIC, hits)
 
     def _search_fitted(self, query, k, where, metric, base_model, drop_text_encoder=False) -> SearchResult | None:
         """Search after a fit: candidates from the coefficient index, re-ranked exactly on the full vectors.

@@ -30,7 +30,7 @@ from server.where_guard import check_where
 from w2w import expr
 from w2w.errors import FilterError, UnknownModelError, W2WError
 
-Metric = Literal[tuple(dict.fromkeys(METRICS + FAMILY_METRICS))]  # type: ignore[valid-type]
+Metric = Literal[tuple(dict.fromkeys((*METRICS, wspace.W2W_METRIC, *FAMILY_METRICS)))]  # type: ignore[valid-type]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -307,6 +307,8 @@ def build_router(state: ServerState) -> APIRouter:
         with state.lock:
             v = view(who)
             m = v.get(like)  # a model of the registry, never a path on the server's disk
+            if metric == wspace.W2W_METRIC:  # ranked by coordinates its basis gives: as private as the basis
+                require_usable(v, wspace.current(reg, m.space_id), "a search by the w2w metric")
             where = safe_where(where)
             with running(where):
                 result, found = nearest(v, m, k, where, metric)

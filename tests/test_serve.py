@@ -430,6 +430,11 @@ def test_api_search_and_model(fitted_hub):
     assert r["hits"][0]["model"]["repo"] == expected[0].replace(".", "/", 1)
     status, _, r = server.get("/api/w2w/search", like="crew.m5", k=20, where="beard")
     assert status == 200 and all(h["model"]["attributes"]["beard"] for h in r["hits"])
+    status, _, r = server.get("/api/w2w/search", like="crew.m5", k=3, metric="w2w")
+    assert status == 200 and r["metric"] == "w2w"
+    alike = hub_reg.search("crew.m5", 3, metric="w2w").hits
+    assert [h["model"]["name"] for h in r["hits"]] == [h.model.name for h in alike]
+    assert server.get("/api/w2w/search", like="crew.m5", metric="no-such-metric")[0] == 422
     status, _, d = server.get("/api/w2w/models/crew.m5")
     assert d["model"]["repo"] == "crew/m5" and len(d["neighbours"]) == 5 and d["projection"]["subspace"]
     assert server.get("/api/w2w/models/nobody")[0] == 404

@@ -1,7 +1,8 @@
 """A subspace fitted over private models says nothing of them to those who may not read them (issue 14): its
-coefficients, the map, samples, edits along its directions, a mix through it, a model's projection and a
-preview's sliders are refused (403) or left out for such a caller, and come back once the operator fits over
-models everyone may read. A private model pushed after the fit is only projected: it hides nothing.
+coefficients, the map, a search by the w2w metric, samples, edits along its directions, a mix through it, a
+model's projection and a preview's sliders are refused (403) or left out for such a caller, and come back once
+the operator fits over models everyone may read. A private model pushed after the fit is only projected: it
+hides nothing.
 
 Real parts only: a live server on loopback, the unmodified huggingface_hub client pushing the models (two
 users, public and private repos), the registry's own fit.
@@ -16,6 +17,7 @@ from test_serve_directions import ALICE, BOB, Hub
 RESTRICTED = [  # (method, path, body, status for who may use the subspace): each answer made through it
     ("GET", "/api/w2w/models/alice.pub1/project", None, 200),
     ("GET", "/api/w2w/map", None, 200),
+    ("GET", "/api/w2w/search?like=alice.pub1&k=3&metric=w2w", None, 200),
     ("POST", "/api/w2w/sample", {"n": 1, "seed": 3}, 200),
     ("POST", "/api/w2w/edit", {"model": "alice.pub1", "directions": {"glasses": 1.0}}, 200),
     ("POST", "/api/w2w/mix", {"expr": "alice.pub2 + 0.5*glasses"}, 200),

@@ -72,7 +72,7 @@ def test_api_answers_no_5xx(web):
 def test_page_shows_a_search_result_in_chromium(web, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     server, reg = web
     with chromium() as driver:
@@ -87,7 +87,12 @@ def test_page_shows_a_search_result_in_chromium(web, tmp_path):
         wait.until(ec.text_to_be_present_in_element((By.ID, "results-title"), "Nearest to identity_00003"))
         shown = [r.get_attribute("data-name") for r in driver.find_elements(By.CSS_SELECTOR, "#results .result-row")]
         assert shown == [h.model.name for h in reg.search("identity_00003", k=10).hits]
+        Select(driver.find_element(By.ID, "metric")).select_by_value("w2w")  # who is alike, in the fitted space
+        driver.find_element(By.ID, "search-button").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "results-title"), "(w2w)"))
+        alike = [r.get_attribute("data-name") for r in driver.find_elements(By.CSS_SELECTOR, "#results .result-row")]
+        assert alike == [h.model.name for h in reg.search("identity_00003", k=10, metric="w2w").hits]
         driver.find_element(By.CSS_SELECTOR, "#results .result-row a").click()  # open the nearest model
-        wait.until(ec.text_to_be_present_in_element((By.ID, "model-name"), shown[0]))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "model-name"), alike[0]))
         assert driver.find_elements(By.CSS_SELECTOR, "#neighbours .result-row")
         assert driver.save_screenshot(str(tmp_path / "page.png"))  # for a person: pytest --basetemp=DIR keeps it
