@@ -100,6 +100,7 @@ class ModelDetail(BaseModel):
     children: list[ModelOut]
     projection: ProjectionOut | None
     neighbours: list[HitOut]
+    neighbours_metric: str = Field(description="w2w where the caller may use the space's subspace, else l2")
 
 
 class ProjectOut(BaseModel):
@@ -258,14 +259,19 @@ def build_router(state: ServerState) -> APIRouter:
             lineage = [lineage_out(v, row) for row in reg.catalog.lineage(m.id)]
             children = [ModelOut.of(c) for c in v.only(reg.catalog.models_by_ids(reg.catalog.children(m.id)))]
             # (its error is measured against the fitted models': left out where those are not all readable)
-            proj = wspace.projection_info(reg, m.id) if usable(v, wspace.current(reg, m.space_id)) else None
-            near = nearest(v, m, k)[1] if k else []
+            sm = wspace.current(reg, m.space_id)
+            proj = wspace.projection_info(reg, m.id) if usable(v, sm) else None
+            # who is alike: by the w2w metric where there is a subspace the caller may use (by l2 on the raw
+            # vectors one low-norm model is nearly everyone's nearest: README, "Search")
+            metric = wspace.W2W_METRIC if sm is not None and usable(v, sm) else "l2"
+            near = nearest(v, m, k, metric=metric)[1] if k else []
         return ModelDetail(
             model=ModelOut.of(m),
             lineage=lineage,
             children=children,
             projection=ProjectionOut(**proj) if proj else None,
             neighbours=near,
+            neighbours_metric=metric,
         )
 
     def lineage_out(v: access.ModelView, row: dict) -> LineageOut:

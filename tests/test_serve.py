@@ -437,6 +437,10 @@ def test_api_search_and_model(fitted_hub):
     assert server.get("/api/w2w/search", like="crew.m5", metric="no-such-metric")[0] == 422
     status, _, d = server.get("/api/w2w/models/crew.m5")
     assert d["model"]["repo"] == "crew/m5" and len(d["neighbours"]) == 5 and d["projection"]["subspace"]
+    assert d["neighbours_metric"] == "w2w"  # a fitted space: who is alike
+    assert [h["model"]["name"] for h in d["neighbours"]] == [
+        h.model.name for h in hub_reg.search("crew.m5", 5, metric="w2w").hits
+    ]
     assert server.get("/api/w2w/models/nobody")[0] == 404
     assert server.get("/api/w2w/search", like="crew.m5", where="no_such_attr > 1")[0] == 400
     status, _, p = server.get("/api/w2w/models/crew.m5/project", n=2)

@@ -67,6 +67,8 @@ def test_a_subspace_fitted_over_private_models_is_refused_to_those_who_may_not_r
             assert hub.server.request(method, path)[0] == 403  # anonymous too
     for token in (None, BOB):  # left out where it is one part of a larger answer
         assert answers_of(hub, token) == {"projection": None, "sliders": (None, []), "directions": []}
+        assert hub.get("/api/w2w/models/alice.pub1", token)["neighbours_metric"] == "l2"  # not ranked through it
+    assert hub.get("/api/w2w/models/alice.pub1", ALICE)["neighbours_metric"] == "w2w"
     # a mix that needs no subspace is made in weight space, as in a space not fitted yet
     out = hub.post("/api/w2w/mix", {"expr": "alice.pub4 + alice.pub5", "name": "bob-sum"}, BOB)
     assert out["details"]["mode"] == "raw"
