@@ -109,7 +109,7 @@ def project(ctx, model, n_coeffs, as_json):
     sm = wspace.require(reg, m.space_id)
     c = wspace.coefficients(reg, sm, [m.id])[0]
     info = wspace.projection_info(reg, m.id) or {}
-    near = reg.search(m, k=5).hits
+    near = reg.search(m, k=5, metric=wspace.W2W_METRIC).hits  # who is alike in this space (README, "Search")
     out = {
         "model": m.name,
         "subspace": sm.id,
@@ -119,6 +119,7 @@ def project(ctx, model, n_coeffs, as_json):
         "well_explained": info.get("well_explained"),
         "fitted_p95": info.get("fitted_p95"),
         "nearest": [{"name": h.model.name, "distance": h.distance} for h in near],
+        "nearest_metric": wspace.W2W_METRIC,
     }
     if as_json:
         emit_json(out)
@@ -129,7 +130,7 @@ def project(ctx, model, n_coeffs, as_json):
     )
     verdict = "well explained" if out["well_explained"] else "POORLY explained: consider `w2wreg fit`"
     click.echo(f"  rel. error    {out['relative_error']:.4f}  (fitted models' p95 {out['fitted_p95']:.4f}; {verdict})")
-    table(["nearest", "distance"], [(h["name"], h["distance"]) for h in out["nearest"]])
+    table(["nearest (w2w)", "1 - cos"], [(h["name"], h["distance"]) for h in out["nearest"]])
 
 
 @click.command()

@@ -275,6 +275,10 @@ def test_new_models_are_projected_and_outliers_flagged(planted):
     info_odd = wspace.projection_info(reg, reg.get("outlier").id)
     assert not info_odd["well_explained"]
     assert "POORLY" in run(reg.root, "project", "outlier").stdout
+    out = json.loads(run(reg.root, "project", "late", "--json").stdout)  # projected after the fit: stored coefficients
+    assert out["nearest_metric"] == "w2w"
+    assert [h["name"] for h in out["nearest"]] == [h.model.name for h in reg.search("late", k=5, metric="w2w").hits]
+    assert "late" not in [h["name"] for h in out["nearest"]]
     assert verify(reg).ok
 
 
