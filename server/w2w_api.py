@@ -233,7 +233,10 @@ def build_router(state: ServerState) -> APIRouter:
 
     def nearest(v: access.ModelView, query: ModelRow, k: int, where: str | None = None, metric: str = "l2"):
         """(result, hits): the k nearest models the caller may read. Asks for k more than the hidden models
-        so that, whatever is left out, k remain when there are k."""
+        so that, whatever is left out, k remain when there are k. By the w2w metric only for a caller who may
+        use the space's subspace: its ranking comes from coordinates its basis gives, as private as the basis."""
+        if metric == wspace.W2W_METRIC:
+            require_usable(v, wspace.current(reg, query.space_id), "a search by the w2w metric")
         result = reg.search(query, k=k + len(v.hidden), where=where, metric=metric)
         shown = [h for h in result.hits if v.can_read(h.model.id)][:k]
         return result, [HitOut(model=ModelOut.of(h.model), distance=h.distance) for h in shown]
@@ -260,10 +263,11 @@ def build_router(state: ServerState) -> APIRouter:
             children = [ModelOut.of(c) for c in v.only(reg.catalog.models_by_ids(reg.catalog.children(m.id)))]
             # (its error is measured against the fitted models': left out where those are not all readable)
             sm = wspace.current(reg, m.space_id)
-            proj = wspace.projection_info(reg, m.id) if usable(v, sm) else None
+            may_use = usable(v, sm)  # (True without a subspace: nothing to hide)
+            proj = wspace.projection_info(reg, m.id) if may_use else None
             # who is alike: by the w2w metric where there is a subspace the caller may use (by l2 on the raw
             # vectors one low-norm model is nearly everyone's nearest: README, "Search")
-            metric = wspace.W2W_METRIC if sm is not None and usable(v, sm) else "l2"
+            metric = wspace.W2W_METRIC if sm is not None and may_use else "l2"
             near = nearest(v, m, k, metric=metric)[1] if k else []
         return ModelDetail(
             model=ModelOut.of(m),
@@ -313,8 +317,6 @@ def build_router(state: ServerState) -> APIRouter:
         with state.lock:
             v = view(who)
             m = v.get(like)  # a model of the registry, never a path on the server's disk
-            if metric == wspace.W2W_METRIC:  # ranked by coordinates its basis gives: as private as the basis
-                require_usable(v, wspace.current(reg, m.space_id), "a search by the w2w metric")
             where = safe_where(where)
             with running(where):
                 result, found = nearest(v, m, k, where, metric)
