@@ -20,10 +20,14 @@ every key is mapped to its place in our layout, checked against the SD 1.5 UNet,
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
+import os
 import pickle
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +65,9 @@ BASE_MODEL = "runwayml/stable-diffusion-v1-5"  # the SD 1.5 id the rest of w2wre
 DEFAULT_PREFIX = "w2w-"
 SOURCE_FORMAT = "w2w-release"
 CHUNK_ROWS = 256  # rows read from the memory map at a time: ~100 MB at D = 99,648, whatever N is
+BASIS_CHUNK_BYTES = 64 << 20  # V.pt read 64 MB of the file at a time
+# madvise on the pages under a torch tensor (Python's mmap.madvise needs the mmap object, which torch keeps)
+_MADVISE = ctypes.CDLL(None, use_errno=True).madvise if sys.platform.startswith("linux") else None
 
 _FACTOR = re.compile(
     r"^(?P<module>.+?)\.(?P<factor>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(?:\.(?P<adapter>[\w\-]+))?\.weight$"
@@ -118,15 +125,17 @@ class Release:
         """Rows [start, stop) in our layout, (n, D) float32, a copy: only this slice of the file is read."""
         import torch
 
-        block = self.weights[start:stop]  # (n, D) view on the memory map: nothing read yet
+        mapped = block = self.weights[start:stop]  # (n, D) view on the memory map: nothing read yet
         if block.dtype != torch.float32:
             block = block.to(torch.float32)
         src = block.numpy()
         if len(self.segments) == 1:  # the release's order is ours
-            return np.array(src, dtype=np.float32)
-        out = np.empty(src.shape, dtype=np.float32)
-        for dst, s, n in self.segments:
-            out[:, dst : dst + n] = src[:, s : s + n]
+            out = np.array(src, dtype=np.float32)
+        else:
+            out = np.empty(src.shape, dtype=np.float32)
+            for dst, s, n in self.segments:
+                out[:, dst : dst + n] = src[:, s : s + n]
+        _give_back(mapped, self.weights_path)  # the rows' file pages: read once, not kept mapped
         return out
 
     def names(self, prefix: str = DEFAULT_PREFIX, n: int | None = None) -> list[str]:
@@ -642,25 +651,42 @@ def has_basis(folder: Path | str) -> bool:
 def read_basis(release: Release, components: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """mean, std (D,) and the first `components` principal components (D, k) of the release, in our layout.
 
-    Loaded with torch.load(weights_only=True, mmap=True); shapes, finiteness and orthonormality are checked, and
-    rows are put in our order by the same map as the models' rows.
+    Loaded with torch.load(weights_only=True, mmap=True) and copied a chunk of V.pt at a time, each chunk's file
+    pages given back once copied, so the peak holds the result and one chunk, not the file too (at k = 10,000
+    both are 4 GB). Shapes, finiteness and orthonormality are checked, and rows are put in our order by the same
+    map as the models' rows. V.pt may hold the components as columns (D, k) or as rows (k, D), in any float type.
     """
     paths = [_find(release.folder, name, required=True) for name in BASIS]
     D = release.layout.dim
     mean, std = (_basis_vector(p, D) for p in paths[:2])
     V = _torch_load(paths[2], weights_only=True, mmap=True)
     shape = tuple(getattr(V, "shape", ()))
-    if len(shape) != 2 or D not in shape:
-        raise ReleaseFormatError(paths[2], f"holds shape {shape}, not (D, k) with D = {D:,}", "download it again")
-    if shape[0] != D:  # stored as (k, D): components as rows
+    if len(shape) != 2 or D not in shape or not V.dtype.is_floating_point:
+        raise ReleaseFormatError(
+            paths[2], f"holds shape {shape} ({getattr(V, 'dtype', '?')}), not (D, k) floats with D = {D:,}",
+            "download it again",
+        )  # fmt: skip
+    if not V.is_contiguous() and V.T.is_contiguous():  # saved as a transposed view: walk it in storage order
         V = V.T
-    k = V.shape[1] if components is None else min(components, V.shape[1])
-    src = V[:, :k].float().numpy()  # (D, k) view on the memory map
+        shape = shape[::-1]
+    as_rows = shape[0] != D  # (k, D): a component per stored row
+    available = shape[0] if as_rows else shape[1]
+    k = available if components is None else min(components, available)
     out = np.empty((D, k), dtype=np.float32)
-    for dst, start, n in release.segments:
-        out[dst : dst + n] = src[start : start + n]
-    if not np.isfinite(out).all():
-        raise ReleaseFormatError(paths[2], "holds NaN or Inf values", "download it again")
+    step = max(1, BASIS_CHUNK_BYTES // (V.shape[1] * V.element_size()))
+    stop = k if as_rows else D
+    for lo in range(0, stop, step):
+        stored = V[lo : min(lo + step, stop)]  # stored rows on the memory map: one contiguous range of the file
+        block = (stored if as_rows else stored[:, :k]).float().numpy()
+        if not np.isfinite(block).all():
+            raise ReleaseFormatError(paths[2], "holds NaN or Inf values", "download it again")
+        hi = lo + len(block)
+        for dst, start, n in release.segments:
+            if as_rows:  # every coordinate of components lo..hi
+                out[dst : dst + n, lo:hi] = block[:, start : start + n].T
+            elif (a := max(start, lo)) < (b := min(start + n, hi)):  # the segment's coordinates in this chunk
+                out[dst + a - start : dst + b - start] = block[a - lo : b - lo]
+        _give_back(stored, paths[2])
     head = out[:, : min(k, 32)].astype(np.float64)
     off = np.abs(head.T @ head - np.eye(head.shape[1])).max()
     if off > ORTHONORMAL_TOL:
@@ -670,6 +696,39 @@ def read_basis(release: Release, components: int | None = None) -> tuple[np.ndar
             f"V.pt must be the principal components of the space of {DIMENSIONS}, columns as components",
         )
     return _reorder(mean, release), _reorder(std, release), out
+
+
+def _give_back(t, path: Path) -> None:
+    """Drop this process's mapping of the file pages under a contiguous tensor slice already copied out (Linux).
+
+    torch.load(mmap=True) maps the file privately: clean pages read once stay mapped and count in the process's
+    RSS until the tensor is freed, so reading a 26 GB all_weights.pt through it would show a 26 GB peak. Dropping
+    them is safe, nothing having been written there: a later read of the same rows faults them in from the file
+    again. Only done where /proc/self/maps shows the range mapped from `path` (on memory that is not a file's,
+    the same call would zero it). Pages shared with a neighbouring slice are kept (the range is rounded inwards)."""
+    if _MADVISE is None or not t.is_contiguous() or not t.numel():
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo and _mapped_from(path, start, end):
+        _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+
+def _mapped_from(path: Path, start: int, end: int) -> bool:
+    """Whether [start, end) lies in one mapping of the file `path` (/proc/self/maps)."""
+    try:
+        maps = Path("/proc/self/maps").read_bytes()  # bytes: a mapped file's name need not be UTF-8
+    except OSError:
+        return False
+    target = os.fsencode(Path(path).resolve())
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split(b"-"))
+        if lo <= start < hi:
+            return end <= hi and len(fields) == 6 and fields[5] == target
+    return False
 
 
 def _basis_vector(path: Path, dim: int) -> np.ndarray:

@@ -134,6 +134,10 @@ def test_plan_takes_the_faster_eigensolver_where_its_workspace_fits():
     paper = choose(FitPlan(64974, 99648, 10000, 3350, 5, 673, base=int(0.35 * GB)), None, 8.0)
     assert paper.out_of_core and paper.ritz_driver == "evr" and paper.guarded(ritz_driver="evd") > 8 * GB
     assert choose(FitPlan(64974, 99648, 10000, 3350, 5, 673), True, 16.0).ritz_driver == "evd"
+    # all pairs by MRRR hold the m x m eigenvectors (2.2 GB here); a budget without them takes the top k only
+    tight = choose(FitPlan(64974, 99648, 10000, 3350, 5, 673, base=int(0.35 * GB)), None, 7.2)
+    assert tight.ritz_driver == "evr-range" and "final step by evr-range" in tight.describe()
+    assert tight.guarded(ritz_driver="evr") > 7.2 * GB >= tight.guarded()
 
 
 def test_fit_refuses_a_budget_it_cannot_keep(data):
@@ -141,7 +145,7 @@ def test_fit_refuses_a_budget_it_cannot_keep(data):
         fit(ArraySource(data, 64), FitConfig(**CFG, max_memory_gb=1e-3))
 
 
-@pytest.mark.parametrize("driver", ["evr", "evd"])
+@pytest.mark.parametrize("driver", ["evr", "evd", "evr-range"])
 def test_ritz_equals_the_generalized_eigenproblem_and_survives_a_dependent_column(driver):
     from scipy.linalg import eigh
 
@@ -157,7 +161,7 @@ def test_ritz_equals_the_generalized_eigenproblem_and_survives_a_dependent_colum
         K = np.hstack([Q @ C for Q, C in zip(Qs, Cs, strict=True)])
         M, S = K.T @ A @ K, K.T @ K
         theta, Q, how = ritz(np.triu(M), [C.T @ C for C in Cs], 10, driver)
-        suffix = ", evd" if driver == "evd" else ""
+        suffix = "" if driver == "evr" else f", {driver}"
         assert how == ("block-diagonal, 39 of 40" if dependent else "block-diagonal") + suffix
         V = K @ Q
         # float64 throughout: a few hundred ulps of ||M|| (each block's cond(S_i) ~ 10)
@@ -168,12 +172,13 @@ def test_ritz_equals_the_generalized_eigenproblem_and_survives_a_dependent_colum
             np.testing.assert_allclose(theta, eigh(M, S, eigvals_only=True)[::-1][:10], rtol=1e-11)
 
 
-@pytest.mark.parametrize("driver", ["evr", "evd"])
+@pytest.mark.parametrize("driver", ["evr", "evd", "evr-range"])
 def test_ritz_holds_no_more_than_the_plan_counts(driver):
-    """Beside M (its caller's), ritz holds what fit_plan's ritz phase counts for it: with evr the k eigenvectors
-    (Q is made in their buffer and reversed as a view), one block row and the whiteners; with evd its
-    workspace and Q. numpy's arrays are traced exactly by tracemalloc. (A new Q and its reordered copy had
-    put 8 m k x 2 more beside M: 7.7 GB at the paper's k = 10,000 where the plan said 5.4.)"""
+    """Beside M (its caller's), ritz holds what fit_plan's ritz phase counts for it: with evr the m x m
+    eigenvectors (Q is made in their last k columns and reversed as a view), with evr-range the k eigenvectors
+    (Q likewise), each with one block row and the whiteners; with evd its workspace and Q. numpy's arrays are
+    traced exactly by tracemalloc. (A new Q and its reordered copy had put 8 m k x 2 more beside M: 7.7 GB at
+    the paper's k = 10,000 where the plan said 5.4.)"""
     import tracemalloc
 
     depth, l, k = 4, 300, 900

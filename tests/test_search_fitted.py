@@ -293,3 +293,27 @@ def test_rerank_auto_prefetches_once_a_row_is_slow(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "PREFETCH_AFTER_S", -1.0)  # as if the first row came from disk
     rerank(mapped, np.zeros(D, np.float32), 5, np.arange(20))
     assert asked == [list(range(1, 20))]  # the rest, at once, and only once
+
+
+def test_index_transform_preserves_distances_in_variance_order():
+    """T T^T = V^T S^2 V (so ||c T|| is the weight-space norm of S V c), and the fitted models' coordinates C T
+    are uncorrelated with decreasing variance: (C T)^T (C T) = T^T diag(s^2) T is diagonal, descending."""
+    from w2w.subspace import Subspace
+
+    rng = np.random.default_rng(3)
+    D, k = 4_000, 300
+    V = np.linalg.qr(rng.standard_normal((D, k)))[0].astype(np.float32)
+    std = rng.uniform(0.2, 3.0, D).astype(np.float32)
+    s = np.sort(rng.uniform(0.5, 20.0, k))[::-1]
+    sub = Subspace(np.zeros(D, np.float32), std, V, s, 1.0, 10, list(range(10)), {})
+    T = wspace.index_transform(sub)
+    assert T.dtype == np.float32 and T.shape == (k, k) and T.flags.c_contiguous
+    T = T.astype(np.float64)
+    SV = V.astype(np.float64) * std[:, None]
+    G = SV.T @ SV
+    # T is float32 (u = 6e-8) of a float64 computation from G's float32 block products (~sqrt(D) u relative)
+    np.testing.assert_allclose(T @ T.T, G, atol=1e-5 * np.abs(G).max())
+    C = T.T @ (s[:, None] ** 2 * T)
+    d = np.diag(C)
+    assert np.abs(C - np.diag(d)).max() <= 1e-5 * d.max()
+    assert np.all(np.diff(d) <= 1e-6 * d.max())

@@ -443,6 +443,74 @@ def test_the_authors_space_is_registered_as_published(tmp_path, official_dims):
     assert again["k"] == 2 and wspace.current(Registry.open(tmp_path / "r"), info["space"]).id == again["subspace"]
 
 
+def mapped_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    kb, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+            inside = len(head) == 6 and head[5] == str(path.resolve())
+        elif inside and line.startswith("Rss:"):
+            kb += int(line.split()[1])
+    return kb
+
+
+def test_the_basis_is_read_in_any_stored_form(tmp_path, official_dims, monkeypatch):
+    """V.pt as (k, D) rows or (D, K) columns, with k < K or not, in float16: the same components as the (D, k) float32
+    file of the same values (whose reading the test above checks against the authors' formula)."""
+    from ingest.w2w_release import read_basis
+
+    keys = list(official_dims)
+    dims = {keys[j]: official_dims[keys[j]] for j in np.random.default_rng(1).permutation(len(keys))}
+    rows = write_release(tmp_path / "rel", dims, n=6)
+    *_, V, _ = write_basis(tmp_path / "rel", rows, k=5)
+    V16 = torch.from_numpy(V.astype(np.float32)).half()
+    torch.save(V16[:, :3].float(), tmp_path / "rel" / "V.pt")
+    _, _, want = read_basis(read_release(tmp_path / "rel"))
+    monkeypatch.setattr(w2r, "BASIS_CHUNK_BYTES", 64 << 10)  # chunks of 1 stored row or ~6,500: across segments
+    # (k, D); (D, K) read to k < K; (K, D) to k; (D, K) saved as a transposed view of (K, D); float64
+    forms = [(V16[:, :3].T.contiguous(), None), (V16, 3), (V16.T.contiguous(), 3), (V16.T.contiguous().T, 3)]
+    for stored, components in [*forms, (V16.double(), 3)]:
+        torch.save(stored, tmp_path / "rel" / "V.pt")
+        _, _, got = read_basis(read_release(tmp_path / "rel"), components)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_release_files_are_not_kept_mapped_once_read(tmp_path, reg, official_dims, monkeypatch):
+    """V.pt and all_weights.pt are read through memory maps; each chunk's pages are given back once copied, so
+    the process never holds more than a chunk of either file (at the paper's sizes, 4 GB and 26 GB) and what the
+    kernel maps ahead of a read (large folios: ~3 MB measured here), and rows read again after that come back from
+    the file unchanged. Files of 25 MB and 19 MB: kept mapped, either would pass the bound."""
+    from ingest.w2w_release import read_basis
+
+    n, k = 48, 64
+    rows = write_release(tmp_path / "rel", official_dims, n=n)  # 19 MB
+    write_basis(tmp_path / "rel", rows[:8], k=4)  # mean.pt, std.pt
+    D = rows.shape[1]
+    V = torch.zeros(D, k)  # orthonormal: k coordinate axes; 25 MB
+    V[torch.from_numpy(np.random.default_rng(0).choice(D, k, replace=False)), torch.arange(k)] = 1.0
+    torch.save(V, tmp_path / "rel" / "V.pt")
+    peaks = {"V.pt": 0, "all_weights.pt": 0}
+    real = w2r._give_back
+
+    def give_back(t, path):
+        real(t, path)
+        peaks[path.name] = max(peaks[path.name], mapped_kb(path))
+
+    ahead_kb = 6 << 10
+    monkeypatch.setattr(w2r, "_give_back", give_back)
+    monkeypatch.setattr(w2r, "BASIS_CHUNK_BYTES", 1 << 20)
+    np.testing.assert_array_equal(read_basis(read_release(tmp_path / "rel"))[2].sum(axis=0), np.ones(k))
+    assert 0 < peaks["V.pt"] <= 1024 + ahead_kb
+    release = read_release(tmp_path / "rel")
+    first = release.rows(0, 2)
+    np.testing.assert_array_equal(release.rows(0, 2), first)  # read again after its pages were dropped
+    import_release(reg, tmp_path / "rel", progress=False, chunk_rows=2)  # 0.8 MB a chunk
+    assert 0 < peaks["all_weights.pt"] <= 800 + ahead_kb
+    assert len(reg.ls()) == n
+
+
 def test_a_basis_that_does_not_fit_is_refused(tmp_path, reg, official_dims):
     from ingest.w2w_release import import_basis
     from registry import wspace

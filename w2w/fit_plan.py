@@ -7,11 +7,13 @@ per chunk):
   pass    G / std (in G's buffer when K is on disk; in RAM G is K's), the product's sum, two data buffers:
           2 * 4 D l + 2 * 4 b D + 4 b l
   orth    P (made into R, then into the next G, in its own buffer), K^T P and K^T R:  4 D l + 2 * 8 m l
-  ritz    M, the whiteners of K^T K's diagonal blocks (8 l^2 depth), and with LAPACK's dsyevr (an index
-          range) the k eigenvectors and one block row of Q = W X made in their buffer: 8 m^2 + 8 m k + 8 l k;
-          with dsyevd (all pairs, divide and conquer, in M's buffer) its workspace of 2 m^2 + 6 m doubles,
-          then Q: 24 m^2 + 8 m k
-  out     Q in float64 and float32, two chunks of V:  12 m k + 8 c k
+  ritz    M, the whiteners of K^T K's diagonal blocks (8 l^2 depth), and the eigensolver's arrays
+          (w2w.rayleigh_ritz): evd (dsyevd, all pairs in M's buffer) its workspace of 2 m^2 doubles, then Q:
+          8 m^2 + 16 m^2 + 8 m k; evr (dsyevr, all pairs by MRRR) the m x m eigenvectors, Q made in their
+          last k columns a block row at a time: 8 m^2 + 8 m^2 + 8 l k; evr-range (dsyevr, the top k only)
+          the k eigenvectors and one block row: 8 m^2 + 8 m k + 8 l k
+  out     Q in float64 (with evr: the m x m eigenvectors it is a view of) and float32, two chunks of V:
+          12 m k + 8 c k (evr: 8 m^2 + 4 m k + 8 c k)
 In RAM, K (4 D m) is alive throughout and V (4 D k) at the end. On disk neither is, but a chunk of K's
 read buffers (4 c m) is.
 `base` is the process before the fit (interpreter, libraries), measured, not modelled.
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from w2w.krylov_basis import chunk_rows
+from w2w.rayleigh_ritz import DRIVERS
 
 GB = 1e9
 # The process holds more than the arrays the formula counts (allocator slack, library buffers): measured
@@ -68,12 +71,14 @@ class FitPlan:
         D, l, m, k, b, c = self.dim, self.block, self.m, self.k, self.rows, chunk_rows(self.m)
         kept = 8 * l * l * (self.depth * (self.depth + 1) // 2 + self.depth)
         K, V = (4 * c * m, 0) if out_of_core else (4 * D * m, 4 * D * k)
-        evd = (ritz_driver or self.ritz_driver) == "evd"
+        driver = ritz_driver or self.ritz_driver
+        solver = {"evd": 16 * m * m + 8 * m * k, "evr": 8 * m * m + 8 * l * k, "evr-range": 8 * m * k + 8 * l * k}
+        Q64 = 8 * m * m if driver == "evr" else 8 * m * k
         return {
             "pass": kept + K + 2 * 4 * D * l + 2 * 4 * b * D + 4 * b * l,
             "orth": kept + K + 4 * D * l + 2 * 8 * m * l,
-            "ritz": K + 8 * l * l * self.depth + 8 * m * m + (16 * m * m + 8 * m * k if evd else 8 * m * k + 8 * l * k),
-            "out": K + V + 12 * m * k + 8 * c * k,
+            "ritz": K + 8 * l * l * self.depth + 8 * m * m + solver[driver],
+            "out": K + V + Q64 + 4 * m * k + 8 * c * k,
         }
 
     def peak(self, out_of_core: bool | None = None, ritz_driver: str | None = None) -> int:
@@ -103,11 +108,11 @@ def choose(plan: FitPlan, out_of_core: bool | None, max_memory_gb: float | None)
     if out_of_core is None:
         out_of_core = budget is not None and plan.guarded(False) > budget
     plan.out_of_core = out_of_core
-    # dsyevd took half dsyevr's time for the final step at m = 4,000 (its eigenvectors by divide and conquer,
-    # not MRRR: README, "The w2w space"), for 2 m^2 more doubles: taken when the budget (or, without one,
-    # half this machine's memory) still holds with them
+    # the final step's eigensolver: the fastest whose memory the budget (or, without one, half this machine's
+    # memory) still holds (bench/bench_ritz.py, m = 8,000, top 4,800: evd 49 s, evr 53 s, evr-range 114 s)
     room = budget if budget is not None else 0.5 * physical_memory()
-    plan.ritz_driver = "evd" if plan.guarded(ritz_driver="evd") <= room else "evr"
+    fits = [d for d in DRIVERS if plan.guarded(ritz_driver=d) <= room]
+    plan.ritz_driver = fits[0] if fits else DRIVERS[-1]
     if budget is not None and plan.guarded() > budget:
         raise ValueError(
             f"a fit of k = {plan.k} over D = {plan.dim:,} needs ~{plan.guarded() / GB:.1f} GB "

@@ -8,13 +8,19 @@ block is whitened: W_i = V_i diag(lambda_i)^-1/2 from S_i's eigenpairs, dropping
 does not really span. Then T = W^T M W is a plain symmetric eigenproblem and Q = W X for its top
 eigenvectors X.
 
-Memory: T is made in M's buffer (a block at a time) when no direction is dropped, and only the k wanted
-eigenvectors are computed (LAPACK's dsyevr with an index range, O(m) workspace); Q = W X is made in X's
-buffer a block row at a time, and handed back in descending order as a reversed view: M (which the caller
-holds), X, one block row and the whiteners, 8 m^2 + 8 m k + 8 l k + 8 l^2 depth bytes, where numpy's eigh of
-the whole problem would need ~4 m^2 float64 for itself. (A new Q and its reordered copy had made it 8 m^2 +
-24 m k: 7.7 GB at the paper's k = 10,000, m = 16,750, over the plan's 5.4 GB.) When a block drops
-directions T is a new, smaller array (M and T alive at once: that path is for degenerate data).
+Memory: T is made in M's buffer (a block at a time) when no direction is dropped. The eigenproblem has three
+LAPACK routes (fit_plan picks the fastest whose memory fits the budget):
+  evd        dsyevd, every pair by divide and conquer in T's buffer: 2 m^2 doubles of workspace, then a new Q
+  evr        dsyevr, every pair by MRRR (dstemr) into a new m x m array; Q is made in its last k columns
+  evr-range  dsyevr for the top k pairs only: LAPACK then takes bisection and inverse iteration (dstebz,
+             dstein), which reorthogonalizes within clusters of close eigenvalues, and a Krylov space's tail
+             is one: 2.1x slower than all pairs by MRRR at m = 8,000, top 4,800 (bench/bench_ritz.py);
+             the least memory (8 m k)
+Q = W X is made in X's buffer a block row at a time (evr, evr-range) and handed back in descending order as
+a reversed view: beside M (which the caller may hold) ritz holds evd 16 m^2 + 8 m k, evr 8 m^2 + 8 l k,
+evr-range 8 m k + 8 l k, and the whiteners' 8 l^2 depth. (A new Q and its reordered copy had made it 8 m^2 +
+24 m k: 7.7 GB at the paper's k = 10,000, m = 16,750, over the plan's 5.4 GB.) When a block drops directions
+T is a new, smaller array (M and T alive at once: that path is for degenerate data).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import numpy as np
 # An eigenvalue of S_i below this times its largest: the block has a direction it does not really span
 # (whitening would amplify its rounding into spurious Ritz values): it is dropped.
 S_RTOL = 1e-6
+# The eigensolver routes, fastest first where their memory fits (fit_plan.choose takes the first that does)
+DRIVERS = ("evd", "evr", "evr-range")
 
 
 def symmetrize_upper(A: np.ndarray, step: int = 1024) -> None:
@@ -52,12 +60,13 @@ def whiteners(blocks: list[np.ndarray]) -> list[np.ndarray]:
 def ritz(M: np.ndarray, blocks: list[np.ndarray], k: int, driver: str = "evr") -> tuple[np.ndarray, np.ndarray, str]:
     """(theta (k,) descending, Q (m, k) float64, method) from M (m, m) float64 with its upper block triangle
     filled, overwritten, and the diagonal blocks S_i of K^T K (their sizes partition m; the list is emptied).
-    Q may be a view (of X's buffer, in reverse column order).
+    Q may be a view (of the eigenvectors' buffer, in reverse column order).
 
-    driver: LAPACK's "evr" (dsyevr, only the top k pairs: O(m) workspace) or "evd" (dsyevd, every pair by
-    divide and conquer in M's buffer, 2 m^2 doubles of workspace; about twice as fast at m = 4,000)."""
+    driver: "evd", "evr" or "evr-range" (the module docstring: LAPACK's routes, their time and memory)."""
     from scipy.linalg import eigh
 
+    if driver not in DRIVERS:
+        raise ValueError(f"unknown eigensolver driver {driver!r}; one of {', '.join(DRIVERS)}")
     symmetrize_upper(M)
     Ws = whiteners(blocks)
     edges = np.cumsum([0] + [W.shape[0] for W in Ws])
@@ -72,15 +81,17 @@ def ritz(M: np.ndarray, blocks: list[np.ndarray], k: int, driver: str = "evr") -
     del M
     k = min(k, r)
     # T.T: the Fortran-ordered view of the symmetric T (equal to it): LAPACK works on it without a copy
-    if driver == "evd":
-        theta, X = eigh(T.T, driver="evd", overwrite_a=True, check_finite=False)
-        theta, X = theta[r - k :], X[:, r - k :]  # ascending: the top k are the last
-    else:
+    if driver == "evr-range":
         theta, X = eigh(T.T, subset_by_index=[r - k, r - 1], driver="evr", overwrite_a=True, check_finite=False)
+    else:
+        theta, X = eigh(T.T, driver=driver, overwrite_a=True, check_finite=False)
+        theta, X = theta[r - k :], X[:, r - k :]  # ascending: the top k are the last
     del T
-    # with evr and every W_i square, Q's block row i is W_i times X's: made in X's buffer; otherwise X is a view
-    # of evd's m x m eigenvectors or has fewer rows than Q
-    Q = X if r == edges[-1] and driver == "evr" else np.empty((int(edges[-1]), k))
+    # with every W_i square, Q's block row i is W_i times X's: made in X's buffer (for evr, the last k columns of
+    # its m x m eigenvectors, Fortran-ordered: contiguous); with evd a new Q, so that evd's m x m array (in M's
+    # buffer, which the caller may hold) is not kept alive by it; and a new Q where X has fewer rows than Q
+    in_place = r == edges[-1] and driver != "evd"
+    Q = X if in_place else np.empty((int(edges[-1]), k))
     for i, Wi in enumerate(Ws):
         Q[edges[i] : edges[i + 1]] = Wi @ X[kept[i] : kept[i + 1]]
     del X
