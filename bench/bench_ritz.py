@@ -44,33 +44,23 @@ def make_m(m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return M.T, np.sort(values)[::-1]
 
 
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def child(args) -> None:
-    from w2w.fit_plan import FitPlan
+    from w2w.fit_plan import FitPlan, rss_bytes
+    from w2w.krylov_basis import chunk_rows
     from w2w.rayleigh_ritz import ritz
 
     M, values = make_m(args.m)
     l, depth = args.m // args.depth, args.depth
     plan = FitPlan(args.m, args.m, args.k, l, depth, 1, out_of_core=True, ritz_driver=args.child)
     # the step's figure beside M, less the basis's read buffers (not here)
-    counted = plan.phases(True)["ritz"] - 8 * args.m**2 - 4 * _chunk(args.m) * args.m
-    base = rss()
+    counted = plan.phases(True)["ritz"] - 8 * args.m**2 - 4 * chunk_rows(args.m) * args.m
+    base = rss_bytes()
     t = time.perf_counter()
     theta, Q, how = ritz(M, [np.eye(l) for _ in range(depth)], args.k, args.child)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     err = float(np.abs(theta - values[: args.k]).max() / values[0])
     print(json.dumps({"seconds": seconds, "peak": peak, "counted": counted, "err": err, "how": how}))
-
-
-def _chunk(m: int) -> int:
-    from w2w.krylov_basis import chunk_rows
-
-    return chunk_rows(m)
 
 
 def main() -> None:
