@@ -95,7 +95,8 @@ class Inverter:
         dev = base.device
         self.mean = torch.from_numpy(np.asarray(mean, np.float32)).to(dev)
         self.std = torch.from_numpy(np.asarray(std, np.float32)).to(dev)
-        self.V = torch.from_numpy(np.ascontiguousarray(V, np.float32)).to(dev)  # (D, K)
+        V = np.ascontiguousarray(V, np.float32)  # (D, K); a subspace's components are a read-only file map
+        self.V = (torch.from_numpy(V) if V.flags.writeable else torch.tensor(V)).to(dev)
         self.factors: dict = {}
         unet = base.unet
         self.layers = {

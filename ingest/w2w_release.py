@@ -20,14 +20,10 @@ every key is mapped to its place in our layout, checked against the SD 1.5 UNet,
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import mmap
-import os
 import pickle
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +46,7 @@ from w2w.errors import (
 )
 from w2w.formats.common import pattern_lookup
 from w2w.formats.diffusers import strip_prefixes
+from w2w.formats.pages import give_back
 from w2w.layout import Layout, LayoutEntry, canonical_sort
 from w2w.presets import SD15_UNET_CONFIG, get_preset
 
@@ -66,8 +63,6 @@ DEFAULT_PREFIX = "w2w-"
 SOURCE_FORMAT = "w2w-release"
 CHUNK_ROWS = 256  # rows read from the memory map at a time: ~100 MB at D = 99,648, whatever N is
 BASIS_CHUNK_BYTES = 64 << 20  # V.pt read 64 MB of the file at a time
-# madvise on the pages under a torch tensor (Python's mmap.madvise needs the mmap object, which torch keeps)
-_MADVISE = ctypes.CDLL(None, use_errno=True).madvise if sys.platform.startswith("linux") else None
 
 _FACTOR = re.compile(
     r"^(?P<module>.+?)\.(?P<factor>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(?:\.(?P<adapter>[\w\-]+))?\.weight$"
@@ -129,13 +124,9 @@ class Release:
         if block.dtype != torch.float32:
             block = block.to(torch.float32)
         src = block.numpy()
-        if len(self.segments) == 1:  # the release's order is ours
-            out = np.array(src, dtype=np.float32)
-        else:
-            out = np.empty(src.shape, dtype=np.float32)
-            for dst, s, n in self.segments:
-                out[:, dst : dst + n] = src[:, s : s + n]
-        _give_back(mapped, self.weights_path)  # the rows' file pages: read once, not kept mapped
+        out = np.empty(src.shape, dtype=np.float32)
+        to_our_order(out, src, self.segments)
+        give_back(mapped, self.weights_path)  # the rows' file pages: read once, not kept mapped
         return out
 
     def names(self, prefix: str = DEFAULT_PREFIX, n: int | None = None) -> list[str]:
@@ -680,13 +671,11 @@ def read_basis(release: Release, components: int | None = None) -> tuple[np.ndar
         block = (stored if as_rows else stored[:, :k]).float().numpy()
         if not np.isfinite(block).all():
             raise ReleaseFormatError(paths[2], "holds NaN or Inf values", "download it again")
-        hi = lo + len(block)
-        for dst, start, n in release.segments:
-            if as_rows:  # every coordinate of components lo..hi
-                out[dst : dst + n, lo:hi] = block[:, start : start + n].T
-            elif (a := max(start, lo)) < (b := min(start + n, hi)):  # the segment's coordinates in this chunk
-                out[dst + a - start : dst + b - start] = block[a - lo : b - lo]
-        _give_back(stored, paths[2])
+        if as_rows:  # components lo.., every coordinate
+            to_our_order(out.T[lo : lo + len(block)], block, release.segments)
+        else:  # coordinates lo.. of every component
+            to_our_order(out.T, block.T, release.segments, lo)
+        give_back(stored, paths[2])
     head = out[:, : min(k, 32)].astype(np.float64)
     off = np.abs(head.T @ head - np.eye(head.shape[1])).max()
     if off > ORTHONORMAL_TOL:
@@ -696,39 +685,6 @@ def read_basis(release: Release, components: int | None = None) -> tuple[np.ndar
             f"V.pt must be the principal components of the space of {DIMENSIONS}, columns as components",
         )
     return _reorder(mean, release), _reorder(std, release), out
-
-
-def _give_back(t, path: Path) -> None:
-    """Drop this process's mapping of the file pages under a contiguous tensor slice already copied out (Linux).
-
-    torch.load(mmap=True) maps the file privately: clean pages read once stay mapped and count in the process's
-    RSS until the tensor is freed, so reading a 26 GB all_weights.pt through it would show a 26 GB peak. Dropping
-    them is safe, nothing having been written there: a later read of the same rows faults them in from the file
-    again. Only done where /proc/self/maps shows the range mapped from `path` (on memory that is not a file's,
-    the same call would zero it). Pages shared with a neighbouring slice are kept (the range is rounded inwards)."""
-    if _MADVISE is None or not t.is_contiguous() or not t.numel():
-        return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    hi = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo and _mapped_from(path, start, end):
-        _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
-
-
-def _mapped_from(path: Path, start: int, end: int) -> bool:
-    """Whether [start, end) lies in one mapping of the file `path` (/proc/self/maps)."""
-    try:
-        maps = Path("/proc/self/maps").read_bytes()  # bytes: a mapped file's name need not be UTF-8
-    except OSError:
-        return False
-    target = os.fsencode(Path(path).resolve())
-    for line in maps.splitlines():
-        fields = line.split(maxsplit=5)
-        lo, hi = (int(x, 16) for x in fields[0].split(b"-"))
-        if lo <= start < hi:
-            return end <= hi and len(fields) == 6 and fields[5] == target
-    return False
 
 
 def _basis_vector(path: Path, dim: int) -> np.ndarray:
@@ -744,9 +700,18 @@ def _basis_vector(path: Path, dim: int) -> np.ndarray:
 
 def _reorder(v: np.ndarray, release: Release) -> np.ndarray:
     out = np.empty(len(v), dtype=np.float32)
-    for dst, start, n in release.segments:
-        out[dst : dst + n] = v[start : start + n]
+    to_our_order(out, v, release.segments)
     return out
+
+
+def to_our_order(out: np.ndarray, src: np.ndarray, segments, lo: int = 0) -> None:
+    """Copy src, whose last axis holds release coordinates lo .. lo + src.shape[-1] (a row's order), to their
+    positions along out's last axis (our layout's order). segments: Release.segments."""
+    hi = lo + src.shape[-1]
+    for dst, start, n in segments:
+        a, b = max(start, lo), min(start + n, hi)
+        if a < b:  # the part of this segment in src
+            out[..., dst + a - start : dst + b - start] = src[..., a - lo : b - lo]
 
 
 def import_basis(
@@ -780,6 +745,6 @@ def import_basis(
             f"{len(ids)} of this release's models are in the registry; its space is fitted on them",
             f"import them first: w2wreg ingest --from-w2w-release {release.folder}",
         )
-    mean, std, V = read_basis(release, components)
     meta = {"source": "w2w-release", "release": str(release.folder), "method": "the authors' PCA"}
-    return wspace.adopt_subspace(reg, space_id, mean, std, V, ids, meta, say)
+    sub = wspace.adopted(*read_basis(release, components), ids, meta)  # the only reference to V: freed once saved
+    return wspace.adopt_subspace(reg, space_id, sub, say)

@@ -659,7 +659,7 @@ class Registry:
         self, query, base_model: str | None, drop_text_encoder: bool = False
     ) -> tuple[str, np.ndarray, str, int | None]:
         """(label, vector, space id, model id or None) of a model reference or a LoRA file."""
-        if isinstance(query, (str, Path)) and Path(query).exists() and not isinstance(query, ModelRow):
+        if self._is_file(query):
             # a file, an adapter folder, or a folder holding one LoRA: what `add` takes, read as `add` reads it
             rr = read_lora(discover_one(Path(query)), base_model=base_model, drop_text_encoder=drop_text_encoder)
             layout = rr.lora.layout()
@@ -685,12 +685,23 @@ class Registry:
                     )
                 sid = same[0]
             return str(query), flatten(rr.lora, layout), sid, None
+        model_id, name, sid, row = self._locate(query)
+        return name, self._read_row(sid, row), sid, model_id
+
+    def _locate(self, query) -> tuple[int, str, str, int]:
+        """(model id, name, space id, vector row) of a model reference (a ModelRow, a name or an id)."""
         if isinstance(query, ModelRow):
-            model_id, name, sid, row = query.id, query.name, query.space_id, query.row_idx
-        else:
-            model_id, name, sid, row = self.catalog.locate(query)
-        space, _ = self._space_and_layout(sid)
-        return name, self.store(space).read_one(row), sid, model_id
+            return query.id, query.name, query.space_id, query.row_idx
+        return self.catalog.locate(query)
+
+    def _read_row(self, space_id: str, row: int) -> np.ndarray:
+        space, _ = self._space_and_layout(space_id)
+        return self.store(space).read_one(row)
+
+    @staticmethod
+    def _is_file(query) -> bool:
+        """Whether a query names a LoRA file or folder rather than a model of the registry."""
+        return isinstance(query, (str, Path)) and not isinstance(query, ModelRow) and Path(query).exists()
 
     def _space_and_layout(self, space_id: str) -> tuple[Space, Layout]:
         """A space and its parsed layout, cached: both never change once created."""
@@ -757,13 +768,16 @@ class Registry:
         """The k models at the smallest angle from the query in the space's fitted subspace (exact)."""
         from registry import wspace
 
-        label, q, sid, self_id = self._query_vector(query, base_model, drop_text_encoder)
+        if self._is_file(query):
+            label, q, sid, self_id = self._query_vector(query, base_model, drop_text_encoder)
+        else:  # a model: its stored coefficients, its vector only if it has none
+            self_id, label, sid, row = self._locate(query)
         sm = wspace.current(self, sid, self._cache)
         if sm is None:
             raise wspace.NoSubspaceError(sid)
         c = wspace.stored_coefficients(self, sm, self_id) if self_id is not None else None
-        if c is None:
-            c = sm.sub.project(q)  # a file, or a model added since the fit and not yet projected
+        if c is None:  # a file, or a model added since the fit and not yet projected
+            c = sm.sub.project(q if self_id is None else self._read_row(sid, row))
         where = where if where and where.strip() else None
         ids, dists = wspace.nearest_by_angle(self, sm, c, k, where, self_id)
         table = self.catalog.model_table()
@@ -784,7 +798,7 @@ class Registry:
         from registry.search import MappedStore, rerank
 
         where = where if where and where.strip() else None
-        if isinstance(query, (str, Path)) and Path(query).exists():
+        if self._is_file(query):
             model_id, (label, q, sid, _) = None, self._query_vector(query, base_model, drop_text_encoder)
         else:
             table = self.catalog.model_table()

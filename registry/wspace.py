@@ -27,6 +27,7 @@ from registry import index as coeff_index
 from registry.catalog import ModelRow
 from registry.vectors import VectorStore
 from w2w.errors import W2WError
+from w2w.formats.pages import give_back
 from w2w.subspace import FitConfig, Subspace, SubspaceError, fit, map_in_process, standardize
 
 REFIT_FACTOR = 1.5  # a model is poorly explained when its error exceeds 1.5x the fitted models' p95
@@ -198,6 +199,7 @@ def index_transform(sub: Subspace) -> np.ndarray:
     G = np.zeros((sub.k, sub.k), order="F")  # its upper triangle: G is symmetric
     for lo in range(0, sub.dim, 16384):  # float64 sums of float32 products: D is long
         Vs = sub.components[lo : lo + 16384] * sub.std[lo : lo + 16384, None]  # a block of S V: never all (D, k)
+        give_back(sub.components[lo : lo + 16384])  # when the components are a file's map: read once
         syrk = blas.ssyrk if Vs.dtype == np.float32 else blas.dsyrk
         G += syrk(1.0, Vs.T)  # Vs^T Vs, upper triangle: half a gemm's flops (Vs.T is Fortran-ordered)
     U = cholesky(G, lower=False, overwrite_a=True, check_finite=False)  # G = U^T U, in G's buffer
@@ -416,31 +418,28 @@ def fit_space(
     return {**out, "fit_seconds": round(fit_s, 3), "passes": 1 + int(sub.config.get("depth", 1))}
 
 
-def adopt_subspace(
-    reg,
-    space_id: str,
-    mean: np.ndarray,
-    std: np.ndarray,
-    components: np.ndarray,
-    ids: list[int],
-    meta: dict,
-    say=None,
-) -> dict:
-    """Register a subspace fitted elsewhere (mean, std (D,), orthonormal components (D, k)) as a subspace of a
-    space, over the models `ids` it was fitted on: their projections give the singular values, the total
-    variance and the Gaussians that a fit of ours would have given. Then every model is projected and indexed."""
+def adopted(mean: np.ndarray, std: np.ndarray, components: np.ndarray, ids: list[int], meta: dict) -> Subspace:
+    """A subspace fitted elsewhere (mean, std (D,), orthonormal components (D, k)) over the models `ids`, to be
+    registered by adopt_subspace. The Subspace holds the components: a caller that keeps no other reference
+    to them lets registration free them once they are saved."""
+    D, k = components.shape
+    if mean.shape != (D,) or std.shape != (D,):
+        raise SubspaceError(f"mean {mean.shape} and std {std.shape} do not fit components {components.shape}")
+    if len(ids) < 2:
+        raise SubspaceError(f"a subspace needs the models it was fitted on; {len(ids)} given")
+    std = np.where(std > 0, std, 1.0).astype(np.float32)  # constant columns, as our fit keeps them
+    return Subspace(mean.astype(np.float32), std, components, np.ones(k), 1.0, len(ids), list(ids), {"k": k, **meta})
+
+
+def adopt_subspace(reg, space_id: str, sub: Subspace, say=None) -> dict:
+    """Register a subspace fitted elsewhere (made by `adopted`) as a subspace of a space, over the models it was
+    fitted on: their projections give the singular values, the total variance and the Gaussians that a fit of
+    ours would have given. Then every model is projected and indexed."""
     say = say or (lambda _: None)
     space = reg.space(space_id)
-    D, k = components.shape
-    if mean.shape != (D,) or std.shape != (D,) or space.dim != D:
-        raise SubspaceError(
-            f"mean {mean.shape}, std {std.shape} and components {components.shape} do not fit space {space_id} "
-            f"(D = {space.dim:,})"
-        )
-    if len(ids) < 2:
-        raise SubspaceError(f"a subspace needs the models it was fitted on; {len(ids)} in space {space_id}")
-    std = np.where(std > 0, std, 1.0).astype(np.float32)  # constant columns, as our fit keeps them
-    sub = Subspace(mean.astype(np.float32), std, components, np.ones(k), 1.0, len(ids), list(ids), {"k": k, **meta})
+    if space.dim != sub.dim:
+        raise SubspaceError(f"components {sub.components.shape} do not fit space {space_id} (D = {space.dim:,})")
+    ids, meta = sub.model_ids, {k: v for k, v in sub.config.items() if k != "k"}
     all_ids, C_all, err_all, sq_all = _project_space(reg, space_id, sub, say)
     fitted = np.isin(all_ids, np.asarray(ids, dtype=np.int64))
     C = C_all[fitted].astype(np.float64)  # (n, k)
@@ -456,12 +455,15 @@ def _register_subspace(reg, space_id: str, sub: Subspace, ids: list[int], where,
     subspace_id = "ss-" + hashlib.sha256(f"{space_id}|{time.time_ns()}|{len(ids)}".encode()).hexdigest()[:10]
     folder = subspace_folder(reg, subspace_id)
     with reg.writing():
+        sub.save(folder, {"id": subspace_id, "space": space_id, "where": where, **meta})
+        # from here the components are read from the file just written: their copy in memory (4 GB at
+        # k = 10,000) is freed unless the caller holds it, and the steps below hand back what they read of it
+        sub.map_components(folder)
         # one pass projects every model of the space; the fitted ones' rows give the Gaussians and the p95
         all_ids, C_all, err_all = projected or _project_space(reg, space_id, sub, say)[:3]
         fitted = np.isin(all_ids, np.asarray(ids, dtype=np.int64))
         C, p95 = C_all[fitted], float(np.percentile(err_all[fitted], 95))  # (n, k)
         gm, gs = C.mean(axis=0).astype(np.float32), C.std(axis=0).astype(np.float32)  # the Gaussians of `sample`
-        sub.save(folder, {"id": subspace_id, "space": space_id, "where": where, **meta})
         from safetensors.numpy import save
 
         from w2w.formats.tensorfile import atomic_write_bytes
@@ -505,6 +507,7 @@ def _project_space(reg, space_id: str, sub: Subspace, say) -> tuple[np.ndarray, 
         nz = np.linalg.norm(Z, axis=1)
         sq[lo:hi] = nz.astype(np.float64) ** 2
         errors[lo:hi] = np.linalg.norm(resid, axis=1) / np.maximum(nz, 1e-30)
+    give_back(V)  # when V is a file's map: its pages, read by every block, are not kept past the pass
     return ids, C, errors, sq
 
 
@@ -585,17 +588,27 @@ def project_new(reg, model_ids: list[int]) -> None:
 
 def coefficients(reg, sm: SpaceModel, model_ids: list[int]) -> np.ndarray:
     """Stored coefficients of models, (n, k), in the order asked."""
-    with reg.catalog.connect() as con:
-        rows = dict(
-            con.execute(
-                "SELECT model_id, coeff_row FROM projections WHERE subspace_id = ? AND model_id IN (SELECT unnest(?))",
-                [sm.id, list(map(int, model_ids))],
-            ).fetchall()
-        )
-    missing = [i for i in model_ids if i not in rows]
-    if missing:
+    rows = _coeff_positions(reg, sm, model_ids)
+    if (rows < 0).any():
+        missing = [int(i) for i, r in zip(model_ids, rows, strict=True) if r < 0]
         raise W2WError(f"models {missing[:5]} have no coefficients in subspace {sm.id}; run `w2wreg repair`")
-    return sm.coeff_store().read([rows[i] for i in model_ids])
+    return sm.coeff_store().read(rows.tolist())
+
+
+def stored_coefficients(reg, sm: SpaceModel, model_id: int) -> np.ndarray | None:
+    """A model's stored coefficients (k,) in subspace sm; None if it was not projected into it (yet)."""
+    (row,) = _coeff_positions(reg, sm, [model_id])
+    return None if row < 0 else sm.coeff_store().read([int(row)])[0]
+
+
+def _coeff_positions(reg, sm: SpaceModel, model_ids: list[int]) -> np.ndarray:
+    """The coefficient rows of models in subspace sm, -1 for a model not projected into it (no SQL per call)."""
+    ids, rows = _coeff_rows(reg, sm)
+    want = np.asarray(model_ids, dtype=np.int64).reshape(-1)
+    at = np.minimum(np.searchsorted(ids, want), max(len(ids) - 1, 0))
+    if not len(ids):
+        return np.full(len(want), -1, dtype=np.int64)
+    return np.where(ids[at] == want, rows[at], -1)
 
 
 # `search --metric w2w`: the angle between two models' coordinates in the fitted w2w space. Raw weight vectors
@@ -618,15 +631,6 @@ def _coeff_rows(reg, sm: SpaceModel) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(cols["model_id"], np.int64), np.asarray(cols["coeff_row"], np.int64)
 
     return reg.catalog.cached(("coeff-rows", sm.id), read)
-
-
-def stored_coefficients(reg, sm: SpaceModel, model_id: int) -> np.ndarray | None:
-    """A model's stored coefficients (k,) in subspace sm; None if it was not projected into it (yet)."""
-    ids, rows = _coeff_rows(reg, sm)
-    at = int(np.searchsorted(ids, model_id))
-    if at == len(ids) or int(ids[at]) != model_id:
-        return None
-    return sm.coeff_store().read([int(rows[at])])[0]
 
 
 def nearest_by_angle(

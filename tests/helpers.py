@@ -165,3 +165,15 @@ def w2wreg(reg: Path, *args: str, code: int = 0):
 def w2wreg_json(reg: Path, *args: str):
     """The parsed `--json` output of a w2wreg command."""
     return json.loads(w2wreg(reg, *args, "--json").stdout)
+
+
+def mapped_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    kb, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+            inside = len(head) == 6 and head[5] == str(path.resolve())
+        elif inside and line.startswith("Rss:"):
+            kb += int(line.split()[1])
+    return kb

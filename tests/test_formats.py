@@ -548,6 +548,45 @@ def test_truncated_file(tiny_layout, tmp_path):
         read_lora(path)
 
 
+def test_safetensors_mapped_in_their_stored_types(tmp_path):
+    """map_safetensors: every tensor in its own dtype (int64 ids beyond float32's 2^24, float64, bfloat16 read
+    as float32), read-only views of the file, equal to safetensors' own reader; a truncated file is refused."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    from w2w.formats.tensorfile import atomic_write_safetensors, map_safetensors
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "components": rng.standard_normal((300, 7)).astype(np.float32),
+        "ids": np.array([2**40 + 1, 3, 2**53 - 1], np.int64),
+        "s": rng.standard_normal(5),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    path = tmp_path / "a.safetensors"
+    atomic_write_safetensors(path, arrays)
+    got = map_safetensors(path)
+    assert set(got) == set(arrays)
+    for key, a in arrays.items():
+        assert got[key].dtype == a.dtype and not got[key].flags.writeable
+        np.testing.assert_array_equal(got[key], a)
+    with pytest.raises(ValueError, match="read-only"):
+        got["components"][0, 0] = 1.0
+    path.unlink()  # the map outlives the file's name
+    np.testing.assert_array_equal(got["components"], arrays["components"])
+    bf = torch.randn(4, 3).bfloat16()
+    save_torch({"x": bf}, str(tmp_path / "bf.safetensors"))
+    np.testing.assert_array_equal(map_safetensors(tmp_path / "bf.safetensors")["x"], bf.float().numpy())
+    atomic_write_safetensors(path, arrays)
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(CorruptFileError, match="wrong size"):
+        map_safetensors(path)
+    for data in (b"", b"\x01\x00"):  # empty (mmap refuses it) and shorter than the length prefix
+        path.write_bytes(data)
+        with pytest.raises(CorruptFileError, match="too short"):
+            map_safetensors(path)
+
+
 def test_oversized_header(tmp_path):
     path = tmp_path / "big.safetensors"
     path.write_bytes(struct.pack("<Q", 2**40))

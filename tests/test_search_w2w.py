@@ -109,3 +109,25 @@ def test_w2w_before_a_fit_says_what_to_do(tmp_path):
     r = CliRunner().invoke(cli, ["--registry", str(tmp_path / "r"), "search", "--like", "m0", "--metric", "w2w"])
     assert r.exit_code != 0
     assert "no fitted subspace" in r.output and "w2wreg fit" in r.output
+
+
+def test_w2w_from_a_model_not_yet_projected_reads_its_vector(tmp_path):
+    """A model of the space without stored coefficients (its projection row gone: added while a fit was being
+    registered, say) is searched from its vector, projected then: the same hits as its file gives; asking for
+    its coefficients says what to run."""
+    X = population(seed=1)[:24]
+    reg = Registry.init(tmp_path / "r")
+    reg.add_models(NewModel(f"m{i:03d}", X[i], LAYOUT, "planted/base", kind="trained") for i in range(len(X)))
+    wspace.fit_space(reg, components=10)
+    sm = wspace.require(reg, reg.spaces()[0].id)
+    gone = reg.get("m005").id
+    with reg.catalog.connect(write=True) as con:
+        con.execute("DELETE FROM projections WHERE model_id = ?", [gone])
+    with pytest.raises(wspace.W2WError, match="repair"):
+        wspace.coefficients(reg, sm, [reg.get("m004").id, reg.get("m005").id])
+    assert wspace.stored_coefficients(reg, sm, reg.get("m005").id) is None
+    path = write_lora(unflatten(reg.vector("m005"), LAYOUT), tmp_path / "q.safetensors", "diffusers")[0]
+    by_name, by_file = (reg.search(q, k=4, metric="w2w") for q in ("m005", str(path)))
+    assert [h.model.name for h in by_name.hits] == [h.model.name for h in by_file.hits]
+    assert "m004" in [h.model.name for h in by_name.hits]  # its partner (pairs: m004, m005)
+    np.testing.assert_allclose([h.distance for h in by_name.hits], [h.distance for h in by_file.hits], atol=1e-6)

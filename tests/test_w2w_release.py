@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import mapped_kb
 
 import ingest.w2w_release as w2r
 from ingest.w2w_release import BASE_MODEL, ReleaseWarning, import_release, read_release, table_to_attributes
@@ -443,18 +444,6 @@ def test_the_authors_space_is_registered_as_published(tmp_path, official_dims):
     assert again["k"] == 2 and wspace.current(Registry.open(tmp_path / "r"), info["space"]).id == again["subspace"]
 
 
-def mapped_kb(path: Path) -> int:
-    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
-    kb, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=5)
-        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
-            inside = len(head) == 6 and head[5] == str(path.resolve())
-        elif inside and line.startswith("Rss:"):
-            kb += int(line.split()[1])
-    return kb
-
-
 def test_the_basis_is_read_in_any_stored_form(tmp_path, official_dims, monkeypatch):
     """V.pt as (k, D) rows or (D, K) columns, with k < K or not, in float16: the same components as the (D, k) float32
     file of the same values (whose reading the test above checks against the authors' formula)."""
@@ -492,14 +481,14 @@ def test_release_files_are_not_kept_mapped_once_read(tmp_path, reg, official_dim
     V[torch.from_numpy(np.random.default_rng(0).choice(D, k, replace=False)), torch.arange(k)] = 1.0
     torch.save(V, tmp_path / "rel" / "V.pt")
     peaks = {"V.pt": 0, "all_weights.pt": 0}
-    real = w2r._give_back
+    real = w2r.give_back
 
     def give_back(t, path):
         real(t, path)
         peaks[path.name] = max(peaks[path.name], mapped_kb(path))
 
     ahead_kb = 6 << 10
-    monkeypatch.setattr(w2r, "_give_back", give_back)
+    monkeypatch.setattr(w2r, "give_back", give_back)
     monkeypatch.setattr(w2r, "BASIS_CHUNK_BYTES", 1 << 20)
     np.testing.assert_array_equal(read_basis(read_release(tmp_path / "rel"))[2].sum(axis=0), np.ones(k))
     assert 0 < peaks["V.pt"] <= 1024 + ahead_kb
@@ -533,3 +522,31 @@ def test_a_basis_that_does_not_fit_is_refused(tmp_path, reg, official_dims):
     assert wspace.current(reg, space.id) is None  # nothing registered by the refused attempts
     write_basis(tmp_path / "rel", rows, k=3)
     assert import_basis(reg, tmp_path / "rel", components=2)["k"] == 2
+
+
+def test_the_basis_in_memory_is_freed_once_saved(tmp_path, reg, official_dims, monkeypatch):
+    """V as read from V.pt (4 GB at k = 10,000) is no longer alive when the index transform runs (three k x k
+    float64 arrays: 2.4 GB more), which reads the components from the subspace's own file instead."""
+    import weakref
+
+    from ingest.w2w_release import import_basis
+    from registry import wspace
+
+    rows = write_release(tmp_path / "rel", official_dims, n=6)
+    write_basis(tmp_path / "rel", rows, k=3)
+    import_release(reg, tmp_path / "rel", progress=False)
+    read, transform, seen = w2r.read_basis, wspace.index_transform, {}
+
+    def read_basis(*a, **kw):
+        out = read(*a, **kw)
+        seen["V"] = weakref.ref(out[2])
+        return out
+
+    def index_transform(sub):
+        seen["alive"], seen["mapped"] = seen["V"]() is not None, not sub.components.flags.writeable
+        return transform(sub)
+
+    monkeypatch.setattr(w2r, "read_basis", read_basis)
+    monkeypatch.setattr(wspace, "index_transform", index_transform)
+    import_basis(reg, tmp_path / "rel")
+    assert seen == {"V": seen["V"], "alive": False, "mapped": True}

@@ -36,6 +36,7 @@ from w2w.krylov_basis import KrylovBasis
 from w2w.rayleigh_ritz import ritz
 
 STD_FLOOR = 1e-8  # columns whose std is below this are constant: they carry no information
+SUBSPACE_FILE = "subspace.safetensors"  # a saved subspace's arrays (meta.json beside it holds the rest)
 
 
 class SubspaceError(W2WError, ValueError):
@@ -493,21 +494,33 @@ class Subspace:
             "config": self.config,
             **(meta or {}),
         }
-        atomic_write_safetensors(folder / "subspace.safetensors", arrays)  # no in-memory copy of the components
+        atomic_write_safetensors(folder / SUBSPACE_FILE, arrays)  # no in-memory copy of the components
         atomic_write_bytes(folder / "meta.json", (json.dumps(info, indent=2) + "\n").encode())
+
+    def map_components(self, folder: Path) -> None:
+        """Replace the components by a read-only memory map of those saved in folder (by save): their memory is
+        freed unless held elsewhere, and what is read of the file stays page cache, which the OS may reclaim
+        and w2w.formats.pages.give_back hands back (at k = 10,000 the components are 4 GB)."""
+        from w2w.formats.tensorfile import map_safetensors
+
+        mapped = map_safetensors(Path(folder) / SUBSPACE_FILE)["components"]
+        if mapped.shape != self.components.shape:
+            raise SubspaceError(f"{folder}: holds components {mapped.shape}, not {self.components.shape}")
+        self.components = mapped
 
     @classmethod
     def load(cls, folder: Path) -> Subspace:
-        from safetensors.numpy import load_file
+        """The subspace saved in folder; its components a read-only memory map of the file (map_components)."""
+        from w2w.formats.tensorfile import map_safetensors
 
         folder = Path(folder)
-        a = load_file(str(folder / "subspace.safetensors"))
+        a = map_safetensors(folder / SUBSPACE_FILE)
         info = json.loads((folder / "meta.json").read_text())
         return cls(
-            a["mean"],
-            a["std"],
+            np.array(a["mean"]),
+            np.array(a["std"]),
             a["components"],
-            a["singular_values"],
+            np.array(a["singular_values"]),
             info["total_variance"],
             info["n_models"],
             a["model_ids"].tolist(),

@@ -56,6 +56,54 @@ def parse_safetensors(data: bytes | memoryview, path: object) -> tuple[dict[str,
     """Parse safetensors bytes into float32 arrays, checking every offset against the data.
 
     Returns (tensors, header metadata, the dtype the factors are stored in)."""
+    entries, metadata = _header_entries(data, path)
+    mv = memoryview(data)
+    tensors: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}  # elements per float dtype: the factors' dtype holds most (alphas may differ)
+    for key, dtype, shape, start, end in entries:
+        if dtype in FLOAT_NAMES:
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+        raw = mv[start:end]
+        if dtype == "BF16":
+            arr = _bf16_to_f32(np.frombuffer(raw, dtype=np.uint16))
+        else:
+            arr = np.frombuffer(raw, dtype=_DTYPES[dtype]).astype(np.float32, copy=False)
+        tensors[key] = arr.reshape(shape)
+    stored_dtype = FLOAT_NAMES[max(sizes, key=lambda d: sizes[d])] if sizes else "float32"
+    return tensors, metadata, stored_dtype
+
+
+def map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file in its stored dtype, as read-only views of one memory map of the file.
+
+    Nothing is read until used, and what is read stays page cache that the OS may reclaim rather than this
+    process's memory: a k = 10,000 subspace's 4 GB of components are not copied by every command that opens
+    it. The views keep the map open; the file may be replaced (atomic_write) or deleted meanwhile."""
+    import mmap
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CorruptFileError(path, f"is {size} bytes long, too short for a safetensors file", "re-create it")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the map outlives the closed file
+    except OSError as e:
+        raise CorruptFileError(path, f"cannot be read ({e.strerror})") from None
+    entries, _ = _header_entries(mm, path)
+    out = {}
+    for key, dtype, shape, start, end in entries:
+        if dtype == "BF16":
+            out[key] = _bf16_to_f32(np.frombuffer(mm, np.uint16, (end - start) // 2, start)).reshape(shape)
+        else:
+            dt = np.dtype(_DTYPES[dtype]).newbyteorder("<")
+            out[key] = np.frombuffer(mm, dt, (end - start) // dt.itemsize, start).reshape(shape)
+    return out
+
+
+def _header_entries(data, path: object) -> tuple[list[tuple[str, str, list[int], int, int]], dict[str, str]]:
+    """The checked header of safetensors bytes: (name, dtype, shape, start, end) of each tensor, its bytes
+    data[start:end] (checked to lie in the data and to match dtype and shape), and the header's metadata."""
     n = len(data)
     if n < 8:
         raise CorruptFileError(path, f"is {n} bytes long, too short for a safetensors file", "re-download it")
@@ -75,9 +123,7 @@ def parse_safetensors(data: bytes | memoryview, path: object) -> tuple[dict[str,
     if not isinstance(metadata, dict):
         raise CorruptFileError(path, "has a __metadata__ entry that is not a JSON object")
     base, body = 8 + hlen, n - 8 - hlen
-    mv = memoryview(data)
-    tensors: dict[str, np.ndarray] = {}
-    sizes: dict[str, int] = {}  # elements per float dtype: the factors' dtype holds most (alphas may differ)
+    entries = []
     for key, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
@@ -94,16 +140,8 @@ def parse_safetensors(data: bytes | memoryview, path: object) -> tuple[dict[str,
             raise CorruptFileError(
                 path, f"tensor {key!r} lies outside the file or has the wrong size (truncated?)", "re-download it"
             )
-        if dtype in FLOAT_NAMES:
-            sizes[dtype] = sizes.get(dtype, 0) + count
-        raw = mv[base + start : base + end]
-        if dtype == "BF16":
-            arr = _bf16_to_f32(np.frombuffer(raw, dtype=np.uint16))
-        else:
-            arr = np.frombuffer(raw, dtype=_DTYPES[dtype]).astype(np.float32, copy=False)
-        tensors[key] = arr.reshape(shape)
-    stored_dtype = FLOAT_NAMES[max(sizes, key=lambda d: sizes[d])] if sizes else "float32"
-    return tensors, {str(k): str(v) for k, v in metadata.items()}, stored_dtype
+        entries.append((key, dtype, shape, base + start, base + end))
+    return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
 def read_tensor_file(path: Path, allow_pickle: bool = False) -> TensorFile:
