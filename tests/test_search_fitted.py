@@ -319,6 +319,12 @@ def test_index_transform_preserves_distances_in_variance_order():
     d = np.diag(C)
     assert np.abs(C - np.diag(d)).max() <= 1e-5 * d.max()
     assert np.all(np.diff(d) <= 1e-6 * d.max())
+    sm = wspace.SpaceModel("ss", "sp", sub, s, s, 0.1, Path("."), Path("."), T.astype(np.float32), True)
+    C = rng.standard_normal((9000, k)).astype(np.float32)  # three blocks of rows
+    want = C @ sm.index_transform
+    got = sm.index_coords(C, overwrite=True)
+    assert got is C  # in C's own buffer
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
