@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,7 +97,12 @@ class Inverter:
         self.mean = torch.from_numpy(np.asarray(mean, np.float32)).to(dev)
         self.std = torch.from_numpy(np.asarray(std, np.float32)).to(dev)
         V = np.ascontiguousarray(V, np.float32)  # (D, K); a subspace's components are a read-only file map
-        self.V = (torch.from_numpy(V) if V.flags.writeable else torch.tensor(V)).to(dev)
+        if V.flags.writeable or torch.device(dev).type != "cpu":
+            with warnings.catch_warnings():  # read-only: .to(a GPU) copies it, nothing writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                self.V = torch.from_numpy(V).to(dev)
+        else:
+            self.V = torch.tensor(V)  # on the CPU its own copy: a write to read-only memory would crash the process
         self.factors: dict = {}
         unet = base.unet
         self.layers = {

@@ -457,34 +457,39 @@ def adopt_subspace(reg, space_id: str, sub: Subspace, say=None) -> dict:
 
 
 def _register_subspace(reg, space_id: str, sub: Subspace, ids: list[int], where, meta: dict, say, projected=None):
-    """Save a subspace, project and index every model of its space, and commit its catalog row last: an
-    interrupted registration leaves only a folder that no catalog row names (verify reports it as an orphan)."""
+    """Save a subspace, project and index every model of its space, and commit its catalog row last: a
+    registration that fails or is interrupted removes what it wrote (a process killed outright leaves a folder
+    that no catalog row names: verify reports it as an orphan)."""
     subspace_id = "ss-" + hashlib.sha256(f"{space_id}|{time.time_ns()}|{len(ids)}".encode()).hexdigest()[:10]
     folder = subspace_folder(reg, subspace_id)
     with reg.writing():
-        sub.save(folder, {"id": subspace_id, "space": space_id, "where": where, **meta})
-        # from here the components are read from the file just written: their copy in memory (4 GB at
-        # k = 10,000) is freed unless the caller holds it, and the steps below hand back what they read of it
-        sub.map_components(folder)
-        # one pass projects every model of the space; the fitted ones' rows give the Gaussians and the p95
-        all_ids, C_all, err_all = projected or _project_space(reg, space_id, sub, say)[:3]
-        fitted = np.isin(all_ids, np.asarray(ids, dtype=np.int64))
-        C, p95 = C_all[fitted], float(np.percentile(err_all[fitted], 95))  # (n, k)
-        gm, gs = C.mean(axis=0).astype(np.float32), C.std(axis=0).astype(np.float32)  # the Gaussians of `sample`
-        from safetensors.numpy import save
+        try:
+            sub.save(folder, {"id": subspace_id, "space": space_id, "where": where, **meta})
+            # from here the components are read from the file just written: their copy in memory (4 GB at
+            # k = 10,000) is freed unless the caller holds it, and the steps below hand back what they read of it
+            sub.map_components(folder)
+            # one pass projects every model of the space; the fitted ones' rows give the Gaussians and the p95
+            all_ids, C_all, err_all = projected or _project_space(reg, space_id, sub, say)[:3]
+            fitted = np.isin(all_ids, np.asarray(ids, dtype=np.int64))
+            C, p95 = C_all[fitted], float(np.percentile(err_all[fitted], 95))  # (n, k)
+            gm, gs = C.mean(axis=0).astype(np.float32), C.std(axis=0).astype(np.float32)  # the Gaussians of `sample`
+            from safetensors.numpy import save
 
-        from w2w.formats.tensorfile import atomic_write_bytes
+            from w2w.formats.tensorfile import atomic_write_bytes
 
-        atomic_write_bytes(folder / "gaussian.safetensors", save({"mean": gm, "std": gs}))
-        T = index_transform(sub)
-        save_index_transform(folder, T)
-        # the subspace in hand, not read back: at k = 10,000 its components are 4 GB
-        sm = SpaceModel(
-            subspace_id, space_id, sub, gm, gs, p95, folder, _index_path(reg, space_id, subspace_id), T, True
-        )
-        row = [subspace_id, space_id, sub.k, len(ids), where, float(sub.explained_variance_ratio.sum()), p95,
-               json.dumps(sub.config)]  # fmt: skip
-        _store_projections(reg, sm, all_ids, C_all, err_all, subspace_row=row)
+            atomic_write_bytes(folder / "gaussian.safetensors", save({"mean": gm, "std": gs}))
+            T = index_transform(sub)
+            save_index_transform(folder, T)
+            # the subspace in hand, not read back: at k = 10,000 its components are 4 GB
+            sm = SpaceModel(
+                subspace_id, space_id, sub, gm, gs, p95, folder, _index_path(reg, space_id, subspace_id), T, True
+            )
+            row = [subspace_id, space_id, sub.k, len(ids), where, float(sub.explained_variance_ratio.sum()), p95,
+                   json.dumps(sub.config)]  # fmt: skip
+            _store_projections(reg, sm, all_ids, C_all, err_all, subspace_row=row)
+        except BaseException:
+            _discard(reg, space_id, subspace_id)
+            raise
     return {
         "subspace": subspace_id,
         "space": space_id,
@@ -493,6 +498,23 @@ def _register_subspace(reg, space_id: str, sub: Subspace, ids: list[int], where,
         "explained_variance_ratio": float(sub.explained_variance_ratio.sum()),
         "error_p95": p95,
     }
+
+
+def _discard(reg, space_id: str, subspace_id: str) -> None:
+    """The files of a registration that failed or was interrupted before its catalog row was committed (at
+    k = 10,000 the components alone are 4 GB): removed, unless the row is there after all."""
+    import shutil
+
+    try:
+        with reg.catalog.connect() as con:
+            if con.execute("SELECT 1 FROM subspaces WHERE id = ?", [subspace_id]).fetchone():
+                return
+    except Exception:
+        return  # the catalog cannot say: keep the files (verify reports them if no row names them)
+    shutil.rmtree(subspace_folder(reg, subspace_id), ignore_errors=True)
+    index = _index_path(reg, space_id, subspace_id)
+    for p in (index, coeff_index.lists_path(index)):
+        p.unlink(missing_ok=True)
 
 
 def _project_space(reg, space_id: str, sub: Subspace, say) -> tuple[np.ndarray, ...]:

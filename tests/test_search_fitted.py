@@ -335,7 +335,7 @@ def test_saved_components_are_mapped_and_handed_back_once_read(tmp_path):
     resident. Components of 25.6 MB: kept mapped, they would fail the bound."""
     import weakref
 
-    from w2w.subspace import SUBSPACE_FILE, Subspace
+    from w2w.subspace import SUBSPACE_FILE, Subspace, SubspaceError
 
     rng = np.random.default_rng(4)
     D, k = 100_000, 64
@@ -353,3 +353,6 @@ def test_saved_components_are_mapped_and_handed_back_once_read(tmp_path):
     del V
     sub.map_components(tmp_path)
     assert own() is None and not sub.components.flags.writeable
+    path.write_bytes(path.read_bytes()[:-100])  # truncated: said, not a crash deep in numpy
+    with pytest.raises(SubspaceError, match="cannot be read.*w2wreg verify"):
+        Subspace.load(tmp_path)

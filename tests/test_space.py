@@ -358,6 +358,32 @@ def test_add_after_an_interrupted_fit_keeps_the_models(planted):
     orphan.rmdir()
 
 
+def test_a_registration_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A fit whose registration fails after its subspace file is written (here in the index's build; at
+    k = 10,000 the file is 4 GB) removes the subspace's folder and index files; no catalog row, verify clean,
+    and a fit afterwards works."""
+    from registry import index as coeff_index
+
+    pop = Population(LAYOUT, latent=4, seed=5, noise=0.002)
+    reg = Registry.init(tmp_path / "r")
+    reg.add_models(NewModel(f"m{i:03d}", pop.vector(i), LAYOUT, BASE) for i in range(60))
+    build = coeff_index.build
+
+    def failing(*a, **kw):
+        assert list((reg.root / "subspaces").iterdir())  # the subspace's files were written by then
+        raise MemoryError("the index did not fit")
+
+    monkeypatch.setattr(coeff_index, "build", failing)
+    with pytest.raises(MemoryError):
+        wspace.fit_space(reg, components=5)
+    assert not list((reg.root / "subspaces").iterdir())
+    assert not [p for p in reg.root.rglob("*") if p.name.startswith("ss-")]
+    [space] = reg.spaces()
+    assert wspace.current(reg, space.id) is None and verify(reg).ok
+    monkeypatch.setattr(coeff_index, "build", build)
+    assert wspace.fit_space(reg, components=5)["k"] == 5 and verify(reg).ok
+
+
 @pytest.mark.parametrize("graph_dims", [None, 6])
 def test_search_through_an_hnsw_index_with_a_filter(tmp_path, monkeypatch, graph_dims):
     """The filter as an ID selector on the graph: of model ids (legacy graph over every coordinate, under

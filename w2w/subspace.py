@@ -511,19 +511,29 @@ class Subspace:
     @classmethod
     def load(cls, folder: Path) -> Subspace:
         """The subspace saved in folder; its components a read-only memory map of the file (map_components)."""
+        from w2w.errors import CorruptFileError
+        from w2w.formats.pages import give_back
         from w2w.formats.tensorfile import map_safetensors
 
         folder = Path(folder)
-        a = map_safetensors(folder / SUBSPACE_FILE)
-        info = json.loads((folder / "meta.json").read_text())
+        try:
+            a = map_safetensors(folder / SUBSPACE_FILE)
+            info = json.loads((folder / "meta.json").read_text())
+            small = {key: np.array(a[key]) for key in ("mean", "std", "singular_values", "model_ids")}
+        except (CorruptFileError, OSError, ValueError, KeyError) as e:
+            raise SubspaceError(
+                f"{folder}: the subspace's files cannot be read ({e}); run `w2wreg verify`, then fit again"
+            ) from None
+        for key in small:
+            give_back(a[key])  # copied: their pages need not stay mapped beside the components'
         return cls(
-            np.array(a["mean"]),
-            np.array(a["std"]),
+            small["mean"],
+            small["std"],
             a["components"],
-            np.array(a["singular_values"]),
+            small["singular_values"],
             info["total_variance"],
             info["n_models"],
-            a["model_ids"].tolist(),
+            small["model_ids"].tolist(),
             info.get("config", {}),
         )
 

@@ -23,7 +23,8 @@ def give_back(a, path: Path | str | None = None) -> bool:
     values were already used or copied); whether anything was dropped.
 
     Only where /proc/self/maps shows a's memory in one mapping of a file: of `path` when given (the caller
-    knows it only read there), else of any file mapped read-only, whose pages cannot hold writes. On memory
+    knows it only read there), else of any file mapped shared and read-only, whose pages cannot hold writes (a
+    private read-only mapping may have been written before it was made read-only: a library's). On memory
     that is not a file's, or a private mapping written to, the same call would lose data. Pages shared with a
     neighbouring slice are kept (the range is rounded inwards to whole pages)."""
     if _MADVISE is None:
@@ -44,7 +45,7 @@ def give_back(a, path: Path | str | None = None) -> bool:
 
 
 def _droppable(start: int, end: int, path: Path | str | None) -> bool:
-    """Whether [start, end) lies in one file mapping: of `path`, or with `path` None, one not writable."""
+    """Whether [start, end) lies in one file mapping: of `path`, or with `path` None, a shared read-only one."""
     try:
         maps = Path("/proc/self/maps").read_bytes()  # bytes: a mapped file's name need not be UTF-8
     except OSError:
@@ -57,5 +58,5 @@ def _droppable(start: int, end: int, path: Path | str | None) -> bool:
                 return False
             if path is not None:
                 return fields[5] == os.fsencode(Path(path).resolve())
-            return fields[1][1:2] == b"-"
+            return fields[1][1:2] == b"-" and fields[1][3:4] == b"s"  # read-only and shared: nothing written
     return False
