@@ -118,7 +118,15 @@ def current(reg, space_id: str, cache: dict | None = None) -> SpaceModel | None:
     hit = cache.get(key)
     if hit is None or hit[0] != stamp:
         hit = cache[key] = (stamp, load_model(reg, row[0], space_id, row[1]))
+        _drop_others(cache, key, lambda k: cache[k][1].space_id == space_id)
     return hit[1]
+
+
+def _drop_others(cache: dict, key: tuple, same_space) -> None:
+    """Drop the cache's other entries of key's kind for the same space: a refit's predecessors (a server that
+    kept them would hold every subspace and index it ever served, an index being GBs at N = 65,000)."""
+    for old in [k for k in cache if isinstance(k, tuple) and k[:1] == key[:1] and k != key and same_space(k)]:
+        del cache[old]
 
 
 def _stamp(path: Path) -> tuple | None:
@@ -147,6 +155,7 @@ def load_index(sm: SpaceModel, cache: dict):
     hit = cache.get(key)
     if hit is None or hit[0] != stamp:
         hit = cache[key] = (stamp, coeff_index.load(sm.index_path))
+        _drop_others(cache, key, lambda k: Path(k[1]).parent == sm.index_path.parent)
     return hit[1]
 
 
@@ -161,6 +170,7 @@ def load_lists(sm: SpaceModel, index, cache: dict):
     hit = cache.get(key)
     if hit is None or hit[0] is not index or hit[1] != stamp or hit[2] != sm.coords_digest:
         hit = cache[key] = (index, stamp, sm.coords_digest, coeff_index.load_lists(path, index, sm.coords_digest))
+        _drop_others(cache, key, lambda k: Path(k[1]).parent == path.parent)
     return hit[3]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,6 +383,26 @@ def test_a_registration_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
     assert wspace.current(reg, space.id) is None and verify(reg).ok
     monkeypatch.setattr(coeff_index, "build", build)
     assert wspace.fit_space(reg, components=5)["k"] == 5 and verify(reg).ok
+
+
+def test_a_long_lived_registry_keeps_only_the_current_fit(tmp_path):
+    """A registry object that serves searches (`w2wreg serve`) across a refit keeps the new subspace, index and
+    neighbour lists and drops the old ones (an index is GBs at N = 65,000; a subspace, a 4 GB map)."""
+    pop = Population(LAYOUT, latent=4, seed=6, noise=0.002)
+    reg = Registry.init(tmp_path / "r")
+    reg.add_models(NewModel(f"m{i:03d}", pop.vector(i), LAYOUT, BASE) for i in range(240))
+
+    def held() -> dict[str, list]:
+        kinds: dict[str, list] = {}
+        for key in reg._cache:
+            if isinstance(key, tuple) and key[0] in ("subspace", "index", "lists"):
+                kinds.setdefault(key[0], []).append(Path(str(key[1])).name)
+        return kinds
+
+    for _ in range(2):
+        sid = wspace.fit_space(reg, components=5)["subspace"]
+        assert reg.search("m001", k=1).hits  # through the index (240 models > CANDIDATE_MIN + 1)
+        assert held() == {"subspace": [sid], "index": [f"{sid}.faiss"], "lists": [f"{sid}.lists.safetensors"]}
 
 
 @pytest.mark.parametrize("graph_dims", [None, 6])
