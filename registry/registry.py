@@ -701,7 +701,7 @@ class Registry:
     @staticmethod
     def _is_file(query) -> bool:
         """Whether a query names a LoRA file or folder rather than a model of the registry."""
-        return isinstance(query, (str, Path)) and not isinstance(query, ModelRow) and Path(query).exists()
+        return isinstance(query, (str, Path)) and Path(query).exists()
 
     def _space_and_layout(self, space_id: str) -> tuple[Space, Layout]:
         """A space and its parsed layout, cached: both never change once created."""

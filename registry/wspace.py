@@ -215,8 +215,9 @@ def index_transform(sub: Subspace) -> np.ndarray:
 
     G = np.zeros((sub.k, sub.k), order="F")  # its upper triangle: G is symmetric
     for lo in range(0, sub.dim, 16384):  # float64 sums of float32 products: D is long
-        Vs = sub.components[lo : lo + 16384] * sub.std[lo : lo + 16384, None]  # a block of S V: never all (D, k)
-        give_back(sub.components[lo : lo + 16384])  # when the components are a file's map: read once
+        block = sub.components[lo : lo + 16384]
+        Vs = block * sub.std[lo : lo + 16384, None]  # a block of S V: never all (D, k)
+        give_back(block)  # when the components are a file's map: read once
         syrk = blas.ssyrk if Vs.dtype == np.float32 else blas.dsyrk
         G += syrk(1.0, Vs.T)  # Vs^T Vs, upper triangle: half a gemm's flops (Vs.T is Fortran-ordered)
     U = cholesky(G, lower=False, overwrite_a=True, check_finite=False)  # G = U^T U, in G's buffer
@@ -645,9 +646,9 @@ def _coeff_positions(reg, sm: SpaceModel, model_ids: list[int]) -> np.ndarray:
     """The coefficient rows of models in subspace sm, -1 for a model not projected into it (no SQL per call)."""
     ids, rows = _coeff_rows(reg, sm)
     want = np.asarray(model_ids, dtype=np.int64).reshape(-1)
-    at = np.minimum(np.searchsorted(ids, want), max(len(ids) - 1, 0))
     if not len(ids):
         return np.full(len(want), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
     return np.where(ids[at] == want, rows[at], -1)
 
 

@@ -512,24 +512,24 @@ class Subspace:
     def load(cls, folder: Path) -> Subspace:
         """The subspace saved in folder; its components a read-only memory map of the file (map_components)."""
         from w2w.errors import CorruptFileError
-        from w2w.formats.pages import give_back
         from w2w.formats.tensorfile import map_safetensors
 
         folder = Path(folder)
+        path = folder / SUBSPACE_FILE
         try:
-            a = map_safetensors(folder / SUBSPACE_FILE)
+            first = map_safetensors(path)
+            small = {key: np.array(first[key]) for key in ("mean", "std", "singular_values", "model_ids")}
+            del first  # its map closes: the small arrays' pages are not kept mapped beside the components'
+            components = map_safetensors(path)["components"]  # a map of its own, read where used
             info = json.loads((folder / "meta.json").read_text())
-            small = {key: np.array(a[key]) for key in ("mean", "std", "singular_values", "model_ids")}
         except (CorruptFileError, OSError, ValueError, KeyError) as e:
             raise SubspaceError(
                 f"{folder}: the subspace's files cannot be read ({e}); run `w2wreg verify`, then fit again"
             ) from None
-        for key in small:
-            give_back(a[key])  # copied: their pages need not stay mapped beside the components'
         return cls(
             small["mean"],
             small["std"],
-            a["components"],
+            components,
             small["singular_values"],
             info["total_variance"],
             info["n_models"],
