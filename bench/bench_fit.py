@@ -74,12 +74,16 @@ def peak_rss_mb() -> float:
 
 
 class FileSource:
-    """Row blocks read from the file with pread into fresh buffers (no memory map: RSS counts only what
-    the fit really holds, not page cache that a map would show)."""
+    """Row blocks read from the file with pread into buffers, or seen in place through a read-only memory map
+    (`view`), whose pages the fit hands back after each block (RSS counts what the fit holds, not the file)."""
 
     def __init__(self, path: Path, n: int, dim: int, block_rows: int = 0):
         self.path, self.n, self.dim = path, n, dim
         self.block_rows = block_rows or block_rows_for(dim)
+        self.mapped = np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
+
+    def view(self, spec: tuple[int, int]) -> np.ndarray:
+        return self.mapped[spec[0] : spec[1]]
 
     def specs(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.block_rows, self.n)) for lo in range(0, self.n, self.block_rows)]

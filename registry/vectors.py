@@ -99,9 +99,20 @@ class VectorStore:
         for shard in np.unique(shards):
             sel = np.nonzero(shards == shard)[0]
             local = rows[sel] - shard * self.rows_per_shard
-            mm = self.map(int(shard), int(local.max()) + 1)
-            out[sel] = mm[local]
+            lo, hi = int(local.min()), int(local.max()) + 1
+            mm = self.map(int(shard), hi)
+            if hi - lo == len(local) and sel[-1] - sel[0] == len(sel) - 1 and np.all(np.diff(local) == 1):
+                out[sel[0] : sel[-1] + 1] = mm[lo:hi]  # a run of rows: one copy (mm[local] makes two)
+            else:
+                out[sel] = mm[local]
         return out
+
+    def view(self, first: int, count: int) -> np.ndarray | None:
+        """Rows [first, first + count) as a read-only memory map, when they lie in one shard (else None)."""
+        shard, lo = divmod(first, self.rows_per_shard)
+        if lo + count > self.rows_per_shard:
+            return None
+        return self.map(shard, lo + count)[lo:]
 
     def read_one(self, row: int) -> np.ndarray:
         return self.read([row])[0]

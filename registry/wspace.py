@@ -62,6 +62,15 @@ class StoreSource:
     def load_into(self, spec: tuple[int, int], out: np.ndarray) -> np.ndarray:
         return self.store.read(self.rows[spec[0] : spec[1]], out=out)
 
+    def view(self, spec: tuple[int, int]) -> np.ndarray | None:
+        """The block's rows mapped where they lie, when they are consecutive rows of one shard."""
+        rows = self.rows[spec[0] : spec[1]]
+        return self.store.view(int(rows[0]), len(rows)) if len(rows) and _consecutive(rows) else None
+
+
+def _consecutive(rows: np.ndarray) -> bool:
+    return int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool(np.all(np.diff(rows) == 1))
+
 
 @dataclass
 class SpaceModel:

@@ -38,6 +38,13 @@ class Buffered(ArraySource):
         return out
 
 
+class Copied(Buffered):
+    """A source that never has a block in place (view None): every pass copies."""
+
+    def view(self, spec):
+        return None
+
+
 @pytest.fixture(scope="module")
 def offset_data():
     """Columns whose mean is up to 50 times their spread: centering in float32 is where precision goes."""
@@ -127,7 +134,7 @@ def test_map_in_process_reads_ahead_only_after_a_read_from_storage(tmp_path):
     assert source.ahead == [(lo, (lo // 8) % 2 == 1) for lo in range(0, 80, 8)]
 
 
-@pytest.mark.parametrize("source_cls", [ArraySource, Buffered])
+@pytest.mark.parametrize("source_cls", [ArraySource, Buffered, Copied])
 def test_stats_in_place_equals_the_merged_blocks_and_the_exact_statistics(offset_data, source_cls):
     X = offset_data
     source = source_cls(X.copy(), 64)
@@ -245,3 +252,83 @@ def test_a_prepared_pass_never_changes_the_callers_array(offset_data, source_cls
     out = list(map_in_process(lambda spec, W: W.sum(), source, source.specs(), prepare=lambda r, p: r.fill(0)))
     assert out == [0.0] * 8
     np.testing.assert_array_equal(source.X, X)
+
+
+class Counted(ArraySource):
+    """An in-memory source that counts the blocks handed out in place."""
+
+    def __init__(self, X, rows):
+        super().__init__(X, rows)
+        self.views = 0
+
+    def view(self, spec):
+        self.views += 1
+        return super().view(spec)
+
+
+def test_only_the_stats_pass_uses_blocks_in_place(offset_data):
+    """The stats pass reads every block where it lies (its sketch is of the data as stored, its moments only
+    read); a Gram pass copies and centers every block (uncentered products lose digits with |mean| / std, up
+    to 51 here), and stays as exact as the dense product. Neither changes the source's array."""
+    X = offset_data
+    source = Counted(X.copy(), 64)
+    n, mean, m2, _, _ = stats_in_place(source, source.specs(), 5, 12)
+    assert source.views == 8  # 7 blocks of 64 rows and one of 52, none copied
+    np.testing.assert_allclose(m2, ((X.astype(np.float64) - X.mean(0, dtype=np.float64)) ** 2).sum(0), rtol=1e-5)
+    G = np.linalg.qr(np.random.default_rng(1).standard_normal((600, 24)))[0].astype(np.float32)
+    mean, std = mean.astype(np.float32), np.sqrt(m2 / (n - 1)).astype(np.float32)
+    P = gram_in_place(source, source.specs(), mean, std, G)
+    assert source.views == 8  # no more
+    Z = (X.astype(np.float64) - mean) / std
+    exact = Z.T @ (Z @ G.astype(np.float64))
+    np.testing.assert_allclose(P, exact, atol=1e-4 * np.abs(exact).max())
+    np.testing.assert_array_equal(source.X, X)
+
+
+def test_a_pass_over_a_mapped_file_hands_its_pages_back(tmp_path):
+    """Blocks seen through a memory map are used where they lie (no buffer is made) and their pages leave the
+    resident set once used: a stats pass over a 16 MB file ends with at most a block's pages mapped."""
+    from tests.helpers import mapped_kb
+
+    X = np.random.default_rng(0).standard_normal((256, 16384)).astype(np.float32)  # 16 MB, blocks of 2 MB
+    path = tmp_path / "x.f32"
+    X.tofile(path)
+
+    class Mapped(ArraySource):
+        def load(self, spec):
+            assert spec[1] - spec[0] <= 16, "a block was copied"  # only the 16 rows that set the moments' shift
+            return super().load(spec)
+
+    source = Mapped(np.memmap(path, dtype=np.float32, mode="r", shape=X.shape), 32)
+    n, mean, m2, sketch, _ = stats_in_place(source, source.specs(), 0, 8)
+    assert n == 256
+    np.testing.assert_allclose(mean, X.mean(0, dtype=np.float64), atol=1e-6)
+    np.testing.assert_allclose(m2, ((X.astype(np.float64) - X.mean(0)) ** 2).sum(0), rtol=1e-5)
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps here")
+    # mapped, every block's pages were resident once; handed back, the few at blocks' edges stay (a block is
+    # 2 MB, a page-aligned boundary every 64 kB row pair: nothing is left but the 16 head rows read by load)
+    assert mapped_kb(path) <= 1024, mapped_kb(path)
+
+
+def test_a_registry_store_hands_out_runs_of_rows_in_place(tmp_path):
+    """StoreSource.view maps a block of consecutive rows of one shard; any other block is read (copied), and a
+    fit over the store equals a fit over the same rows in memory."""
+    from registry.vectors import VectorStore
+    from registry.wspace import StoreSource
+
+    rng = np.random.default_rng(2)
+    X = (rng.standard_normal((200, 40)) @ rng.standard_normal((40, 512))).astype(np.float32)
+    store = VectorStore(tmp_path / "v", 512, 48)
+    store.write_rows(0, X)
+    source = StoreSource(store, np.arange(200), block_rows=32)
+    inside, across = source.view((0, 32)), source.view((32, 64))  # rows 32..63 cross the shard boundary at 48
+    assert across is None and not inside.flags.writeable
+    np.testing.assert_array_equal(inside, X[:32])
+    assert StoreSource(store, np.array([0, 2, 3]), 32).view((0, 3)) is None  # not consecutive
+    perm = rng.permutation(200)
+    np.testing.assert_array_equal(store.read(perm), X[perm])  # rows in any order, across shards
+    np.testing.assert_array_equal(store.read(np.arange(50, 90)), X[50:90])  # runs, across a shard boundary
+    cfg = FitConfig(components=10)
+    got, want = fit(source, cfg), fit(ArraySource(X.copy(), 32), cfg)
+    np.testing.assert_allclose(got.singular_values, want.singular_values, rtol=1e-5)

@@ -5,7 +5,8 @@ D columns, m = depth * l Krylov columns, b data rows per block, c = krylov_basis
 per chunk):
   kept    the block columns of M = K^T Z^T Z K, the diagonal blocks of K^T K:  8 l^2 (depth (depth + 1) / 2 + depth)
   pass    G / std (in G's buffer when K is on disk; in RAM G is K's), the product's sum, two data buffers:
-          2 * 4 D l + 2 * 4 b D + 4 b l
+          2 * 4 D l + 2 * 4 b D + 4 b l (blocks used where they lie, a memory-mapped file's, need no buffer
+          but hold one block's pages: 4 b D less when every block is; the plan keeps the buffers' bound)
   orth    P (made into R, then into the next G, in its own buffer), K^T P and K^T R:  4 D l + 2 * 8 m l
   ritz    M, the whiteners of K^T K's diagonal blocks (8 l^2 depth), and the eigensolver's arrays
           (w2w.rayleigh_ritz): evd (dsyevd, all pairs in M's buffer) its workspace of 2 m^2 doubles, then Q:

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range's pages in, in one call (older kernels refuse it: EINVAL)
+
 # madvise on an address range (Python's mmap.madvise needs the mmap object, which torch's loader keeps to itself)
 _MADVISE = ctypes.CDLL(None, use_errno=True).madvise if sys.platform.startswith("linux") else None
 
@@ -42,6 +44,17 @@ def give_back(a, path: Path | str | None = None) -> bool:
     if hi <= lo or not _droppable(start, start + nbytes, path):
         return False
     return _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED) == 0
+
+
+def populate(a) -> bool:
+    """Map the file pages under `a` (a numpy array over a memory map) into this process in one call, reading
+    any that are not in the page cache; whether it was done. Faulted in page by page by BLAS's threads (64 kB a
+    fault), a product over a mapped block ran ~4% slower than populated first (/tmp one-off, medians of 4)."""
+    if _MADVISE is None or not a.size:
+        return False
+    lo = a.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = a.ctypes.data + a.nbytes
+    return _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_POPULATE_READ) == 0
 
 
 def _droppable(start: int, end: int, path: Path | str | None) -> bool:
