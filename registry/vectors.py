@@ -21,6 +21,11 @@ def rows_per_shard_for(dim: int) -> int:
     return max(1, min(MAX_ROWS_PER_SHARD, SHARD_TARGET_BYTES // (4 * dim)))
 
 
+def consecutive(rows: np.ndarray) -> bool:
+    """Whether the row numbers are a run: r, r + 1, ..., in order."""
+    return bool(np.all(np.diff(rows) == 1))
+
+
 class VectorStore:
     def __init__(self, folder: Path, dim: int, rows_per_shard: int):
         self.folder, self.dim, self.rows_per_shard = Path(folder), int(dim), int(rows_per_shard)
@@ -101,7 +106,7 @@ class VectorStore:
             local = rows[sel] - shard * self.rows_per_shard
             lo, hi = int(local.min()), int(local.max()) + 1
             mm = self.map(int(shard), hi)
-            if hi - lo == len(local) and sel[-1] - sel[0] == len(sel) - 1 and np.all(np.diff(local) == 1):
+            if consecutive(local) and consecutive(sel):
                 out[sel[0] : sel[-1] + 1] = mm[lo:hi]  # a run of rows: one copy (mm[local] makes two)
             else:
                 out[sel] = mm[local]

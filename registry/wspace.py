@@ -25,7 +25,7 @@ import numpy as np
 
 from registry import index as coeff_index
 from registry.catalog import ModelRow
-from registry.vectors import VectorStore
+from registry.vectors import VectorStore, consecutive
 from w2w.errors import W2WError
 from w2w.formats.pages import give_back
 from w2w.subspace import FitConfig, Subspace, SubspaceError, fit, map_in_process, standardize
@@ -65,11 +65,7 @@ class StoreSource:
     def view(self, spec: tuple[int, int]) -> np.ndarray | None:
         """The block's rows mapped where they lie, when they are consecutive rows of one shard."""
         rows = self.rows[spec[0] : spec[1]]
-        return self.store.view(int(rows[0]), len(rows)) if len(rows) and _consecutive(rows) else None
-
-
-def _consecutive(rows: np.ndarray) -> bool:
-    return int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool(np.all(np.diff(rows) == 1))
+        return self.store.view(int(rows[0]), len(rows)) if len(rows) and consecutive(rows) else None
 
 
 @dataclass
