@@ -14,7 +14,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from registry.catalog import RESERVED_COLUMNS, Catalog, ModelRow, Space, bulk_in
 from registry.hubs.local import LocalHub
 from registry.lock import writer_lock
 from registry.paths import RegistryPaths, default_root
-from registry.search import knn
+from registry.search import MappedStore, knn
 from registry.vectors import VectorStore, rows_per_shard_for
 from w2w import family as wfamily
 from w2w.delta import Factors, Views, one_blas_thread
@@ -54,6 +54,9 @@ L2_CANDIDATES_MIN, L2_CANDIDATES_FACTOR = 20, 2
 NAME_RE = re.compile(r"^[\w][\w.+\- ]{0,199}$")
 ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 FLUSH_ROWS = 256
+# models pulled ahead of staging, whose sketch-neighbour searches run as one batch (a GEMM over the family's index:
+# one model's scan of 65,000 sketches is ~32 ms on one core); bounded by their vectors' bytes for large LoRAs
+WINDOW_MODELS, WINDOW_BYTES = 64, 256 << 20
 
 
 def validate_name(name: str) -> str:
@@ -135,7 +138,8 @@ class NewModel:
             self.family = wfamily.detect(self.layout, self.base_model, self.meta)
         if self.sketch is None and v.shape == (self.layout.dim,) and math.isfinite(self.sq_norm):
             with one_blas_thread():
-                self.delta_sq_norm, self.sketch = sketches.record(unflatten(v, self.layout))
+                # views into v (no copy, no re-sorting): the same modules in the same (canonical) order
+                self.delta_sq_norm, self.sketch = sketches.record(Views.of(v, self.layout))
         return self
 
     @classmethod
@@ -200,6 +204,24 @@ class SearchResult:
         }
 
 
+def _near_searched() -> int:
+    """Sketch neighbours found per added model: the near-copy check's and the kept pairs' candidates."""
+    return max(sketches.NEAR_CANDIDATES, delta_pairs.PAIRS_AT_ADD)
+
+
+def _windows(items: Iterable) -> Iterator[list]:
+    """`items` in lists of up to WINDOW_MODELS, or fewer once their vectors reach WINDOW_BYTES."""
+    window, size = [], 0
+    for item in items:
+        window.append(item)
+        size += getattr(getattr(item, "vector", None), "nbytes", 0)
+        if len(window) >= WINDOW_MODELS or size >= WINDOW_BYTES:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
+
+
 class _AddSession:
     """State of one add: what exists, what is staged, and the rows written but not yet committed."""
 
@@ -235,6 +257,11 @@ class _AddSession:
         self.writer: ThreadPoolExecutor | None = None
         self.done = False  # set the moment the catalog commits: from then on nothing may be rolled back
         self.pending: list = []
+        # rows handed to the writer, per space: (first row, rows) while the write may still run
+        self.inflight: dict[str, list[tuple[int, list[np.ndarray], object]]] = {}
+        self.mapped: dict[str, MappedStore] = {}  # written staged rows, read back without waiting for the writer
+        self.prefetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(NewModel) -> its window's search
+        self.window_staged: dict[str, list[tuple[int, np.ndarray]]] = {}  # family -> (id, sketch) since then
 
     def store(self, sid: str) -> VectorStore:
         s = self.spaces[sid]
@@ -291,6 +318,7 @@ class _AddSession:
             self.pair_rows += delta_pairs.compare(model_id, views, m.delta_sq_norm, others, self.views_of, sq_norm_of)
             self.delta_rows.append((model_id, family, m.delta_sq_norm, m.sketch.astype("<f4").tobytes(), True))
             self.family_index(family).add(model_id, m.delta_sq_norm, m.sketch)
+            self.window_staged.setdefault(family, []).append((model_id, m.sketch))
         self.next_id += 1
         self.staged_rows[sid] += 1
         self.names.add(m.name)
@@ -335,11 +363,13 @@ class _AddSession:
         sid, row, _ = self.staged_at[model_id]
         first_buffered = self.committed[sid] + self.written.get(sid, 0)
         if row >= first_buffered:
-            v = self.buffers[sid][row - first_buffered]
-        else:
-            self.drain()  # its row was handed to the writer: wait for it, then read it back
-            v = self.store(sid).read_one(row)
-        return Views.of(v, self.layout_of(sid))
+            return Views.of(self.buffers[sid][row - first_buffered], self.layout_of(sid))
+        for start, rows, _ in self.inflight.get(sid, ()):
+            if start <= row < start + len(rows):  # its write may still run: the row as it was handed over
+                return Views.of(rows[row - start], self.layout_of(sid))
+        if sid not in self.mapped:
+            self.mapped[sid] = MappedStore(self.store(sid))
+        return Views.of(self.mapped[sid].row(row), self.layout_of(sid))
 
     def layout_of(self, sid: str) -> Layout:
         if sid not in self.layouts:
@@ -356,13 +386,40 @@ class _AddSession:
         if m.sketch is None:
             return [], []
         fam = self.family_index(m.family)
-        n = min(max(sketches.NEAR_CANDIDATES, delta_pairs.PAIRS_AT_ADD), fam.index.ntotal)
+        n = min(_near_searched(), fam.index.ntotal)
         if n == 0:
             return [], []
-        with coeff_index.single_thread():  # one query: no OpenMP team (see index.single_thread)
-            dist, ids = fam.index.search(np.ascontiguousarray(m.sketch[None, :], dtype=np.float32), n)
-        keep = ids[0] >= 0
-        return dist[0][keep].tolist(), ids[0][keep].tolist()
+        hit = self.prefetched.pop(id(m), None)
+        if hit is None:
+            with coeff_index.single_thread():  # one query: no OpenMP team (see index.single_thread)
+                dist, ids = fam.index.search(np.ascontiguousarray(m.sketch[None, :], dtype=np.float32), n)
+            dist, ids = dist[0], ids[0]
+        else:  # searched with its window, before the models staged since: those are compared here
+            dist, ids = hit
+            mates = self.window_staged.get(m.family, [])
+            if mates:
+                sk = np.stack([s for _, s in mates])
+                dist = np.concatenate([dist, np.add.reduce((sk - m.sketch) ** 2, axis=1)])
+                ids = np.concatenate([ids, np.array([i for i, _ in mates], dtype=np.int64)])
+                order = np.argsort(dist, kind="stable")[:n]
+                dist, ids = dist[order], ids[order]
+        keep = ids >= 0
+        return dist[keep].tolist(), ids[keep].tolist()
+
+    def prefetch_neighbours(self, window: Sequence) -> None:
+        """Search the family indexes once for a window of models about to be staged (one batch per family:
+        FamilySketches.nearest_many); `sketch_neighbours` then adds the window's models staged before each. Models
+        not digested yet are searched one by one when staged."""
+        self.prefetched, self.window_staged = {}, {}
+        by_family: dict[str, list[NewModel]] = {}
+        for m in window:
+            if isinstance(m, NewModel) and m.sketch is not None and m.family is not None:
+                by_family.setdefault(m.family, []).append(m)
+        for family, models in by_family.items():
+            if len(models) == 1:  # one query: FAISS's scan (sketch_neighbours) reads the sketches once, as this would
+                continue
+            dist, ids = self.family_index(family).nearest_many(np.stack([m.sketch for m in models]), _near_searched())
+            self.prefetched.update({id(m): f for m, f in zip(models, zip(dist, ids, strict=True), strict=True)})
 
     def near_copy(
         self, m: NewModel, v: np.ndarray, nearest: tuple[list[float], list[int]]
@@ -407,12 +464,17 @@ class _AddSession:
             if self.writer is None:
                 self.writer = ThreadPoolExecutor(max_workers=1)  # one thread: writes stay in row order
             # fsync per batch on the writer thread: the disk flushes while staging goes on, not all at the end
-            self.pending.append(self.writer.submit(self.store(sid).write_rows, start, rows, True))
+            job = self.writer.submit(self.store(sid).write_rows, start, rows, True)
+            self.pending.append(job)
             self.written[sid] = self.written.get(sid, 0) + len(rows)
+            # a written batch's rows are read back from the store (a map): only running (or failed, to be
+            # raised at sync) ones stay in memory
+            kept = [b for b in self.inflight.get(sid, []) if not b[2].done() or b[2].exception()]
+            self.inflight[sid] = [*kept, (start, rows, job)]
 
     def drain(self) -> None:
         """Wait for every write handed to the writer thread; re-raise the first failure."""
-        pending, self.pending = self.pending, []
+        pending, self.pending, self.inflight = self.pending, [], {}
         errors = [f.exception() for f in pending]
         if self.writer is not None:
             self.writer.shutdown()
@@ -436,6 +498,7 @@ class _AddSession:
             return
         with contextlib.suppress(Exception):  # the rows are dropped below whatever the writes did
             self.drain()
+        self.mapped.clear()  # no map of a shard outlives its truncation
         for sid in {*self.written, *self.new_spaces}:
             if sid in self.new_spaces:  # a space this add would have made: no folder of it may stay behind
                 shutil.rmtree(self.reg.paths.vectors(sid), ignore_errors=True)
@@ -549,20 +612,22 @@ class Registry:
             for sid, n in session.committed.items():
                 session.store(sid).truncate(n)  # drop a tail a crashed writer left behind
             try:
-                for item in items:
-                    if on_item:
-                        on_item()
-                    if isinstance(item, Failure):
-                        report.errors.append((item.what, str(item.error)))
-                        continue
-                    try:
-                        with one_blas_thread():  # the Grams of the near-copy check and of the kept pairs
-                            model_id = session.stage(item)
-                        report.added.append((item.name, model_id))
-                    except DuplicateModelError as e:
-                        report.skipped.append((item.source or item.name, str(e)))
-                    except W2WError as e:
-                        report.errors.append((item.source or item.name, str(e)))
+                for window in _windows(items):
+                    session.prefetch_neighbours(window)
+                    for item in window:
+                        if on_item:
+                            on_item()
+                        if isinstance(item, Failure):
+                            report.errors.append((item.what, str(item.error)))
+                            continue
+                        try:
+                            with one_blas_thread():  # the Grams of the near-copy check and of the kept pairs
+                                model_id = session.stage(item)
+                            report.added.append((item.name, model_id))
+                        except DuplicateModelError as e:
+                            report.skipped.append((item.source or item.name, str(e)))
+                        except W2WError as e:
+                            report.errors.append((item.source or item.name, str(e)))
                 session.sync()
                 report.near_copies = session.near_copies
                 if report.errors and not skip_errors:

@@ -20,19 +20,29 @@ def reg(tmp_path_factory) -> Registry:
     """90 SD 1.5 LoRAs in 6 layouts around 9 centres (above EXACT_MAX: searches go through the sketches), added
     in two adds so that pairs are kept both within an add (staged models) and against committed ones."""
     reg = Registry.init(tmp_path_factory.mktemp("pairs") / "reg")
-    centres = [lora_on(SD15, 4, 4.0, 300 + c) for c in range(9)]
-    items = []
-    for i in range(90):
-        modules = SD15 if i % 2 else ATTN
-        c = centres[i % 9]
-        noise = lora_on(modules, 1 + i % 3, 1.0, 400 + i)
-        items.append(
-            NewModel.from_lora(f"m{i}", concat([(1.0, type(c)({n: c.layers[n] for n in modules})), (0.5, noise)]))
-        )
+    items = _items(90)
     for part in (items[:50], items[50:]):
         assert not reg.add_models(part).errors
     assert len(sketches.load(reg, "sd15").ids) > sketches.EXACT_MAX
     return reg
+
+
+def _items(n: int, copies: dict[int, int] | None = None) -> list[NewModel]:
+    """n SD 1.5 LoRAs in 6 layouts around 9 centres; `copies` {i: j}: model i is an fp16 copy of model j < i."""
+    import torch
+    from sd_shapes import rounded
+
+    centres = [lora_on(SD15, 4, 4.0, 300 + c) for c in range(9)]
+    loras = []
+    for i in range(n):
+        if copies and i in copies:
+            loras.append(rounded(loras[copies[i]], torch.float16))
+            continue
+        modules = SD15 if i % 2 else ATTN
+        c = centres[i % 9]
+        noise = lora_on(modules, 1 + i % 3, 1.0, 400 + i)
+        loras.append(concat([(1.0, type(c)({n: c.layers[n] for n in modules})), (0.5, noise)]))
+    return [NewModel.from_lora(f"m{i}", lora) for i, lora in enumerate(loras)]
 
 
 def _kept(reg: Registry) -> dict[tuple[int, int], float]:
@@ -54,6 +64,47 @@ def test_each_model_keeps_exact_distances_to_its_sketch_nearest(reg):
     for (a, b), d2 in list(kept.items())[::7]:
         scale = np.sqrt(facs[a].sq_norm * facs[b].sq_norm)
         assert d2 == pytest.approx(delta.distance(facs[a], facs[b]) ** 2, abs=2e-5 * scale)
+
+
+def test_pairs_with_staged_models_are_the_same_whether_their_rows_are_buffered_being_written_or_stored(
+    tmp_path, monkeypatch
+):
+    """Within one add a staged model's row is read from the add's buffer, from a batch the writer thread holds,
+    or back from the store once written (registry._AddSession.views_of): every way gives the same pairs, bit for
+    bit, as an add that keeps every row buffered."""
+    from registry import registry as registry_module
+
+    items = _items(40)
+    one = Registry.init(tmp_path / "buffered")
+    assert not one.add_models(items).errors  # 40 rows < FLUSH_ROWS: all in the buffer
+    monkeypatch.setattr(registry_module, "FLUSH_ROWS", 3)  # 13 batches handed to the writer, each fsynced
+    two = Registry.init(tmp_path / "written")
+    assert not two.add_models(_items(40)).errors
+    assert _kept(two) == _kept(one) and len(_kept(one)) > 300
+
+
+def test_neighbours_searched_for_a_window_of_models_are_those_searched_one_by_one(tmp_path, monkeypatch):
+    """`add` searches the sketches of a window of digested models in one batch, then adds the window's models
+    staged before each (registry._AddSession.prefetch_neighbours): the same pairs and near copies as a search per
+    model, with near copies planted within a window and across windows."""
+    from registry import registry as registry_module
+
+    copies = {9: 2, 30: 4, 37: 31}  # windows of 16: 9 copies 2 in its window; 30 and 37 copy models of earlier ones
+
+    def add(folder: str, window: int):
+        monkeypatch.setattr(registry_module, "WINDOW_MODELS", window)
+        reg = Registry.init(tmp_path / folder)
+        report = reg.add_models([m.digest() for m in _items(48, copies)])
+        assert not report.errors
+        return _kept(reg), [(c["name"], c["of"]) for c in report.near_copies]
+
+    one_by_one, windowed = add("one", 1), add("windowed", 16)
+    assert windowed[1] == one_by_one[1] == [("m9", "m2"), ("m30", "m4"), ("m37", "m31")]
+    assert windowed[0].keys() == one_by_one[0].keys()
+    # each pair from the same float32 Grams; a BLAS may round a row by its place in the stack of others (~1e-7
+    # |x| |y| a Gram entry) and d2 is ~0.4 |x| |y| or more here (near copies: float64, the same bits)
+    for pair, d2 in one_by_one[0].items():
+        assert windowed[0][pair] == pytest.approx(d2, rel=1e-5)
 
 
 def test_a_near_copy_pair_is_kept_in_float64(tmp_path):

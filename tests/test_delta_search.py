@@ -299,3 +299,81 @@ def test_a_twin_of_the_query_does_not_defeat_the_stop_rule():
         return len(measured)
 
     assert run(1e-4) < 60 < run(0.0)
+
+
+# inner32_many's tolerance: each float32 Gram entry is a dot product of <= 1,280 terms, within ~n u32 (u32 = 6e-8)
+# of its value relative to the factors' norms; summed over modules, |error| <= ~1e-4 |dW_x| |dW_y| at worst and
+# ~1e-6 typically. 1e-5 of the norms' product fails any wrong pairing of factors (those are O(1) of it).
+@pytest.mark.parametrize("rank", [1, 4])
+def test_inner_products_of_views_sharing_a_layout_taken_stacked_equal_float64(rank):
+    """Views that share a layout are stacked (two products per module for all of them): x's own layout, and
+    another one (fewer modules, a lower rank, another alpha); a lone view of a third layout and a LoRA take the
+    per-module path. Every answer is the float64 inner product of the factors."""
+    x = lora_on(NARROW, rank, 3.0, 40)  # 1x1 conv modules included
+    cols = np.arange(1, rank + 1, dtype=np.float32)  # B's columns scaled apart: a swapped Gram index shows
+    low = max(1, rank // 2)
+
+    def near_x(seed: int, modules=NARROW, r: int = rank, alpha: float = 3.0) -> LoRA:
+        """<dW_x, dW_y> of the order of the norms: a wrong pairing of factors is off by O(1) of them."""
+        noise = lora_on(modules, r, alpha, seed)
+        return LoRA(
+            {
+                n: LoRALayer(
+                    x.layers[n].A[:r] + 0.5 * noise.layers[n].A,
+                    x.layers[n].B[:, :r] * cols[:r].reshape(1, r, *x.layers[n].B.shape[2:]),
+                    alpha,
+                )
+                for n in modules
+            }
+        )
+
+    attn = {k: v for k, v in NARROW.items() if k in ATTN}
+    same = [near_x(41 + i) for i in range(4)]
+    other = [near_x(45 + i, attn, low, 1.0) for i in range(3)]  # a second shared layout
+    lone = near_x(50, attn, low, 2.0)  # its own layout (another alpha)
+    plain = near_x(51)
+    loras = [same[0], other[0], same[1], lone, other[1], plain, same[2], other[2], same[3]]
+    ys = [y if y is plain else delta.Views.of(flatten(y), y.layout()) for y in loras]
+    xv = delta.Views.of(flatten(x), x.layout())
+    got = delta.inner32_many(xv, ys)
+    fx = delta.Factors.of(x)
+    for y, g in zip(loras, got, strict=True):
+        fy = delta.Factors.of(y)
+        want = delta.inner(fx, fy)
+        assert abs(want) > 0.3 * np.sqrt(fx.sq_norm * fy.sq_norm)
+        assert g == pytest.approx(want, abs=1e-5 * np.sqrt(fx.sq_norm * fy.sq_norm))
+    assert "layers" not in ys[0].__dict__ and "layers" not in ys[1].__dict__  # stacked: no per-module views
+    assert delta.shapes_agree(xv, ys[0]) and delta.shapes_agree(xv, ys[1])
+    assert delta.inner32_many(delta.Views.of(flatten(x), x.layout()), ys[:1]) == pytest.approx(got[:1])
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_inner_products_raise_on_a_conflicting_module(stacked):
+    x = lora_on(ATTN, 2, 1.0, 60)
+    name = next(iter(x.layers))
+    wrong = lora_on({name: (ATTN[name][0] * 2, ATTN[name][1], False)}, 2, 1.0, 61)
+    xv, wv = delta.Views.of(flatten(x), x.layout()), delta.Views.of(flatten(wrong), wrong.layout())
+    assert not delta.shapes_agree(xv, wv)
+    with pytest.raises(delta.LayoutMismatchError, match="not of one base model family"):
+        delta.inner32_many(xv, [wv, wv] if stacked else [xv, wrong])
+
+
+@pytest.mark.parametrize("rows_per_product", [64, 65536])
+def test_nearest_sketches_of_a_batch_are_faiss_flat_search_per_query(monkeypatch, rows_per_product):
+    """FamilySketches.nearest_many (one product for a batch of queries, in chunks of stored sketches) finds what
+    FAISS's exact flat search finds query by query, in the same order, at distances within float32 rounding of
+    the direct sums; near-duplicate queries (distance ~1e-6 of the norms, where ||x||^2 - 2 q.x cancels) too."""
+    monkeypatch.setattr(sketches, "NEAREST_ROWS", rows_per_product)
+    rng = np.random.default_rng(3)
+    sk = rng.standard_normal((300, 1024)).astype(np.float32)
+    ids = rng.choice(10_000, size=300, replace=False).astype(np.int64)
+    fam = sketches.FamilySketches.build("sd15", np.sort(ids), np.ones(300), sk[np.argsort(ids)])
+    queries = np.concatenate([rng.standard_normal((5, 1024)), sk[:3] + 1e-6 * rng.standard_normal((3, 1024))])
+    dist, got = fam.nearest_many(queries, 24)
+    for q, d, g in zip(queries.astype(np.float32), dist, got, strict=True):
+        want_d, want = fam.index.search(q[None, :], 24)
+        assert g.tolist() == want[0].tolist()
+        assert d == pytest.approx(want_d[0], rel=1e-5, abs=1e-3)
+    assert got[5, 0] == ids[0] and dist[5, 0] < 1e-6  # the near duplicate, at its tiny distance (no cancellation)
+    d_all, all_ids = fam.nearest_many(queries[:2], 1000)  # more than stored: every one of them, nearest first
+    assert sorted(all_ids[0].tolist()) == sorted(ids.tolist()) and np.all(np.diff(d_all[0]) >= 0)

@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -69,13 +69,16 @@ class Factors:
         return cls(parts, total if sq_norm is None else sq_norm)
 
 
+def _shape_error(name: str, x: tuple[int, int], y: tuple[int, int]) -> None:
+    raise LayoutMismatchError(
+        f"module {name}: dW shapes {x} and {y} differ; the two LoRAs are not of one base model family"
+    )
+
+
 def _module_inner(x: tuple[np.ndarray, np.ndarray], y: tuple[np.ndarray, np.ndarray], name: str) -> float:
     (bx, ax), (by, ay) = x, y
     if bx.shape[0] != by.shape[0] or ax.shape[1] != ay.shape[1]:
-        raise LayoutMismatchError(
-            f"module {name}: dW shapes ({bx.shape[0]}, {ax.shape[1]}) and ({by.shape[0]}, {ay.shape[1]}) differ; "
-            "the two LoRAs are not of one base model family"
-        )
+        _shape_error(name, (bx.shape[0], ax.shape[1]), (by.shape[0], ay.shape[1]))
     return float(np.sum((bx.T @ by) * (ax @ ay.T)))  # (rx, ry) Grams
 
 
@@ -102,21 +105,27 @@ def relative_distance(x: Factors, y: Factors) -> float:
 METRICS = {"delta": distance, "delta-cosine": cosine_distance}
 
 
-@dataclass
+@dataclass(eq=False)
 class Views:
-    """A LoRA's layers as views into its flat vector: no copy and no re-sorting, for the many reads of a search."""
+    """A LoRA's layers as views into its flat vector: no copy and no re-sorting, for the many reads of a search.
+    The layers are made when first asked for: LoRAs of one layout are compared from the vectors themselves."""
 
-    layers: dict[str, LoRALayer]
+    vector: np.ndarray
+    layout: Layout
 
     @classmethod
     def of(cls, vector: np.ndarray, layout: Layout) -> Views:
-        layers = {}
-        for e, start in zip(layout.entries, layout.offsets, strict=True):
+        return cls(vector, layout)
+
+    @cached_property
+    def layers(self) -> dict[str, LoRALayer]:
+        layers, v = {}, self.vector
+        for e, start in zip(self.layout.entries, self.layout.offsets, strict=True):
             mid = start + e.a_size
             layers[e.module] = LoRALayer(
-                vector[start:mid].reshape(e.a_shape), vector[mid : start + e.size].reshape(e.b_shape), e.alpha
+                v[start:mid].reshape(e.a_shape), v[mid : start + e.size].reshape(e.b_shape), e.alpha
             )
-        return cls(layers)
+        return layers
 
 
 def inner32(x: LoRA | Views, y: LoRA | Views) -> float:
@@ -130,6 +139,8 @@ def inner32(x: LoRA | Views, y: LoRA | Views) -> float:
 
 def shapes_agree(x: LoRA | Views, y: LoRA | Views) -> bool:
     """Whether every module both LoRAs have has one dW shape in both (else they are not of one family)."""
+    if isinstance(x, Views) and isinstance(y, Views) and x.layout.fingerprint == y.layout.fingerprint:
+        return True
     for name in x.layers.keys() & y.layers.keys():
         lx, ly = x.layers[name], y.layers[name]
         if lx.B.shape[0] != ly.B.shape[0] or lx.a2d().shape[1] != ly.a2d().shape[1]:
@@ -138,9 +149,47 @@ def shapes_agree(x: LoRA | Views, y: LoRA | Views) -> bool:
 
 
 def inner32_many(x: LoRA | Views, ys: list[LoRA | Views]) -> np.ndarray:
-    """`inner32(x, y)` for every y at once: per module of x, one pair of products against the factors of every y
-    that has it, side by side ((rx, sum r_y) Grams), instead of two small products per y. A module whose shapes
+    """`inner32(x, y)` for every y at once. Views that share a layout (a registry's models of one space) are
+    stacked and taken per module in two products over all of them (`_inner32_stacked`); the others per module of
+    x, against the factors of every y that has it side by side ((rx, sum r_y) Grams). A module whose shapes
     differ raises LayoutMismatchError (`shapes_agree` tells beforehand)."""
+    out = np.zeros(len(ys))
+    groups: dict[str, list[int]] = {}
+    for j, y in enumerate(ys):
+        if isinstance(y, Views):
+            groups.setdefault(y.layout.fingerprint, []).append(j)
+    rest = set(range(len(ys)))
+    for js in groups.values():
+        if len(js) > 1:  # one y gains nothing from a stack (a copy): the per-module path takes it with the rest
+            out[js] = _inner32_stacked(x, ys[js[0]].layout, np.stack([ys[j].vector for j in js]))
+            rest -= set(js)
+    if rest:
+        js = sorted(rest)
+        out[js] = _inner32_by_module(x, [ys[j] for j in js])
+    return out
+
+
+def _inner32_stacked(x: LoRA | Views, layout: Layout, ys: np.ndarray) -> np.ndarray:
+    """<dW_x, dW_y> for (n, D) vectors ys of one layout: per module x has, the Grams of all ys as two
+    (n r, in) @ (in, rx) and (n r, out) @ (out, rx) products (views of the stack at rank 1: no Python per y)."""
+    n = len(ys)
+    out = np.zeros(n)
+    for e, start in zip(layout.entries, layout.offsets, strict=True):
+        lx = x.layers.get(e.module)
+        if lx is None:
+            continue
+        r, mid, end = e.rank, start + e.a_size, start + e.size
+        bx, ax = lx.b2d(), lx.a2d()  # (out, rx), (rx, in')
+        if bx.shape[0] != e.b_shape[0] or ax.shape[1] * r != e.a_size:
+            _shape_error(e.module, (bx.shape[0], ax.shape[1]), (e.b_shape[0], e.a_size // r))
+        ay = ys[:, start:mid].reshape(n * r, -1)  # rows (y, i): a copy only at r > 1
+        by = ys[:, mid:end].reshape(n, -1, r).transpose(0, 2, 1).reshape(n * r, -1)  # rows (y, i) of B_y^T
+        g = (ay @ ax.T) * (by @ bx)  # (n r, rx): [(y, i), j] = <a_yi, a_xj> <b_yi, b_xj>
+        out += np.add.reduce(g.reshape(n, -1), axis=1, dtype=np.float64) * (lx.scale * e.alpha / r)
+    return out
+
+
+def _inner32_by_module(x: LoRA | Views, ys: list[LoRA | Views]) -> np.ndarray:
     out = np.zeros(len(ys))
     for name, lx in x.layers.items():
         have = [(j, y.layers[name]) for j, y in enumerate(ys) if name in y.layers]
@@ -203,7 +252,7 @@ def _maps(module: str, out: int, inn: int, side: int) -> tuple[np.ndarray, np.nd
     return gl, gr
 
 
-def sketch(lora: LoRA, side: int = SKETCH_SIDE) -> np.ndarray:
+def sketch(lora: LoRA | Views, side: int = SKETCH_SIDE) -> np.ndarray:
     """(side * side,) float32 sketch of dW whose L2 distances estimate ||dW_x - dW_y||_F (see module doc)."""
     acc = np.zeros((side, side), dtype=np.float64)
     for name, l in lora.layers.items():
