@@ -6,13 +6,13 @@
 On the data file bench_fit.py makes (made here if missing), one Gram pass (P = Z^T Z G, as
 w2w.subspace.gram_in_place runs it) is run part by part, serially, block after block:
   read         FileSource.load_into (pread into a reused buffer)   floor: np.copyto of as many bytes
-  center       W - mean in place                                    floor: np.copyto of as many bytes
-  C Gs         the (b, D) x (D, l) product (Gs = G / std)           floor: the same gemm on data in cache
-  P += C^T Y   the (D, b) x (b, l) product added in place (sgemm)   floor: the same gemm on data in cache
+  standardize  (W - mean) / std in place                             floor: np.copyto of as many bytes
+  Z G          the (b, D) x (D, l) product                          floor: the same gemm on data in cache
+  P += Z^T Y   the (D, b) x (b, l) product added in place (gemm)    floor: the same gemm on data in cache
 then the pass as fit runs it (map_in_process: a read that waits for the disk goes on a thread; a read in
-line is made by chunks on every core, each chunk centered while in cache), against the sum of the product
-floors; the same pass with its first product by numpy's BLAS (as before session 9:
-numpy and scipy each carry an OpenBLAS, and their thread pools alternating on 2 cores slow both); and one
+line is made by chunks on every core, each chunk standardized while in cache), against the sum of the product
+floors; the same pass with both products by scipy's BLAS (`scipy.linalg.blas.sgemm`, as sessions 9-15 ran
+it: scipy carries an OpenBLAS of its own, another build than numpy's, which w2w.blas.gemm calls); and one
 orthogonalization of a block against a basis of `--used` blocks (K^T P, K C twice, _orth, as fit does),
 against the floor of its flops at the gemm rate of that shape; and the stats pass as fit runs it
 (stats_in_place: the column moments summed by chunks as they are read) against the floor of its product
@@ -35,6 +35,7 @@ from bench_fit import FileSource, data_path, make_data
 from scipy.linalg.blas import sgemm
 
 from registry.wspace import block_rows_for
+from w2w.blas import gemm
 from w2w.krylov_basis import KrylovBasis
 from w2w.subspace import _orth, block_moments, default_block, gram_in_place, sketch_rows, stats_in_place
 
@@ -88,10 +89,9 @@ def main() -> None:
     G = np.linalg.qr(rng.standard_normal((D, l)).astype(np.float32))[0]
 
     # the parts, serially over every block
-    Gs = np.ascontiguousarray(G / std[:, None])
-    P = np.zeros((D, l), dtype=np.float32, order="F")
+    P = np.zeros((D, l), dtype=np.float32)
     buf, other = np.empty((b, D), dtype=np.float32), np.empty((b, D), dtype=np.float32)
-    names = ("read", "center", "C Gs", "P += C^T Y")
+    names = ("read", "standardize", "Z G", "P += Z^T Y")
     spent = {name: np.zeros(2) for name in names}  # (wall, CPU) seconds
     for spec in specs:
         W = buf[: spec[1] - spec[0]]
@@ -99,10 +99,11 @@ def main() -> None:
         source.load_into(spec, W)
         steps = [clock.tick()]
         W -= mean
+        W /= std
         steps.append(clock.tick())
-        Y = sgemm(1.0, W.T, Gs.T, trans_a=1, trans_b=1)
+        Y = gemm(W, G)
         steps.append(clock.tick())
-        sgemm(1.0, W.T, Y, beta=1.0, c=P, overwrite_c=1)
+        gemm(W, Y, P, trans_a=True, beta=1.0)
         steps.append(clock.tick())
         for name, step in zip(names, steps, strict=True):
             spent[name] += step
@@ -110,24 +111,27 @@ def main() -> None:
     # floors, on one full block in cache, scaled by the number of rows
     scale = n / b
     W = rng.standard_normal((b, D), dtype=np.float32)
-    Y = np.asfortranarray(W @ Gs)
+    Y = W @ G
     floors = {
         "read": best_of(lambda: np.copyto(other, W)) * scale,
-        "center": best_of(lambda: np.copyto(other, W)) * scale,
-        "C Gs": best_of(lambda: W @ Gs) * scale,
-        "P += C^T Y": best_of(lambda: sgemm(1.0, W.T, Y, beta=1.0, c=P, overwrite_c=1)) * scale,
+        "standardize": best_of(lambda: np.copyto(other, W)) * scale,
+        "Z G": best_of(lambda: W @ G) * scale,
+        "P += Z^T Y": best_of(lambda: gemm(W, Y, P, trans_a=True, beta=1.0)) * scale,
     }
-    product_floor = floors["C Gs"] + floors["P += C^T Y"]
+    product_floor = floors["Z G"] + floors["P += Z^T Y"]
 
     clock = Clock()
     gram_in_place(source, specs, mean, std, G)
     whole = clock.tick()
-    for spec in specs:  # the same pass, its first product by numpy's own OpenBLAS
+    Pt = P.T  # (l, D) Fortran-ordered: the sum as sgemm keeps it
+    for spec in specs:  # the same pass, both products by scipy's OpenBLAS
         W = buf[: spec[1] - spec[0]]
         source.load_into(spec, W)
         W -= mean
-        sgemm(1.0, W.T, np.asfortranarray(W @ Gs), beta=1.0, c=P, overwrite_c=1)
-    two_blas = clock.tick()
+        W /= std
+        Pt = sgemm(1.0, sgemm(1.0, W.T, G.T, trans_a=1, trans_b=1), W.T, trans_a=1, trans_b=1, beta=1.0, c=Pt,
+                   overwrite_c=1)  # fmt: skip
+    scipy_blas = clock.tick()
 
     # the stats pass: as fit runs it, and with the moments after the read (block_moments, from memory)
     clock = Clock()
@@ -137,11 +141,11 @@ def main() -> None:
     for spec in specs:
         W = buf[: spec[1] - spec[0]]
         source.load_into(spec, W)
-        sk = sgemm(1.0, sketch_rows(0, spec, l), W.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1)
+        gemm(sketch_rows(0, spec, l), W, sk, trans_a=True, beta=1.0)
         block_moments(W)
     stats_before = clock.tick()
     omega = sketch_rows(0, (0, b), l)
-    sketch_floor = best_of(lambda: sgemm(1.0, omega, buf.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1))
+    sketch_floor = best_of(lambda: gemm(omega, buf, sk, trans_a=True, beta=1.0))
     sketch_floor = sketch_floor * scale
 
     # one orthogonalization against `used` blocks, as fit does it (in RAM)
@@ -166,14 +170,14 @@ def main() -> None:
     print(f"{'part':<34} {'wall s':>7} {'floor':>6} {'ratio':>6}   {'cpu s':>7} {'floor':>6} {'ratio':>6}")
     rows = [*((name, spent[name], floors[name]) for name in names),
             ("pass as fit runs it", np.array(whole), product_floor),
-            ("the same, numpy and scipy BLAS", np.array(two_blas), product_floor),
+            ("the same, scipy's BLAS", np.array(scipy_blas), product_floor),
             ("stats pass as fit runs it", np.array(stats), sketch_floor),
             ("the same, moments after the read", np.array(stats_before), sketch_floor),
             (f"orthogonalize vs {used} columns", np.array(orth), orth_floor)]  # fmt: skip
     for name, t, f in rows:
         r = t / f
         print(f"{name:<34} {t[0]:>7.2f} {f[0]:>6.2f} {r[0]:>6.2f}   {t[1]:>7.2f} {f[1]:>6.2f} {r[1]:>6.2f}")
-    print("(read and center: floor = a memory copy of the same bytes; products: the same gemm in cache)")
+    print("(read and standardize: floor = a memory copy of the same bytes; products: the same gemm in cache)")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ The peak is the largest of the fit's phases, each a sum of the arrays alive in i
 D columns, m = depth * l Krylov columns, b data rows per block, c = krylov_basis.chunk_rows(m) rows of K
 per chunk):
   kept    the block columns of M = K^T Z^T Z K, the diagonal blocks of K^T K:  8 l^2 (depth (depth + 1) / 2 + depth)
-  pass    G / std (in G's buffer when K is on disk; in RAM G is K's), the product's sum, two data buffers:
-          2 * 4 D l + 2 * 4 b D + 4 b l (blocks used where they lie, a memory-mapped file's, need no buffer
-          but hold one block's pages: 4 b D less when every block is; the plan keeps the buffers' bound)
+  pass    G (in RAM it is K's own block; on disk K holds a copy), the product's sum, two data buffers:
+          4 D l (+ 4 D l on disk) + 2 * 4 b D + 4 b l (blocks used where they lie, a memory-mapped file's,
+          need no buffer but hold one block's pages: 4 b D less when every block is; the plan keeps the
+          buffers' bound)
   orth    P (made into R, then into the next G, in its own buffer), K^T P and K^T R:  4 D l + 2 * 8 m l
   ritz    M, the whiteners of K^T K's diagonal blocks (8 l^2 depth), and the eigensolver's arrays
           (w2w.rayleigh_ritz): evd (dsyevd, all pairs in M's buffer) its workspace of 2 m^2 doubles, then Q:
@@ -76,7 +77,7 @@ class FitPlan:
         solver = {"evd": 16 * m * m + 8 * m * k, "evr": 8 * m * m + 8 * l * k, "evr-range": 8 * m * k + 8 * l * k}
         Q64 = 8 * m * m if driver == "evr" else 8 * m * k
         return {
-            "pass": kept + K + 2 * 4 * D * l + 2 * 4 * b * D + 4 * b * l,
+            "pass": kept + K + 4 * D * l * (2 if out_of_core else 1) + 2 * 4 * b * D + 4 * b * l,
             "orth": kept + K + 4 * D * l + 2 * 8 * m * l,
             "ritz": K + 8 * l * l * self.depth + 8 * m * m + solver[driver],
             "out": K + V + Q64 + 4 * m * k + 8 * c * k,

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-CHUNK_BYTES = 256 << 20  # a chunk of K: large enough for BLAS at full speed, small against the budget
+# a chunk of K: large enough for BLAS at full speed, small against the budget (64 MB ran the orthogonalization
+# of a block against 1,400 columns on disk as fast as 256 MB did: 4.8 s against 5.0, one-off; the plan 192 MB less)
+CHUNK_BYTES = 64 << 20
 
 
 def chunk_rows(m: int) -> int:

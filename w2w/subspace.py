@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from w2w.blas import gemm
 from w2w.errors import W2WError
 from w2w.fit_plan import FitPlan, choose, rss_bytes
 from w2w.formats.pages import give_back, populate
@@ -329,51 +330,34 @@ def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: n
 
 
 def gram_in_place(
-    source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray, scratch: bool = False
+    source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray
 ) -> np.ndarray:
     """Z^T Z G (D, l) float32, C-ordered, in this process, with two fewer passes over each block than
     block_gram.
 
-    Z_b = C_b S^-1 with C_b = W_b - 1 mean^T, so Z^T Z G = S^-1 sum_b C_b^T (C_b (S^-1 G)): the scaling
-    moves onto the D x l operands (once per pass, not once per block), a block is only centered, in place,
-    and every block's product is added into one sum by BLAS itself (sgemm with beta = 1) instead of being
-    made as a new (l, D) array and then added. Blocks are centered as they are read (map_in_process's
-    prepare: a chunk at a time, in cache, on every core). The sum is kept as P^T, a Fortran-ordered (l, D) array,
-    which is P's C-ordered buffer: it is returned as it is (no D x l copy). With `scratch` G (C-ordered
-    float32) is scaled in its own buffer (the caller has no further use for it).
+    Each block is standardized as it is read (map_in_process's prepare: a chunk at a time, in cache, on every
+    core, so it costs no pass of its own over the block), and every block's product is added into one sum
+    by BLAS itself (w2w.blas.gemm with beta = 1, numpy's BLAS) instead of being made as a new (D, l) array
+    and then added. G is only read: no D x l array beside it and the sum (an earlier version scaled G by
+    1/std instead of the block, which took a copy of G in RAM).
 
     Blocks are always copied here, never used where they lie (map_in_process's `views`): uncentered, the
     products' float32 rounding grows with |mean| / std (1 + |mean| / std times the centered product's), and
     real LoRA columns lie many spreads from 0; the copy is centered exactly (w - mean is exact where w is near
     mean). Measured: one Gram pass over 8,192 mapped rows uncentered ~8% faster, a whole fit not measurably.
     """
-    from scipy.linalg.blas import sgemm
+    G = np.ascontiguousarray(G, dtype=np.float32)
+    P = np.zeros(G.shape, dtype=np.float32)  # (D, l)
 
-    if scratch and G.flags.c_contiguous and G.dtype == np.float32:
-        Gs = G
-        Gs /= std[:, None]  # (D, l) S^-1 G
-    else:
-        Gs = np.ascontiguousarray(G / std[:, None], dtype=np.float32)
-    Pt = np.zeros((G.shape[1], G.shape[0]), dtype=np.float32, order="F")  # (l, D): P^T
-
-    def center(rows: np.ndarray, _: int) -> None:
+    def standardize_rows(rows: np.ndarray, _: int) -> None:
         rows -= mean
+        rows /= std  # as standardize() does: a projection later sees the same Z
 
-    def add_block(spec: Any, C: np.ndarray) -> None:  # C: the block, centered by map_in_process (center)
-        nonlocal Pt
-        # C.T (D, b) and Gs.T (l, D) are Fortran-ordered views of C-ordered arrays: BLAS reads them without
-        # a copy. Both products go through scipy's BLAS: numpy carries its own OpenBLAS, and alternating
-        # the two libraries' thread pools (each spins a while after its call) made both products ~1.4x
-        # slower on 2 cores than either alone (bench/profile_fit.py, "numpy and scipy BLAS" row).
-        Y = sgemm(1.0, C.T, Gs.T, trans_a=1, trans_b=1)  # (b, l) Fortran-ordered: C Gs
-        # P^T += Y^T C in Pt's buffer (Fortran-ordered float32, so f2py passes it as it is; were it ever
-        # copied, the sum returned would still be right)
-        Pt = sgemm(1.0, Y, C.T, trans_a=1, trans_b=1, beta=1.0, c=Pt, overwrite_c=1)
+    def add_block(spec: Any, Z: np.ndarray) -> None:  # Z: the block, standardized by map_in_process
+        gemm(Z, gemm(Z, G), P, trans_a=True, beta=1.0)  # P += Z^T (Z G) in P's buffer
 
-    for _ in map_in_process(add_block, source, specs, prepare=center):
+    for _ in map_in_process(add_block, source, specs, prepare=standardize_rows):
         pass
-    P = Pt.T  # (D, l) C-ordered view of the same buffer
-    P /= std[:, None]
     return P
 
 
@@ -424,14 +408,12 @@ def stats_in_place(source: BlockSource, specs: list[Any], seed: int, l: int) -> 
     """merge_stats(block_stats of every block) in this process, the sketch summed in place by BLAS.
 
     The same (count, mean, M2, sketch, colsum of Omega) with the sketch (l, D) a view of one Fortran-ordered
-    sum that every block's Omega_b^T W_b is added into (sgemm, beta = 1): block_stats made a new (l, D)
+    sum that every block's Omega_b^T W_b is added into (w2w.blas.gemm, beta = 1): block_stats made a new (l, D)
     array per block and merge_stats added it, which cost as much as the product itself at l = 350.
     The column moments are summed as the block is read (ColumnMoments, map_in_process's prepare).
     The sketch is Fortran-ordered, so its transpose is C-ordered (D, l): the fit's start block is made
     from it in place.
     """
-    from scipy.linalg.blas import sgemm
-
     sk = np.zeros((l, source.dim), dtype=np.float32, order="F")  # (l, D)
     if not specs:
         raise SubspaceError("no models to fit on")
@@ -440,10 +422,8 @@ def stats_in_place(source: BlockSource, specs: list[Any], seed: int, l: int) -> 
     moments = ColumnMoments(source.dim, read_threads(), head.mean(axis=0, dtype=np.float64))
 
     def add_block(spec: Any, W: np.ndarray) -> tuple:
-        nonlocal sk
         omega = sketch_rows(seed, spec, l)  # (b, l)
-        # += Omega_b^T W_b (W.T: a Fortran-ordered view, read without a copy)
-        sk = sgemm(1.0, omega, W.T, trans_a=1, trans_b=1, beta=1.0, c=sk, overwrite_c=1)
+        gemm(omega, W, sk, trans_a=True, beta=1.0)  # += Omega_b^T W_b, W read where it lies
         return (W.shape[0], *moments.take(W.shape[0]), None, omega.sum(axis=0))
 
     # merged as they come (merge_stats consumes the pass lazily): two D-vectors alive, not one per block;
@@ -715,8 +695,7 @@ def fit(
             # S = K^T K's block column: above its diagonal block K^T G is rounding (G was orthogonalized
             # twice against K: K^T G ~ float32's eps), so only G^T G is computed, 2 D l^2 flops, not 2 D used l
             GtG = _gram64(G)
-            # G is needed no more once K holds it (on disk: a copy), so the pass may scale it in place
-            P = gram(source, specs, mean, std, G, plan.out_of_core)  # (D, b) = Z^T Z G
+            P = gram(source, specs, mean, std, G)  # (D, b) = Z^T Z G
             del G
             (KtP,) = K.tdot(P)  # (used, b): M's block column
             cols.append((KtP, GtG))
@@ -779,15 +758,15 @@ def _components(K: KrylovBasis, Q: np.ndarray, on_disk: bool, workdir: str) -> n
 
 def gram_pass(device: str | None, map_blocks: MapBlocks) -> Callable[..., np.ndarray]:
     """The Gram pass, P = Z^T Z G (D, l) float32: numpy over `map_blocks` (in process or Dask), or torch on
-    a device. Called as gram(source, specs, mean, std, G, scratch): with scratch the pass may change G."""
+    a device. Called as gram(source, specs, mean, std, G)."""
     if device is not None:
         from w2w.device_pass import resolve_device, torch_gram_pass
 
         resolve_device(device)  # a device this machine lacks fails now, not after the first pass
-        return lambda source, specs, mean, std, G, _: torch_gram_pass(source, specs, mean, std, G, device)
+        return lambda source, specs, mean, std, G: torch_gram_pass(source, specs, mean, std, G, device)
     if map_blocks is map_in_process:
         return gram_in_place
-    return lambda source, specs, mean, std, G, _: np.ascontiguousarray(
+    return lambda source, specs, mean, std, G: np.ascontiguousarray(
         sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T
     )
 
