@@ -11,8 +11,9 @@ w2w.subspace.gram_in_place runs it) is run part by part, serially, block after b
   P += Z^T Y   the (D, b) x (b, l) product added in place (gemm)    floor: the same gemm on data in cache
 then the pass as fit runs it (map_in_process: a read that waits for the disk goes on a thread; a read in
 line is made by chunks on every core, each chunk standardized while in cache), against the sum of the product
-floors; the same pass with both products by scipy's BLAS (`scipy.linalg.blas.sgemm`, as sessions 9-15 ran
-it: scipy carries an OpenBLAS of its own, another build than numpy's, which w2w.blas.gemm calls); and one
+floors; the same pass (the same reads and standardization) with both products by scipy's BLAS
+(`scipy.linalg.blas.sgemm`, as sessions 9-15 ran it: scipy carries an OpenBLAS of its own, another build than
+numpy's, which w2w.blas.gemm calls); and one
 orthogonalization of a block against a basis of `--used` blocks (K^T P, K C twice, _orth, as fit does),
 against the floor of its flops at the gemm rate of that shape; and the stats pass as fit runs it
 (stats_in_place: the column moments summed by chunks as they are read) against the floor of its product
@@ -37,7 +38,15 @@ from scipy.linalg.blas import sgemm
 from registry.wspace import block_rows_for
 from w2w.blas import gemm
 from w2w.krylov_basis import KrylovBasis
-from w2w.subspace import _orth, block_moments, default_block, gram_in_place, sketch_rows, stats_in_place
+from w2w.subspace import (
+    _orth,
+    block_moments,
+    default_block,
+    gram_in_place,
+    map_in_process,
+    sketch_rows,
+    stats_in_place,
+)
 
 
 class Clock:
@@ -123,14 +132,18 @@ def main() -> None:
     clock = Clock()
     gram_in_place(source, specs, mean, std, G)
     whole = clock.tick()
-    Pt = P.T  # (l, D) Fortran-ordered: the sum as sgemm keeps it
-    for spec in specs:  # the same pass, both products by scipy's OpenBLAS
-        W = buf[: spec[1] - spec[0]]
-        source.load_into(spec, W)
-        W -= mean
-        W /= std
-        Pt = sgemm(1.0, sgemm(1.0, W.T, G.T, trans_a=1, trans_b=1), W.T, trans_a=1, trans_b=1, beta=1.0, c=Pt,
-                   overwrite_c=1)  # fmt: skip
+    sums = [P.T]  # (l, D) Fortran-ordered: the sum as sgemm keeps it
+
+    def standardize_rows(rows: np.ndarray, _: int) -> None:
+        rows -= mean
+        rows /= std
+
+    def scipy_block(spec, Z: np.ndarray) -> None:  # gram_in_place's add_block, both products by scipy's BLAS
+        Y = sgemm(1.0, Z.T, G.T, trans_a=1, trans_b=1)
+        sums[0] = sgemm(1.0, Y, Z.T, trans_a=1, trans_b=1, beta=1.0, c=sums[0], overwrite_c=1)
+
+    for _ in map_in_process(scipy_block, source, specs, prepare=standardize_rows):  # read as the fit reads
+        pass
     scipy_blas = clock.tick()
 
     # the stats pass: as fit runs it, and with the moments after the read (block_moments, from memory)

@@ -4,8 +4,9 @@ numpy's matmul has no beta (a block's product would be made as a new array and t
 and l = 350 that is 140 MB of traffic per block), and scipy's `sgemm`, which has one, calls scipy's own
 OpenBLAS: a second library with its own thread pool, whose threads spin after a call and take the cores
 from numpy's (the fit's other products are numpy's), and a different build. On an AVX2 EPYC, numpy 2.4's
-OpenBLAS 0.3.31 ran the Gram pass's two products at 114-121 GFLOP/s against 87-89 for scipy 1.17's 0.3.30
-(each alone in a process; bench/profile_fit.py times a whole pass both ways). So `gemm` calls numpy's
+OpenBLAS 0.3.31 ran the Gram pass's two products 1.08-1.3x as fast as scipy 1.17's 0.3.30 (each alone in a
+process; the gap moved with the machine's speed), a whole pass 1.04-1.09x (bench/profile_fit.py, "the
+same, scipy's BLAS"). So `gemm` calls numpy's
 library through its CBLAS entry point (the file numpy's wheel ships, its symbols named the way threadpoolctl
 looks for them); where numpy carries no such library (a build on another BLAS), it falls back to matmul
 and an add, which is correct everywhere and costs a temporary.
