@@ -21,7 +21,8 @@ Accuracy: mean relative error of the top-k singular values against the reference
 with --angles also the principal angles between each side's components and the exact ones (mean cos^2 and
 the smallest cosine over the top k, and over the top k/2). Our sides print the peak their plan predicted
 (w2w/fit_plan.py's formula) beside the peak measured. --device runs our Gram products and torch's SVD in
-torch on that device.
+torch on that device. Each step of ours is printed against its matmul floor: its flops at the GEMM rate
+measured just before and just after it (FloorProbe, a helper process; the probes' time is not the fit's).
 Before each side the data file is read once, so every side starts with it in the page cache (otherwise
 the first side pays for the disk and the next ones find it cached); at N = 64,974 it does not fit in RAM.
 """
@@ -107,6 +108,42 @@ class FileSource:
         return out
 
 
+class FloorProbe:
+    """The GEMM rate beside each step of a fit: a helper process that holds one data block and a D x l basis
+    and, when asked, times the block's two products (Y = W G, W^T Y) while the fit waits. Each step's floor
+    is taken at the rates measured just before and just after it, so a machine whose speed drifts over
+    minutes (this VM's: the same fit 68-106 s in one day) is compared with itself; the helper's arrays are
+    not in the fit's RSS."""
+
+    def __init__(self, dim: int, l: int, device: str | None, rows: int):
+        cmd = [sys.executable, __file__, "--probe", f"{dim},{l},{rows}"] + (["--device", device] if device else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.spent = np.zeros(2)  # (wall, CPU) seconds of this process spent waiting for probes
+
+    def rate(self) -> tuple[float, float]:
+        """(wall, CPU) flop/s of the block's products now (the best of 3, after a warm-up)."""
+        t, c = time.perf_counter(), time.process_time()
+        time.sleep(0.2)  # the fit's BLAS threads spin a while after their last call: not while the probe runs
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        wall, cpu = json.loads(self.proc.stdout.readline())
+        self.spent += [time.perf_counter() - t, time.process_time() - c]
+        return wall, cpu
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def probe_loop(spec: str, device: str | None) -> None:
+    """The FloorProbe's helper: one rate per line of stdin."""
+    dim, l, rows = map(int, spec.split(","))
+    W = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
+    G = np.random.default_rng(1).standard_normal((dim, l), dtype=np.float32)
+    for _ in sys.stdin:
+        print(json.dumps(block_rate(W, G, device)), flush=True)
+
+
 def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_core: bool | None = None) -> dict:
     from w2w.subspace import FitConfig, fit
 
@@ -117,11 +154,27 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
         cfg.depth = depth
     if args.block:
         cfg.block = args.block
-    marks: list[tuple[str, float, float]] = []  # (step, wall clock, CPU clock) at its start
+    rows = args.block_rows or block_rows_for(dim)
+    probe: list[FloorProbe] = []  # started at the plan, which says l
+    # (step, wall clock, CPU clock at its start, the (wall, CPU) gemm rate just before it, the probe time so far)
+    marks: list[tuple[str, float, float, tuple[float, float], np.ndarray]] = []
+
+    def mark(msg: str) -> None:
+        if msg.startswith("plan:"):
+            probe.append(FloorProbe(dim, int(msg.split("l = ")[1].split(",")[0]), args.device, rows))
+            marks.append((msg, 0.0, 0.0, (0.0, 0.0), probe[0].spent.copy()))
+            return
+        rate = probe[0].rate()
+        marks.append((msg, time.perf_counter(), time.process_time(), rate, probe[0].spent.copy()))
+
     source = FileSource(path, n, dim, args.block_rows)
-    sub = fit(source, cfg, progress=lambda m: marks.append((m, time.perf_counter(), time.process_time())))
-    dt, cpu = time.perf_counter() - t, time.process_time() - c
+    sub = fit(source, cfg, progress=mark)
+    end = (time.perf_counter(), time.process_time())
     fit_peak = peak_rss_mb()  # before the floor's arrays below
+    last_rate = probe[0].rate()  # the rate after the last step
+    probe[0].close()
+    spent = marks[-1][4]  # the probes' time inside the fit (the one after it came after `end`)
+    dt, cpu = end[0] - t - spent[0], end[1] - c - spent[1]
     gpu = {}
     if args.device and args.device.startswith("cuda"):
         import torch
@@ -131,27 +184,32 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
     marks = [m for m in marks if not m[0].startswith("plan:")]
     if args.angles:
         save_components(args, "ooc" if out_of_core else "ours", sub.components)
-    # time per pass against the matmul floor of that pass: its flops at the rate a gemm of the same
-    # shape reaches here (measured now, on one block); the floor counts every product of the pass, the
-    # data's (the Gram product) and the basis's (orthogonalization against K), and is printed beside the
-    # data's alone. In wall-clock and in CPU seconds (this process's threads): on a loaded machine only
-    # the second means anything, and with one BLAS thread (OPENBLAS_NUM_THREADS=1) it is the step's work.
+    # time per step against the matmul floor of that step: its flops at the rate a gemm of the same shape
+    # (one block's two products) reaches here, measured just before and just after the step (their mean);
+    # the floor counts every product of the step, the data's (the Gram products) and the basis's
+    # (orthogonalization against K), and is printed beside the data's alone; the final eigenproblem's is a
+    # float64 gemm's rate, measured after the fit. In wall-clock and in CPU seconds (this process's threads):
+    # on a loaded machine only the second means anything, and with one BLAS thread (OPENBLAS_NUM_THREADS=1) it
+    # is the step's work.
     l = sub.config["block"]
-    rate, rate64 = gemm_rate(dim, l, args.device, args.block_rows or block_rows_for(dim)), dgemm_rate()
-    ends = [m[1:] for m in marks[1:]] + [(t + dt, c + cpu)]
+    rate64 = dgemm_rate()
+    ends = [(m[1], m[2], m[3], m[4]) for m in marks[1:]] + [(*end, last_rate, spent)]
     passes = []
-    for (msg, *start), end in zip(marks, ends, strict=True):
+    for (msg, *start, rate, before), (*stop, rate_after, after) in zip(marks, ends, strict=True):
         data, basis = pass_flops(msg, n, dim, l, sub.config["depth"], sub.k)
-        here = rate64 if msg.startswith("Rayleigh") else rate  # (wall, CPU) flop/s
-        passes.append({"pass": msg.split(":")[0].split(" on the")[0], "seconds": round(end[0] - start[0], 2),
-                       "cpu_seconds": round(end[1] - start[1], 2),
+        here = rate64 if msg.startswith("Rayleigh") else np.add(rate, rate_after) / 2  # (wall, CPU) flop/s
+        took = np.subtract(stop, start) - (after - before)  # less the probe's wait at the step's end
+        passes.append({"pass": msg.split(":")[0].split(" on the")[0], "seconds": round(float(took[0]), 2),
+                       "cpu_seconds": round(float(took[1]), 2),
                        "floor_seconds": round((data + basis) / here[0], 2),
                        "cpu_floor_seconds": round((data + basis) / here[1], 2),
-                       "data_floor_seconds": round(data / here[0], 2)})  # fmt: skip
+                       "data_floor_seconds": round(data / here[0], 2),
+                       "gflops": round(here[0] / 1e9, 1)})  # fmt: skip
     predicted = float(plan.split("estimated peak ")[1].split(" GB")[0]) * 1e3  # MB
     return {
         "seconds": dt,
         "cpu_seconds": cpu,
+        "probe_seconds": float(spent[0]),
         "s": sub.singular_values.tolist(),
         "total": sub.total_variance * (n - 1),
         "config": sub.config,
@@ -169,11 +227,12 @@ def pass_flops(msg: str, n: int, D: int, l: int, depth: int, k: int) -> tuple[fl
     m = depth * l
     if msg.startswith("pass 1"):  # the sketch Omega^T W, then _orth of the start block (2 rounds, 4 D l^2)
         return 2 * n * D * l, 8 * D * l * l
-    if msg.startswith("pass"):  # P = Z^T Z G; K^T P and G^T G; unless last: 2 x (K^T R, K C) and _orth
-        i = int(msg.split("block ")[1].split("/")[0])
+    if msg.startswith("pass"):  # P = Z^T Z G; K^T P and G^T G; 2 x (K^T R, K C) and _orth. The last pass:
+        i = int(msg.split("block ")[1].split("/")[0])  # Z G alone, G^T G and (Z K)^T (Z G)
         used = i * l
-        basis = 2 * D * used * l + 2 * D * l * l + (6 * D * used * l + 8 * D * l * l if i < depth else 0)
-        return 4 * n * D * l, basis
+        if i == depth:
+            return 2 * n * D * l, 2 * D * l * l + 2 * n * used * l
+        return 4 * n * D * l, 2 * D * used * l + 2 * D * l * l + 6 * D * used * l + 8 * D * l * l
     if msg.startswith("Rayleigh"):  # float64: W^T M W by blocks, dsyevr (tridiagonalization, back-transform)
         return 0, 4 * l * m * m + 4 * m**3 / 3 + 2 * m * m * k
     return 0, 2 * D * m * k  # the components V = K Q
@@ -196,11 +255,10 @@ def dgemm_rate(size: int = 2048) -> tuple[float, float]:
     return best_rate(2 * size**3, lambda: A @ A)
 
 
-def gemm_rate(dim: int, l: int, device: str | None, rows: int) -> tuple[float, float]:
+def block_rate(W: np.ndarray, G: np.ndarray, device: str | None) -> tuple[float, float]:
     """(wall, CPU) flop/s of one block's two gemms (Y = W G, W^T Y) here, numpy or torch on the device
     (there the CPU rate is the wall one)."""
-    W = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
-    G = np.random.default_rng(1).standard_normal((dim, l), dtype=np.float32)
+    rows, dim, l = W.shape[0], W.shape[1], G.shape[1]
     if not device:
         return best_rate(4 * rows * dim * l, lambda: W.T @ (W @ G))
     import torch
@@ -360,7 +418,11 @@ def main() -> None:
     ap.add_argument("--max-memory-gb", type=float, default=8.0,
                     help="our fit's memory budget (the basis goes to disk above it)")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe:
+        probe_loop(args.probe, args.device)
+        return
     if args.child:
         child(args)
         return

@@ -16,15 +16,14 @@ from w2w.subspace import (
     EXACT_ROWS,
     ArraySource,
     FitConfig,
-    block_gram,
     block_stats,
     default_block,
     fit,
     gram_in_place,
     map_in_process,
+    mapped_gram,
     merge_stats,
     stats_in_place,
-    sum_blocks,
 )
 
 U = 2.0**-24  # float32 unit roundoff
@@ -60,17 +59,25 @@ def test_gram_in_place_equals_the_dense_product_and_the_blockwise_pass(offset_da
     mean, std = X.mean(0, dtype=np.float64), X.std(0, ddof=1, dtype=np.float64)
     G = np.linalg.qr(np.random.default_rng(1).standard_normal((600, 24)))[0].astype(np.float32)
     source = source_cls(X.copy(), 64)  # 7 blocks of 64 and one of 52
-    P = gram_in_place(source, source.specs(), mean.astype(np.float32), std.astype(np.float32), G)
+    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
+    Y = np.full((500, 24), np.nan, dtype=np.float32)
+    P = gram_in_place(source, source.specs(), mean32, std32, G, Y)
     Z = (X.astype(np.float64) - mean) / std
-    exact = Z.T @ (Z @ G.astype(np.float64))
+    exact_y = Z @ G.astype(np.float64)
+    exact = Z.T @ exact_y
     # Centering a float32 entry of 51 spreads rounds it by <= 51 u of the spread, the two products over 500
     # rows and 600 columns add ~sqrt(600) u each: ~1e-5 of |P|'s scale at most; 1e-4 leaves 10x.
-    scale = np.abs(exact).max()
+    scale, scale_y = np.abs(exact).max(), np.abs(exact_y).max()
     np.testing.assert_allclose(P, exact, atol=1e-4 * scale)
-    blockwise = sum_blocks(map_in_process(block_gram, source, source.specs(), (mean.astype(np.float32),
-                                          std.astype(np.float32), G))).T  # fmt: skip
-    np.testing.assert_allclose(P, blockwise, atol=1e-4 * scale)
+    np.testing.assert_allclose(Y, exact_y, atol=1e-4 * scale_y)  # every row written
+    for gram in (gram_in_place, mapped_gram(map_in_process)):  # the latter: block_gram as Dask runs it
+        Y2, Y3 = np.full_like(Y, np.nan), np.full_like(Y, np.nan)
+        np.testing.assert_allclose(gram(source, source.specs(), mean32, std32, G, Y2), exact, atol=1e-4 * scale)
+        np.testing.assert_allclose(Y2, exact_y, atol=1e-4 * scale_y)
+        assert gram(source, source.specs(), mean32, std32, G, Y3, False) is None  # the last pass: Z G alone
+        np.testing.assert_array_equal(Y3, Y2)  # the same products, block by block
     assert P.shape == (600, 24) and P.dtype == np.float32 and P.flags.c_contiguous
+    assert Y.shape == (500, 24) and Y.dtype == np.float32 and Y.flags.c_contiguous
     np.testing.assert_array_equal(source.X, X)  # the source's own array is never centered in place
 
 

@@ -98,18 +98,33 @@ def torch_stats_pass(source: Any, specs: list[Any], seed: int, l: int, device: s
 
 
 def torch_gram_pass(
-    source: Any, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray, device: str
-) -> np.ndarray:
-    """Z^T Z G (D, l) float32 for Z the standardized rows of `source`, the products on `device`."""
+    source: Any,
+    specs: list[Any],
+    mean: np.ndarray,
+    std: np.ndarray,
+    G: np.ndarray,
+    device: str,
+    Y: Any = None,
+    full: bool = True,
+) -> np.ndarray | None:
+    """Z^T Z G (D, l) float32 for Z the standardized rows of `source`, the products on `device`; Z G goes
+    into Y's rows (`Y[lo:hi] = rows`) at the end of the pass. Without `full` Z G alone (None is returned)."""
     import torch
 
     dev = resolve_device(device)
     mean_d, std_d = torch.from_numpy(mean).to(dev), torch.from_numpy(std).to(dev)
     G_d = torch.from_numpy(np.ascontiguousarray(G, dtype=np.float32)).to(dev)  # (D, l)
-    acc = torch.zeros((G.shape[1], source.dim), dtype=torch.float32, device=dev)  # P^T (l, D)
-    for Z in stream_blocks(source, specs, dev):
+    acc = torch.zeros((G.shape[1], source.dim), dtype=torch.float32, device=dev) if full else None  # P^T (l, D)
+    ZG = torch.empty((source.n, G.shape[1]), dtype=torch.float32, device=dev)  # to the host once, not per block
+    for spec, Z in zip(specs, stream_blocks(source, specs, dev), strict=True):
         Z.sub_(mean_d).div_(std_d)  # (b, D)
-        Y = Z @ G_d  # (b, l)
-        acc.addmm_(Y.T, Z)  # += Y^T Z, in place (no (l, D) product per block)
+        Yb = ZG[spec[-2] : spec[-1]]
+        torch.matmul(Z, G_d, out=Yb)  # (b, l)
+        if acc is not None:
+            acc.addmm_(Yb.T, Z)  # += Y^T Z, in place (no (l, D) product per block)
     del G_d
-    return np.ascontiguousarray(acc.cpu().numpy().T)  # (D, l)
+    if Y is not None:
+        step = max(1, (64 << 20) // (4 * max(G.shape[1], 1)))  # 64 MB of host memory at a time
+        for lo in range(0, source.n, step):
+            Y[lo : lo + step] = ZG[lo : lo + step].cpu().numpy()
+    return None if acc is None else np.ascontiguousarray(acc.cpu().numpy().T)  # (D, l)

@@ -4,11 +4,13 @@ The peak is the largest of the fit's phases, each a sum of the arrays alive in i
 D columns, m = depth * l Krylov columns, b data rows per block, c = krylov_basis.chunk_rows(m) rows of K
 per chunk):
   kept    the block columns of M = K^T Z^T Z K, the diagonal blocks of K^T K:  8 l^2 (depth (depth + 1) / 2 + depth)
-  pass    G (in RAM it is K's own block; on disk K holds a copy), the product's sum, two data buffers:
-          4 D l (+ 4 D l on disk) + 2 * 4 b D + 4 b l (blocks used where they lie, a memory-mapped file's,
-          need no buffer but hold one block's pages: 4 b D less when every block is; the plan keeps the
-          buffers' bound)
+  pass    G (in RAM it is K's own block; on disk K holds a copy), the product's sum, two data buffers,
+          a block's Z_b G: 4 D l (+ 4 D l on disk) + 2 * 4 b D + 4 b l (blocks used where they lie, a
+          memory-mapped file's, need no buffer but hold one block's pages: 4 b D less when every block is;
+          the plan keeps the buffers' bound)
   orth    P (made into R, then into the next G, in its own buffer), K^T P and K^T R:  4 D l + 2 * 8 m l
+In RAM, Z K (4 n m: every pass's Z G, kept for M's last block column) is alive in both; on disk Z K is
+written as it is made, and a chunk of its read buffers (4 c' m, c' = min(c, n)) is alive in the last pass.
   ritz    M, the whiteners of K^T K's diagonal blocks (8 l^2 depth), and the eigensolver's arrays
           (w2w.rayleigh_ritz): evd (dsyevd, all pairs in M's buffer) its workspace of 2 m^2 doubles, then Q:
           8 m^2 + 16 m^2 + 8 m k; evr (dsyevr, all pairs by MRRR) the m x m eigenvectors, Q made in their
@@ -76,9 +78,10 @@ class FitPlan:
         driver = ritz_driver or self.ritz_driver
         solver = {"evd": 16 * m * m + 8 * m * k, "evr": 8 * m * m + 8 * l * k, "evr-range": 8 * m * k + 8 * l * k}
         Q64 = 8 * m * m if driver == "evr" else 8 * m * k
+        ZK = 4 * min(c, self.n) * m if out_of_core else 4 * self.n * m
         return {
-            "pass": kept + K + 4 * D * l * (2 if out_of_core else 1) + 2 * 4 * b * D + 4 * b * l,
-            "orth": kept + K + 4 * D * l + 2 * 8 * m * l,
+            "pass": kept + K + ZK + 4 * D * l * (2 if out_of_core else 1) + 2 * 4 * b * D + 4 * b * l,
+            "orth": kept + K + (0 if out_of_core else ZK) + 4 * D * l + 2 * 8 * m * l,
             "ritz": K + 8 * l * l * self.depth + 8 * m * m + solver[driver],
             "out": K + V + Q64 + 4 * m * k + 8 * c * k,
         }

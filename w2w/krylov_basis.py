@@ -74,6 +74,20 @@ class KrylovBasis:
         self.files.append(f)
         self.blocks.append(np.empty((min(self.rows, self.dim), G.shape[1]), dtype=np.float32))
 
+    def new_block(self, width: int) -> np.ndarray | _BlockFile:
+        """Room for a block (D, width) as the last columns of K, to be filled by row ranges (`block[lo:hi] =
+        rows`, every row once) before it is read: an array in RAM, a file on disk (nothing of it in memory).
+        Its column sums are not taken (`colsum` covers the appended blocks)."""
+        self.widths.append(width)
+        if not self.on_disk:
+            self.blocks.append(np.empty((self.dim, width), dtype=np.float32))
+            return self.blocks[-1]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = tempfile.TemporaryFile(dir=self.folder, prefix="krylov-")  # noqa: SIM115 (kept open until close())
+        self.files.append(f)
+        self.blocks.append(np.empty((min(self.rows, self.dim), width), dtype=np.float32))
+        return _BlockFile(f, width)
+
     def chunks(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         """(lo, hi, [G_i[lo:hi] for every block]): the row chunks of K, in order. On disk the arrays are
         buffers reused by the next chunk."""
@@ -133,6 +147,17 @@ class KrylovBasis:
                 at += b
         return [self._host(out) for out in outs]
 
+    def tdot_last(self) -> np.ndarray:
+        """K^T G (used, b) float64 for G K's last block, in one read of K; the diagonal block G^T G is the
+        same sums in RAM and on disk (in both its two operands are one buffer, which numpy computes as SYRK)."""
+        out = self._zeros((self.used, self.widths[-1]))
+        for _, _, parts in self.chunks():
+            parts, at = [self._dev(p) for p in parts], 0
+            for part in parts:
+                out[at : at + part.shape[1]] += part.T @ parts[-1]
+                at += part.shape[1]
+        return self._host(out)
+
     def _times_chunks(self, C: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """(lo, hi, (K @ C)[lo:hi]) for each row chunk of K, C (used, b): the chunk arrays are reused."""
         C = self._dev(C.astype(np.float32))
@@ -162,3 +187,17 @@ class KrylovBasis:
         """K @ Q (D, k) chunk by chunk: write(lo, hi, rows) gets each (c, k) chunk once, in order."""
         for lo, hi, KQ in self._times_chunks(Q):
             write(lo, hi, KQ)
+
+
+class _BlockFile:
+    """A block of K on disk filled by row ranges: `block[lo:hi] = rows` writes the rows where chunks() reads
+    them (row-major, `width` columns)."""
+
+    def __init__(self, f, width: int):
+        self.fd, self.width = f.fileno(), width
+
+    def __setitem__(self, rows: slice, value: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(value, dtype=np.float32).reshape(-1)).cast("B")
+        done, offset = 0, 4 * rows.start * self.width
+        while done < len(data):  # pwrite may write fewer bytes than asked
+            done += os.pwrite(self.fd, data[done:], offset + done)

@@ -5,17 +5,19 @@ singular vectors V of the standardized N x D matrix Z. project: c = ((w - mean) 
 reconstruct: w = (c @ V^T) * std + mean.
 
 Z is never built. Data arrive as row blocks from a `BlockSource`, and every pass is a sum over blocks:
-  stats pass:  count, mean, M2 per column (Chan et al.'s parallel merge, float64)
-  Gram pass:   P = Z^T (Z G) for a D x l basis G, i.e. sum_b Z_b^T (Z_b G)
+  stats pass:  count, mean, M2 per column (Chan et al.'s parallel merge, float64), and Z^T Omega
+  Gram pass:   P = Z^T (Z G) for a D x l basis G, i.e. sum_b Z_b^T (Z_b G), and Y = Z G on the way
 A pass is therefore embarrassingly parallel (a Dask map + sum, see registry/distributed.py) and its memory
-is O(D * l), whatever N is.
+is O(D * l), whatever N is (with the Y's kept: + N m in RAM, or on disk with the basis).
 
-The solver is a randomized block Krylov method with full reorthogonalization: G_0 is a random
-orthonormal D x l basis, G_{i+1} = orth(P_i minus its part in G_0..G_i), and the Rayleigh-Ritz step on the
-Krylov basis K = [G_0 .. G_q] uses the products already computed (M = K^T P), so q + 1 Gram passes give
-a (q + 1) * l dimensional search space. Compared with subspace iteration (torch.svd_lowrank), keeping
-every iterate gives the same accuracy with a smaller block: fewer flops per pass for the same k.
-When the Krylov space is at least as large as the data's rank the result is exact.
+The solver is a randomized block Krylov method with full reorthogonalization: G_0 = orth(Z^T Omega) for a
+Gaussian N x l Omega, G_{i+1} = orth(P_i minus its part in G_0..G_i), and the Rayleigh-Ritz step on the
+Krylov basis K = [G_0 .. G_q] uses the products already computed (M = K^T Z^T Z K = K^T P), so q + 1
+Gram passes give a (q + 1) * l dimensional search space. The last pass is half of one: M's last block
+column is (Z K)^T (Z G_q), from the Y's of the passes, so Z^T (Z G_q) is never made. Compared with subspace
+iteration (torch.svd_lowrank), keeping every iterate gives the same accuracy with a smaller block: fewer
+flops per pass for the same k. When the Krylov space is at least as large as the data's rank the result is
+exact.
 """
 
 from __future__ import annotations
@@ -321,23 +323,36 @@ def _standardize_block(W: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.n
     return Z
 
 
-def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
-    """(Z_b^T Z_b G)^T (l, D) of one block: the per-block term of a Gram pass run by a distributed mapper."""
+def block_gram(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: np.ndarray) -> tuple:
+    """(Z_b G (b, l), (Z_b^T Z_b G)^T (l, D)) of one block: the per-block terms of a Gram pass run by a
+    distributed mapper."""
     Z = _standardize_block(W, mean, std)  # (b, D)
     Y = Z @ G  # (b, l)
     # (Z^T Y)^T as Y^T Z: OpenBLAS ran this layout ~1.2x faster than Z.T @ Y at b = 384, D = 99,648, l = 216
-    return np.ascontiguousarray(Y.T) @ Z  # (l, D)
+    return Y, np.ascontiguousarray(Y.T) @ Z  # (l, D)
+
+
+def block_project(mean: np.ndarray, std: np.ndarray, G: np.ndarray, spec: Any, W: np.ndarray) -> np.ndarray:
+    """Z_b G (b, l) of one block: the last Gram pass's only term (see fit)."""
+    return _standardize_block(W, mean, std) @ G
 
 
 def gram_in_place(
-    source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray
-) -> np.ndarray:
+    source: BlockSource,
+    specs: list[Any],
+    mean: np.ndarray,
+    std: np.ndarray,
+    G: np.ndarray,
+    Y: Any = None,
+    full: bool = True,
+) -> np.ndarray | None:
     """Z^T Z G (D, l) float32, C-ordered, in this process, with two fewer passes over each block than
-    block_gram.
+    block_gram; Z G (n, l) goes into Y's rows on the way (`Y[lo:hi] = rows`: an array, or a
+    KrylovBasis.new_block on disk). Without `full`, Z G alone (None is returned): half the flops.
 
     Each block is standardized as it is read (map_in_process's prepare: a chunk at a time, in cache, on every
-    core, so it costs no pass of its own over the block), and every block's product is added into one sum
-    by BLAS itself (w2w.blas.gemm with beta = 1, numpy's BLAS) instead of being made as a new (D, l) array
+    core, so it costs no pass of its own over the block), and every block's Z_b^T (Z_b G) is added into one
+    sum by BLAS itself (w2w.blas.gemm with beta = 1, numpy's BLAS) instead of being made as a new (D, l) array
     and then added. G is only read: no D x l array beside it and the sum (an earlier version scaled G by
     1/std instead of the block, which took a copy of G in RAM).
 
@@ -347,18 +362,43 @@ def gram_in_place(
     mean). Measured: one Gram pass over 8,192 mapped rows uncentered ~8% faster, a whole fit not measurably.
     """
     G = np.ascontiguousarray(G, dtype=np.float32)
-    P = np.zeros(G.shape, dtype=np.float32)  # (D, l)
+    P = np.zeros(G.shape, dtype=np.float32) if full else None  # (D, l)
+    in_ram = isinstance(Y, np.ndarray) and Y.flags.c_contiguous
 
     def standardize_rows(rows: np.ndarray, _: int) -> None:
         rows -= mean
         rows /= std  # as standardize() does: a projection later sees the same Z
 
     def add_block(spec: Any, Z: np.ndarray) -> None:  # Z: the block, standardized by map_in_process
-        gemm(Z, gemm(Z, G), P, trans_a=True, beta=1.0)  # P += Z^T (Z G) in P's buffer
+        lo, hi = spec[-2], spec[-1]
+        Yb = gemm(Z, G, Y[lo:hi] if in_ram else None)
+        if Y is not None and not in_ram:
+            Y[lo:hi] = Yb
+        if P is not None:
+            gemm(Z, Yb, P, trans_a=True, beta=1.0)  # P += Z^T (Z G) in P's buffer
 
     for _ in map_in_process(add_block, source, specs, prepare=standardize_rows):
         pass
     return P
+
+
+def mapped_gram(map_blocks: MapBlocks) -> Callable[..., np.ndarray | None]:
+    """gram_in_place from block_gram (or block_project) over `map_blocks` (e.g. Dask): the blocks' Z_b G
+    put in their rows of Y, their products summed in block order."""
+
+    def gram(source: BlockSource, specs: list[Any], mean: np.ndarray, std: np.ndarray, G: np.ndarray,
+             Y: Any = None, full: bool = True) -> np.ndarray | None:  # fmt: skip
+        Pt = None  # P^T (l, D)
+        parts = map_blocks(block_gram if full else block_project, source, specs, (mean, std, G))
+        for spec, part in zip(specs, parts, strict=True):
+            Yb, Pb = part if full else (part, None)
+            if Y is not None:
+                Y[spec[-2] : spec[-1]] = Yb
+            if Pb is not None:
+                Pt = Pb.astype(np.float32, copy=True) if Pt is None else Pt.__iadd__(Pb)
+        return None if Pt is None else np.ascontiguousarray(Pt.T)
+
+    return gram
 
 
 TILE_BYTES = 1 << 21  # ColumnMoments' deviations of a chunk's rows, a range of columns at a time
@@ -684,23 +724,29 @@ def fit(
     G = _orth(start)  # (D, l), in start's buffer
     del start
     workdir = cfg.workdir or tempfile.gettempdir()
-    with KrylovBasis(D, depth * l, workdir if plan.out_of_core else None, cfg.device) as K:
+    folder = workdir if plan.out_of_core else None
+    with KrylovBasis(D, depth * l, folder, cfg.device) as K, KrylovBasis(n, depth * l, folder, cfg.device) as ZK:
         # Only the upper block triangle of M = K^T Z^T Z K and S = K^T K is computed (both are symmetric),
         # one block column per Krylov block, so each product P_i is dropped as soon as the next block is
         # made from it: memory is K (or a chunk of it) plus a few D x l arrays, whatever the depth.
+        # ZK = Z K (n x m, each pass's Z G_i, made on the way to P_i; beside K, in RAM or on disk) gives the
+        # last block column as (Z K)^T (Z G_last), with no Z^T (Z G_last): the last pass is half a pass.
         cols: list[tuple[np.ndarray, np.ndarray]] = []
         for i in range(depth):
-            say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})")
+            last = i + 1 == depth
+            say(f"pass {i + 2}: Gram products for Krylov block {i + 1}/{depth} (l = {G.shape[1]})"
+                + (", Z G only" if last else ""))  # fmt: skip
             K.append(G)
             # S = K^T K's block column: above its diagonal block K^T G is rounding (G was orthogonalized
             # twice against K: K^T G ~ float32's eps), so only G^T G is computed, 2 D l^2 flops, not 2 D used l
             GtG = _gram64(G)
-            P = gram(source, specs, mean, std, G)  # (D, b) = Z^T Z G
+            P = gram(source, specs, mean, std, G, ZK.new_block(G.shape[1]), not last)  # (D, b) = Z^T Z G
             del G
+            if last:
+                cols.append((ZK.tdot_last(), GtG))  # M's block column, (Z K)^T (Z G)
+                break
             (KtP,) = K.tdot(P)  # (used, b): M's block column
             cols.append((KtP, GtG))
-            if i + 1 == depth:
-                break
             scale = np.linalg.norm(P, axis=0).max(initial=0.0)
             R = P  # made in place: the first Gram-Schmidt pass reuses K^T P from M
             K.subtract(R, KtP)
@@ -712,6 +758,7 @@ def fit(
             if G.shape[1] == 0:
                 break  # the Krylov space is invariant: it already holds the whole row space
         P = G = KtP = None  # noqa: F841 (dropped before the m x m matrices are made)
+        ZK.close()
         say(f"Rayleigh-Ritz on the {K.used}-dimensional Krylov space")
         blocks = [c[1] for c in cols]  # emptied by ritz, as cols by _assemble: neither is held beside M
         theta, Q, method = ritz(_assemble(cols, K.used), blocks, k, plan.ritz_driver)  # (k,), (used, k)
@@ -756,23 +803,17 @@ def _components(K: KrylovBasis, Q: np.ndarray, on_disk: bool, workdir: str) -> n
         return np.memmap(f, dtype=np.float32, mode="r", shape=(D, k))  # the map outlives the closed file
 
 
-def gram_pass(device: str | None, map_blocks: MapBlocks) -> Callable[..., np.ndarray]:
-    """The Gram pass, P = Z^T Z G (D, l) float32: numpy over `map_blocks` (in process or Dask), or torch on
-    a device. Called as gram(source, specs, mean, std, G)."""
+def gram_pass(device: str | None, map_blocks: MapBlocks) -> Callable[..., np.ndarray | None]:
+    """The Gram pass, P = Z^T Z G (D, l) float32, with Z G (n, l) written into Y's rows: numpy over
+    `map_blocks` (in process or Dask), or torch on a device. Called as gram(source, specs, mean, std, G, Y,
+    full); without `full` the pass makes Z G alone (half the flops) and returns None."""
     if device is not None:
         from w2w.device_pass import resolve_device, torch_gram_pass
 
         resolve_device(device)  # a device this machine lacks fails now, not after the first pass
-        return lambda source, specs, mean, std, G: torch_gram_pass(source, specs, mean, std, G, device)
+        return lambda source, specs, mean, std, G, Y=None, full=True: torch_gram_pass(
+            source, specs, mean, std, G, device, Y, full
+        )
     if map_blocks is map_in_process:
         return gram_in_place
-    return lambda source, specs, mean, std, G: np.ascontiguousarray(
-        sum_blocks(map_blocks(block_gram, source, specs, (mean, std, G))).T
-    )
-
-
-def sum_blocks(parts: Iterable[np.ndarray]) -> np.ndarray:
-    total = None
-    for p in parts:
-        total = p.astype(np.float32, copy=True) if total is None else total.__iadd__(p)
-    return total
+    return mapped_gram(map_blocks)
