@@ -160,6 +160,7 @@ def side_ours(path: Path, n: int, dim: int, k: int, depth: int, args, out_of_cor
     marks: list[tuple[str, float, float, tuple[float, float], np.ndarray]] = []
 
     def mark(msg: str) -> None:
+        print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # the side's progress, live
         if msg.startswith("plan:"):
             probe.append(FloorProbe(dim, int(msg.split("l = ")[1].split(",")[0]), args.device, rows))
             marks.append((msg, 0.0, 0.0, (0.0, 0.0), probe[0].spent.copy()))
@@ -387,7 +388,7 @@ def run_side(name: str, args) -> dict:
             while f.read(1 << 24):
                 pass
     print(f"[{time.strftime('%H:%M:%S')}] running {name} ...", flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout  # its stderr: progress, here
     line = next(l for l in out.splitlines() if l.startswith("CHILD "))
     res = json.loads(line[6:])
     if name == "reference":  # exact, and the slowest side: kept for the next run on the same data
