@@ -61,18 +61,11 @@ class KrylovBasis:
         self.colsum = np.concatenate([self.colsum, G.sum(axis=0, dtype=np.float64)])
         self.widths.append(G.shape[1])
         if not self.on_disk:
-            self.blocks.append(G)
+            self.blocks.append(G)  # kept as it is: a copy into new_block's array would cost a block of RAM
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        f = tempfile.TemporaryFile(dir=self.folder, prefix="krylov-")  # noqa: SIM115 (kept open until close())
-        try:
-            f.write(memoryview(G.reshape(-1)).cast("B"))
-            f.flush()
-        except BaseException:
-            f.close()
-            raise
-        self.files.append(f)
-        self.blocks.append(np.empty((min(self.rows, self.dim), G.shape[1]), dtype=np.float32))
+        f = self._open_block_file(G.shape[1])
+        f.write(memoryview(G.reshape(-1)).cast("B"))
+        f.flush()
 
     def new_block(self, width: int) -> np.ndarray | _BlockFile:
         """Room for a block (D, width) as the last columns of K, to be filled by row ranges (`block[lo:hi] =
@@ -82,11 +75,16 @@ class KrylovBasis:
         if not self.on_disk:
             self.blocks.append(np.empty((self.dim, width), dtype=np.float32))
             return self.blocks[-1]
+        return _BlockFile(self._open_block_file(width), width)
+
+    def _open_block_file(self, width: int):
+        """A new unlinked file in `folder` for the next block (D, width), with its chunk buffer; kept (and
+        closed) by close(), so a write that fails leaves nothing open."""
         self.folder.mkdir(parents=True, exist_ok=True)
         f = tempfile.TemporaryFile(dir=self.folder, prefix="krylov-")  # noqa: SIM115 (kept open until close())
         self.files.append(f)
         self.blocks.append(np.empty((min(self.rows, self.dim), width), dtype=np.float32))
-        return _BlockFile(f, width)
+        return f
 
     def chunks(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         """(lo, hi, [G_i[lo:hi] for every block]): the row chunks of K, in order. On disk the arrays are
