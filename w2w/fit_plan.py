@@ -9,8 +9,6 @@ per chunk):
           memory-mapped file's, need no buffer but hold one block's pages: 4 b D less when every block is;
           the plan keeps the buffers' bound)
   orth    P (made into R, then into the next G, in its own buffer), K^T P and K^T R:  4 D l + 2 * 8 m l
-In RAM, Z K (4 n m: every pass's Z G, kept for M's last block column) is alive in both; on disk Z K is
-written as it is made, and a chunk of its read buffers (4 c' m, c' = min(c, n)) is alive in the last pass.
   ritz    M, the whiteners of K^T K's diagonal blocks (8 l^2 depth), and the eigensolver's arrays
           (w2w.rayleigh_ritz): evd (dsyevd, all pairs in M's buffer) its workspace of 2 m^2 doubles, then Q:
           8 m^2 + 16 m^2 + 8 m k; evr (dsyevr, all pairs by MRRR) the m x m eigenvectors, Q made in their
@@ -20,6 +18,9 @@ written as it is made, and a chunk of its read buffers (4 c' m, c' = min(c, n)) 
           12 m k + 8 c k (evr: 8 m^2 + 4 m k + 8 c k)
 In RAM, K (4 D m) is alive throughout and V (4 D k) at the end. On disk neither is, but a chunk of K's
 read buffers (4 c m) is.
+In RAM, Z K (4 n m: every pass's Z G, kept for M's last block column) is alive in the pass and orth
+phases; on disk Z K is written as it is made, and a chunk of its read buffers (4 c' m, c' = min(c, n)) is
+alive in the last pass.
 `base` is the process before the fit (interpreter, libraries), measured, not modelled.
 """
 
